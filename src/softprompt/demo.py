@@ -1,0 +1,114 @@
+"""The PEFT prompt-tuning guide, done right and offline, as one command.
+
+Two soft prompts (role-play prompts; inspirational quotes) are trained from one base model,
+saved, loaded together into a fresh copy of the base model, and compared with it side by side.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .data import load_texts
+from .errors import UserError
+from .evaluate import evaluate
+from .generate import GenerateConfig, Request, generate
+from .models import load_base_model
+from .prompt import SoftPromptModel, init_prompt, load_adapter
+from .train import TrainConfig, save_trained, train, trainable_summary
+
+GUIDE_PROMPTS = ["I want you to act as a motivational coach. ",
+                 "There are two nice things that should matter to you:"]
+# (adapter name, bundled data, training budget sized to keep the demo within 5 minutes on 2 cores)
+TASKS = [("role-prompts", "examples:role-prompts", TrainConfig(epochs=2, max_length=56)),
+         ("quotes", "examples:quotes", TrainConfig(epochs=3))]
+GENERATION = GenerateConfig(max_new_tokens=40, repetition_penalty=1.5)
+
+
+def run_demo(output: Path, model: str | None = None, console: Console | None = None) -> None:
+    """Run the whole guide and print each stage; adapters go to ``output/<name>``."""
+    console = console or Console()
+    started = time.perf_counter()
+    _check_writable(output)
+
+    console.rule("[bold]1. The base model")
+    base = load_base_model(model)
+    spm = SoftPromptModel(base)
+    checksum = spm.base_checksum()
+    total = sum(p.numel() for p in base.model.parameters())
+    console.print(f"{base.name}: {total:,d} parameters, hidden size {spm.hidden_size}")
+    base_answers = generate(spm, [Request(p) for p in GUIDE_PROMPTS], GENERATION)
+    for prompt, answer in zip(GUIDE_PROMPTS, base_answers, strict=True):
+        console.print(f"[dim]{prompt}[/dim]{answer}")
+
+    console.rule("[bold]2. Train two soft prompts from the same base model")
+    results = {}
+    for name, data, config in TASKS:
+        texts = load_texts(data).texts
+        held = load_texts(data + ":heldout").texts
+        console.print(f"[bold]{name}[/bold]: {len(texts)} texts from {data}, "
+                      f"{len(held)} held out; {config.virtual_tokens} virtual tokens "
+                      f"({config.init} init), {config.epochs} epochs, lr {config.lr}")
+        start = init_prompt(base, config.virtual_tokens, config.init, seed=config.seed)
+        result = train(spm, name, start, texts, held, config)
+        console.print(trainable_summary(result.trainable_params, result.total_params))
+        folder = save_trained(spm, name, output / name, config, result,
+                              {"data": data, "eval_data": data + ":heldout"}, overwrite=True)
+        console.print(f"saved {folder} (loss curve: {folder / 'loss.png'}); "
+                      f"{result.samples / result.seconds:.1f} samples/s")
+        results[name] = (data, result)
+    if spm.base_checksum() != checksum:
+        raise AssertionError("training changed the base model's weights")
+
+    console.rule("[bold]3. Load both adapters into one fresh base model")
+    fresh = SoftPromptModel(load_base_model(model))
+    for name, _, _ in TASKS:
+        adapter = load_adapter(output / name)
+        fresh.add_adapter(adapter)
+        console.print(f"loaded {output / name}: {adapter.num_virtual_tokens} virtual tokens, "
+                      f"ids {fresh.virtual_ids(name)[0]}..{fresh.virtual_ids(name)[-1]}")
+    same = "unchanged" if fresh.base_checksum() == checksum else "CHANGED"
+    console.print(f"base weights {same} (sha256 {checksum[:16]}...)")
+
+    console.rule("[bold]4. Base vs tuned, all rows in one mixed batch")
+    targets: list[str | None] = [None] + [name for name, _, _ in TASKS]
+    requests = [Request(p, a) for p in GUIDE_PROMPTS for a in targets]
+    answers = generate(fresh, requests, GENERATION, batch_size=len(requests))
+    table = Table(show_lines=True)
+    table.add_column("prompt", style="dim", max_width=22)
+    for target in targets:
+        table.add_column(target or "base model")
+    for i, prompt in enumerate(GUIDE_PROMPTS):
+        table.add_row(prompt, *answers[i * len(targets) : (i + 1) * len(targets)])
+    console.print(table)
+
+    console.rule("[bold]5. Held-out loss, before -> after (nats/token, lower is better)")
+    losses = Table()
+    for column in ("adapter", "held-out data", "base model", "before training", "after", "tokens"):
+        losses.add_column(column)
+    for name, (data, result) in results.items():
+        held = load_texts(data + ":heldout")
+        base_loss = evaluate(fresh, held.texts, None, max_length=result_config(name).max_length)
+        after = evaluate(fresh, held.texts, name, max_length=result_config(name).max_length)
+        losses.add_row(name, held.source, f"{base_loss.loss:.3f}", f"{result.loss_before:.3f}",
+                       f"[bold]{after.loss:.3f}[/bold]", str(after.tokens))
+    console.print(losses)
+    console.print(f"demo finished in {time.perf_counter() - started:.0f} s; adapters in {output}")
+
+
+def result_config(name: str) -> TrainConfig:
+    return next(config for task, _, config in TASKS if task == name)
+
+
+def _check_writable(output: Path) -> None:
+    """Fail before training, not after, when the adapters could not be saved."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / ".softprompt-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to {output}: {exc.strerror or exc}") from exc

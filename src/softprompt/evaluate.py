@@ -1,0 +1,92 @@
+"""Mean per-token loss and perplexity of the base model and of adapters on texts.
+
+Each text is tokenised as in training (``[virtual][text][eos]``). The first text token is not
+scored for anyone: the base model has no context to predict it from, so scoring it for adapters
+only would flatter them. Every model is thus scored on exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data import pad_left
+from .prompt import SoftPromptModel
+
+
+@dataclass
+class EvalResult:
+    """Loss summed and counted over scored tokens; ``loss`` is their mean (nats per token)."""
+
+    adapter: str | None
+    data: str
+    loss: float
+    tokens: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss) if self.loss < 700 else math.inf
+
+    def as_dict(self) -> dict[str, object]:
+        return {"adapter": self.adapter, "data": self.data, "loss": self.loss,
+                "perplexity": self.perplexity, "tokens": self.tokens}
+
+
+def training_rows(
+    spm: SoftPromptModel, texts: list[str], adapter: str | None, max_length: int
+) -> list[tuple[list[int], int]]:
+    """``(ids, n_virtual)`` per text: virtual ids, text ids cut to ``max_length - 1``, then EOS."""
+    virtual = spm.virtual_ids(adapter)
+    eos = spm.tokenizer.eos_token_id
+    rows = []
+    for text in texts:
+        ids = spm.text_ids(text, max_length - 1 if eos is not None else max_length)
+        if eos is not None:
+            ids.append(eos)
+        rows.append((virtual + ids, len(virtual)))
+    return rows
+
+
+def batch_loss(
+    spm: SoftPromptModel, rows: list[tuple[list[int], int]], skip_first: bool
+) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the text tokens of ``rows`` and how many tokens were scored.
+
+    ``skip_first`` leaves out each row's first text token (see the module docstring).
+    """
+    batch = pad_left([ids for ids, _ in rows], spm.tokenizer.pad_token_id)
+    logits = spm.model(**batch).logits  # (B, L, V)
+    labels = batch["input_ids"].clone()
+    length = labels.shape[1]
+    for i, (ids, n_virtual) in enumerate(rows):
+        first_text = length - len(ids) + n_virtual
+        labels[i, : first_text + (1 if skip_first else 0)] = -100
+    # Position t predicts token t + 1.
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    return total, int((shift_labels != -100).sum())
+
+
+@torch.no_grad()
+def evaluate(
+    spm: SoftPromptModel,
+    texts: list[str],
+    adapter: str | None,
+    data_name: str = "",
+    batch_size: int = 8,
+    max_length: int = 128,
+) -> EvalResult:
+    """Mean per-token loss of ``adapter`` (None: the base model) on ``texts``."""
+    rows = training_rows(spm, texts, adapter, max_length)
+    # Sorting by length keeps padding, and so wasted work, small.
+    rows.sort(key=lambda r: len(r[0]))
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        loss, n = batch_loss(spm, rows[start : start + batch_size], skip_first=True)
+        total += float(loss)
+        count += n
+    return EvalResult(adapter=adapter, data=data_name, loss=total / max(count, 1), tokens=count)

@@ -1,0 +1,312 @@
+"""Soft prompts as extra token ids (prompt tuning, Lester et al. 2021, arXiv:2104.08691).
+
+A loaded base model gets one extra table, the prompt table, holding the rows of the virtual tokens
+of every loaded adapter. Adapter k with n virtual tokens owns ids ``vocab + off_k ...
+vocab + off_k + n - 1``; the wrapped input embedding sends ids below ``vocab`` to the model's own
+table and the rest to the prompt table. Nothing else in the model changes, so logits stay over the
+real vocabulary, a tied ``lm_head`` keeps the base weight, and rows of one batch can each carry a
+different adapter. Files on disk are PEFT's prompt-tuning format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .models import BaseModel
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+TENSOR_NAME = "prompt_embeddings"
+PEFT_INIT_NAMES = {"vocab": "SAMPLE_VOCAB", "text": "TEXT", "random": "RANDOM", "file": "RANDOM"}
+
+
+@dataclass
+class Adapter:
+    """One soft prompt: its name, its rows ``(num_virtual_tokens, token_dim)`` and its config."""
+
+    name: str
+    weights: torch.Tensor
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.weights.shape[0])
+
+    @property
+    def token_dim(self) -> int:
+        return int(self.weights.shape[1])
+
+
+class PromptEmbedding(nn.Module):
+    """The model's input embedding plus the prompt table for ids at or above ``vocab_size``."""
+
+    def __init__(self, base: nn.Embedding) -> None:
+        super().__init__()
+        self.base = base
+        self.vocab_size = base.num_embeddings
+        self.prompt_tables = nn.ParameterList()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # transformers reads (and ties lm_head to) the input embedding's weight: keep it the base's.
+        return self.base.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.vocab_size
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        virtual = ids >= self.vocab_size  # (B, T)
+        emb = self.base(ids.masked_fill(virtual, 0))  # (B, T, D)
+        if len(self.prompt_tables) == 0 or not bool(virtual.any()):
+            return emb
+        table = torch.cat(list(self.prompt_tables)).to(emb.dtype)  # (P, D)
+        rows = table[(ids - self.vocab_size).clamp(0, table.shape[0] - 1)]  # (B, T, D)
+        return torch.where(virtual.unsqueeze(-1), rows, emb)
+
+
+class SoftPromptModel:
+    """A frozen base model with any number of soft prompts loaded side by side.
+
+    ``encode(text, adapter)`` gives the token ids of one row; rows with different adapters (or
+    none) batch together because each carries its own virtual ids.
+    """
+
+    def __init__(self, base: BaseModel) -> None:
+        self.base = base
+        self.model = base.model
+        self.tokenizer = base.tokenizer
+        embedding = self.model.get_input_embeddings()
+        if not isinstance(embedding, PromptEmbedding):
+            embedding = PromptEmbedding(embedding)
+            self.model.set_input_embeddings(embedding)
+        self.embedding: PromptEmbedding = embedding
+        self.adapters: dict[str, Adapter] = {}
+        self._params: dict[str, nn.Parameter] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embedding.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embedding.embedding_dim
+
+    def add_adapter(self, adapter: Adapter, trainable: bool = False) -> nn.Parameter:
+        """Load ``adapter`` into the prompt table and return its rows as a parameter.
+
+        Raises:
+            UserError: the name is taken or the adapter was made for another hidden size.
+        """
+        if adapter.name in self.adapters:
+            raise UserError(f"an adapter named {adapter.name!r} is already loaded")
+        if adapter.token_dim != self.hidden_size:
+            made_for = adapter.config.get("base_model_name_or_path") or "another model"
+            raise UserError(
+                f"adapter {adapter.name!r} has token_dim {adapter.token_dim} but the base model "
+                f"has hidden size {self.hidden_size} (it was made for {made_for})"
+            )
+        param = nn.Parameter(adapter.weights.detach().clone().float(), requires_grad=trainable)
+        self.embedding.prompt_tables.append(param)
+        self.adapters[adapter.name] = adapter
+        self._params[adapter.name] = param
+        return param
+
+    def adapter_weights(self, name: str) -> torch.Tensor:
+        """The current rows of adapter ``name`` (after training, the trained ones)."""
+        return self._params[self._check(name)].detach().clone()
+
+    def virtual_ids(self, name: str | None) -> list[int]:
+        """Token ids of the virtual tokens of adapter ``name`` (empty for the base model)."""
+        if name is None:
+            return []
+        self._check(name)
+        offset = self.vocab_size
+        for other, param in self._params.items():
+            if other == name:
+                return list(range(offset, offset + param.shape[0]))
+            offset += param.shape[0]
+        raise AssertionError("unreachable")
+
+    def text_ids(self, text: str, max_length: int | None = None) -> list[int]:
+        """Token ids of ``text`` as the tokenizer makes them, cut to ``max_length``."""
+        ids = list(self.tokenizer(text)["input_ids"])
+        return ids[:max_length] if max_length else ids
+
+    def encode(self, text: str, adapter: str | None, max_length: int | None = None) -> list[int]:
+        """One row: ``[virtual ids of adapter] + [text ids]``."""
+        return self.virtual_ids(adapter) + self.text_ids(text, max_length)
+
+    def base_checksum(self) -> str:
+        """SHA-256 of the base model's weights, prompt table excluded (stable across wrapping)."""
+        import hashlib
+
+        prompt = {id(p) for p in self.embedding.prompt_tables}
+        digest = hashlib.sha256()
+        for param in self.model.parameters():
+            if id(param) in prompt:
+                continue
+            data = param.detach().cpu().contiguous().reshape(-1)
+            digest.update(data.view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def _check(self, name: str) -> str:
+        if name not in self.adapters:
+            raise UserError(f"no adapter named {name!r} is loaded")
+        return name
+
+
+def init_prompt(
+    base: BaseModel,
+    num_virtual_tokens: int,
+    how: str = "vocab",
+    text: str | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Initial rows ``(num_virtual_tokens, hidden)`` for a new prompt.
+
+    ``vocab`` copies randomly chosen vocabulary rows (PEFT's SAMPLE_VOCAB); ``text`` copies the rows
+    of ``text``'s tokens, repeated or cut to length (PEFT's TEXT); ``random`` draws Gaussian rows
+    scaled so their expected norm equals the mean norm of the vocabulary rows. Llama-family models
+    do not normalise input embeddings, so an unscaled N(0, 1) row (norm ~ sqrt(hidden)) swamps them.
+    """
+    weight = base.model.get_input_embeddings().weight.detach().float()  # (V, D)
+    gen = torch.Generator().manual_seed(seed)
+    if how == "vocab":
+        ids = torch.randperm(weight.shape[0], generator=gen)[:num_virtual_tokens]
+        return weight[ids].clone()
+    if how == "text":
+        if not text or not text.strip():
+            raise UserError("--init text needs a non-empty --init-text")
+        ids = list(base.tokenizer(text)["input_ids"])
+        if not ids:
+            raise UserError(f"--init-text {text!r} gives no tokens")
+        ids = (ids * math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens]
+        return weight[torch.tensor(ids)].clone()
+    if how == "random":
+        mean_norm = weight.norm(dim=1).mean()
+        rows = torch.randn(num_virtual_tokens, weight.shape[1], generator=gen)
+        return rows * (mean_norm / math.sqrt(weight.shape[1]))
+    raise UserError(f"unknown init {how!r}: use vocab, text, random or file")
+
+
+def adapter_config(
+    adapter: Adapter, base_name: str, init: str = "vocab", init_text: str | None = None
+) -> dict[str, Any]:
+    """The ``adapter_config.json`` PEFT writes for a causal-LM prompt-tuning adapter."""
+    return {
+        "auto_mapping": None,
+        "base_model_name_or_path": base_name,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "num_attention_heads": None,
+        "num_layers": None,
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": adapter.num_virtual_tokens,
+        "peft_type": "PROMPT_TUNING",
+        "prompt_tuning_init": PEFT_INIT_NAMES.get(init, "RANDOM"),
+        "prompt_tuning_init_text": init_text if init == "text" else None,
+        "revision": None,
+        "task_type": "CAUSAL_LM",
+        "token_dim": adapter.token_dim,
+        "tokenizer_kwargs": None,
+        "tokenizer_name_or_path": base_name if init == "text" else None,
+    }
+
+
+def write_adapter_files(folder: Path, weights: torch.Tensor, config: dict[str, Any]) -> None:
+    """Write the two PEFT files into an existing ``folder``."""
+    from safetensors.torch import save_file
+
+    save_file({TENSOR_NAME: weights.detach().float().contiguous().cpu()}, str(folder / WEIGHTS_FILE))
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_adapter(path: str | Path, allow_pickle: bool = False, name: str | None = None) -> Adapter:
+    """Read a PEFT prompt-tuning (or P-tuning) adapter folder.
+
+    Args:
+        path: the folder holding ``adapter_config.json`` and the weights.
+        allow_pickle: accept ``adapter_model.bin`` (a pickle) when there is no safetensors file.
+        name: the name to load it under; defaults to the folder's name.
+
+    Raises:
+        UserError: not an adapter folder, not a prompt-learning adapter, corrupt or refused weights.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"adapter {str(path)!r} does not exist or is not a folder")
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise UserError(f"{folder} is not an adapter folder (no {CONFIG_FILE})")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path} is not a JSON object")
+    peft_type = config.get("peft_type")
+    if peft_type not in ("PROMPT_TUNING", "P_TUNING"):
+        raise UserError(
+            f"{folder} is a {peft_type} adapter; softprompt loads PROMPT_TUNING and P_TUNING"
+        )
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise UserError(f"{folder} is for task {config.get('task_type')}, not CAUSAL_LM")
+    weights = _read_weights(folder, allow_pickle)
+    if weights.ndim != 2:
+        raise UserError(f"{folder}: {TENSOR_NAME} has shape {tuple(weights.shape)}, expected 2-D")
+    expected = config.get("num_virtual_tokens")
+    if expected is not None and int(expected) * int(config.get("num_transformer_submodules") or 1) \
+            != weights.shape[0]:
+        raise UserError(
+            f"{folder}: config says {expected} virtual tokens but the weights have "
+            f"{weights.shape[0]} rows"
+        )
+    if config.get("token_dim") not in (None, weights.shape[1]):
+        raise UserError(
+            f"{folder}: config token_dim {config['token_dim']} != weights' {weights.shape[1]}"
+        )
+    return Adapter(name=name or folder.resolve().name, weights=weights.float(), config=config)
+
+
+def _read_weights(folder: Path, allow_pickle: bool) -> torch.Tensor:
+    safetensors_path = folder / WEIGHTS_FILE
+    if safetensors_path.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(safetensors_path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"{safetensors_path} is corrupt: {exc}") from exc
+    elif (folder / PICKLE_FILE).is_file():
+        if not allow_pickle:
+            raise UserError(
+                f"{folder} holds only a pickle ({PICKLE_FILE}), which can run code when loaded; "
+                "pass --allow-pickle if you trust it"
+            )
+        try:
+            tensors = torch.load(folder / PICKLE_FILE, map_location="cpu", weights_only=True)
+        except Exception as exc:  # any unpickling failure means a bad file
+            raise UserError(f"{folder / PICKLE_FILE} cannot be read: {exc}") from exc
+    else:
+        raise UserError(f"{folder} has no {WEIGHTS_FILE}")
+    if not isinstance(tensors, dict) or TENSOR_NAME not in tensors:
+        keys = ", ".join(sorted(tensors)) if isinstance(tensors, dict) else type(tensors).__name__
+        raise UserError(f"{folder}: no {TENSOR_NAME!r} tensor in the weights (found: {keys})")
+    return tensors[TENSOR_NAME]
