@@ -4,12 +4,39 @@ Train soft prompts on a frozen base model, keep them as PEFT-format adapter fold
 and compare them, and generate with many adapters in one batch.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .errors import UserError
-from .evaluate import EvalResult, evaluate
-from .generate import GenerateConfig, Request, generate
-from .models import BaseModel, load_base_model
-from .prompt import Adapter, SoftPromptModel, init_prompt, load_adapter
-from .train import TrainConfig, TrainResult, save_trained, train
+
+# Public names and the module of each. They load on first use, so that `softprompt --help`
+# does not pay for importing torch.
+_EXPORTS = {
+    "EvalResult": "evaluate",
+    "evaluate": "evaluate",
+    "GenerateConfig": "generate",
+    "Request": "generate",
+    "generate": "generate",
+    "BaseModel": "models",
+    "load_base_model": "models",
+    "Adapter": "prompt",
+    "SoftPromptModel": "prompt",
+    "init_prompt": "prompt",
+    "load_adapter": "prompt",
+    "TrainConfig": "train",
+    "TrainResult": "train",
+    "save_trained": "train",
+    "train": "train",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'softprompt' has no attribute {name!r}")
+
 
 __all__ = [
     "Adapter",

@@ -45,68 +45,109 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="reproduce the PEFT prompt-tuning guide offline, end to end",
-                          description="Train two soft prompts (role-play prompts, quotes) from one "
-                          "base model, save them, load both and compare base vs tuned outputs.")
-    demo.add_argument("--output", default="softprompt-demo",
-                      help="folder for the two adapters (default: %(default)s)")
+    demo = sub.add_parser(
+        "demo",
+        help="reproduce the PEFT prompt-tuning guide offline, end to end",
+        description="Train two soft prompts (role-play prompts, quotes) from one "
+        "base model, save them, load both and compare base vs tuned outputs.",
+    )
+    demo.add_argument(
+        "--output",
+        default="softprompt-demo",
+        help="folder for the two adapters (default: %(default)s)",
+    )
     _model_arg(demo)
     demo.set_defaults(func=cmd_demo)
 
-    train = sub.add_parser("train", help="train one soft prompt on a dataset",
-                           description="Train a soft prompt and save it as a PEFT adapter folder.")
-    train.add_argument("--data", required=True,
-                       help="examples:NAME, a .jsonl/.json/.csv/.parquet/.txt file, a dataset "
-                       "folder or a Hub dataset id")
+    train = sub.add_parser(
+        "train",
+        help="train one soft prompt on a dataset",
+        description="Train a soft prompt and save it as a PEFT adapter folder.",
+    )
+    train.add_argument(
+        "--data",
+        required=True,
+        help="examples:NAME, a .jsonl/.json/.csv/.parquet/.txt file, a dataset "
+        "folder or a Hub dataset id",
+    )
     train.add_argument("--output", required=True, help="adapter folder to write")
     _model_arg(train)
     _data_args(train)
-    train.add_argument("--eval-data", help="held-out data (default: the bundled held-out part "
-                       "for examples:, else 10%% of --data)")
+    train.add_argument(
+        "--eval-data",
+        help="held-out data (default: the bundled held-out part "
+        "for examples:, else 10%% of --data)",
+    )
     train.add_argument("--virtual-tokens", type=int, default=8, help="default: %(default)s")
-    train.add_argument("--init", default="vocab", choices=["vocab", "text", "random", "file"],
-                       help="vocab: random vocabulary rows; text: rows of --init-text; random: "
-                       "Gaussian scaled to the vocabulary's norm; file: --init-from (default: "
-                       "%(default)s)")
+    train.add_argument(
+        "--init",
+        default="vocab",
+        choices=["vocab", "text", "random", "file"],
+        help="vocab: random vocabulary rows; text: rows of --init-text; random: "
+        "Gaussian scaled to the vocabulary's norm; file: --init-from (default: "
+        "%(default)s)",
+    )
     train.add_argument("--init-text", help="text whose token rows start the prompt (--init text)")
-    train.add_argument("--init-from", metavar="ADAPTER", help="adapter folder to continue from "
-                       "(--init file)")
+    train.add_argument(
+        "--init-from", metavar="ADAPTER", help="adapter folder to continue from (--init file)"
+    )
     train.add_argument("--epochs", type=int, default=5, help="default: %(default)s")
     train.add_argument("--lr", type=float, default=3e-2, help="default: %(default)s")
     train.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
-    train.add_argument("--max-length", type=int, default=64,
-                       help="text tokens per example, longer texts are cut (default: %(default)s)")
+    train.add_argument(
+        "--max-length",
+        type=int,
+        default=64,
+        help="text tokens per example, longer texts are cut (default: %(default)s)",
+    )
     train.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    train.add_argument("--allow-pickle", action="store_true",
-                       help="let --init-from read a pickle adapter_model.bin")
+    train.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="let --init-from read a pickle adapter_model.bin",
+    )
     train.add_argument("--json", action="store_true", help="print a JSON summary")
     train.set_defaults(func=cmd_train)
 
-    gen = sub.add_parser("generate", help="complete prompts with the base model and adapters",
-                         description="Each --prompt runs with each --adapter (the base model if "
-                         "none); --requests gives one adapter per prompt. Rows with different "
-                         "adapters share batches.")
+    gen = sub.add_parser(
+        "generate",
+        help="complete prompts with the base model and adapters",
+        description="Each --prompt runs with each --adapter (the base model if "
+        "none); --requests gives one adapter per prompt. Rows with different "
+        "adapters share batches.",
+    )
     _model_arg(gen)
-    gen.add_argument("--adapter", action="append", default=[], metavar="DIR",
-                     help="adapter folder (repeatable)")
+    gen.add_argument(
+        "--adapter", action="append", default=[], metavar="DIR", help="adapter folder (repeatable)"
+    )
     gen.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
-    gen.add_argument("--requests", metavar="FILE.jsonl", help='one {"prompt": ..., "adapter": '
-                     "<adapter folder name> or null} per line")
-    gen.add_argument("--with-base", action="store_true",
-                     help="with --prompt, also run each prompt on the base model")
+    gen.add_argument(
+        "--requests",
+        metavar="FILE.jsonl",
+        help='one {"prompt": ..., "adapter": <adapter folder name> or null} per line',
+    )
+    gen.add_argument(
+        "--with-base",
+        action="store_true",
+        help="with --prompt, also run each prompt on the base model",
+    )
     _generation_args(gen)
     gen.add_argument("--batch-size", type=int, default=16, help="default: %(default)s")
     gen.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
     gen.add_argument("--json", action="store_true", help="one JSON object per request")
     gen.set_defaults(func=cmd_generate)
 
-    ev = sub.add_parser("eval", help="loss and perplexity of the base model and adapters",
-                        description="Mean per-token loss of the base model and each adapter on "
-                        "each dataset, texts tokenised as in training.")
+    ev = sub.add_parser(
+        "eval",
+        help="loss and perplexity of the base model and adapters",
+        description="Mean per-token loss of the base model and each adapter on "
+        "each dataset, texts tokenised as in training.",
+    )
     ev.add_argument("--data", action="append", required=True, help="dataset (repeatable)")
-    ev.add_argument("--adapter", action="append", default=[], metavar="DIR",
-                    help="adapter folder (repeatable)")
+    ev.add_argument(
+        "--adapter", action="append", default=[], metavar="DIR", help="adapter folder (repeatable)"
+    )
     _model_arg(ev)
     _data_args(ev)
     ev.add_argument("--batch-size", type=int, default=16, help="default: %(default)s")
@@ -118,21 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="Hub id or local folder (default: the embedded "
-                   "SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model", help="Hub id or local folder (default: the embedded SmolLM2-135M-Instruct)"
+    )
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--text-field", help="field holding the text (default: 'text' or the only "
-                   "string field)")
+    p.add_argument(
+        "--text-field", help="field holding the text (default: 'text' or the only string field)"
+    )
     p.add_argument("--max-samples", type=int, help="use at most this many texts")
 
 
 def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="default: %(default)s")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 is greedy (default: %(default)s)")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)"
+    )
     p.add_argument("--top-p", type=float, default=1.0, help="default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
 
@@ -166,8 +210,11 @@ def _load_adapters(spm: Any, folders: list[str], allow_pickle: bool) -> list[str
             raise UserError(f"two adapters are named {adapter.name!r}; give them distinct folders")
         made_for = adapter.config.get("base_model_name_or_path")
         if made_for and made_for != spm.base.name:
-            print(f"softprompt: note: {adapter.name} was trained on {made_for}, "
-                  f"loading it on {spm.base.name}", file=sys.stderr)
+            print(
+                f"softprompt: note: {adapter.name} was trained on {made_for}, "
+                f"loading it on {spm.base.name}",
+                file=sys.stderr,
+            )
         spm.add_adapter(adapter)
         names.append(adapter.name)
     return names
@@ -185,9 +232,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig
 
     config = TrainConfig(
-        virtual_tokens=args.virtual_tokens, init=args.init, init_text=args.init_text,
-        init_from=args.init_from, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        max_length=args.max_length, seed=args.seed)
+        virtual_tokens=args.virtual_tokens,
+        init=args.init,
+        init_text=args.init_text,
+        init_from=args.init_from,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise UserError(f"{output} already exists and is not empty; pass --overwrite to replace it")
@@ -209,32 +263,49 @@ def cmd_train(args: argparse.Namespace) -> int:
         start = load_adapter(config.init_from or "", allow_pickle=args.allow_pickle).weights
         config.virtual_tokens = start.shape[0]
         if start.shape[1] != spm.hidden_size:
-            raise UserError(f"--init-from adapter has token_dim {start.shape[1]}, the model "
-                            f"has {spm.hidden_size}")
+            raise UserError(
+                f"--init-from adapter has token_dim {start.shape[1]}, the model "
+                f"has {spm.hidden_size}"
+            )
     else:
-        start = init_prompt(spm.base, config.virtual_tokens, config.init, config.init_text,
-                            config.seed)
+        start = init_prompt(
+            spm.base, config.virtual_tokens, config.init, config.init_text, config.seed
+        )
     name = output.resolve().name
     checksum = spm.base_checksum()
     if not args.json:
-        print(f"training {name} on {args.data} ({len(texts)} texts, field {data.field!r}); "
-              f"held out: {eval_source}")
+        print(
+            f"training {name} on {args.data} ({len(texts)} texts, field {data.field!r}); "
+            f"held out: {eval_source}"
+        )
     result = train(spm, name, start, texts, eval_texts, config, progress=not args.json)
     if spm.base_checksum() != checksum:
         raise AssertionError("training changed the base model's weights")
-    extra = {"data": args.data, "text_field": data.field, "eval_data": eval_source,
-             "max_samples": args.max_samples, "base_checksum": checksum}
+    extra = {
+        "data": args.data,
+        "text_field": data.field,
+        "eval_data": eval_source,
+        "max_samples": args.max_samples,
+        "base_checksum": checksum,
+    }
     save_trained(spm, name, output, config, result, extra, overwrite=args.overwrite)
-    summary = {"adapter": str(output), "trainable_params": result.trainable_params,
-               "total_params": result.total_params, "heldout_loss_before": result.loss_before,
-               "heldout_loss_after": result.loss_after, "seconds": result.seconds,
-               "samples_per_second": result.samples / max(result.seconds, 1e-9)}
+    summary = {
+        "adapter": str(output),
+        "trainable_params": result.trainable_params,
+        "total_params": result.total_params,
+        "heldout_loss_before": result.loss_before,
+        "heldout_loss_after": result.loss_after,
+        "seconds": result.seconds,
+        "samples_per_second": result.samples / max(result.seconds, 1e-9),
+    }
     if args.json:
         print(json.dumps(summary))
     else:
         print(trainable_summary(result.trainable_params, result.total_params))
-        print(f"held-out loss {result.loss_before:.3f} -> {result.loss_after:.3f}; "
-              f"{result.seconds:.0f} s; saved to {output} (loss plot: {output / 'loss.png'})")
+        print(
+            f"held-out loss {result.loss_before:.3f} -> {result.loss_after:.3f}; "
+            f"{result.seconds:.0f} s; saved to {output} (loss plot: {output / 'loss.png'})"
+        )
     return 0
 
 
@@ -268,9 +339,13 @@ def _read_requests(path: str, names: list[str]) -> list[Any]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import GenerateConfig, Request
 
-    config = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                            seed=args.seed)
+    config = GenerateConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
     if bool(args.prompt) == bool(args.requests):
         raise UserError("give --prompt (repeatable) or --requests FILE.jsonl, not both")
     _quiet()
@@ -283,12 +358,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         targets: list[str | None] = ([None] if args.with_base or not names else []) + names
         requests = [Request(p, a) for p in args.prompt for a in targets]
-    completions = generate(spm, requests, config, batch_size=args.batch_size,
-                           progress=not args.json and len(requests) > args.batch_size)
+    completions = generate(
+        spm,
+        requests,
+        config,
+        batch_size=args.batch_size,
+        progress=not args.json and len(requests) > args.batch_size,
+    )
     for request, completion in zip(requests, completions, strict=True):
         if args.json:
-            print(json.dumps({"prompt": request.prompt, "adapter": request.adapter,
-                              "completion": completion}))
+            print(
+                json.dumps(
+                    {"prompt": request.prompt, "adapter": request.adapter, "completion": completion}
+                )
+            )
         else:
             print(f"[{request.adapter or 'base'}] {request.prompt}{completion}\n")
     return 0
@@ -304,8 +387,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     datasets = [load_texts(d, args.text_field, args.max_samples) for d in args.data]
     spm = _load_model(args.model)
     names = _load_adapters(spm, args.adapter, args.allow_pickle)
-    results = [evaluate(spm, d.texts, a, d.source, args.batch_size, args.max_length)
-               for d in datasets for a in [None, *names]]
+    results = [
+        evaluate(spm, d.texts, a, d.source, args.batch_size, args.max_length)
+        for d in datasets
+        for a in [None, *names]
+    ]
     if args.json:
         print(json.dumps([r.as_dict() for r in results]))
         return 0
@@ -314,11 +400,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     table = Table(title="mean loss per token (lower is better)")
     for column in ("data", "model", "loss", "perplexity", "tokens"):
-        table.add_column(column, justify="right" if column in ("loss", "perplexity", "tokens")
-                         else "left")
+        table.add_column(
+            column, justify="right" if column in ("loss", "perplexity", "tokens") else "left"
+        )
     for r in results:
-        table.add_row(r.data, r.adapter or "base", f"{r.loss:.3f}", f"{r.perplexity:.1f}",
-                      str(r.tokens))
+        table.add_row(
+            r.data, r.adapter or "base", f"{r.loss:.3f}", f"{r.perplexity:.1f}", str(r.tokens)
+        )
     Console().print(table)
     return 0
 

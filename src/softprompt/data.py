@@ -21,8 +21,13 @@ from .errors import UserError
 EXAMPLE_PREFIX = "examples:"
 # name -> (file stem, text field)
 EXAMPLES = {"role-prompts": ("role_prompts", "prompt"), "quotes": ("quotes", "quote")}
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
-                 ".txt": "text"}
+LOCAL_FORMATS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
 
 
 @dataclass
@@ -49,9 +54,10 @@ def heldout_source(source: str) -> str | None:
 def load_texts(source: str, text_field: str | None = None, max_samples: int | None = None) -> Texts:
     """Read the texts of ``source``.
 
-    ``source`` is ``examples:NAME`` (or ``examples:NAME:heldout``), a local ``.jsonl``, ``.json``,
-    ``.csv``, ``.parquet`` or ``.txt`` file, a local dataset folder, or a Hub dataset id (its
-    ``train`` split). Without ``text_field``, a field named ``text`` or the only string field is used.
+    ``source`` is ``examples:NAME`` (or ``examples:NAME:heldout``), a local ``.jsonl``,
+    ``.json``, ``.csv``, ``.parquet`` or ``.txt`` file, a local dataset folder, or a Hub dataset
+    id (its ``train`` split). Without ``text_field``, the field ``text`` or the only string field
+    is used.
 
     Raises:
         UserError: missing file, unreachable dataset, unknown field, or no texts at all.
@@ -79,12 +85,14 @@ def split_heldout(texts: list[str], fraction: float, seed: int) -> tuple[list[st
     random.Random(seed).shuffle(order)
     n_held = min(len(texts) - 1, max(1, round(len(texts) * fraction)))
     held = set(order[:n_held])
-    return ([t for i, t in enumerate(texts) if i not in held],
-            [t for i, t in enumerate(texts) if i in held])
+    return (
+        [t for i, t in enumerate(texts) if i not in held],
+        [t for i, t in enumerate(texts) if i in held],
+    )
 
 
 def _example_rows(source: str) -> tuple[list[dict[str, Any]], str]:
-    parts = source[len(EXAMPLE_PREFIX):].split(":")
+    parts = source[len(EXAMPLE_PREFIX) :].split(":")
     name, part = parts[0], (parts[1] if len(parts) > 1 else "train")
     if name not in EXAMPLES or part not in ("train", "heldout") or len(parts) > 2:
         choices = ", ".join(f"examples:{n}[:heldout]" for n in example_names())
@@ -149,7 +157,7 @@ def pad_left(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
-            ids[i, length - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, length - len(row):] = 1
+            ids[i, length - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, length - len(row) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}

@@ -20,11 +20,15 @@ from .models import load_base_model
 from .prompt import SoftPromptModel, init_prompt, load_adapter
 from .train import TrainConfig, save_trained, train, trainable_summary
 
-GUIDE_PROMPTS = ["I want you to act as a motivational coach. ",
-                 "There are two nice things that should matter to you:"]
+GUIDE_PROMPTS = [
+    "I want you to act as a motivational coach. ",
+    "There are two nice things that should matter to you:",
+]
 # (adapter name, bundled data, training budget sized to keep the demo within 5 minutes on 2 cores)
-TASKS = [("role-prompts", "examples:role-prompts", TrainConfig(epochs=2, max_length=56)),
-         ("quotes", "examples:quotes", TrainConfig(epochs=3))]
+TASKS = [
+    ("role-prompts", "examples:role-prompts", TrainConfig(epochs=2, max_length=56)),
+    ("quotes", "examples:quotes", TrainConfig(epochs=3)),
+]
 GENERATION = GenerateConfig(max_new_tokens=40, repetition_penalty=1.5)
 
 
@@ -49,16 +53,27 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
     for name, data, config in TASKS:
         texts = load_texts(data).texts
         held = load_texts(data + ":heldout").texts
-        console.print(f"[bold]{name}[/bold]: {len(texts)} texts from {data}, "
-                      f"{len(held)} held out; {config.virtual_tokens} virtual tokens "
-                      f"({config.init} init), {config.epochs} epochs, lr {config.lr}")
+        console.print(
+            f"[bold]{name}[/bold]: {len(texts)} texts from {data}, "
+            f"{len(held)} held out; {config.virtual_tokens} virtual tokens "
+            f"({config.init} init), {config.epochs} epochs, lr {config.lr}"
+        )
         start = init_prompt(base, config.virtual_tokens, config.init, seed=config.seed)
         result = train(spm, name, start, texts, held, config)
         console.print(trainable_summary(result.trainable_params, result.total_params))
-        folder = save_trained(spm, name, output / name, config, result,
-                              {"data": data, "eval_data": data + ":heldout"}, overwrite=True)
-        console.print(f"saved {folder} (loss curve: {folder / 'loss.png'}); "
-                      f"{result.samples / result.seconds:.1f} samples/s")
+        folder = save_trained(
+            spm,
+            name,
+            output / name,
+            config,
+            result,
+            {"data": data, "eval_data": data + ":heldout"},
+            overwrite=True,
+        )
+        console.print(
+            f"saved {folder} (loss curve: {folder / 'loss.png'}); "
+            f"{result.samples / result.seconds:.1f} samples/s"
+        )
         results[name] = (data, result)
     if spm.base_checksum() != checksum:
         raise AssertionError("training changed the base model's weights")
@@ -68,8 +83,10 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
     for name, _, _ in TASKS:
         adapter = load_adapter(output / name)
         fresh.add_adapter(adapter)
-        console.print(f"loaded {output / name}: {adapter.num_virtual_tokens} virtual tokens, "
-                      f"ids {fresh.virtual_ids(name)[0]}..{fresh.virtual_ids(name)[-1]}")
+        console.print(
+            f"loaded {output / name}: {adapter.num_virtual_tokens} virtual tokens, "
+            f"ids {fresh.virtual_ids(name)[0]}..{fresh.virtual_ids(name)[-1]}"
+        )
     same = "unchanged" if fresh.base_checksum() == checksum else "CHANGED"
     console.print(f"base weights {same} (sha256 {checksum[:16]}...)")
 
@@ -90,11 +107,17 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
     for column in ("adapter", "held-out data", "base model", "before training", "after", "tokens"):
         losses.add_column(column)
     for name, (data, result) in results.items():
-        held = load_texts(data + ":heldout")
-        base_loss = evaluate(fresh, held.texts, None, max_length=result_config(name).max_length)
-        after = evaluate(fresh, held.texts, name, max_length=result_config(name).max_length)
-        losses.add_row(name, held.source, f"{base_loss.loss:.3f}", f"{result.loss_before:.3f}",
-                       f"[bold]{after.loss:.3f}[/bold]", str(after.tokens))
+        held_out = load_texts(data + ":heldout")
+        base_loss = evaluate(fresh, held_out.texts, None, max_length=result_config(name).max_length)
+        after = evaluate(fresh, held_out.texts, name, max_length=result_config(name).max_length)
+        losses.add_row(
+            name,
+            held_out.source,
+            f"{base_loss.loss:.3f}",
+            f"{result.loss_before:.3f}",
+            f"[bold]{after.loss:.3f}[/bold]",
+            str(after.tokens),
+        )
     console.print(losses)
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s; adapters in {output}")
 

@@ -31,8 +31,13 @@ class EvalResult:
         return math.exp(self.loss) if self.loss < 700 else math.inf
 
     def as_dict(self) -> dict[str, object]:
-        return {"adapter": self.adapter, "data": self.data, "loss": self.loss,
-                "perplexity": self.perplexity, "tokens": self.tokens}
+        return {
+            "adapter": self.adapter,
+            "data": self.data,
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "tokens": self.tokens,
+        }
 
 
 def training_rows(

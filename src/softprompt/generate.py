@@ -84,7 +84,7 @@ def generate(
         chunk = order[start : start + batch_size]
         new_tokens = generate_ids(spm, [rows[i] for i in chunk], config, generator)
         for i, ids in zip(chunk, new_tokens, strict=True):
-            outputs[i] = spm.tokenizer.decode(ids, skip_special_tokens=True)
+            outputs[i] = str(spm.tokenizer.decode(ids, skip_special_tokens=True))
     return outputs
 
 
@@ -124,8 +124,13 @@ def generate_ids(
         token = token.masked_fill(done, pad_id).unsqueeze(1)  # (B, 1)
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
         positions = positions + 1
-        out = spm.model(input_ids=token, attention_mask=mask, position_ids=positions,
-                        cache=cache, use_cache=True)
+        out = spm.model(
+            input_ids=token,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        )
         cache = out.cache
         logits = out.logits[:, -1, :vocab].float()
     return produced
@@ -147,8 +152,9 @@ def _pick(
 ) -> torch.Tensor:
     """Next token per row from (B, V) logits."""
     if seen is not None:
-        penalised = torch.where(logits > 0, logits / config.repetition_penalty,
-                                logits * config.repetition_penalty)
+        penalised = torch.where(
+            logits > 0, logits / config.repetition_penalty, logits * config.repetition_penalty
+        )
         logits = torch.where(seen, penalised, logits)
     if config.temperature == 0:
         return logits.argmax(dim=-1)

@@ -40,14 +40,6 @@ class BaseModel:
     tokenizer: PreTrainedTokenizerBase
     name: str
 
-    @property
-    def vocab_size(self) -> int:
-        return int(self.model.get_input_embeddings().weight.shape[0])
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.get_input_embeddings().weight.shape[1])
-
 
 def cache_dir() -> Path:
     """Where converted models live: $SOFTPROMPT_CACHE, else $XDG_CACHE_HOME/softprompt."""
@@ -86,8 +78,8 @@ def embedded_model_dir() -> Path:
     # The weights are already dequantised to float32 at this point.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:

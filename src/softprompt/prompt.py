@@ -93,6 +93,11 @@ class SoftPromptModel:
         self.tokenizer = base.tokenizer
         embedding = self.model.get_input_embeddings()
         if not isinstance(embedding, PromptEmbedding):
+            if not isinstance(embedding, nn.Embedding):
+                raise UserError(
+                    f"the model's input embedding is a {type(embedding).__name__}, "
+                    "not an nn.Embedding; softprompt cannot add a prompt table"
+                )
             embedding = PromptEmbedding(embedding)
             self.model.set_input_embeddings(embedding)
         self.embedding: PromptEmbedding = embedding
@@ -185,15 +190,16 @@ def init_prompt(
     scaled so their expected norm equals the mean norm of the vocabulary rows. Llama-family models
     do not normalise input embeddings, so an unscaled N(0, 1) row (norm ~ sqrt(hidden)) swamps them.
     """
-    weight = base.model.get_input_embeddings().weight.detach().float()  # (V, D)
+    embedding = base.model.get_input_embeddings()
+    weight = embedding.weight.detach().float()  # (V, D)  # type: ignore[operator]
     gen = torch.Generator().manual_seed(seed)
     if how == "vocab":
-        ids = torch.randperm(weight.shape[0], generator=gen)[:num_virtual_tokens]
-        return weight[ids].clone()
+        rows = torch.randperm(weight.shape[0], generator=gen)[:num_virtual_tokens]
+        return weight[rows].clone()
     if how == "text":
         if not text or not text.strip():
             raise UserError("--init text needs a non-empty --init-text")
-        ids = list(base.tokenizer(text)["input_ids"])
+        ids: list[int] = list(base.tokenizer(text)["input_ids"])
         if not ids:
             raise UserError(f"--init-text {text!r} gives no tokens")
         ids = (ids * math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens]
@@ -233,7 +239,9 @@ def write_adapter_files(folder: Path, weights: torch.Tensor, config: dict[str, A
     """Write the two PEFT files into an existing ``folder``."""
     from safetensors.torch import save_file
 
-    save_file({TENSOR_NAME: weights.detach().float().contiguous().cpu()}, str(folder / WEIGHTS_FILE))
+    save_file(
+        {TENSOR_NAME: weights.detach().float().contiguous().cpu()}, str(folder / WEIGHTS_FILE)
+    )
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -271,8 +279,10 @@ def load_adapter(path: str | Path, allow_pickle: bool = False, name: str | None 
     if weights.ndim != 2:
         raise UserError(f"{folder}: {TENSOR_NAME} has shape {tuple(weights.shape)}, expected 2-D")
     expected = config.get("num_virtual_tokens")
-    if expected is not None and int(expected) * int(config.get("num_transformer_submodules") or 1) \
-            != weights.shape[0]:
+    if (
+        expected is not None
+        and int(expected) * int(config.get("num_transformer_submodules") or 1) != weights.shape[0]
+    ):
         raise UserError(
             f"{folder}: config says {expected} virtual tokens but the weights have "
             f"{weights.shape[0]} rows"

@@ -18,10 +18,20 @@ def plot_losses(result: TrainResult, path: Path) -> None:
 
     steps_per_epoch = max(1, sum(1 for s in result.steps if s["epoch"] == 1))
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    ax.plot([s["step"] for s in result.steps], [s["loss"] for s in result.steps],
-            color="#9ab", linewidth=1, label="train loss (per step)")
-    ax.plot([e["epoch"] * steps_per_epoch for e in result.evals], [e["loss"] for e in result.evals],
-            color="#c33", marker="o", label="held-out loss (per epoch)")
+    ax.plot(
+        [s["step"] for s in result.steps],
+        [s["loss"] for s in result.steps],
+        color="#9ab",
+        linewidth=1,
+        label="train loss (per step)",
+    )
+    ax.plot(
+        [e["epoch"] * steps_per_epoch for e in result.evals],
+        [e["loss"] for e in result.evals],
+        color="#c33",
+        marker="o",
+        label="held-out loss (per epoch)",
+    )
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
     ax.set_title(f"{result.name}: loss")
@@ -64,7 +74,7 @@ def write_model_card(
         "Use it:",
         "",
         "```",
-        f"softprompt generate --adapter {name} --prompt \"...\"",
+        f'softprompt generate --adapter {name} --prompt "..."',
         "```",
         "",
     ]

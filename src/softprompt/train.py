@@ -91,8 +91,10 @@ class TrainResult:
 
 def trainable_summary(trainable: int, total: int) -> str:
     """The line PEFT's ``print_trainable_parameters`` prints."""
-    return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
-            f"trainable%: {100 * trainable / total:.4f}")
+    return (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || "
+        f"trainable%: {100 * trainable / total:.4f}"
+    )
 
 
 def train(
@@ -114,22 +116,29 @@ def train(
     param = spm.add_adapter(Adapter(name=name, weights=initial), trainable=True)
     prompt_rows = {id(p) for p in spm.embedding.prompt_tables}
     base_params = sum(p.numel() for p in spm.model.parameters() if id(p) not in prompt_rows)
-    result = TrainResult(name=name, trainable_params=param.numel(),
-                         total_params=base_params + param.numel())
+    result = TrainResult(
+        name=name, trainable_params=param.numel(), total_params=base_params + param.numel()
+    )
     optimizer = torch.optim.AdamW([param], lr=config.lr, weight_decay=0.0)
     rows = training_rows(spm, texts, name, config.max_length)
     order = random.Random(config.seed)
     steps_per_epoch = (len(rows) + config.batch_size - 1) // config.batch_size
 
     def held_out(epoch: int) -> None:
-        res = evaluate(spm, eval_texts, name, batch_size=config.eval_batch_size,
-                       max_length=config.max_length)
+        res = evaluate(
+            spm, eval_texts, name, batch_size=config.eval_batch_size, max_length=config.max_length
+        )
         result.evals.append({"epoch": epoch, "loss": res.loss, "tokens": res.tokens})
 
     held_out(0)
     start = time.perf_counter()
-    bar = tqdm(total=steps_per_epoch * config.epochs, desc=f"training {name}", unit="step",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=steps_per_epoch * config.epochs,
+        desc=f"training {name}",
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     step = 0
     for epoch in range(1, config.epochs + 1):
         for batch in length_grouped_batches(rows, config.batch_size, order):
@@ -198,13 +207,27 @@ def save_trained(
     try:
         weights = spm.adapter_weights(name)
         adapter = Adapter(name=name, weights=weights)
-        write_adapter_files(tmp, weights, adapter_config(
-            adapter, spm.base.name, init=config.init, init_text=config.init_text))
-        (tmp / "training_config.json").write_text(json.dumps(
-            {**asdict(config), **(extra or {}), "base_model": spm.base.name}, indent=2) + "\n")
-        (tmp / "loss_log.json").write_text(json.dumps(
-            {"steps": result.steps, "evals": result.evals, "seconds": result.seconds,
-             "samples": result.samples}, indent=2) + "\n")
+        write_adapter_files(
+            tmp,
+            weights,
+            adapter_config(adapter, spm.base.name, init=config.init, init_text=config.init_text),
+        )
+        (tmp / "training_config.json").write_text(
+            json.dumps({**asdict(config), **(extra or {}), "base_model": spm.base.name}, indent=2)
+            + "\n"
+        )
+        (tmp / "loss_log.json").write_text(
+            json.dumps(
+                {
+                    "steps": result.steps,
+                    "evals": result.evals,
+                    "seconds": result.seconds,
+                    "samples": result.samples,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         from .report import plot_losses, write_model_card
 
         plot_losses(result, tmp / "loss.png")

@@ -1,0 +1,139 @@
+"""Fixtures: a tiny Llama (two layers, hidden 16) with a word-level tokenizer, built offline."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach the Hub; unknown ids must fail fast instead of retrying. Set before any
+# Hugging Face library is imported, since they read these once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+WORDS = [
+    "i",
+    "want",
+    "you",
+    "to",
+    "act",
+    "as",
+    "a",
+    "motivational",
+    "coach",
+    "travel",
+    "guide",
+    "chef",
+    "teacher",
+    "poet",
+    "the",
+    "be",
+    "kind",
+    "brave",
+    "every",
+    "day",
+    "small",
+    "steps",
+    "mountain",
+    "river",
+    "light",
+    "hope",
+    "courage",
+    "my",
+    "first",
+    "request",
+    "is",
+    "and",
+    "of",
+    "in",
+    "on",
+    "with",
+    "your",
+    "will",
+    "me",
+    "help",
+    "there",
+    "are",
+    "two",
+    "nice",
+    "things",
+    "that",
+    "should",
+    "matter",
+    ":",
+    ".",
+    ",",
+    "!",
+    "?",
+]
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny causal LM folder, loadable by softprompt and PEFT alike."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = _tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        max_position_embeddings=256,
+        initializer_range=0.3,
+        eos_token_id=1,
+        pad_token_id=1,
+        bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def spm(tiny_model_dir: Path):
+    """A fresh SoftPromptModel on the tiny model."""
+    from softprompt.models import load_base_model
+    from softprompt.prompt import SoftPromptModel
+
+    return SoftPromptModel(load_base_model(str(tiny_model_dir)))
+
+
+@pytest.fixture()
+def texts_file(tmp_path: Path) -> Path:
+    path = tmp_path / "texts.jsonl"
+    lines = [
+        {"text": "be kind every day", "id": 1},
+        {"text": "small steps up the mountain", "id": 2},
+        {"text": "hope is a light in the river", "id": 3},
+        {"text": "courage and hope every day", "id": 4},
+        {"text": "be brave , be kind", "id": 5},
+        {"text": "the mountain and the river", "id": 6},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path

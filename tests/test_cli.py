@@ -1,0 +1,218 @@
+"""The real CLI in a subprocess: bad input ends in one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "softprompt.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_help_is_fast_and_lists_commands():
+    proc = run("--help")
+    assert proc.returncode == 0
+    for command in ("demo", "train", "generate", "eval"):
+        assert command in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """An adapter trained through the CLI on the tiny model."""
+    out = tmp_path_factory.mktemp("cli") / "kind"
+    data = out.parent / "data.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"quote": q, "n": 1}) + "\n"
+            for q in [
+                "be kind every day",
+                "be brave every day",
+                "hope every day",
+                "small steps every day",
+                "courage every day",
+            ]
+            * 4
+        )
+    )
+    proc = run(
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--epochs",
+        "2",
+        "--virtual-tokens",
+        "3",
+        "--lr",
+        "0.1",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["heldout_loss_after"] < summary["heldout_loss_before"]
+    assert summary["trainable_params"] == 3 * 16
+    return out, data
+
+
+def test_generate_json_in_input_order(trained, tiny_model_dir, tmp_path):
+    adapter, _ = trained
+    requests = tmp_path / "requests.jsonl"
+    rows = [
+        {"prompt": "be kind", "adapter": "kind"},
+        {"prompt": "the river", "adapter": None},
+        {"prompt": "hope is", "adapter": "kind"},
+    ]
+    requests.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    outputs = []
+    for batch_size in ("1", "16"):
+        proc = run(
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--adapter",
+            str(adapter),
+            "--requests",
+            str(requests),
+            "--max-new-tokens",
+            "6",
+            "--json",
+            "--batch-size",
+            batch_size,
+            "--repetition-penalty",
+            "1.5",
+        )
+        assert proc.returncode == 0, proc.stderr
+        records = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert [(r["prompt"], r["adapter"]) for r in records] == [
+            (r["prompt"], r["adapter"]) for r in rows
+        ]
+        outputs.append([r["completion"] for r in records])
+    assert outputs[0] == outputs[1]
+
+
+def test_eval_json_records(trained, tiny_model_dir):
+    adapter, data = trained
+    proc = run(
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--adapter",
+        str(adapter),
+        "--text-field",
+        "quote",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(proc.stdout)
+    assert [r["adapter"] for r in records] == [None, "kind"]
+    for r in records:
+        assert set(r) == {"adapter", "data", "loss", "perplexity", "tokens"}
+        assert r["tokens"] > 0 and r["perplexity"] == pytest.approx(2.718281828 ** r["loss"])
+    assert records[1]["loss"] < records[0]["loss"]
+
+
+def test_bad_inputs(trained, tiny_model_dir, tmp_path):
+    adapter, data = trained
+    model = ["--model", str(tiny_model_dir)]
+    out = str(tmp_path / "new")
+    assert_user_error(
+        run("train", *model, "--data", str(tmp_path / "nope.jsonl"), "--output", out),
+        "does not exist",
+    )
+    assert_user_error(
+        run("train", *model, "--data", str(data), "--text-field", "prompt", "--output", out),
+        "quote",
+        "n",
+    )
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert_user_error(run("train", *model, "--data", str(empty), "--output", out))
+    assert_user_error(
+        run(
+            "train",
+            "--model",
+            "nobody-here/no-such-model-xyz",
+            "--data",
+            str(data),
+            "--output",
+            out,
+        ),
+        "cannot load model",
+    )
+    assert_user_error(
+        run("train", *model, "--data", str(data), "--output", str(adapter)), "--overwrite"
+    )
+    assert not Path(out).exists()
+
+    # An adapter made for another base model (token_dim mismatch).
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["token_dim"] = 32
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    from safetensors.torch import save_file
+
+    save_file({"prompt_embeddings": torch.zeros(3, 32)}, str(other / "adapter_model.safetensors"))
+    assert_user_error(
+        run("generate", *model, "--adapter", str(other), "--prompt", "hi"), "token_dim 32"
+    )
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00" * 20)
+    assert_user_error(
+        run("eval", *model, "--data", str(data), "--adapter", str(corrupt)), "corrupt"
+    )
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    torch.save({"prompt_embeddings": torch.zeros(3, 16)}, pickled / "adapter_model.bin")
+    assert_user_error(
+        run("generate", *model, "--adapter", str(pickled), "--prompt", "hi"), "--allow-pickle"
+    )
+    proc = run(
+        "generate",
+        *model,
+        "--adapter",
+        str(pickled),
+        "--prompt",
+        "hi",
+        "--allow-pickle",
+        "--max-new-tokens",
+        "2",
+    )
+    assert proc.returncode == 0, proc.stderr
+
+    requests = tmp_path / "bad.jsonl"
+    requests.write_text('{"prompt": "hi", "adapter": "missing"}\n')
+    assert_user_error(run("generate", *model, "--requests", str(requests)), "unknown adapter")
+    assert_user_error(run("generate", *model, "--prompt", "hi", "--top-p", "2"), "--top-p")

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from softprompt.data import heldout_source, load_texts, pad_left, split_heldout
+from softprompt.errors import UserError
+
+
+@pytest.mark.parametrize("name", ["role-prompts", "quotes"])
+def test_bundled_examples(name):
+    train = load_texts(f"examples:{name}").texts
+    held = load_texts(f"examples:{name}:heldout").texts
+    assert len(train) + len(held) >= 150
+    assert len(held) >= 20
+    assert not set(train) & set(held)
+    assert len(set(train)) == len(train)
+    if name == "role-prompts":
+        assert all(t.startswith("I want you to act as") for t in train + held)
+    assert heldout_source(f"examples:{name}") == f"examples:{name}:heldout"
+
+
+def test_unknown_example_lists_choices():
+    with pytest.raises(UserError, match="examples:quotes"):
+        load_texts("examples:nope")
+
+
+def test_local_formats(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"quote": "be kind"}\n{"quote": "be brave"}\n')
+    (tmp_path / "b.csv").write_text("quote,author\nbe kind,me\nbe brave,you\n")
+    (tmp_path / "c.txt").write_text("be kind\nbe brave\n")
+    (tmp_path / "d.json").write_text(json.dumps([{"quote": "be kind"}, {"quote": "be brave"}]))
+    import pandas as pd
+
+    pd.DataFrame({"quote": ["be kind", "be brave"]}).to_parquet(tmp_path / "e.parquet")
+    for name in ["a.jsonl", "b.csv", "d.json", "e.parquet"]:
+        assert load_texts(str(tmp_path / name), "quote").texts == ["be kind", "be brave"]
+    assert load_texts(str(tmp_path / "c.txt")).texts == ["be kind", "be brave"]
+    # Without --text-field, the only string field is chosen.
+    assert load_texts(str(tmp_path / "a.jsonl")).field == "quote"
+
+
+def test_dataset_folder_goes_through_load_dataset(tmp_path):
+    # A folder laid out like a Hub dataset repository: the code path Hub ids take.
+    repo = tmp_path / "english_quotes"
+    repo.mkdir()
+    (repo / "train.jsonl").write_text(
+        "".join(json.dumps({"quote": f"quote {i}", "author": "a"}) + "\n" for i in range(5))
+    )
+    texts = load_texts(str(repo), "quote", max_samples=3)
+    assert texts.texts == ["quote 0", "quote 1", "quote 2"]
+
+
+def test_missing_field_names_the_fields(texts_file):
+    with pytest.raises(UserError, match="its fields are: text, id"):
+        load_texts(str(texts_file), "prompt")
+
+
+def test_ambiguous_fields_ask_for_one(tmp_path):
+    path = tmp_path / "two.jsonl"
+    path.write_text('{"a": "x", "b": "y"}\n')
+    with pytest.raises(UserError, match="--text-field"):
+        load_texts(str(path))
+
+
+def test_empty_and_missing(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text('{"text": "  "}\n')
+    with pytest.raises(UserError, match="no non-empty texts"):
+        load_texts(str(path))
+    with pytest.raises(UserError, match="does not exist"):
+        load_texts(str(tmp_path / "missing.jsonl"))
+
+
+def test_unreachable_hub_dataset_is_a_user_error():
+    with pytest.raises(UserError, match="cannot load dataset"):
+        load_texts("nobody-here/no-such-dataset-xyz", "text")
+
+
+def test_split_heldout_is_deterministic_and_disjoint():
+    texts = [f"t{i}" for i in range(20)]
+    train, held = split_heldout(texts, 0.1, seed=1)
+    assert len(held) == 2 and not set(train) & set(held)
+    assert split_heldout(texts, 0.1, seed=1) == (train, held)
+    with pytest.raises(UserError):
+        split_heldout(["one"], 0.1, seed=0)
+
+
+def test_pad_left_positions_start_at_first_real_token():
+    batch = pad_left([[5, 6, 7], [8]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert torch.equal(batch["position_ids"][1, -1], torch.tensor(0))

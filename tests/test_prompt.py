@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from softprompt.errors import UserError
+from softprompt.prompt import (
+    Adapter,
+    PromptEmbedding,
+    adapter_config,
+    init_prompt,
+    load_adapter,
+    write_adapter_files,
+)
+
+
+def test_virtual_ids_map_to_prompt_rows(spm):
+    rows_a = torch.randn(3, spm.hidden_size)
+    rows_b = torch.randn(2, spm.hidden_size)
+    spm.add_adapter(Adapter("a", rows_a))
+    spm.add_adapter(Adapter("b", rows_b))
+    vocab = spm.vocab_size
+    assert spm.virtual_ids("a") == [vocab, vocab + 1, vocab + 2]
+    assert spm.virtual_ids("b") == [vocab + 3, vocab + 4]
+    assert spm.virtual_ids(None) == []
+    ids = torch.tensor([[vocab + 4, 5, vocab, 1]])
+    out = spm.embedding(ids)[0]
+    base = spm.embedding.base.weight
+    assert torch.equal(out[0], rows_b[1])
+    assert torch.equal(out[1], base[5])
+    assert torch.equal(out[2], rows_a[0])
+    assert torch.equal(out[3], base[1])
+
+
+def test_tied_head_keeps_base_weight_and_vocab(spm):
+    assert isinstance(spm.model.get_input_embeddings(), PromptEmbedding)
+    spm.add_adapter(Adapter("a", torch.randn(4, spm.hidden_size)))
+    assert spm.model.lm_head.weight is spm.embedding.base.weight
+    logits = spm.model(input_ids=torch.tensor([spm.encode("be kind", "a")])).logits
+    assert logits.shape[-1] == spm.vocab_size
+
+
+def test_token_dim_mismatch_is_a_user_error(spm):
+    with pytest.raises(UserError, match="token_dim 7"):
+        spm.add_adapter(Adapter("x", torch.randn(2, 7), {"base_model_name_or_path": "other/m"}))
+
+
+def test_duplicate_adapter_name_refused(spm):
+    spm.add_adapter(Adapter("x", torch.randn(2, spm.hidden_size)))
+    with pytest.raises(UserError, match="already loaded"):
+        spm.add_adapter(Adapter("x", torch.randn(2, spm.hidden_size)))
+
+
+def test_init_vocab_copies_distinct_vocab_rows(spm):
+    rows = init_prompt(spm.base, 5, "vocab", seed=3)
+    weight = spm.embedding.base.weight
+    matches = [int((weight == row).all(dim=1).nonzero()[0]) for row in rows]
+    assert len(set(matches)) == 5
+
+
+def test_init_text_repeats_text_tokens(spm):
+    rows = init_prompt(spm.base, 5, "text", text="be kind")
+    ids = spm.tokenizer("be kind")["input_ids"]
+    weight = spm.embedding.base.weight
+    expected = torch.stack([weight[ids[i % len(ids)]] for i in range(5)])
+    assert torch.equal(rows, expected)
+    with pytest.raises(UserError):
+        init_prompt(spm.base, 5, "text", text="   ")
+
+
+def test_init_random_matches_vocab_norm(spm):
+    rows = init_prompt(spm.base, 400, "random", seed=1)
+    vocab_norm = spm.embedding.base.weight.norm(dim=1).mean()
+    assert abs(rows.norm(dim=1).mean() / vocab_norm - 1) < 0.1
+    # An unscaled N(0, 1) row would have norm ~ sqrt(hidden).
+    assert rows.norm(dim=1).mean() < torch.randn(400, spm.hidden_size).norm(dim=1).mean() * 2
+
+
+def _save(folder: Path, rows: torch.Tensor) -> Path:
+    folder.mkdir()
+    write_adapter_files(folder, rows, adapter_config(Adapter("x", rows), "tiny"))
+    return folder
+
+
+def test_adapter_round_trip(tmp_path):
+    rows = torch.randn(4, 16)
+    loaded = load_adapter(_save(tmp_path / "ad", rows))
+    assert loaded.name == "ad"
+    assert torch.equal(loaded.weights, rows)
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PROMPT_TUNING"
+    assert config["task_type"] == "CAUSAL_LM"
+    assert config["num_virtual_tokens"] == 4 and config["token_dim"] == 16
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("missing", "does not exist"),
+        ("no_config", "not an adapter folder"),
+        ("bad_json", "not valid JSON"),
+        ("lora", "LORA adapter"),
+        ("corrupt", "corrupt"),
+        ("pickle", "pickle"),
+        ("count", "virtual tokens"),
+    ],
+)
+def test_bad_adapters_are_user_errors(tmp_path, breakage, message):
+    folder = _save(tmp_path / "ad", torch.randn(4, 16))
+    config_path = folder / "adapter_config.json"
+    weights_path = folder / "adapter_model.safetensors"
+    if breakage == "missing":
+        folder = tmp_path / "nope"
+    elif breakage == "no_config":
+        config_path.unlink()
+    elif breakage == "bad_json":
+        config_path.write_text("{not json")
+    elif breakage == "lora":
+        config_path.write_text(json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM"}))
+    elif breakage == "corrupt":
+        weights_path.write_bytes(weights_path.read_bytes()[:40])
+    elif breakage == "pickle":
+        weights_path.unlink()
+        torch.save({"prompt_embeddings": torch.randn(4, 16)}, folder / "adapter_model.bin")
+    elif breakage == "count":
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, "num_virtual_tokens": 9}))
+    with pytest.raises(UserError, match=message):
+        load_adapter(folder)
+
+
+def test_pickle_loads_only_when_allowed(tmp_path):
+    folder = _save(tmp_path / "ad", torch.randn(4, 16))
+    rows = torch.randn(4, 16)
+    (folder / "adapter_model.safetensors").unlink()
+    torch.save({"prompt_embeddings": rows}, folder / "adapter_model.bin")
+    assert torch.equal(load_adapter(folder, allow_pickle=True).weights, rows)

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from softprompt.errors import UserError
+from softprompt.evaluate import evaluate
+from softprompt.prompt import init_prompt, load_adapter
+from softprompt.train import TrainConfig, save_trained, train, trainable_summary
+
+TEXTS = [
+    "be kind every day",
+    "be brave every day",
+    "be kind and brave every day",
+    "small steps every day",
+    "hope every day",
+    "courage every day",
+] * 3
+
+
+def _train(spm, **overrides):
+    config = TrainConfig(
+        **{"virtual_tokens": 4, "epochs": 4, "lr": 0.1, "batch_size": 4, **overrides}
+    )
+    start = init_prompt(spm.base, config.virtual_tokens, config.init, config.init_text)
+    return config, train(spm, "tuned", start, TEXTS, TEXTS[:4], config, progress=False)
+
+
+def test_training_lowers_loss_and_leaves_base_untouched(spm):
+    before = spm.base_checksum()
+    config, result = _train(spm)
+    assert spm.base_checksum() == before
+    assert len(result.evals) == config.epochs + 1
+    assert result.loss_after < result.loss_before - 0.1
+    assert result.trainable_params == 4 * spm.hidden_size
+    assert not spm.adapter_weights("tuned").requires_grad
+
+
+def test_trainable_summary_format():
+    assert trainable_summary(2304, 134517312) == (
+        "trainable params: 2,304 || all params: 134,517,312 || trainable%: 0.0017"
+    )
+
+
+def test_saved_adapter_reloads_with_same_loss(spm, tmp_path):
+    config, result = _train(spm)
+    folder = save_trained(spm, "tuned", tmp_path / "out", config, result, {"data": "x"})
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "loss.png",
+        "loss_log.json",
+        "training_config.json",
+    ]
+    log = json.loads((folder / "loss_log.json").read_text())
+    assert [e["epoch"] for e in log["evals"]] == list(range(config.epochs + 1))
+    assert (folder / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # No temporary folder is left beside the output.
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    adapter = load_adapter(folder, name="again")
+    spm.add_adapter(adapter)
+    ours = evaluate(spm, TEXTS, "tuned").loss
+    assert evaluate(spm, TEXTS, "again").loss == pytest.approx(ours, abs=1e-6)
+
+
+def test_existing_output_is_not_overwritten(spm, tmp_path):
+    config, result = _train(spm, epochs=1)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="--overwrite"):
+        save_trained(spm, "tuned", target, config, result)
+    assert (target / "keep.txt").read_text() == "mine"
+
+
+def test_failed_save_leaves_nothing(spm, tmp_path, monkeypatch):
+    config, result = _train(spm, epochs=1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("softprompt.report.write_model_card", broken)
+    with pytest.raises(RuntimeError):
+        save_trained(spm, "tuned", tmp_path / "out", config, result)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_two_adapters_share_one_base(spm):
+    _train(spm)
+    start = init_prompt(spm.base, 3, "random")
+    train(
+        spm,
+        "second",
+        start,
+        TEXTS[:6],
+        TEXTS[:2],
+        TrainConfig(virtual_tokens=3, epochs=1),
+        progress=False,
+    )
+    assert spm.virtual_ids("second")[0] == spm.vocab_size + 4
+    assert evaluate(spm, TEXTS, "tuned").loss != evaluate(spm, TEXTS, "second").loss
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"virtual_tokens": 0},
+        {"init": "zeros"},
+        {"init": "text"},
+        {"init": "file"},
+        {"epochs": 0},
+        {"lr": 0},
+        {"batch_size": 0},
+        {"max_length": 1},
+    ],
+)
+def test_bad_training_options(kwargs):
+    with pytest.raises(UserError):
+        TrainConfig(**kwargs)
+
+
+def test_prompt_rows_are_the_only_gradient(spm):
+    config, _ = _train(spm, epochs=1)
+    grads = [
+        n
+        for n, p in spm.model.named_parameters()
+        if p.grad is not None and float(p.grad.abs().sum()) > 0
+    ]
+    assert grads == ["model.embed_tokens.prompt_tables.0"]
+    assert all(not p.requires_grad for p in spm.model.parameters())
+    assert isinstance(torch.tensor(0), torch.Tensor)
