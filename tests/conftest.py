@@ -13,61 +13,11 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-WORDS = [
-    "i",
-    "want",
-    "you",
-    "to",
-    "act",
-    "as",
-    "a",
-    "motivational",
-    "coach",
-    "travel",
-    "guide",
-    "chef",
-    "teacher",
-    "poet",
-    "the",
-    "be",
-    "kind",
-    "brave",
-    "every",
-    "day",
-    "small",
-    "steps",
-    "mountain",
-    "river",
-    "light",
-    "hope",
-    "courage",
-    "my",
-    "first",
-    "request",
-    "is",
-    "and",
-    "of",
-    "in",
-    "on",
-    "with",
-    "your",
-    "will",
-    "me",
-    "help",
-    "there",
-    "are",
-    "two",
-    "nice",
-    "things",
-    "that",
-    "should",
-    "matter",
-    ":",
-    ".",
-    ",",
-    "!",
-    "?",
-]
+WORDS = """
+i want you to act as a motivational coach travel guide chef teacher poet the be kind brave
+every day small steps mountain river light hope courage my first request is and of in on
+with your will me help there are two nice things that should matter : . , ! ?
+""".split()
 
 
 def _tiny_tokenizer():

@@ -26,7 +26,7 @@ GUIDE_PROMPTS = [
 ]
 # (adapter name, bundled data, training budget sized to keep the demo within 5 minutes on 2 cores)
 TASKS = [
-    ("role-prompts", "examples:role-prompts", TrainConfig(epochs=2, max_length=56)),
+    ("role-prompts", "examples:role-prompts", TrainConfig(epochs=2, lr=6e-2, max_length=56)),
     ("quotes", "examples:quotes", TrainConfig(epochs=3)),
 ]
 GENERATION = GenerateConfig(max_new_tokens=40, repetition_penalty=1.5)
@@ -94,13 +94,13 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
     targets: list[str | None] = [None] + [name for name, _, _ in TASKS]
     requests = [Request(p, a) for p in GUIDE_PROMPTS for a in targets]
     answers = generate(fresh, requests, GENERATION, batch_size=len(requests))
-    table = Table(show_lines=True)
-    table.add_column("prompt", style="dim", max_width=22)
-    for target in targets:
-        table.add_column(target or "base model")
     for i, prompt in enumerate(GUIDE_PROMPTS):
-        table.add_row(prompt, *answers[i * len(targets) : (i + 1) * len(targets)])
-    console.print(table)
+        table = Table(title=repr(prompt), show_lines=True, title_justify="left")
+        table.add_column("model", style="bold", no_wrap=True)
+        table.add_column("completion")
+        for j, target in enumerate(targets):
+            table.add_row(target or "base model", answers[i * len(targets) + j].strip())
+        console.print(table)
 
     console.rule("[bold]5. Held-out loss, before -> after (nats/token, lower is better)")
     losses = Table()

@@ -190,8 +190,8 @@ def init_prompt(
     scaled so their expected norm equals the mean norm of the vocabulary rows. Llama-family models
     do not normalise input embeddings, so an unscaled N(0, 1) row (norm ~ sqrt(hidden)) swamps them.
     """
-    embedding = base.model.get_input_embeddings()
-    weight = embedding.weight.detach().float()  # (V, D)  # type: ignore[operator]
+    embedding: nn.Module = base.model.get_input_embeddings()
+    weight = torch.as_tensor(embedding.weight).detach().float()  # (V, D)
     gen = torch.Generator().manual_seed(seed)
     if how == "vocab":
         rows = torch.randperm(weight.shape[0], generator=gen)[:num_virtual_tokens]
@@ -242,6 +242,7 @@ def write_adapter_files(folder: Path, weights: torch.Tensor, config: dict[str, A
     save_file(
         {TENSOR_NAME: weights.detach().float().contiguous().cpu()}, str(folder / WEIGHTS_FILE)
     )
+    (folder / WEIGHTS_FILE).chmod(0o644)  # safetensors writes 0600; adapters are made to share
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
