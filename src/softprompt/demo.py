@@ -6,6 +6,7 @@ saved, loaded together into a fresh copy of the base model, and compared with it
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -106,10 +107,26 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
     losses = Table()
     for column in ("adapter", "held-out data", "base model", "before training", "after", "tokens"):
         losses.add_column(column)
+    summary: dict[str, object] = {
+        "base_model": base.name,
+        "base_checksum": checksum,
+        "base_unchanged": same == "unchanged",
+        "adapters": {},
+    }
     for name, (data, result) in results.items():
         held_out = load_texts(data + ":heldout")
-        base_loss = evaluate(fresh, held_out.texts, None, max_length=result_config(name).max_length)
-        after = evaluate(fresh, held_out.texts, name, max_length=result_config(name).max_length)
+        max_length = next(config for task, _, config in TASKS if task == name).max_length
+        base_loss = evaluate(fresh, held_out.texts, None, max_length=max_length)
+        after = evaluate(fresh, held_out.texts, name, max_length=max_length)
+        summary["adapters"][name] = {  # type: ignore[index]
+            "heldout": held_out.source,
+            "base_loss": base_loss.loss,
+            "loss_before": result.loss_before,
+            "loss_after": after.loss,
+            "tokens": after.tokens,
+            "train_seconds": result.seconds,
+            "samples_per_second": result.samples / result.seconds,
+        }
         losses.add_row(
             name,
             held_out.source,
@@ -119,11 +136,15 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
             str(after.tokens),
         )
     console.print(losses)
-    console.print(f"demo finished in {time.perf_counter() - started:.0f} s; adapters in {output}")
-
-
-def result_config(name: str) -> TrainConfig:
-    return next(config for task, _, config in TASKS if task == name)
+    summary["completions"] = [
+        {"prompt": r.prompt, "adapter": r.adapter, "completion": a}
+        for r, a in zip(requests, answers, strict=True)
+    ]
+    summary["seconds"] = time.perf_counter() - started
+    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    console.print(
+        f"demo finished in {summary['seconds']:.0f} s; adapters and summary.json in {output}"
+    )
 
 
 def _check_writable(output: Path) -> None:

@@ -58,6 +58,11 @@ def write_model_card(
         "",
         f"A soft prompt (prompt tuning, Lester et al. 2021) for `{base}`, trained with softprompt.",
         "It is a PEFT PROMPT_TUNING adapter: `peft.PeftModel.from_pretrained` loads it too.",
+        *(
+            ["The base weights were softprompt's embedded build (the Q4_1 GGUF, dequantised)."]
+            if base == "HuggingFaceTB/SmolLM2-135M-Instruct"
+            else []
+        ),
         "",
         "| | |",
         "|---|---|",

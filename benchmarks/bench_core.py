@@ -1,0 +1,83 @@
+"""Side-by-side timings on the embedded model: model load, mixed-adapter batching, training.
+
+Run: .venv/bin/python benchmarks/bench_core.py [--requests 16] [--new-tokens 32]
+Figures go in the README with the machine they came from. Ratios measured in one run are what
+to compare; absolute seconds move with whatever else the machine is doing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    from softprompt.data import load_texts
+    from softprompt.generate import GenerateConfig, Request, generate
+    from softprompt.models import embedded_model_dir, load_base_model
+    from softprompt.prompt import Adapter, SoftPromptModel, init_prompt
+    from softprompt.train import TrainConfig, train
+
+    embedded_model_dir()  # convert first, so the loads below are from the cached folder
+    start = time.perf_counter()
+    load_base_model()
+    # The first load in a process also pays for transformers' lazy imports of the model code.
+    first_load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    base = load_base_model()
+    load_s = time.perf_counter() - start
+
+    spm = SoftPromptModel(base)
+    for i, name in enumerate(["a", "b", "c"]):
+        spm.add_adapter(Adapter(name, init_prompt(base, 8, "vocab", seed=i)))
+    prompts = load_texts("examples:role-prompts:heldout").texts
+    requests = [
+        Request(prompts[i % len(prompts)][:60], [None, "a", "b", "c"][i % 4])
+        for i in range(args.requests)
+    ]
+    # Fixed-length output so both ways do the same work: no EOS stop within max_new_tokens.
+    config = GenerateConfig(max_new_tokens=args.new_tokens)
+    generate(spm, requests[:2], GenerateConfig(max_new_tokens=2))  # warm-up
+    start = time.perf_counter()
+    batched = generate(spm, requests, config, batch_size=args.requests)
+    batched_s = time.perf_counter() - start
+    start = time.perf_counter()
+    single = generate(spm, requests, config, batch_size=1)
+    single_s = time.perf_counter() - start
+
+    texts = load_texts("examples:quotes").texts[:48]
+    result = train(
+        spm, "t", init_prompt(base, 8), texts, texts[:8], TrainConfig(epochs=1), progress=False
+    )
+    print(
+        json.dumps(
+            {
+                "torch_threads": torch.get_num_threads(),
+                "embedded_first_load_in_process_s": round(first_load_s, 2),
+                "embedded_load_s": round(load_s, 2),
+                "requests": args.requests,
+                "new_tokens": args.new_tokens,
+                "mixed_batch_s": round(batched_s, 2),
+                "one_by_one_s": round(single_s, 2),
+                "speedup": round(single_s / batched_s, 2),
+                "same_greedy_output": batched == single,
+                "train_samples_per_s_quotes": round(result.samples / result.seconds, 2),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""End to end on the embedded model (SmolLM2-135M-Instruct), through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "softprompt.cli", *args], capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    """Two small adapters trained through the CLI: a few steps each, to keep the suite short."""
+    root = tmp_path_factory.mktemp("e2e")
+    out = {}
+    for name, data, extra in [
+        ("quotes", "examples:quotes", ["--init", "vocab"]),
+        (
+            "roles",
+            "examples:role-prompts",
+            ["--init", "text", "--init-text", "I want you to act as"],
+        ),
+    ]:
+        proc = cli(
+            "train",
+            "--data",
+            data,
+            "--output",
+            str(root / name),
+            "--max-samples",
+            "48",
+            "--epochs",
+            "1",
+            "--max-length",
+            "40",
+            "--json",
+            *extra,
+        )
+        summary = json.loads(proc.stdout)
+        assert summary["heldout_loss_after"] < summary["heldout_loss_before"]
+        out[name] = root / name
+    return out
+
+
+def test_peft_loads_our_adapter_with_the_same_loss(adapters):
+    from peft import PeftModel
+
+    from softprompt.evaluate import training_rows
+    from softprompt.models import load_base_model
+    from softprompt.prompt import SoftPromptModel
+
+    proc = cli(
+        "eval",
+        "--data",
+        "examples:quotes:heldout",
+        "--adapter",
+        str(adapters["quotes"]),
+        "--max-samples",
+        "12",
+        "--max-length",
+        "40",
+        "--json",
+    )
+    ours = {r["adapter"]: r for r in json.loads(proc.stdout)}["quotes"]
+
+    base = load_base_model()
+    spm = SoftPromptModel(load_base_model())  # a second copy only to tokenise the same way
+    peft_model = PeftModel.from_pretrained(base.model, str(adapters["quotes"]))
+    from softprompt.data import load_texts
+
+    texts = load_texts("examples:quotes:heldout", max_samples=12).texts
+    total, count = 0.0, 0
+    for ids, _ in training_rows(spm, texts, None, 40):
+        labels = torch.tensor([ids])
+        labels[0, 0] = -100  # softprompt does not score the first text token
+        with torch.no_grad():
+            loss = peft_model(input_ids=torch.tensor([ids]), labels=labels).loss
+        total += float(loss) * (len(ids) - 1)
+        count += len(ids) - 1
+    assert count == ours["tokens"]
+    assert total / count == pytest.approx(ours["loss"], rel=1e-4)
+
+
+def test_mixed_batch_generation_equals_one_by_one(adapters, tmp_path):
+    prompts = [
+        "I want you to act as a motivational coach. ",
+        "There are two nice things that should matter to you:",
+        "I want you to act as a travel guide for Rome.",
+        "Courage is",
+    ]
+    rows = [{"prompt": p, "adapter": a} for p in prompts for a in (None, "quotes", "roles")]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = []
+    for batch_size in ("1", "16"):
+        proc = cli(
+            "generate",
+            "--adapter",
+            str(adapters["quotes"]),
+            "--adapter",
+            str(adapters["roles"]),
+            "--requests",
+            str(requests),
+            "--max-new-tokens",
+            "17",
+            "--repetition-penalty",
+            "1.5",
+            "--batch-size",
+            batch_size,
+            "--json",
+        )
+        runs.append([json.loads(line) for line in proc.stdout.splitlines()])
+    assert [r["completion"] for r in runs[0]] == [r["completion"] for r in runs[1]]
+    assert [(r["prompt"], r["adapter"]) for r in runs[1]] == [
+        (r["prompt"], r["adapter"]) for r in rows
+    ]
+    completions = [r["completion"] for r in runs[1]]
+    assert all(c.strip() for c in completions)
+    # The adapters change what the model says.
+    assert completions[0] != completions[1] or completions[0] != completions[2]
+
+
+def test_generation_matches_inputs_embeds_reference(adapters):
+    """Greedy output equals transformers' generate() with the trained prompt prepended."""
+    from softprompt.generate import GenerateConfig, generate_ids
+    from softprompt.models import load_base_model
+    from softprompt.prompt import SoftPromptModel, load_adapter
+
+    spm = SoftPromptModel(load_base_model())
+    spm.add_adapter(load_adapter(adapters["roles"]))
+    ids = spm.encode("I want you to act as a chef. ", "roles")
+    reference = spm.model.generate(
+        inputs_embeds=spm.embedding(torch.tensor([ids])),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=20,
+        do_sample=False,
+    )[0].tolist()
+    ours = generate_ids(spm, [ids], GenerateConfig(max_new_tokens=20))[0]
+    assert ours == reference[: len(ours)] and len(ours) > 0
+
+
+def test_demo_runs_the_whole_guide(tmp_path):
+    proc = cli("demo", "--output", str(tmp_path / "demo"))
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["base_unchanged"] is True
+    for name in ("role-prompts", "quotes"):
+        folder = tmp_path / "demo" / name
+        assert (folder / "adapter_model.safetensors").is_file()
+        assert (folder / "loss.png").is_file()
+        numbers = summary["adapters"][name]
+        # A clear held-out gain, not noise: at least 0.5 nats per token.
+        assert numbers["loss_after"] < numbers["loss_before"] - 0.5
+        assert numbers["loss_after"] < numbers["base_loss"] - 0.5
+    assert "trainable params: 4,608 || all params: 134,519,616" in proc.stdout
+    assert len(summary["completions"]) == 6
