@@ -216,3 +216,103 @@ def test_bad_inputs(trained, tiny_model_dir, tmp_path):
     requests.write_text('{"prompt": "hi", "adapter": "missing"}\n')
     assert_user_error(run("generate", *model, "--requests", str(requests)), "unknown adapter")
     assert_user_error(run("generate", *model, "--prompt", "hi", "--top-p", "2"), "--top-p")
+
+
+def test_compare_inspect_report(trained, tiny_model_dir, tmp_path):
+    adapter, data = trained
+    model = ["--model", str(tiny_model_dir)]
+    proc = run(
+        "compare",
+        *model,
+        "--adapter",
+        str(adapter),
+        "--prompt",
+        "be kind",
+        "--prompt",
+        "hope",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(proc.stdout)
+    assert [r["prompt"] for r in records] == ["be kind", "hope"]
+    assert [c["adapter"] for c in records[0]["completions"]] == [None, "kind"]
+    proc = run(
+        "compare",
+        *model,
+        "--adapter",
+        str(adapter),
+        "--prompt",
+        "be kind",
+        "--max-new-tokens",
+        "4",
+        "--markdown",
+    )
+    assert proc.returncode == 0 and "| model | completion |" in proc.stdout
+
+    proc = run("inspect", *model, str(adapter), "--json", "--top-k", "3")
+    assert proc.returncode == 0, proc.stderr
+    view = json.loads(proc.stdout)
+    assert len(view["tokens"]) == 3 and len(view["tokens"][0]["nearest"]) == 3
+
+    report = tmp_path / "report.html"
+    proc = run(
+        "report",
+        *model,
+        "--adapter",
+        str(adapter),
+        "--data",
+        str(data),
+        "--text-field",
+        "quote",
+        "--prompt",
+        "be kind",
+        "--max-new-tokens",
+        "4",
+        "--output",
+        str(report),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert report.read_text().count("data:image/png;base64,") == 2
+
+
+def test_compare_inspect_report_bad_inputs(trained, tiny_model_dir, tmp_path):
+    adapter, data = trained
+    model = ["--model", str(tiny_model_dir)]
+    assert_user_error(run("compare", *model, "--adapter", str(adapter)), "--prompt")
+    assert_user_error(run("inspect", *model, str(tmp_path)), "not an adapter folder")
+    assert_user_error(
+        run("report", *model, "--adapter", str(tmp_path), "--output", str(tmp_path / "r.html")),
+        "not an adapter folder",
+    )
+    assert_user_error(
+        run(
+            "report",
+            *model,
+            "--adapter",
+            str(adapter),
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "missing" / "r.html"),
+        ),
+        "does not exist",
+    )
+    assert_user_error(
+        run(
+            "report",
+            *model,
+            "--adapter",
+            str(adapter),
+            "--data",
+            str(data),
+            "--prompt",
+            " ",
+            "--output",
+            str(tmp_path / "r.html"),
+        ),
+        "empty",
+    )
+    assert not (tmp_path / "r.html").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []

@@ -165,4 +165,9 @@ def test_demo_runs_the_whole_guide(tmp_path):
         assert numbers["loss_after"] < numbers["loss_before"] - 0.5
         assert numbers["loss_after"] < numbers["base_loss"] - 0.5
     assert "trainable params: 4,608 || all params: 134,519,616" in proc.stdout
-    assert len(summary["completions"]) == 6
+    assert len(summary["completions"]) == 2
+    assert all(len(c["completions"]) == 3 for c in summary["completions"])
+    report = (tmp_path / "demo" / "report.html").read_text()
+    assert "report.html" in proc.stdout
+    assert report.count("data:image/png;base64,") == 3  # heatmap + two loss curves
+    assert "The base model's weights are unchanged by training" in report

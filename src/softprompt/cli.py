@@ -155,6 +155,69 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
     ev.add_argument("--json", action="store_true", help="print one JSON list of records")
     ev.set_defaults(func=cmd_eval)
+    cmp = sub.add_parser(
+        "compare",
+        help="base model vs adapters, side by side on the same prompts",
+        description="For each prompt, the base model's completion and each adapter's, all "
+        "rows of one prompt in one mixed batch.",
+    )
+    cmp.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    cmp.add_argument(
+        "--adapter", action="append", default=[], metavar="DIR", help="adapter folder (repeatable)"
+    )
+    _model_arg(cmp)
+    _generation_args(cmp)
+    cmp.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
+    style = cmp.add_mutually_exclusive_group()
+    style.add_argument("--json", action="store_true", help="print JSON")
+    style.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    cmp.set_defaults(func=cmd_compare)
+
+    ins = sub.add_parser(
+        "inspect",
+        help="nearest vocabulary tokens and norms of an adapter's virtual tokens",
+        description="Per virtual token: the nearest vocabulary tokens by cosine similarity "
+        "(Lester et al. 2021, section 7) and its norm against the vocabulary's norms.",
+    )
+    ins.add_argument("adapter", metavar="ADAPTER", help="adapter folder")
+    _model_arg(ins)
+    ins.add_argument("--top-k", type=int, default=5, help="default: %(default)s")
+    ins.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
+    ins.add_argument("--json", action="store_true", help="print JSON")
+    ins.set_defaults(func=cmd_inspect)
+
+    rep = sub.add_parser(
+        "report",
+        help="one self-contained HTML page of what tuning did",
+        description="Config, loss curves, the eval matrix (table and heatmap), before/after "
+        "generations, the inspect view and the base model's checksums, in one HTML file.",
+    )
+    rep.add_argument(
+        "--adapter",
+        action="append",
+        required=True,
+        metavar="DIR",
+        help="adapter folder (repeatable)",
+    )
+    rep.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        help="dataset (repeatable; default: each adapter's held-out data)",
+    )
+    rep.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        help="prompt (repeatable; default: the guide's two prompts)",
+    )
+    rep.add_argument("--output", required=True, help="HTML file to write")
+    _model_arg(rep)
+    _data_args(rep)
+    _generation_args(rep, max_new_tokens=40, repetition_penalty=1.5)
+    rep.add_argument("--max-length", type=int, default=64, help="default: %(default)s")
+    rep.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 
@@ -171,9 +234,15 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-samples", type=int, help="use at most this many texts")
 
 
-def _generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="default: %(default)s")
+def _generation_args(
+    p: argparse.ArgumentParser, max_new_tokens: int = 64, repetition_penalty: float = 1.0
+) -> None:
+    p.add_argument(
+        "--max-new-tokens", type=int, default=max_new_tokens, help="default: %(default)s"
+    )
+    p.add_argument(
+        "--repetition-penalty", type=float, default=repetition_penalty, help="default: %(default)s"
+    )
     p.add_argument(
         "--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)"
     )
@@ -272,21 +341,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             spm.base, config.virtual_tokens, config.init, config.init_text, config.seed
         )
     name = output.resolve().name
-    checksum = spm.base_checksum()
     if not args.json:
         print(
             f"training {name} on {args.data} ({len(texts)} texts, field {data.field!r}); "
             f"held out: {eval_source}"
         )
     result = train(spm, name, start, texts, eval_texts, config, progress=not args.json)
-    if spm.base_checksum() != checksum:
+    if result.base_checksum_after != result.base_checksum_before:
         raise AssertionError("training changed the base model's weights")
     extra = {
         "data": args.data,
         "text_field": data.field,
         "eval_data": eval_source,
         "max_samples": args.max_samples,
-        "base_checksum": checksum,
     }
     save_trained(spm, name, output, config, result, extra, overwrite=args.overwrite)
     summary = {
@@ -336,16 +403,22 @@ def _read_requests(path: str, names: list[str]) -> list[Any]:
     return requests
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import GenerateConfig, Request
+def _generate_config(args: argparse.Namespace) -> Any:
+    from .generate import GenerateConfig
 
-    config = GenerateConfig(
+    return GenerateConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import Request
+
+    config = _generate_config(args)
     if bool(args.prompt) == bool(args.requests):
         raise UserError("give --prompt (repeatable) or --requests FILE.jsonl, not both")
     _quiet()
@@ -408,6 +481,108 @@ def cmd_eval(args: argparse.Namespace) -> int:
             r.data, r.adapter or "base", f"{r.loss:.3f}", f"{r.perplexity:.1f}", str(r.tokens)
         )
     Console().print(table)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    config = _generate_config(args)
+    if not args.prompt:
+        raise UserError("give at least one --prompt")
+    if any(not p.strip() for p in args.prompt):
+        raise UserError("a --prompt is empty; give some text")
+    _quiet()
+    from .compare import compare, to_markdown
+
+    spm = _load_model(args.model)
+    names = _load_adapters(spm, args.adapter, args.allow_pickle)
+    comparisons = compare(spm, args.prompt, names, config)
+    if args.json:
+        print(json.dumps([c.as_dict() for c in comparisons]))
+    elif args.markdown:
+        print(to_markdown(comparisons))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console()
+        for c in comparisons:
+            table = Table(title=repr(c.prompt), title_justify="left", show_lines=True)
+            table.add_column("model", style="bold", no_wrap=True)
+            table.add_column("completion")
+            for adapter, completion in c.completions.items():
+                table.add_row(adapter or "base model", completion.strip())
+            console.print(table)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.top_k < 1:
+        raise UserError("--top-k must be at least 1")
+    from .prompt import load_adapter
+
+    adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
+    _quiet()
+    from .inspection import inspect_adapter
+
+    spm = _load_model(args.model)
+    spm.add_adapter(adapter)
+    view = inspect_adapter(spm, adapter, args.top_k)
+    if args.json:
+        print(json.dumps(view.as_dict()))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"{adapter.name}: vocabulary row norms mean {view.vocab_norm_mean:.2f}, "
+        f"std {view.vocab_norm_std:.2f}"
+    )
+    for column in ("#", "norm", "z", "pct", f"nearest {args.top_k} tokens (cosine)"):
+        table.add_column(column)
+    for t in view.tokens:
+        near = ", ".join(f"{n.token!r} {n.cosine:.2f}" for n in t.nearest)
+        table.add_row(
+            str(t.index), f"{t.norm:.2f}", f"{t.norm_z:+.1f}", f"{t.norm_percentile:.0f}", near
+        )
+    Console().print(table)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import check_writable
+
+    config = _generate_config(args)
+    output = Path(args.output)
+    check_writable(output)
+    if any(not p.strip() for p in args.prompt):
+        raise UserError("a --prompt is empty; give some text")
+    from .prompt import load_adapter
+
+    loaded = [load_adapter(folder, allow_pickle=args.allow_pickle) for folder in args.adapter]
+    _quiet()
+    from .data import load_texts
+    from .demo import GUIDE_PROMPTS
+    from .report import AdapterInfo, build_report, write_report
+
+    infos = [AdapterInfo.read(a.name, Path(f)) for a, f in zip(loaded, args.adapter, strict=True)]
+    sources = args.data or list(
+        dict.fromkeys(
+            i.training["eval_data"]
+            for i in infos
+            if isinstance(i.training.get("eval_data"), str)
+            and not i.training["eval_data"].endswith(")")
+        )
+    )
+    if not sources:
+        raise UserError("the adapters record no held-out data; give --data")
+    datasets = [load_texts(d, args.text_field, args.max_samples) for d in sources]
+    spm = _load_model(args.model)
+    _load_adapters(spm, args.adapter, args.allow_pickle)
+    html = build_report(
+        spm, infos, datasets, args.prompt or GUIDE_PROMPTS, config, max_length=args.max_length
+    )
+    write_report(html, output)
+    print(f"report written to {output} ({len(html) // 1024} KiB)")
     return 0
 
 

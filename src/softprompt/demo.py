@@ -9,16 +9,18 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from .compare import compare
 from .data import load_texts
 from .errors import UserError
-from .evaluate import evaluate
 from .generate import GenerateConfig, Request, generate
 from .models import load_base_model
 from .prompt import SoftPromptModel, init_prompt, load_adapter
+from .report import AdapterInfo, build_report, eval_matrix, write_report
 from .train import TrainConfig, save_trained, train, trainable_summary
 
 GUIDE_PROMPTS = [
@@ -76,8 +78,8 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
             f"{result.samples / result.seconds:.1f} samples/s"
         )
         results[name] = (data, result)
-    if spm.base_checksum() != checksum:
-        raise AssertionError("training changed the base model's weights")
+        if result.base_checksum_after != checksum:
+            raise AssertionError("training changed the base model's weights")
 
     console.rule("[bold]3. Load both adapters into one fresh base model")
     fresh = SoftPromptModel(load_base_model(model))
@@ -91,35 +93,35 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
     same = "unchanged" if fresh.base_checksum() == checksum else "CHANGED"
     console.print(f"base weights {same} (sha256 {checksum[:16]}...)")
 
-    console.rule("[bold]4. Base vs tuned, all rows in one mixed batch")
-    targets: list[str | None] = [None] + [name for name, _, _ in TASKS]
-    requests = [Request(p, a) for p in GUIDE_PROMPTS for a in targets]
-    answers = generate(fresh, requests, GENERATION, batch_size=len(requests))
-    for i, prompt in enumerate(GUIDE_PROMPTS):
-        table = Table(title=repr(prompt), show_lines=True, title_justify="left")
+    console.rule("[bold]4. Base vs tuned, the rows of each prompt in one mixed batch")
+    names = [name for name, _, _ in TASKS]
+    comparisons = compare(fresh, GUIDE_PROMPTS, names, GENERATION)
+    for c in comparisons:
+        table = Table(title=repr(c.prompt), show_lines=True, title_justify="left")
         table.add_column("model", style="bold", no_wrap=True)
         table.add_column("completion")
-        for j, target in enumerate(targets):
-            table.add_row(target or "base model", answers[i * len(targets) + j].strip())
+        for target, text in c.completions.items():
+            table.add_row(target or "base model", text.strip())
         console.print(table)
 
-    console.rule("[bold]5. Held-out loss, before -> after (nats/token, lower is better)")
+    console.rule("[bold]5. Held-out loss (nats/token, lower is better)")
+    held_out = [load_texts(data + ":heldout") for _, data, _ in TASKS]
+    max_length = max(config.max_length for _, _, config in TASKS)
+    matrix = eval_matrix(fresh, names, held_out, max_length)
     losses = Table()
     for column in ("adapter", "held-out data", "base model", "before training", "after", "tokens"):
         losses.add_column(column)
-    summary: dict[str, object] = {
+    summary: dict[str, Any] = {
         "base_model": base.name,
         "base_checksum": checksum,
         "base_unchanged": same == "unchanged",
         "adapters": {},
     }
-    for name, (data, result) in results.items():
-        held_out = load_texts(data + ":heldout")
-        max_length = next(config for task, _, config in TASKS if task == name).max_length
-        base_loss = evaluate(fresh, held_out.texts, None, max_length=max_length)
-        after = evaluate(fresh, held_out.texts, name, max_length=max_length)
-        summary["adapters"][name] = {  # type: ignore[index]
-            "heldout": held_out.source,
+    for k, name in enumerate(names):
+        result = results[name][1]
+        base_loss, after = matrix[0][k], matrix[k + 1][k]
+        summary["adapters"][name] = {
+            "heldout": held_out[k].source,
             "base_loss": base_loss.loss,
             "loss_before": result.loss_before,
             "loss_after": after.loss,
@@ -129,21 +131,39 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
         }
         losses.add_row(
             name,
-            held_out.source,
+            held_out[k].source,
             f"{base_loss.loss:.3f}",
             f"{result.loss_before:.3f}",
             f"[bold]{after.loss:.3f}[/bold]",
             str(after.tokens),
         )
     console.print(losses)
-    summary["completions"] = [
-        {"prompt": r.prompt, "adapter": r.adapter, "completion": a}
-        for r, a in zip(requests, answers, strict=True)
-    ]
+    console.print(
+        "(before training: the initial prompt rows, vocabulary samples; all columns "
+        "score the same tokens)"
+    )
+
+    console.rule("[bold]6. Report")
+    infos = [AdapterInfo.read(name, output / name) for name in names]
+    html = build_report(
+        fresh,
+        infos,
+        held_out,
+        GUIDE_PROMPTS,
+        GENERATION,
+        max_length=max_length,
+        matrix=matrix,
+        comparisons=comparisons,
+    )
+    write_report(html, output / "report.html")
+    console.print(f"report: {output / 'report.html'} (open it in a browser)")
+
+    summary["completions"] = [c.as_dict() for c in comparisons]
     summary["seconds"] = time.perf_counter() - started
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.print(
-        f"demo finished in {summary['seconds']:.0f} s; adapters and summary.json in {output}"
+        f"demo finished in {summary['seconds']:.0f} s; adapters, report.html and "
+        f"summary.json in {output}"
     )
 
 

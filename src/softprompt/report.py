@@ -1,45 +1,32 @@
-"""What an adapter folder carries for people: the loss plot and a short model card."""
+"""Pages for people: the model card in each adapter folder and the self-contained HTML report.
+
+The report puts side by side what tuning did: each adapter's config and loss curves, the loss
+matrix of base model and adapters on every dataset, generations before and after, the nearest
+vocabulary tokens of every virtual token, and checksums showing the base model is unchanged.
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from html import escape
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+from .errors import UserError
+from .plots import plot_heatmap, plot_losses, png_data_uri
+
 if TYPE_CHECKING:
+    from .compare import Comparison
+    from .data import Texts
+    from .evaluate import EvalResult
+    from .generate import GenerateConfig
+    from .prompt import SoftPromptModel
     from .train import TrainConfig, TrainResult
-
-
-def plot_losses(result: TrainResult, path: Path) -> None:
-    """Train loss per step and held-out loss per epoch (epoch 0: before training) to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps_per_epoch = max(1, sum(1 for s in result.steps if s["epoch"] == 1))
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    ax.plot(
-        [s["step"] for s in result.steps],
-        [s["loss"] for s in result.steps],
-        color="#9ab",
-        linewidth=1,
-        label="train loss (per step)",
-    )
-    ax.plot(
-        [e["epoch"] * steps_per_epoch for e in result.evals],
-        [e["loss"] for e in result.evals],
-        color="#c33",
-        marker="o",
-        label="held-out loss (per epoch)",
-    )
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.set_title(f"{result.name}: loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def write_model_card(
@@ -84,3 +71,261 @@ def write_model_card(
         "",
     ]
     path.write_text("\n".join(lines))
+
+
+@dataclass
+class AdapterInfo:
+    """What an adapter folder says about itself: config, training record, loss log."""
+
+    name: str
+    folder: Path
+    config: dict[str, Any]
+    training: dict[str, Any]
+    log: dict[str, Any]
+
+    @classmethod
+    def read(cls, name: str, folder: Path) -> AdapterInfo:
+        def load(file: str) -> dict[str, Any]:
+            path = folder / file
+            try:
+                value = json.loads(path.read_text()) if path.is_file() else {}
+            except (OSError, json.JSONDecodeError):
+                value = {}
+            return value if isinstance(value, dict) else {}
+
+        return cls(
+            name,
+            folder,
+            load("adapter_config.json"),
+            load("training_config.json"),
+            load("loss_log.json"),
+        )
+
+    def owns(self, data: str) -> bool:
+        """Whether ``data`` is this adapter's own domain (its training or held-out data)."""
+        from .data import heldout_source
+
+        own = {self.training.get("data"), self.training.get("eval_data")}
+        own.add(heldout_source(str(self.training.get("data") or "")))
+        return data in own - {None}
+
+
+def build_report(
+    spm: SoftPromptModel,
+    adapters: list[AdapterInfo],
+    datasets: list[Texts],
+    prompts: list[str],
+    config: GenerateConfig,
+    max_length: int = 64,
+    batch_size: int = 16,
+    matrix: list[list[EvalResult]] | None = None,
+    comparisons: list[Comparison] | None = None,
+) -> str:
+    """The whole report as one self-contained HTML page (images inlined as data URIs)."""
+    from .compare import compare
+    from .evaluate import evaluate
+    from .inspection import inspect_adapter
+
+    names = [a.name for a in adapters]
+    matrix = [
+        [evaluate(spm, d.texts, m, d.source, batch_size, max_length) for d in datasets]
+        for m in [None, *names]
+    ]
+    comparisons = compare(spm, prompts, names, config)
+    checksum = spm.base_checksum()
+    parts = [
+        _HEAD,
+        "<h1>softprompt report</h1>",
+        f"<p class=meta>Base model <code>{escape(spm.base.name)}</code>, "
+        f"{len(adapters)} adapter(s), {len(datasets)} dataset(s). Written "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.</p>",
+        _preservation(adapters, checksum, matrix[0]),
+        _eval_section(adapters, datasets, matrix),
+        _generations(comparisons),
+        "<h2>Adapters</h2>",
+    ]
+    for info in adapters:
+        parts.append(_adapter_section(spm, info, inspect_adapter(spm, spm.adapters[info.name])))
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def eval_matrix(
+    spm: SoftPromptModel,
+    names: list[str],
+    datasets: list[Texts],
+    max_length: int,
+    batch_size: int = 16,
+) -> list[list[EvalResult]]:
+    """Loss of the base model (first row) and each adapter on each dataset."""
+    from .evaluate import evaluate
+
+    return [
+        [evaluate(spm, d.texts, m, d.source, batch_size, max_length) for d in datasets]
+        for m in [None, *names]
+    ]
+
+
+def write_report(html: str, output: Path) -> None:
+    """Write ``html`` to ``output`` through a temporary file, so no half page is ever left."""
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(html, encoding="utf-8")
+        os.replace(tmp, output)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {output}: {exc.strerror or exc}") from exc
+
+
+def check_writable(output: Path) -> None:
+    """Fail before the slow work when ``output`` cannot be written."""
+    if output.is_dir():
+        raise UserError(f"{output} is a folder; give a file name such as report.html")
+    parent = output.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write {output}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {output}: folder {parent} is not writable")
+
+
+def _preservation(adapters: list[AdapterInfo], checksum: str, base_row: list[Any]) -> str:
+    rows = []
+    verdicts = []
+    for info in adapters:
+        before = info.log.get("base_checksum_before")
+        after = info.log.get("base_checksum_after")
+        if before and after:
+            same = before == after == checksum
+            verdicts.append(same)
+            verdict = "unchanged" if same else "DIFFERENT"
+        else:
+            verdict = "no training record (not trained by softprompt)"
+        rows.append(
+            f"<tr><td>{escape(info.name)}</td><td><code>{_short(before)}</code></td>"
+            f"<td><code>{_short(after)}</code></td><td>{verdict}</td></tr>"
+        )
+    summary = (
+        "The base model's weights are unchanged by training: their SHA-256 before and "
+        "after each training run equals that of the model loaded for this report."
+        if verdicts and all(verdicts)
+        else "Checksums below; compare them to judge whether the base model is unchanged."
+    )
+    base_losses = ", ".join(f"{escape(r.data)}: {r.loss:.3f}" for r in base_row)
+    return (
+        "<h2>Knowledge preservation</h2>"
+        f"<p>{summary} Base weights now: <code>{checksum}</code>.</p>"
+        "<table><tr><th>adapter</th><th>base sha256 before training</th>"
+        "<th>after training</th><th>verdict</th></tr>" + "".join(rows) + "</table>"
+        f"<p>The base model's own losses (first row of the matrix below) are "
+        f"measured with no prompt at all: {base_losses}.</p>"
+    )
+
+
+def _eval_section(
+    adapters: list[AdapterInfo], datasets: list[Texts], matrix: list[list[Any]]
+) -> str:
+    labels = ["base model"] + [a.name for a in adapters]
+    own = {
+        (i + 1, j)
+        for i, a in enumerate(adapters)
+        for j, d in enumerate(datasets)
+        if a.owns(d.source)
+    }
+    best = [min(row[j].loss for row in matrix) for j in range(len(datasets))]
+    head = "".join(f"<th>{escape(d.source)}</th>" for d in datasets)
+    body = []
+    for i, row in enumerate(matrix):
+        cells = []
+        for j, result in enumerate(row):
+            classes = " ".join(
+                c for c, on in [("own", (i, j) in own), ("best", result.loss == best[j])] if on
+            )
+            mark = " &#9733;" if (i, j) in own else ""
+            cells.append(
+                f'<td class="{classes}">{result.loss:.3f}{mark}'
+                f"<br><small>ppl {result.perplexity:.1f}</small></td>"
+            )
+        body.append(f"<tr><th>{escape(labels[i])}</th>{''.join(cells)}</tr>")
+    image = io.BytesIO()
+    plot_heatmap(
+        [[r.loss for r in row] for row in matrix], labels, [d.source for d in datasets], own, image
+    )
+    return (
+        "<h2>Evaluation: mean loss per token (lower is better)</h2>"
+        "<p>&#9733; marks an adapter on its own domain; bold is the lowest loss in a column. "
+        f"Tokens scored per dataset: {', '.join(str(r.tokens) for r in matrix[0])}.</p>"
+        f"<table class=matrix><tr><th>model</th>{head}</tr>{''.join(body)}</table>"
+        f'<img alt="loss heatmap" src="{png_data_uri(image)}">'
+    )
+
+
+def _generations(comparisons: list[Any]) -> str:
+    parts = ["<h2>Before / after: generations</h2>"]
+    for c in comparisons:
+        rows = "".join(
+            f"<tr><th>{escape(a or 'base model')}</th><td>{escape(text.strip()) or '(empty)'}"
+            f"</td></tr>"
+            for a, text in c.completions.items()
+        )
+        parts.append(f"<h3>{escape(c.prompt)}</h3><table class=gen>{rows}</table>")
+    return "".join(parts)
+
+
+def _adapter_section(spm: SoftPromptModel, info: AdapterInfo, view: Any) -> str:
+    config = info.config
+    trainable = info.log.get("trainable_params") or int(spm.adapters[info.name].weights.numel())
+    prompt_rows = {id(p) for p in spm.embedding.prompt_tables}
+    base_params = sum(p.numel() for p in spm.model.parameters() if id(p) not in prompt_rows)
+    total = info.log.get("total_params") or base_params + trainable
+    facts = [
+        ("folder", str(info.folder)),
+        ("type", f"{config.get('peft_type')} / {config.get('task_type')}"),
+        ("virtual tokens", str(config.get("num_virtual_tokens"))),
+        ("token dim", str(config.get("token_dim"))),
+        ("trainable params", f"{trainable:,d} of {total:,d} ({100 * trainable / total:.4f}%)"),
+        ("made for", str(config.get("base_model_name_or_path"))),
+    ]
+    for key in ("data", "eval_data", "init", "epochs", "lr", "batch_size", "max_length", "seed"):
+        if key in info.training:
+            facts.append((key.replace("_", " "), str(info.training[key])))
+    table = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in facts)
+    curve = "<p>No loss log in this folder (not trained by softprompt).</p>"
+    if info.log.get("steps") and info.log.get("evals"):
+        image = io.BytesIO()
+        plot_losses(
+            SimpleNamespace(name=info.name, steps=info.log["steps"], evals=info.log["evals"]), image
+        )
+        curve = f'<img alt="loss curve of {escape(info.name)}" src="{png_data_uri(image)}">'
+    rows = "".join(
+        f"<tr><td>{t.index}</td><td>{t.norm:.2f}</td><td>{t.norm_z:+.1f}</td>"
+        f"<td>{t.norm_percentile:.0f}</td><td>"
+        + ", ".join(f"<code>{escape(repr(n.token))}</code> {n.cosine:.2f}" for n in t.nearest)
+        + "</td></tr>"
+        for t in view.tokens
+    )
+    return (
+        f"<h3>{escape(info.name)}</h3><div class=pair><table>{table}</table>{curve}</div>"
+        f"<h4>Inspect: nearest vocabulary tokens (cosine) per virtual token</h4>"
+        f"<p>Vocabulary row norms: mean {view.vocab_norm_mean:.2f}, "
+        f"std {view.vocab_norm_std:.2f}.</p>"
+        "<table class=inspect><tr><th>#</th><th>norm</th><th>z</th><th>percentile</th>"
+        f"<th>nearest tokens</th></tr>{rows}</table>"
+    )
+
+
+def _short(value: Any) -> str:
+    return escape(str(value)[:16] + "...") if value else "-"
+
+
+_HEAD = """<!doctype html><html lang=en><head><meta charset=utf-8>
+<meta name=viewport content="width=device-width, initial-scale=1">
+<title>softprompt report</title><style>
+body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+.meta{color:#666}table{border-collapse:collapse;margin:.6em 0}
+th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f6f6f6}td.own{outline:2px solid #222;outline-offset:-2px}td.best{font-weight:bold}
+.matrix td{text-align:right}.gen td{max-width:780px}img{max-width:100%}
+.pair{display:flex;gap:1.5em;flex-wrap:wrap;align-items:flex-start}
+code{background:#f3f3f3;padding:0 .2em;border-radius:3px}
+</style></head><body>"""

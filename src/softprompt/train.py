@@ -79,6 +79,9 @@ class TrainResult:
     samples: int = 0
     trainable_params: int = 0
     total_params: int = 0
+    base_checksum_before: str = ""
+    """SHA-256 of the base weights before and after training: equal, or training is broken."""
+    base_checksum_after: str = ""
 
     @property
     def loss_before(self) -> float:
@@ -130,6 +133,7 @@ def train(
         )
         result.evals.append({"epoch": epoch, "loss": res.loss, "tokens": res.tokens})
 
+    result.base_checksum_before = spm.base_checksum()
     held_out(0)
     start = time.perf_counter()
     bar = tqdm(
@@ -158,6 +162,7 @@ def train(
     bar.close()
     result.seconds = time.perf_counter() - start
     param.requires_grad_(False)
+    result.base_checksum_after = spm.base_checksum()
     return result
 
 
@@ -223,12 +228,17 @@ def save_trained(
                     "evals": result.evals,
                     "seconds": result.seconds,
                     "samples": result.samples,
+                    "trainable_params": result.trainable_params,
+                    "total_params": result.total_params,
+                    "base_checksum_before": result.base_checksum_before,
+                    "base_checksum_after": result.base_checksum_after,
                 },
                 indent=2,
             )
             + "\n"
         )
-        from .report import plot_losses, write_model_card
+        from .plots import plot_losses
+        from .report import write_model_card
 
         plot_losses(result, tmp / "loss.png")
         write_model_card(tmp / "README.md", name, spm.base.name, config, result, extra or {})

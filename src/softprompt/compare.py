@@ -1,0 +1,65 @@
+"""Base model and adapters side by side on the same prompts, for people and programs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UserError
+from .generate import GenerateConfig, Request, generate
+from .prompt import SoftPromptModel
+
+
+@dataclass
+class Comparison:
+    """One prompt and each model's completion of it; model None is the base model."""
+
+    prompt: str
+    completions: dict[str | None, str]
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "prompt": self.prompt,
+            "completions": [{"adapter": a, "completion": c} for a, c in self.completions.items()],
+        }
+
+
+def compare(
+    spm: SoftPromptModel,
+    prompts: list[str],
+    adapters: list[str],
+    config: GenerateConfig,
+) -> list[Comparison]:
+    """Complete every prompt with the base model and each adapter.
+
+    All rows of one prompt (base + adapters) go through the model in one mixed batch.
+
+    Raises:
+        UserError: no prompts, or an empty prompt.
+    """
+    if not prompts:
+        raise UserError("give at least one --prompt")
+    if any(not p.strip() for p in prompts):
+        raise UserError("a --prompt is empty; give some text")
+    targets: list[str | None] = [None, *adapters]
+    results = []
+    for prompt in prompts:
+        outputs = generate(spm, [Request(prompt, t) for t in targets], config, len(targets))
+        results.append(Comparison(prompt, dict(zip(targets, outputs, strict=True))))
+    return results
+
+
+def to_markdown(comparisons: list[Comparison]) -> str:
+    """A Markdown table per prompt, ready to paste into a model card."""
+    out = []
+    for c in comparisons:
+        out.append(f"**Prompt:** {_cell(c.prompt)}\n")
+        out.append("| model | completion |")
+        out.append("|---|---|")
+        for adapter, completion in c.completions.items():
+            out.append(f"| {adapter or 'base model'} | {_cell(completion)} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _cell(text: str) -> str:
+    return text.strip().replace("|", "\\|").replace("\n", "<br>") or "(empty)"

@@ -1,0 +1,75 @@
+"""What a soft prompt's rows look like next to the vocabulary (Lester et al. 2021, section 7).
+
+For each virtual token: the nearest vocabulary tokens by cosine similarity, and its norm placed
+in the distribution of the vocabulary's row norms (a row far outside it is one the model has
+never seen the like of, as with PEFT's unscaled RANDOM init).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .prompt import Adapter, SoftPromptModel
+
+
+@dataclass
+class Neighbour:
+    token: str
+    id: int
+    cosine: float
+
+
+@dataclass
+class VirtualToken:
+    index: int
+    norm: float
+    norm_z: float
+    """(norm - mean vocabulary norm) / its standard deviation."""
+    norm_percentile: float
+    """Share of vocabulary rows with a smaller norm, in percent."""
+    nearest: list[Neighbour]
+
+
+@dataclass
+class Inspection:
+    adapter: str
+    vocab_norm_mean: float
+    vocab_norm_std: float
+    tokens: list[VirtualToken]
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def inspect_adapter(spm: SoftPromptModel, adapter: Adapter, top_k: int = 5) -> Inspection:
+    """Nearest vocabulary tokens and norm statistics for every row of ``adapter``."""
+    vocab = spm.embedding.base.weight.detach().float()  # (V, D)
+    rows = adapter.weights.detach().float()  # (n, D)
+    vocab_norms = vocab.norm(dim=1)  # (V,)
+    mean, std = float(vocab_norms.mean()), float(vocab_norms.std())
+    cosine = (
+        torch.nn.functional.normalize(rows, dim=1) @ torch.nn.functional.normalize(vocab, dim=1).T
+    )  # (n, V)
+    best = cosine.topk(min(top_k, vocab.shape[0]), dim=1)
+    sorted_norms = vocab_norms.sort().values
+    tokens = []
+    for i, row in enumerate(rows):
+        norm = float(row.norm())
+        below = int(torch.searchsorted(sorted_norms, torch.tensor(norm)))
+        nearest = [
+            Neighbour(token=str(spm.tokenizer.decode([int(t)])), id=int(t), cosine=float(c))
+            for c, t in zip(best.values[i], best.indices[i], strict=True)
+        ]
+        tokens.append(
+            VirtualToken(
+                index=i,
+                norm=norm,
+                norm_z=(norm - mean) / std if std > 0 else 0.0,
+                norm_percentile=100.0 * below / len(sorted_norms),
+                nearest=nearest,
+            )
+        )
+    return Inspection(adapter.name, mean, std, tokens)

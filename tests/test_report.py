@@ -1,0 +1,159 @@
+"""compare, inspect and the HTML report on the tiny model; the page checked in real Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from softprompt.compare import compare, to_markdown
+from softprompt.data import Texts
+from softprompt.errors import UserError
+from softprompt.generate import GenerateConfig
+from softprompt.inspection import inspect_adapter
+from softprompt.prompt import Adapter, init_prompt, load_adapter
+from softprompt.report import AdapterInfo, build_report, check_writable, write_report
+from softprompt.train import TrainConfig, save_trained, train
+
+KIND = ["be kind every day", "be kind and brave", "kind hope every day"] * 3
+RIVER = ["the river and the mountain", "light on the river", "the mountain river"] * 3
+
+
+@pytest.fixture()
+def two_adapters(spm, tmp_path):
+    folders = []
+    for name, texts in [("kind", KIND), ("river", RIVER)]:
+        config = TrainConfig(virtual_tokens=3, epochs=3, lr=0.1, batch_size=4)
+        result = train(
+            spm, name, init_prompt(spm.base, 3), texts, texts[:3], config, progress=False
+        )
+        folders.append(
+            save_trained(
+                spm,
+                name,
+                tmp_path / name,
+                config,
+                result,
+                {"data": f"{name}.jsonl", "eval_data": f"{name}-held"},
+            )
+        )
+    return spm, folders
+
+
+def test_compare_runs_each_prompt_on_base_and_adapters(two_adapters):
+    spm, _ = two_adapters
+    result = compare(
+        spm, ["be kind", "the river"], ["kind", "river"], GenerateConfig(max_new_tokens=6)
+    )
+    assert [c.prompt for c in result] == ["be kind", "the river"]
+    assert list(result[0].completions) == [None, "kind", "river"]
+    markdown = to_markdown(result)
+    assert markdown.count("| base model |") == 2 and "| kind |" in markdown
+    with pytest.raises(UserError):
+        compare(spm, [], ["kind"], GenerateConfig())
+    with pytest.raises(UserError):
+        compare(spm, ["  "], ["kind"], GenerateConfig())
+
+
+def test_inspect_finds_the_rows_own_tokens(spm):
+    ids = spm.tokenizer("river mountain hope")["input_ids"]
+    rows = spm.embedding.base.weight[torch.tensor(ids)].detach().clone()
+    view = inspect_adapter(spm, Adapter("copy", rows), top_k=5)
+    assert [t.nearest[0].id for t in view.tokens] == ids
+    assert all(t.nearest[0].cosine == pytest.approx(1.0, abs=1e-5) for t in view.tokens)
+    assert all(len(t.nearest) == 5 for t in view.tokens)
+    big = inspect_adapter(spm, Adapter("big", rows * 100), top_k=1)
+    assert all(t.norm_percentile == 100 and t.norm_z > 3 for t in big.tokens)
+
+
+def _report(two_adapters, tmp_path) -> Path:
+    spm, folders = two_adapters
+    infos = [AdapterInfo.read(f.name, f) for f in folders]
+    datasets = [Texts("kind-held", KIND[:3], "text"), Texts("river-held", RIVER[:3], "text")]
+    html = build_report(
+        spm, infos, datasets, ["be kind", "the river"], GenerateConfig(max_new_tokens=6)
+    )
+    output = tmp_path / "report.html"
+    write_report(html, output)
+    return output
+
+
+def test_report_content(two_adapters, tmp_path):
+    html = _report(two_adapters, tmp_path).read_text()
+    assert html.count("data:image/png;base64,") == 3  # heatmap + two loss curves
+    assert 'src="http' not in html and 'href="http' not in html  # self-contained
+    assert html.count(" &#9733;<br>") == 2  # each adapter's own-domain cell, marked once
+    assert "unchanged" in html and two_adapters[0].base_checksum() in html
+    assert "trainable params" in html and "nearest tokens" in html
+
+
+def test_report_output_checks(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        check_writable(tmp_path / "nope" / "r.html")
+    with pytest.raises(UserError, match="is a folder"):
+        check_writable(tmp_path)
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (CI installs it in .ci/run)")
+        pytest.skip("chromium is not installed: apt-get install chromium")
+    return path
+
+
+def test_report_renders_in_chromium(two_adapters, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    page_path = _report(two_adapters, tmp_path)
+    shot = tmp_path / "report.png"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=_chromium(),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(page_path.as_uri())
+        page.wait_for_load_state("load")
+        facts = page.evaluate("""() => ({
+            tables: document.querySelectorAll('table').length,
+            matrixRows: document.querySelectorAll('table.matrix tr').length,
+            images: [...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight]),
+            headings: [...document.querySelectorAll('h2')].map(h => h.textContent),
+            height: document.body.scrollHeight,
+        })""")
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert facts["matrixRows"] == 4  # header + base + two adapters
+    assert facts["tables"] >= 7
+    assert len(facts["images"]) == 3
+    assert all(done and w > 200 and h > 100 for done, w, h in facts["images"])
+    assert facts["headings"][:3] == [
+        "Knowledge preservation",
+        "Evaluation: mean loss per token (lower is better)",
+        "Before / after: generations",
+    ]
+    assert shot.read_bytes()[:4] == b"\x89PNG" and facts["height"] > 1500
+    # A real screenshot of the whole page: tall enough to hold every section.
+    from PIL import Image
+
+    assert Image.open(shot).size[1] >= facts["height"] * 0.9
+
+
+def test_loss_log_records_base_checksums(two_adapters):
+    spm, folders = two_adapters
+    log = json.loads((folders[0] / "loss_log.json").read_text())
+    assert log["base_checksum_before"] == log["base_checksum_after"] == spm.base_checksum()
+    assert load_adapter(folders[0]).num_virtual_tokens == 3
