@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +12,15 @@ import pytest
 import torch
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "softprompt.cli", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
+        env=env,
         timeout=300,
     )
 
@@ -316,3 +320,15 @@ def test_compare_inspect_report_bad_inputs(trained, tiny_model_dir, tmp_path):
     )
     assert not (tmp_path / "r.html").exists()
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_unreachable_hub_fails_at_once_with_one_line(tmp_path):
+    # Not offline by configuration: the CLI must notice the Hub is unreachable by itself
+    # (here an endpoint nobody listens on) instead of retrying each request for a minute.
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    env["HF_HOME"] = str(tmp_path / "hf")
+    proc = run("eval", "--model", "nobody-here/no-such-model", "--data", "examples:quotes", env=env)
+    assert_user_error(proc, "cannot load model", "not reachable")
+    proc = run("eval", "--data", "nobody-here/no-such-dataset", env=env)
+    assert_user_error(proc, "cannot load dataset", "not reachable")

@@ -25,6 +25,10 @@ EPILOG = """examples:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if _needs_hub(args):
+        from .hub import go_offline_if_unreachable
+
+        go_offline_if_unreachable()
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
@@ -33,6 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("softprompt: interrupted", file=sys.stderr)
         return 130
+
+
+def _needs_hub(args: argparse.Namespace) -> bool:
+    """Whether a --model or --data names something that is neither local nor bundled."""
+    data = getattr(args, "data", None) or []
+    refs = [getattr(args, "model", None), getattr(args, "eval_data", None)]
+    refs += data if isinstance(data, list) else [data]
+    return any(ref and not ref.startswith("examples:") and not Path(ref).exists() for ref in refs)
 
 
 def build_parser() -> argparse.ArgumentParser:

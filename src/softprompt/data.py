@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .hub import unreachable_note
 
 EXAMPLE_PREFIX = "examples:"
 # name -> (file stem, text field)
@@ -126,7 +127,7 @@ def _dataset_columns(source: str) -> dict[str, list[Any]]:
         raise
     except Exception as exc:  # datasets raises many types for unreachable or malformed data
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load dataset {source!r}: {message}") from exc
+        raise UserError(f"cannot load dataset {source!r}: {message}{unreachable_note()}") from exc
     if isinstance(loaded, datasets.DatasetDict):
         split = "train" if "train" in loaded else next(iter(loaded))
         loaded = loaded[split]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
+from .hub import unreachable_note
 
 if TYPE_CHECKING:
     import torch
@@ -117,7 +118,7 @@ def load_base_model(name: str | None = None, dtype: torch.dtype | None = None) -
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load model {name!r}: {first}") from exc
+        raise UserError(f"cannot load model {name!r}: {first}{unreachable_note()}") from exc
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
