@@ -1,0 +1,351 @@
+"""What each ``softprompt`` command does: turn parsed arguments into library calls and print.
+
+Heavy imports (torch, transformers) happen inside the functions, so ``softprompt --help``
+answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+def _quiet() -> None:
+    """Silence library chatter that is not ours (weight-loading bars, deprecation notes)."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _load_model(name: str | None) -> Any:
+    from .models import load_base_model
+    from .prompt import SoftPromptModel
+
+    return SoftPromptModel(load_base_model(name))
+
+
+def _load_adapters(spm: Any, folders: list[str], allow_pickle: bool) -> list[str]:
+    """Load adapter folders into ``spm``; returns their names (folder names)."""
+    from .prompt import load_adapter
+
+    names = []
+    for folder in folders:
+        adapter = load_adapter(folder, allow_pickle=allow_pickle)
+        if adapter.name in names:
+            raise UserError(f"two adapters are named {adapter.name!r}; give them distinct folders")
+        made_for = adapter.config.get("base_model_name_or_path")
+        if made_for and made_for != spm.base.name:
+            print(
+                f"softprompt: note: {adapter.name} was trained on {made_for}, "
+                f"loading it on {spm.base.name}",
+                file=sys.stderr,
+            )
+        spm.add_adapter(adapter)
+        names.append(adapter.name)
+    return names
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _quiet()
+    from .demo import run_demo
+
+    run_demo(Path(args.output), model=args.model)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig
+
+    config = TrainConfig(
+        virtual_tokens=args.virtual_tokens,
+        init=args.init,
+        init_text=args.init_text,
+        init_from=args.init_from,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise UserError(f"{output} already exists and is not empty; pass --overwrite to replace it")
+    _quiet()
+    from .data import heldout_source, load_texts, split_heldout
+    from .prompt import init_prompt, load_adapter
+    from .train import save_trained, train, trainable_summary
+
+    data = load_texts(args.data, args.text_field, args.max_samples)
+    eval_source = args.eval_data or heldout_source(args.data)
+    if eval_source:
+        texts = data.texts
+        eval_texts = load_texts(eval_source, args.text_field).texts
+    else:
+        texts, eval_texts = split_heldout(data.texts, config.heldout_fraction, config.seed)
+        eval_source = f"{args.data} (held-out {len(eval_texts)} of {len(data.texts)})"
+    spm = _load_model(args.model)
+    if config.init == "file":
+        start = load_adapter(config.init_from or "", allow_pickle=args.allow_pickle).weights
+        config.virtual_tokens = start.shape[0]
+        if start.shape[1] != spm.hidden_size:
+            raise UserError(
+                f"--init-from adapter has token_dim {start.shape[1]}, the model "
+                f"has {spm.hidden_size}"
+            )
+    else:
+        start = init_prompt(
+            spm.base, config.virtual_tokens, config.init, config.init_text, config.seed
+        )
+    name = output.resolve().name
+    if not args.json:
+        print(
+            f"training {name} on {args.data} ({len(texts)} texts, field {data.field!r}); "
+            f"held out: {eval_source}"
+        )
+    result = train(spm, name, start, texts, eval_texts, config, progress=not args.json)
+    if result.base_checksum_after != result.base_checksum_before:
+        raise AssertionError("training changed the base model's weights")
+    extra = {
+        "data": args.data,
+        "text_field": data.field,
+        "eval_data": eval_source,
+        "max_samples": args.max_samples,
+    }
+    save_trained(spm, name, output, config, result, extra, overwrite=args.overwrite)
+    summary = {
+        "adapter": str(output),
+        "trainable_params": result.trainable_params,
+        "total_params": result.total_params,
+        "heldout_loss_before": result.loss_before,
+        "heldout_loss_after": result.loss_after,
+        "seconds": result.seconds,
+        "samples_per_second": result.samples / max(result.seconds, 1e-9),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(trainable_summary(result.trainable_params, result.total_params))
+        print(
+            f"held-out loss {result.loss_before:.3f} -> {result.loss_after:.3f}; "
+            f"{result.seconds:.0f} s; saved to {output} (loss plot: {output / 'loss.png'})"
+        )
+    return 0
+
+
+def _read_requests(path: str, names: list[str]) -> list[Any]:
+    from .generate import Request
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    requests = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise UserError(f'{path}:{number}: expected {{"prompt": "...", "adapter": ...}}')
+        adapter = item.get("adapter")
+        if adapter is not None and adapter not in names:
+            known = ", ".join(names) or "none loaded; pass --adapter DIR"
+            raise UserError(f"{path}:{number}: unknown adapter {adapter!r} (adapters: {known})")
+        requests.append(Request(prompt=item["prompt"], adapter=adapter))
+    if not requests:
+        raise UserError(f"{path} has no requests")
+    return requests
+
+
+def _generate_config(args: argparse.Namespace) -> Any:
+    from .generate import GenerateConfig
+
+    return GenerateConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import Request
+
+    config = _generate_config(args)
+    if bool(args.prompt) == bool(args.requests):
+        raise UserError("give --prompt (repeatable) or --requests FILE.jsonl, not both")
+    _quiet()
+    from .generate import generate
+
+    spm = _load_model(args.model)
+    names = _load_adapters(spm, args.adapter, args.allow_pickle)
+    if args.requests:
+        requests = _read_requests(args.requests, names)
+    else:
+        targets: list[str | None] = ([None] if args.with_base or not names else []) + names
+        requests = [Request(p, a) for p in args.prompt for a in targets]
+    completions = generate(
+        spm,
+        requests,
+        config,
+        batch_size=args.batch_size,
+        progress=not args.json and len(requests) > args.batch_size,
+    )
+    for request, completion in zip(requests, completions, strict=True):
+        if args.json:
+            print(
+                json.dumps(
+                    {"prompt": request.prompt, "adapter": request.adapter, "completion": completion}
+                )
+            )
+        else:
+            print(f"[{request.adapter or 'base'}] {request.prompt}{completion}\n")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _quiet()
+    from .data import load_texts
+    from .evaluate import evaluate
+
+    if args.batch_size < 1 or args.max_length < 2:
+        raise UserError("--batch-size must be at least 1 and --max-length at least 2")
+    datasets = [load_texts(d, args.text_field, args.max_samples) for d in args.data]
+    spm = _load_model(args.model)
+    names = _load_adapters(spm, args.adapter, args.allow_pickle)
+    results = [
+        evaluate(spm, d.texts, a, d.source, args.batch_size, args.max_length)
+        for d in datasets
+        for a in [None, *names]
+    ]
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results]))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="mean loss per token (lower is better)")
+    for column in ("data", "model", "loss", "perplexity", "tokens"):
+        table.add_column(
+            column, justify="right" if column in ("loss", "perplexity", "tokens") else "left"
+        )
+    for r in results:
+        table.add_row(
+            r.data, r.adapter or "base", f"{r.loss:.3f}", f"{r.perplexity:.1f}", str(r.tokens)
+        )
+    Console().print(table)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    config = _generate_config(args)
+    if not args.prompt:
+        raise UserError("give at least one --prompt")
+    if any(not p.strip() for p in args.prompt):
+        raise UserError("a --prompt is empty; give some text")
+    _quiet()
+    from .compare import compare, to_markdown
+
+    spm = _load_model(args.model)
+    names = _load_adapters(spm, args.adapter, args.allow_pickle)
+    comparisons = compare(spm, args.prompt, names, config)
+    if args.json:
+        print(json.dumps([c.as_dict() for c in comparisons]))
+    elif args.markdown:
+        print(to_markdown(comparisons))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console()
+        for c in comparisons:
+            table = Table(title=repr(c.prompt), title_justify="left", show_lines=True)
+            table.add_column("model", style="bold", no_wrap=True)
+            table.add_column("completion")
+            for adapter, completion in c.completions.items():
+                table.add_row(adapter or "base model", completion.strip())
+            console.print(table)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.top_k < 1:
+        raise UserError("--top-k must be at least 1")
+    from .prompt import load_adapter
+
+    adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
+    _quiet()
+    from .inspection import inspect_adapter
+
+    spm = _load_model(args.model)
+    spm.add_adapter(adapter)
+    view = inspect_adapter(spm, adapter, args.top_k)
+    if args.json:
+        print(json.dumps(view.as_dict()))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"{adapter.name}: vocabulary row norms mean {view.vocab_norm_mean:.2f}, "
+        f"std {view.vocab_norm_std:.2f}"
+    )
+    for column in ("#", "norm", "z", "pct", f"nearest {args.top_k} tokens (cosine)"):
+        table.add_column(column)
+    for t in view.tokens:
+        near = ", ".join(f"{n.token!r} {n.cosine:.2f}" for n in t.nearest)
+        table.add_row(
+            str(t.index), f"{t.norm:.2f}", f"{t.norm_z:+.1f}", f"{t.norm_percentile:.0f}", near
+        )
+    Console().print(table)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import check_writable
+
+    config = _generate_config(args)
+    output = Path(args.output)
+    check_writable(output)
+    if any(not p.strip() for p in args.prompt):
+        raise UserError("a --prompt is empty; give some text")
+    from .prompt import load_adapter
+
+    loaded = [load_adapter(folder, allow_pickle=args.allow_pickle) for folder in args.adapter]
+    _quiet()
+    from .data import load_texts
+    from .demo import GUIDE_PROMPTS
+    from .report import AdapterInfo, build_report, write_report
+
+    infos = [AdapterInfo.read(a.name, Path(f)) for a, f in zip(loaded, args.adapter, strict=True)]
+    sources = args.data or list(
+        dict.fromkeys(
+            i.training["eval_data"]
+            for i in infos
+            if isinstance(i.training.get("eval_data"), str)
+            and not i.training["eval_data"].endswith(")")
+        )
+    )
+    if not sources:
+        raise UserError("the adapters record no held-out data; give --data")
+    datasets = [load_texts(d, args.text_field, args.max_samples) for d in sources]
+    spm = _load_model(args.model)
+    _load_adapters(spm, args.adapter, args.allow_pickle)
+    html = build_report(
+        spm, infos, datasets, args.prompt or GUIDE_PROMPTS, config, max_length=args.max_length
+    )
+    write_report(html, output)
+    print(f"report written to {output} ({len(html) // 1024} KiB)")
+    return 0
