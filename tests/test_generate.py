@@ -84,11 +84,24 @@ def test_repetition_penalty_discourages_repeats(spm):
     assert plain != penalised
 
 
+def test_tiny_top_p_samples_the_greedy_token(spm):
+    _with_adapters(spm)
+    greedy = generate(spm, _requests(), GenerateConfig(max_new_tokens=8))
+    nucleus = generate(
+        spm, _requests(), GenerateConfig(max_new_tokens=8, temperature=1.5, top_p=1e-6, seed=3)
+    )
+    assert nucleus == greedy
+
+
 def test_sampling_is_seeded(spm):
     _with_adapters(spm)
     config = GenerateConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
     first = generate(spm, _requests()[:6], config)
     assert first == generate(spm, _requests()[:6], config)
+    other = generate(
+        spm, _requests()[:6], GenerateConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=8)
+    )
+    assert other != first
 
 
 @pytest.mark.parametrize(

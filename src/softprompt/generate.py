@@ -158,13 +158,12 @@ def _pick(
         logits = torch.where(seen, penalised, logits)
     if config.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / config.temperature
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    # These warpers only read the scores; the ids argument is unused, so none are passed.
+    no_ids = torch.empty(0, dtype=torch.long)
+    logits = TemperatureLogitsWarper(config.temperature)(no_ids, logits)
     if config.top_p < 1:
-        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already reach top_p; the first always stays.
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= config.top_p
-        drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = TopPLogitsWarper(config.top_p)(no_ids, logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
