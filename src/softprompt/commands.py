@@ -256,7 +256,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if any(not p.strip() for p in args.prompt):
         raise UserError("a --prompt is empty; give some text")
     _quiet()
-    from .compare import compare, to_markdown
+    from .compare import compare, print_tables, to_markdown
 
     spm = _load_model(args.model)
     names = _load_adapters(spm, args.adapter, args.allow_pickle)
@@ -267,16 +267,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(to_markdown(comparisons))
     else:
         from rich.console import Console
-        from rich.table import Table
 
-        console = Console()
-        for c in comparisons:
-            table = Table(title=repr(c.prompt), title_justify="left", show_lines=True)
-            table.add_column("model", style="bold", no_wrap=True)
-            table.add_column("completion")
-            for adapter, completion in c.completions.items():
-                table.add_row(adapter or "base model", completion.strip())
-            console.print(table)
+        print_tables(comparisons, Console())
     return 0
 
 

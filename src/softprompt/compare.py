@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .generate import GenerateConfig, Request, generate
 from .prompt import SoftPromptModel
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 @dataclass
@@ -59,6 +63,19 @@ def to_markdown(comparisons: list[Comparison]) -> str:
             out.append(f"| {adapter or 'base model'} | {_cell(completion)} |")
         out.append("")
     return "\n".join(out)
+
+
+def print_tables(comparisons: list[Comparison], console: Console) -> None:
+    """One terminal table per prompt: a row per model with its completion."""
+    from rich.table import Table
+
+    for c in comparisons:
+        table = Table(title=repr(c.prompt), title_justify="left", show_lines=True)
+        table.add_column("model", style="bold", no_wrap=True)
+        table.add_column("completion")
+        for adapter, completion in c.completions.items():
+            table.add_row(adapter or "base model", completion.strip())
+        console.print(table)
 
 
 def _cell(text: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .compare import compare
+from .compare import compare, print_tables
 from .data import load_texts
 from .errors import UserError
 from .generate import GenerateConfig, Request, generate
@@ -96,13 +96,7 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
     console.rule("[bold]4. Base vs tuned, the rows of each prompt in one mixed batch")
     names = [name for name, _, _ in TASKS]
     comparisons = compare(fresh, GUIDE_PROMPTS, names, GENERATION)
-    for c in comparisons:
-        table = Table(title=repr(c.prompt), show_lines=True, title_justify="left")
-        table.add_column("model", style="bold", no_wrap=True)
-        table.add_column("completion")
-        for target, text in c.completions.items():
-            table.add_row(target or "base model", text.strip())
-        console.print(table)
+    print_tables(comparisons, console)
 
     console.rule("[bold]5. Held-out loss (nats/token, lower is better)")
     held_out = [load_texts(data + ":heldout") for _, data, _ in TASKS]
