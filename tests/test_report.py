@@ -157,3 +157,23 @@ def test_loss_log_records_base_checksums(two_adapters):
     log = json.loads((folders[0] / "loss_log.json").read_text())
     assert log["base_checksum_before"] == log["base_checksum_after"] == spm.base_checksum()
     assert load_adapter(folders[0]).num_virtual_tokens == 3
+
+
+def test_report_reuses_given_results(two_adapters, monkeypatch):
+    spm, folders = two_adapters
+    infos = [AdapterInfo.read(f.name, f) for f in folders]
+    datasets = [Texts("kind-held", KIND[:3], "text")]
+    from softprompt.report import eval_matrix
+
+    matrix = eval_matrix(spm, ["kind", "river"], datasets, 64)
+    comparisons = compare(spm, ["be kind"], ["kind", "river"], GenerateConfig(max_new_tokens=3))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("recomputed what was passed in")
+
+    monkeypatch.setattr("softprompt.report.eval_matrix", forbidden)
+    monkeypatch.setattr("softprompt.compare.compare", forbidden)
+    html = build_report(
+        spm, infos, datasets, ["be kind"], GenerateConfig(), matrix=matrix, comparisons=comparisons
+    )
+    assert f"{matrix[1][0].loss:.3f}" in html

@@ -30,7 +30,7 @@ GUIDE_PROMPTS = [
 # (adapter name, bundled data, training budget sized to keep the demo within 5 minutes on 2 cores)
 TASKS = [
     ("role-prompts", "examples:role-prompts", TrainConfig(epochs=2, lr=6e-2, max_length=56)),
-    ("quotes", "examples:quotes", TrainConfig(epochs=3)),
+    ("quotes", "examples:quotes", TrainConfig(epochs=2, lr=6e-2)),
 ]
 GENERATION = GenerateConfig(max_new_tokens=40, repetition_penalty=1.5)
 
@@ -41,7 +41,7 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
     started = time.perf_counter()
     _check_writable(output)
 
-    console.rule("[bold]1. The base model")
+    _stage(console, "1. The base model", started)
     base = load_base_model(model)
     spm = SoftPromptModel(base)
     checksum = spm.base_checksum()
@@ -51,7 +51,7 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
     for prompt, answer in zip(GUIDE_PROMPTS, base_answers, strict=True):
         console.print(f"[dim]{prompt}[/dim]{answer}")
 
-    console.rule("[bold]2. Train two soft prompts from the same base model")
+    _stage(console, "2. Train two soft prompts from the same base model", started)
     results = {}
     for name, data, config in TASKS:
         texts = load_texts(data).texts
@@ -81,7 +81,7 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
         if result.base_checksum_after != checksum:
             raise AssertionError("training changed the base model's weights")
 
-    console.rule("[bold]3. Load both adapters into one fresh base model")
+    _stage(console, "3. Load both adapters into one fresh base model", started)
     fresh = SoftPromptModel(load_base_model(model))
     for name, _, _ in TASKS:
         adapter = load_adapter(output / name)
@@ -93,12 +93,12 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
     same = "unchanged" if fresh.base_checksum() == checksum else "CHANGED"
     console.print(f"base weights {same} (sha256 {checksum[:16]}...)")
 
-    console.rule("[bold]4. Base vs tuned, the rows of each prompt in one mixed batch")
+    _stage(console, "4. Base vs tuned, the rows of each prompt in one mixed batch", started)
     names = [name for name, _, _ in TASKS]
     comparisons = compare(fresh, GUIDE_PROMPTS, names, GENERATION)
     print_tables(comparisons, console)
 
-    console.rule("[bold]5. Held-out loss (nats/token, lower is better)")
+    _stage(console, "5. Held-out loss (nats/token, lower is better)", started)
     held_out = [load_texts(data + ":heldout") for _, data, _ in TASKS]
     max_length = max(config.max_length for _, _, config in TASKS)
     matrix = eval_matrix(fresh, names, held_out, max_length)
@@ -137,7 +137,7 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
         "score the same tokens)"
     )
 
-    console.rule("[bold]6. Report")
+    _stage(console, "6. Report", started)
     infos = [AdapterInfo.read(name, output / name) for name in names]
     html = build_report(
         fresh,
@@ -159,6 +159,10 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
         f"demo finished in {summary['seconds']:.0f} s; adapters, report.html and "
         f"summary.json in {output}"
     )
+
+
+def _stage(console: Console, title: str, started: float) -> None:
+    console.rule(f"[bold]{title}[/bold] [dim]({time.perf_counter() - started:.0f} s)")
 
 
 def _check_writable(output: Path) -> None:

@@ -121,17 +121,19 @@ def build_report(
     matrix: list[list[EvalResult]] | None = None,
     comparisons: list[Comparison] | None = None,
 ) -> str:
-    """The whole report as one self-contained HTML page (images inlined as data URIs)."""
+    """The whole report as one self-contained HTML page (images inlined as data URIs).
+
+    ``matrix`` (rows: base model then adapters; columns: datasets) and ``comparisons`` may be
+    passed when already computed; otherwise they are computed here.
+    """
     from .compare import compare
-    from .evaluate import evaluate
     from .inspection import inspect_adapter
 
     names = [a.name for a in adapters]
-    matrix = [
-        [evaluate(spm, d.texts, m, d.source, batch_size, max_length) for d in datasets]
-        for m in [None, *names]
-    ]
-    comparisons = compare(spm, prompts, names, config)
+    if matrix is None:
+        matrix = eval_matrix(spm, names, datasets, max_length, batch_size)
+    if comparisons is None:
+        comparisons = compare(spm, prompts, names, config)
     checksum = spm.base_checksum()
     parts = [
         _HEAD,
