@@ -79,6 +79,9 @@ def trained(tiny_model_dir, tmp_path_factory):
     summary = json.loads(proc.stdout)
     assert summary["heldout_loss_after"] < summary["heldout_loss_before"]
     assert summary["trainable_params"] == 3 * 16
+    # 10% of the 20 texts were held out, and kept beside the adapter.
+    held = [json.loads(line)["text"] for line in (out / "heldout.jsonl").read_text().splitlines()]
+    assert len(held) == 2
     return out, data
 
 
@@ -279,6 +282,22 @@ def test_compare_inspect_report(trained, tiny_model_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert report.read_text().count("data:image/png;base64,") == 2
+    # Without --data, the report evaluates on the adapter's own held-out texts.
+    proc = run(
+        "report",
+        *model,
+        "--adapter",
+        str(adapter),
+        "--prompt",
+        "be kind",
+        "--max-new-tokens",
+        "4",
+        "--output",
+        str(report),
+    )
+    assert proc.returncode == 0, proc.stderr
+    html = report.read_text()
+    assert "heldout.jsonl" in html and html.count(" &#9733;<br>") == 1
 
 
 def test_compare_inspect_report_bad_inputs(trained, tiny_model_dir, tmp_path):

@@ -82,16 +82,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     _quiet()
     from .data import heldout_source, load_texts, split_heldout
     from .prompt import init_prompt, load_adapter
-    from .train import save_trained, train, trainable_summary
+    from .train import HELDOUT_FILE, save_trained, train, trainable_summary
 
     data = load_texts(args.data, args.text_field, args.max_samples)
     eval_source = args.eval_data or heldout_source(args.data)
+    split: list[str] | None = None
     if eval_source:
         texts = data.texts
         eval_texts = load_texts(eval_source, args.text_field).texts
     else:
-        texts, eval_texts = split_heldout(data.texts, config.heldout_fraction, config.seed)
-        eval_source = f"{args.data} (held-out {len(eval_texts)} of {len(data.texts)})"
+        # The held-out texts are saved in the adapter folder, so eval and report can reuse them.
+        texts, split = split_heldout(data.texts, config.heldout_fraction, config.seed)
+        eval_texts = split
+        eval_source = HELDOUT_FILE
     spm = _load_model(args.model)
     if config.init == "file":
         start = load_adapter(config.init_from or "", allow_pickle=args.allow_pickle).weights
@@ -109,7 +112,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.json:
         print(
             f"training {name} on {args.data} ({len(texts)} texts, field {data.field!r}); "
-            f"held out: {eval_source}"
+            f"held out: {len(eval_texts)} texts"
+            + (
+                f" from {eval_source}"
+                if split is None
+                else f" of {args.data}, kept in {output / HELDOUT_FILE}"
+            )
         )
     result = train(spm, name, start, texts, eval_texts, config, progress=not args.json)
     if result.base_checksum_after != result.base_checksum_before:
@@ -120,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "eval_data": eval_source,
         "max_samples": args.max_samples,
     }
-    save_trained(spm, name, output, config, result, extra, overwrite=args.overwrite)
+    save_trained(spm, name, output, config, result, extra, overwrite=args.overwrite, heldout=split)
     summary = {
         "adapter": str(output),
         "trainable_params": result.trainable_params,
@@ -322,14 +330,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import AdapterInfo, build_report, write_report
 
     infos = [AdapterInfo.read(a.name, Path(f)) for a, f in zip(loaded, args.adapter, strict=True)]
-    sources = args.data or list(
-        dict.fromkeys(
-            i.training["eval_data"]
-            for i in infos
-            if isinstance(i.training.get("eval_data"), str)
-            and not i.training["eval_data"].endswith(")")
-        )
-    )
+    sources = args.data or list(dict.fromkeys(s for i in infos if (s := i.heldout_source())))
     if not sources:
         raise UserError("the adapters record no held-out data; give --data")
     datasets = [load_texts(d, args.text_field, args.max_samples) for d in sources]

@@ -101,11 +101,24 @@ class AdapterInfo:
             load("loss_log.json"),
         )
 
+    def heldout_source(self) -> str | None:
+        """The held-out data this adapter was evaluated on, as a loadable source, if known."""
+        from .train import HELDOUT_FILE
+
+        recorded = self.training.get("eval_data")
+        if recorded == HELDOUT_FILE and (self.folder / HELDOUT_FILE).is_file():
+            return str(self.folder / HELDOUT_FILE)
+        if isinstance(recorded, str) and (
+            recorded.startswith("examples:") or Path(recorded).exists()
+        ):
+            return recorded
+        return None
+
     def owns(self, data: str) -> bool:
         """Whether ``data`` is this adapter's own domain (its training or held-out data)."""
         from .data import heldout_source
 
-        own = {self.training.get("data"), self.training.get("eval_data")}
+        own = {self.training.get("data"), self.training.get("eval_data"), self.heldout_source()}
         own.add(heldout_source(str(self.training.get("data") or "")))
         return data in own - {None}
 

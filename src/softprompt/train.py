@@ -24,6 +24,8 @@ from .evaluate import batch_loss, evaluate, training_rows
 from .prompt import Adapter, SoftPromptModel, adapter_config, write_adapter_files
 
 INITS = ("vocab", "text", "random", "file")
+HELDOUT_FILE = "heldout.jsonl"
+"""Held-out texts split off the training data, kept beside the adapter they evaluated."""
 
 
 @dataclass
@@ -193,6 +195,7 @@ def save_trained(
     result: TrainResult,
     extra: dict[str, Any] | None = None,
     overwrite: bool = False,
+    heldout: list[str] | None = None,
 ) -> Path:
     """Write adapter ``name`` to ``output``: PEFT files, config, loss log, plot and model card.
 
@@ -242,6 +245,10 @@ def save_trained(
 
         plot_losses(result, tmp / "loss.png")
         write_model_card(tmp / "README.md", name, spm.base.name, config, result, extra or {})
+        if heldout is not None:
+            (tmp / HELDOUT_FILE).write_text(
+                "".join(json.dumps({"text": t}) + "\n" for t in heldout)
+            )
         tmp.chmod(0o755)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
