@@ -175,6 +175,12 @@ def test_bad_inputs(trained, tiny_model_dir, tmp_path):
     assert_user_error(
         run("train", *model, "--data", str(data), "--output", str(adapter)), "--overwrite"
     )
+    assert_user_error(
+        run("train", *model, "--data", str(data), "--output", "/proc/sp/out"), "cannot write"
+    )
+    assert_user_error(
+        run("generate", "--model", str(tmp_path / "no-model"), "--prompt", "hi"), "does not exist"
+    )
     assert not Path(out).exists()
 
     # An adapter made for another base model (token_dim mismatch).

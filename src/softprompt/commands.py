@@ -77,9 +77,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     output = Path(args.output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-        raise UserError(f"{output} already exists and is not empty; pass --overwrite to replace it")
     _quiet()
+    from .train import check_output
+
+    check_output(output, args.overwrite)
     from .data import heldout_source, load_texts, split_heldout
     from .prompt import init_prompt, load_adapter
     from .train import HELDOUT_FILE, save_trained, train, trainable_summary

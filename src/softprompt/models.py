@@ -113,6 +113,8 @@ def load_base_model(name: str | None = None, dtype: torch.dtype | None = None) -
         path, record = name, name
         if os.path.exists(name) and not (Path(name) / "config.json").is_file():
             raise UserError(f"{name} is not a model folder (no config.json)")
+        if not os.path.exists(name) and name.startswith((".", "/", "~")):
+            raise UserError(f"model folder {name} does not exist")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)

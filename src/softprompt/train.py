@@ -187,6 +187,22 @@ def length_grouped_batches(
     return batches
 
 
+def check_output(target: Path, overwrite: bool = False) -> None:
+    """Fail early, before any training, when ``target`` could not be written.
+
+    Raises:
+        UserError: it exists and is not empty (without ``overwrite``), or its folder cannot be
+            created or written to.
+    """
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise UserError(f"{target} already exists and is not empty; pass --overwrite to replace it")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=target.parent)).rmdir()
+    except OSError as exc:
+        raise UserError(f"cannot write to {target}: {exc.strerror or exc}") from exc
+
+
 def save_trained(
     spm: SoftPromptModel,
     name: str,
@@ -205,10 +221,8 @@ def save_trained(
         UserError: ``output`` exists and is not empty (unless ``overwrite``), or cannot be written.
     """
     target = Path(output)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise UserError(f"{target} already exists and is not empty; pass --overwrite to replace it")
+    check_output(target, overwrite)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     except OSError as exc:
         raise UserError(f"cannot write to {target}: {exc.strerror or exc}") from exc
