@@ -16,12 +16,11 @@ from rich.table import Table
 
 from .compare import compare, print_tables
 from .data import load_texts
-from .errors import UserError
 from .generate import GenerateConfig, Request, generate
 from .models import load_base_model
 from .prompt import SoftPromptModel, init_prompt, load_adapter
 from .report import AdapterInfo, build_report, eval_matrix, write_report
-from .train import TrainConfig, save_trained, train, trainable_summary
+from .train import TrainConfig, check_output, save_trained, train, trainable_summary
 
 GUIDE_PROMPTS = [
     "I want you to act as a motivational coach. ",
@@ -39,7 +38,8 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
     """Run the whole guide and print each stage; adapters go to ``output/<name>``."""
     console = console or Console()
     started = time.perf_counter()
-    _check_writable(output)
+    for name, _, _ in TASKS:  # fail now, not after training, if a result could not be saved
+        check_output(output / name, overwrite=True)
 
     _stage(console, "1. The base model", started)
     base = load_base_model(model)
@@ -77,7 +77,7 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
             f"saved {folder} (loss curve: {folder / 'loss.png'}); "
             f"{result.samples / result.seconds:.1f} samples/s"
         )
-        results[name] = (data, result)
+        results[name] = result
         if result.base_checksum_after != checksum:
             raise AssertionError("training changed the base model's weights")
 
@@ -112,7 +112,7 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
         "adapters": {},
     }
     for k, name in enumerate(names):
-        result = results[name][1]
+        result = results[name]
         base_loss, after = matrix[0][k], matrix[k + 1][k]
         summary["adapters"][name] = {
             "heldout": held_out[k].source,
@@ -163,14 +163,3 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
 
 def _stage(console: Console, title: str, started: float) -> None:
     console.rule(f"[bold]{title}[/bold] [dim]({time.perf_counter() - started:.0f} s)")
-
-
-def _check_writable(output: Path) -> None:
-    """Fail before training, not after, when the adapters could not be saved."""
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".softprompt-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write to {output}: {exc.strerror or exc}") from exc
