@@ -132,9 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "adapters share batches.",
     )
     _model_arg(gen)
-    gen.add_argument(
-        "--adapter", action="append", default=[], metavar="DIR", help="adapter folder (repeatable)"
-    )
+    _adapter_args(gen)
     gen.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     gen.add_argument(
         "--requests",
@@ -148,7 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _generation_args(gen)
     gen.add_argument("--batch-size", type=int, default=16, help="default: %(default)s")
-    gen.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
     gen.add_argument("--json", action="store_true", help="one JSON object per request")
     gen.set_defaults(func=commands.cmd_generate)
 
@@ -159,14 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         "each dataset, texts tokenised as in training.",
     )
     ev.add_argument("--data", action="append", required=True, help="dataset (repeatable)")
-    ev.add_argument(
-        "--adapter", action="append", default=[], metavar="DIR", help="adapter folder (repeatable)"
-    )
+    _adapter_args(ev)
     _model_arg(ev)
     _data_args(ev)
     ev.add_argument("--batch-size", type=int, default=16, help="default: %(default)s")
     ev.add_argument("--max-length", type=int, default=64, help="default: %(default)s")
-    ev.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
     ev.add_argument("--json", action="store_true", help="print one JSON list of records")
     ev.set_defaults(func=commands.cmd_eval)
     cmp = sub.add_parser(
@@ -176,12 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         "rows of one prompt in one mixed batch.",
     )
     cmp.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
-    cmp.add_argument(
-        "--adapter", action="append", default=[], metavar="DIR", help="adapter folder (repeatable)"
-    )
+    _adapter_args(cmp)
     _model_arg(cmp)
     _generation_args(cmp)
-    cmp.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
     style = cmp.add_mutually_exclusive_group()
     style.add_argument("--json", action="store_true", help="print JSON")
     style.add_argument("--markdown", action="store_true", help="print Markdown tables")
@@ -206,13 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Config, loss curves, the eval matrix (table and heatmap), before/after "
         "generations, the inspect view and the base model's checksums, in one HTML file.",
     )
-    rep.add_argument(
-        "--adapter",
-        action="append",
-        required=True,
-        metavar="DIR",
-        help="adapter folder (repeatable)",
-    )
+    _adapter_args(rep, required=True)
     rep.add_argument(
         "--data",
         action="append",
@@ -230,7 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(rep)
     _generation_args(rep, max_new_tokens=40, repetition_penalty=1.5)
     rep.add_argument("--max-length", type=int, default=64, help="default: %(default)s")
-    rep.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
     rep.set_defaults(func=commands.cmd_report)
     return parser
 
@@ -239,6 +223,18 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", help="Hub id or local folder (default: the embedded SmolLM2-135M-Instruct)"
     )
+
+
+def _adapter_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=None if required else [],
+        required=required,
+        metavar="DIR",
+        help="adapter folder (repeatable)",
+    )
+    p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:

@@ -33,15 +33,21 @@ def _load_model(name: str | None) -> Any:
     return SoftPromptModel(load_base_model(name))
 
 
-def _load_adapters(spm: Any, folders: list[str], allow_pickle: bool) -> list[str]:
-    """Load adapter folders into ``spm``; returns their names (folder names)."""
+def _read_adapters(folders: list[str], allow_pickle: bool) -> list[Any]:
+    """Read adapter folders (before any model is loaded, so bad ones fail fast)."""
     from .prompt import load_adapter
 
-    names = []
-    for folder in folders:
-        adapter = load_adapter(folder, allow_pickle=allow_pickle)
-        if adapter.name in names:
-            raise UserError(f"two adapters are named {adapter.name!r}; give them distinct folders")
+    adapters = [load_adapter(folder, allow_pickle=allow_pickle) for folder in folders]
+    names = [a.name for a in adapters]
+    for name in names:
+        if names.count(name) > 1:
+            raise UserError(f"two adapters are named {name!r}; give them distinct folders")
+    return adapters
+
+
+def _add_adapters(spm: Any, adapters: list[Any]) -> list[str]:
+    """Load read adapters into ``spm``; returns their names (folder names)."""
+    for adapter in adapters:
         made_for = adapter.config.get("base_model_name_or_path")
         if made_for and made_for != spm.base.name:
             print(
@@ -50,8 +56,7 @@ def _load_adapters(spm: Any, folders: list[str], allow_pickle: bool) -> list[str
                 file=sys.stderr,
             )
         spm.add_adapter(adapter)
-        names.append(adapter.name)
-    return names
+    return [a.name for a in adapters]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -198,8 +203,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _quiet()
     from .generate import generate
 
+    adapters = _read_adapters(args.adapter, args.allow_pickle)
     spm = _load_model(args.model)
-    names = _load_adapters(spm, args.adapter, args.allow_pickle)
+    names = _add_adapters(spm, adapters)
     if args.requests:
         requests = _read_requests(args.requests, names)
     else:
@@ -232,8 +238,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.max_length < 2:
         raise UserError("--batch-size must be at least 1 and --max-length at least 2")
     datasets = [load_texts(d, args.text_field, args.max_samples) for d in args.data]
+    adapters = _read_adapters(args.adapter, args.allow_pickle)
     spm = _load_model(args.model)
-    names = _load_adapters(spm, args.adapter, args.allow_pickle)
+    names = _add_adapters(spm, adapters)
     results = [
         evaluate(spm, d.texts, a, d.source, args.batch_size, args.max_length)
         for d in datasets
@@ -267,8 +274,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _quiet()
     from .compare import compare, print_tables, to_markdown
 
+    adapters = _read_adapters(args.adapter, args.allow_pickle)
     spm = _load_model(args.model)
-    names = _load_adapters(spm, args.adapter, args.allow_pickle)
+    names = _add_adapters(spm, adapters)
     comparisons = compare(spm, args.prompt, names, config)
     if args.json:
         print(json.dumps([c.as_dict() for c in comparisons]))
@@ -322,9 +330,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     check_writable(output)
     if any(not p.strip() for p in args.prompt):
         raise UserError("a --prompt is empty; give some text")
-    from .prompt import load_adapter
-
-    loaded = [load_adapter(folder, allow_pickle=args.allow_pickle) for folder in args.adapter]
+    loaded = _read_adapters(args.adapter, args.allow_pickle)
     _quiet()
     from .data import load_texts
     from .demo import GUIDE_PROMPTS
@@ -336,7 +342,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UserError("the adapters record no held-out data; give --data")
     datasets = [load_texts(d, args.text_field, args.max_samples) for d in sources]
     spm = _load_model(args.model)
-    _load_adapters(spm, args.adapter, args.allow_pickle)
+    _add_adapters(spm, loaded)
     html = build_report(
         spm, infos, datasets, args.prompt or GUIDE_PROMPTS, config, max_length=args.max_length
     )
