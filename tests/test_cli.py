@@ -139,7 +139,7 @@ def test_eval_json_records(trained, tiny_model_dir):
     records = json.loads(proc.stdout)
     assert [r["adapter"] for r in records] == [None, "kind"]
     for r in records:
-        assert set(r) == {"adapter", "data", "loss", "perplexity", "tokens"}
+        assert set(r) == {"adapter", "data", "loss", "perplexity", "tokens", "texts_cut"}
         assert r["tokens"] > 0 and r["perplexity"] == pytest.approx(2.718281828 ** r["loss"])
     assert records[1]["loss"] < records[0]["loss"]
 

@@ -83,7 +83,7 @@ def test_peft_loads_our_adapter_with_the_same_loss(adapters):
 
     texts = load_texts("examples:quotes:heldout", max_samples=12).texts
     total, count = 0.0, 0
-    for ids, _ in training_rows(spm, texts, None, 40):
+    for ids, _ in training_rows(spm, texts, None, 40)[0]:
         labels = torch.tensor([ids])
         labels[0, 0] = -100  # softprompt does not score the first text token
         with torch.no_grad():
@@ -143,7 +143,7 @@ def test_generation_matches_inputs_embeds_reference(adapters):
     spm.add_adapter(load_adapter(adapters["roles"]))
     ids = spm.encode("I want you to act as a chef. ", "roles")
     reference = spm.model.generate(
-        inputs_embeds=spm.embedding(torch.tensor([ids])),
+        inputs_embeds=spm.embed(torch.tensor([ids])),
         attention_mask=torch.ones(1, len(ids), dtype=torch.long),
         max_new_tokens=20,
         do_sample=False,

@@ -46,7 +46,7 @@ def test_matches_reference_generate_with_inputs_embeds(spm):
     config = GenerateConfig(max_new_tokens=10)
     for request in _requests()[:6]:
         ids = spm.encode(request.prompt, request.adapter)
-        embeds = spm.embedding(torch.tensor([ids]))
+        embeds = spm.embed(torch.tensor([ids]))
         reference = spm.model.generate(
             inputs_embeds=embeds,
             attention_mask=torch.ones(1, len(ids), dtype=torch.long),

@@ -9,7 +9,6 @@ import torch
 from softprompt.errors import UserError
 from softprompt.prompt import (
     Adapter,
-    PromptEmbedding,
     adapter_config,
     init_prompt,
     load_adapter,
@@ -27,8 +26,8 @@ def test_virtual_ids_map_to_prompt_rows(spm):
     assert spm.virtual_ids("b") == [vocab + 3, vocab + 4]
     assert spm.virtual_ids(None) == []
     ids = torch.tensor([[vocab + 4, 5, vocab, 1]])
-    out = spm.embedding(ids)[0]
-    base = spm.embedding.base.weight
+    out = spm.embed(ids)[0]
+    base = spm.embedding.weight
     assert torch.equal(out[0], rows_b[1])
     assert torch.equal(out[1], base[5])
     assert torch.equal(out[2], rows_a[0])
@@ -36,10 +35,9 @@ def test_virtual_ids_map_to_prompt_rows(spm):
 
 
 def test_tied_head_keeps_base_weight_and_vocab(spm):
-    assert isinstance(spm.model.get_input_embeddings(), PromptEmbedding)
     spm.add_adapter(Adapter("a", torch.randn(4, spm.hidden_size)))
-    assert spm.model.lm_head.weight is spm.embedding.base.weight
-    logits = spm.model(input_ids=torch.tensor([spm.encode("be kind", "a")])).logits
+    assert spm.model.lm_head.weight is spm.embedding.weight
+    logits = spm.forward(torch.tensor([spm.encode("be kind", "a")])).logits
     assert logits.shape[-1] == spm.vocab_size
 
 
@@ -56,7 +54,7 @@ def test_duplicate_adapter_name_refused(spm):
 
 def test_init_vocab_copies_distinct_vocab_rows(spm):
     rows = init_prompt(spm.base, 5, "vocab", seed=3)
-    weight = spm.embedding.base.weight
+    weight = spm.embedding.weight
     matches = [int((weight == row).all(dim=1).nonzero()[0]) for row in rows]
     assert len(set(matches)) == 5
 
@@ -64,7 +62,7 @@ def test_init_vocab_copies_distinct_vocab_rows(spm):
 def test_init_text_repeats_text_tokens(spm):
     rows = init_prompt(spm.base, 5, "text", text="be kind")
     ids = spm.tokenizer("be kind")["input_ids"]
-    weight = spm.embedding.base.weight
+    weight = spm.embedding.weight
     expected = torch.stack([weight[ids[i % len(ids)]] for i in range(5)])
     assert torch.equal(rows, expected)
     with pytest.raises(UserError):
@@ -73,7 +71,7 @@ def test_init_text_repeats_text_tokens(spm):
 
 def test_init_random_matches_vocab_norm(spm):
     rows = init_prompt(spm.base, 400, "random", seed=1)
-    vocab_norm = spm.embedding.base.weight.norm(dim=1).mean()
+    vocab_norm = spm.embedding.weight.norm(dim=1).mean()
     assert abs(rows.norm(dim=1).mean() / vocab_norm - 1) < 0.1
     # An unscaled N(0, 1) row would have norm ~ sqrt(hidden).
     assert rows.norm(dim=1).mean() < torch.randn(400, spm.hidden_size).norm(dim=1).mean() * 2

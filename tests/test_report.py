@@ -61,7 +61,7 @@ def test_compare_runs_each_prompt_on_base_and_adapters(two_adapters):
 
 def test_inspect_finds_the_rows_own_tokens(spm):
     ids = spm.tokenizer("river mountain hope")["input_ids"]
-    rows = spm.embedding.base.weight[torch.tensor(ids)].detach().clone()
+    rows = spm.embedding.weight[torch.tensor(ids)].detach().clone()
     view = inspect_adapter(spm, Adapter("copy", rows), top_k=5)
     assert [t.nearest[0].id for t in view.tokens] == ids
     assert all(t.nearest[0].cosine == pytest.approx(1.0, abs=1e-5) for t in view.tokens)

@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"softprompt: error: {exc}", file=sys.stderr)
+        # One line, whatever a library put in the message.
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"softprompt: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("softprompt: interrupted", file=sys.stderr)
@@ -68,7 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--output",
         default="softprompt-demo",
-        help="folder for the two adapters (default: %(default)s)",
+        help="folder for the two adapters, report.html and summary.json (default: "
+        "%(default)s); an earlier demo's output there is replaced, anything else is refused",
+    )
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace role-prompts/, quotes/, report.html and summary.json in --output even "
+        "when an earlier demo did not write them",
     )
     _model_arg(demo)
     demo.set_defaults(func=commands.cmd_demo)
@@ -211,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt (repeatable; default: the guide's two prompts)",
     )
     rep.add_argument("--output", required=True, help="HTML file to write")
+    rep.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --output even if it is not an earlier softprompt report",
+    )
     _model_arg(rep)
     _data_args(rep)
     _generation_args(rep, max_new_tokens=40, repetition_penalty=1.5)

@@ -63,7 +63,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _quiet()
     from .demo import run_demo
 
-    run_demo(Path(args.output), model=args.model)
+    run_demo(Path(args.output), model=args.model, overwrite=args.overwrite)
     return 0
 
 
@@ -81,11 +81,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         seed=args.seed,
     )
-    output = Path(args.output)
-    _quiet()
-    from .train import check_output
+    from .files import check_output
 
+    output = Path(args.output)
     check_output(output, args.overwrite)
+    _quiet()
     from .data import heldout_source, load_texts, split_heldout
     from .prompt import init_prompt, load_adapter
     from .train import HELDOUT_FILE, save_trained, train, trainable_summary
@@ -126,6 +126,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         )
     result = train(spm, name, start, texts, eval_texts, config, progress=not args.json)
+    if result.texts_cut and not args.json:
+        print(
+            f"note: {result.texts_cut} of {len(texts)} training texts did not fit in "
+            f"--max-length {config.max_length} (tokens, EOS included): they were cut and "
+            "trained without an EOS"
+        )
     if result.base_checksum_after != result.base_checksum_before:
         raise AssertionError("training changed the base model's weights")
     extra = {
@@ -142,6 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "heldout_loss_before": result.loss_before,
         "heldout_loss_after": result.loss_after,
         "seconds": result.seconds,
+        "texts_cut": result.texts_cut,
         "samples_per_second": result.samples / max(result.seconds, 1e-9),
     }
     if args.json:
@@ -262,6 +269,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             r.data, r.adapter or "base", f"{r.loss:.3f}", f"{r.perplexity:.1f}", str(r.tokens)
         )
     Console().print(table)
+    for r in results:
+        if r.adapter is None and r.cut:
+            print(
+                f"note: {r.cut} texts of {r.data} did not fit in --max-length {args.max_length} "
+                "(tokens, EOS included): they were cut and scored without an EOS"
+            )
     return 0
 
 
@@ -327,7 +340,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     config = _generate_config(args)
     output = Path(args.output)
-    check_writable(output)
+    check_writable(output, args.overwrite)
     if any(not p.strip() for p in args.prompt):
         raise UserError("a --prompt is empty; give some text")
     loaded = _read_adapters(args.adapter, args.allow_pickle)

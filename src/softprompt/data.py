@@ -63,6 +63,8 @@ def load_texts(source: str, text_field: str | None = None, max_samples: int | No
     Raises:
         UserError: missing file, unreachable dataset, unknown field, or no texts at all.
     """
+    if max_samples is not None and max_samples < 1:
+        raise UserError(f"--max-samples must be at least 1, not {max_samples}")
     if source.startswith(EXAMPLE_PREFIX):
         rows, default_field = _example_rows(source)
         columns = {default_field: [r[default_field] for r in rows]}

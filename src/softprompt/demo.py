@@ -16,11 +16,13 @@ from rich.table import Table
 
 from .compare import compare, print_tables
 from .data import load_texts
+from .errors import UserError
+from .files import check_output, write_text
 from .generate import GenerateConfig, Request, generate
 from .models import load_base_model
 from .prompt import SoftPromptModel, init_prompt, load_adapter
-from .report import AdapterInfo, build_report, eval_matrix, write_report
-from .train import TrainConfig, check_output, save_trained, train, trainable_summary
+from .report import AdapterInfo, build_report, eval_matrix, is_report, write_report
+from .train import TrainConfig, save_trained, train, trainable_summary
 
 GUIDE_PROMPTS = [
     "I want you to act as a motivational coach. ",
@@ -32,14 +34,74 @@ TASKS = [
     ("quotes", "examples:quotes", TrainConfig(epochs=2, lr=6e-2)),
 ]
 GENERATION = GenerateConfig(max_new_tokens=40, repetition_penalty=1.5)
+SUMMARY = "summary.json"
+WRITTEN_BY = "softprompt demo"
+"""Recorded in the summary, so a later demo knows the folder's contents are its own to replace."""
 
 
-def run_demo(output: Path, model: str | None = None, console: Console | None = None) -> None:
-    """Run the whole guide and print each stage; adapters go to ``output/<name>``."""
+def check_demo_output(output: Path, overwrite: bool = False) -> None:
+    """Fail before any work when the demo could not write ``output`` or would replace a user's.
+
+    The demo writes ``role-prompts/``, ``quotes/``, ``report.html`` and ``summary.json`` into
+    ``output``. It replaces them only when an earlier demo wrote them (its ``summary.json``
+    says so), or with ``overwrite``; even then it replaces only adapter folders and reports.
+
+    Raises:
+        UserError: one of those exists and was not written by the demo (without ``overwrite``),
+            or cannot be written.
+    """
+    entries = [name for name, _, _ in TASKS] + ["report.html", SUMMARY]
+    present = [e for e in entries if (output / e).exists() or (output / e).is_symlink()]
+    if present and not overwrite and not is_demo_output(output):
+        raise UserError(
+            f"{output} already holds {', '.join(present)}, not written by an earlier softprompt "
+            "demo; pass --overwrite to replace them, or choose another --output"
+        )
+    for name, _, _ in TASKS:
+        check_output(output / name, overwrite=True, what="the demo")
+    report = output / "report.html"
+    if report.exists() and not is_report(report):
+        raise UserError(
+            f"{report} is not a softprompt report; move it away or choose another --output"
+        )
+    if (output / SUMMARY).exists() and not (output / SUMMARY).is_file():
+        raise UserError(f"{output / SUMMARY} is not a file; choose another --output")
+
+
+def is_demo_output(output: Path) -> bool:
+    """Whether ``output`` holds an earlier demo's results (its summary.json says so)."""
+    try:
+        summary = json.loads((output / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(summary, dict):
+        return False
+    if summary.get("written_by") == WRITTEN_BY:
+        return True
+    # Summaries of demos before the written_by field: the demo's keys and adapters exactly.
+    adapters = summary.get("adapters")
+    return (
+        isinstance(summary.get("base_checksum"), str)
+        and isinstance(adapters, dict)
+        and set(adapters) == {name for name, _, _ in TASKS}
+    )
+
+
+def run_demo(
+    output: Path,
+    model: str | None = None,
+    console: Console | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Run the whole guide and print each stage; adapters go to ``output/<name>``.
+
+    Raises:
+        UserError: ``output`` holds things an earlier demo did not write (see
+            ``check_demo_output``), or a model or file cannot be read or written.
+    """
     console = console or Console()
     started = time.perf_counter()
-    for name, _, _ in TASKS:  # fail now, not after training, if a result could not be saved
-        check_output(output / name, overwrite=True)
+    check_demo_output(output, overwrite)  # now, not after training
 
     _stage(console, "1. The base model", started)
     base = load_base_model(model)
@@ -81,6 +143,9 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
         if result.base_checksum_after != checksum:
             raise AssertionError("training changed the base model's weights")
 
+    # Measured on the model that did the training, not on a new load of the same file.
+    trained_checksum = spm.base_checksum()
+
     _stage(console, "3. Load both adapters into one fresh base model", started)
     fresh = SoftPromptModel(load_base_model(model))
     for name, _, _ in TASKS:
@@ -90,8 +155,11 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
             f"loaded {output / name}: {adapter.num_virtual_tokens} virtual tokens, "
             f"ids {fresh.virtual_ids(name)[0]}..{fresh.virtual_ids(name)[-1]}"
         )
-    same = "unchanged" if fresh.base_checksum() == checksum else "CHANGED"
-    console.print(f"base weights {same} (sha256 {checksum[:16]}...)")
+    same = "unchanged" if trained_checksum == checksum else "CHANGED"
+    console.print(
+        f"base weights after training both prompts: {same} (sha256 {checksum[:16]}... before, "
+        f"{trained_checksum[:16]}... after)"
+    )
 
     _stage(console, "4. Base vs tuned, the rows of each prompt in one mixed batch", started)
     names = [name for name, _, _ in TASKS]
@@ -106,8 +174,10 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
     for column in ("adapter", "held-out data", "base model", "before training", "after", "tokens"):
         losses.add_column(column)
     summary: dict[str, Any] = {
+        "written_by": WRITTEN_BY,
         "base_model": base.name,
         "base_checksum": checksum,
+        "base_checksum_after_training": trained_checksum,
         "base_unchanged": same == "unchanged",
         "adapters": {},
     }
@@ -154,7 +224,7 @@ def run_demo(output: Path, model: str | None = None, console: Console | None = N
 
     summary["completions"] = [c.as_dict() for c in comparisons]
     summary["seconds"] = time.perf_counter() - started
-    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(output / SUMMARY, json.dumps(summary, indent=2) + "\n")
     console.print(
         f"demo finished in {summary['seconds']:.0f} s; adapters, report.html and "
         f"summary.json in {output}"

@@ -1,6 +1,7 @@
 """Mean per-token loss and perplexity of the base model and of adapters on texts.
 
-Each text is tokenised as in training (``[virtual][text][eos]``). The first text token is not
+Each text is tokenised as in training (``[virtual][text][eos]``, the EOS only where the text
+really ends: a text cut at ``max_length`` gets none). The first text token is not
 scored for anyone: the base model has no context to predict it from, so scoring it for adapters
 only would flatter them. Every model is thus scored on exactly the same tokens.
 """
@@ -14,7 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from .data import pad_left
+from .errors import UserError
 from .prompt import SoftPromptModel
+
+Row = tuple[list[int], int]
+"""``(ids, n_virtual)``: one row's token ids, virtual ids first, and how many of them there are."""
 
 
 @dataclass
@@ -25,6 +30,8 @@ class EvalResult:
     data: str
     loss: float
     tokens: int
+    cut: int = 0
+    """Texts longer than ``max_length``, cut (and scored without an EOS)."""
 
     @property
     def perplexity(self) -> float:
@@ -37,22 +44,31 @@ class EvalResult:
             "loss": self.loss,
             "perplexity": self.perplexity,
             "tokens": self.tokens,
+            "texts_cut": self.cut,
         }
 
 
 def training_rows(
     spm: SoftPromptModel, texts: list[str], adapter: str | None, max_length: int
-) -> list[tuple[list[int], int]]:
-    """``(ids, n_virtual)`` per text: virtual ids, text ids cut to ``max_length - 1``, then EOS."""
+) -> tuple[list[Row], int]:
+    """Rows ``[virtual][text][eos]`` of at most ``max_length`` text tokens, and how many were cut.
+
+    A text that fits with its EOS keeps it. A longer one is cut to ``max_length`` tokens and
+    gets no EOS: the prompt must not learn to stop mid-sentence, and eval must not score an end
+    that is not there.
+    """
     virtual = spm.virtual_ids(adapter)
     eos = spm.tokenizer.eos_token_id
-    rows = []
+    rows, cut = [], 0
     for text in texts:
-        ids = spm.text_ids(text, max_length - 1 if eos is not None else max_length)
-        if eos is not None:
+        ids = spm.text_ids(text)
+        if eos is not None and len(ids) < max_length:
             ids.append(eos)
+        elif len(ids) > max_length or eos is not None:
+            ids = ids[:max_length]
+            cut += 1
         rows.append((virtual + ids, len(virtual)))
-    return rows
+    return rows, cut
 
 
 def batch_loss(
@@ -63,7 +79,7 @@ def batch_loss(
     ``skip_first`` leaves out each row's first text token (see the module docstring).
     """
     batch = pad_left([ids for ids, _ in rows], spm.tokenizer.pad_token_id)
-    logits = spm.model(**batch).logits  # (B, L, V)
+    logits = spm.forward(**batch).logits  # (B, L, V)
     labels = batch["input_ids"].clone()
     length = labels.shape[1]
     for i, (ids, n_virtual) in enumerate(rows):
@@ -85,8 +101,12 @@ def evaluate(
     batch_size: int = 8,
     max_length: int = 128,
 ) -> EvalResult:
-    """Mean per-token loss of ``adapter`` (None: the base model) on ``texts``."""
-    rows = training_rows(spm, texts, adapter, max_length)
+    """Mean per-token loss of ``adapter`` (None: the base model) on ``texts``.
+
+    Raises:
+        UserError: no token would be scored (no texts, or none with a token after the first).
+    """
+    rows, cut = training_rows(spm, texts, adapter, max_length)
     # Sorting by length keeps padding, and so wasted work, small.
     rows.sort(key=lambda r: len(r[0]))
     total, count = 0.0, 0
@@ -94,4 +114,9 @@ def evaluate(
         loss, n = batch_loss(spm, rows[start : start + batch_size], skip_first=True)
         total += float(loss)
         count += n
-    return EvalResult(adapter=adapter, data=data_name, loss=total / max(count, 1), tokens=count)
+    if count == 0:
+        raise UserError(
+            f"nothing to score in {data_name or 'the evaluation texts'}: "
+            f"{len(texts)} texts, none with a token after its first"
+        )
+    return EvalResult(adapter=adapter, data=data_name, loss=total / count, tokens=count, cut=cut)

@@ -29,6 +29,7 @@ class GenerateConfig:
     repetition_penalty: float = 1.0
     """Above 1 discourages tokens already in the prompt or output (CTRL-style, as transformers)."""
     seed: int = 0
+    """Seed of every request that gives none of its own (sampling only)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -43,10 +44,15 @@ class GenerateConfig:
 
 @dataclass
 class Request:
-    """One prompt and the adapter (by loaded name) to run it with; None for the base model."""
+    """One prompt and the adapter (by loaded name) to run it with; None for the base model.
+
+    ``seed`` (default: the config's) seeds this request's own generator, so a sampled completion
+    depends only on the request itself, never on what it is batched with.
+    """
 
     prompt: str
     adapter: str | None = None
+    seed: int | None = None
 
 
 def eos_ids(spm: SoftPromptModel) -> set[int]:
@@ -76,13 +82,13 @@ def generate(
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     rows = [spm.encode(r.prompt, r.adapter) for r in requests]
+    seeds = [config.seed if r.seed is None else r.seed for r in requests]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    generator = torch.Generator().manual_seed(config.seed)
     outputs: list[str] = [""] * len(rows)
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc="generating", unit="batch", disable=not progress):
         chunk = order[start : start + batch_size]
-        new_tokens = generate_ids(spm, [rows[i] for i in chunk], config, generator)
+        new_tokens = generate_ids(spm, [rows[i] for i in chunk], config, [seeds[i] for i in chunk])
         for i, ids in zip(chunk, new_tokens, strict=True):
             outputs[i] = str(spm.tokenizer.decode(ids, skip_special_tokens=True))
     return outputs
@@ -92,9 +98,12 @@ def generate_ids(
     spm: SoftPromptModel,
     rows: list[list[int]],
     config: GenerateConfig,
-    generator: torch.Generator | None = None,
+    seeds: list[int] | None = None,
 ) -> list[list[int]]:
-    """New token ids for each row of token ids (virtual ids allowed), EOS excluded."""
+    """New token ids for each row of token ids (virtual ids allowed), EOS excluded.
+
+    ``seeds`` gives each row its own sampling generator (default: the config's seed for all).
+    """
     if any(not row for row in rows):
         raise UserError("a prompt with no tokens cannot be completed; give some text")
     stop = eos_ids(spm)
@@ -103,14 +112,20 @@ def generate_ids(
     mask = batch["attention_mask"]
     vocab = spm.vocab_size
     seen = _seen_tokens(batch["input_ids"], mask, vocab) if config.repetition_penalty != 1 else None
-    out = spm.model(**batch, use_cache=True)
+    generators = None
+    if config.temperature > 0:
+        generators = [
+            torch.Generator().manual_seed(config.seed if seeds is None else seed)
+            for seed in (seeds or [config.seed] * len(rows))
+        ]
+    out = spm.forward(**batch, use_cache=True)
     cache = out.cache
     positions = batch["position_ids"][:, -1:]  # (B, 1)
     logits = out.logits[:, -1, :vocab].float()  # (B, V)
     done = torch.zeros(len(rows), dtype=torch.bool)
     produced: list[list[int]] = [[] for _ in rows]
     for step in range(config.max_new_tokens):
-        token = _pick(logits, seen, config, generator)  # (B,)
+        token = _pick(logits, seen, config, generators)  # (B,)
         for i in range(len(rows)):
             if not done[i]:
                 if int(token[i]) in stop:
@@ -148,9 +163,9 @@ def _pick(
     logits: torch.Tensor,
     seen: torch.Tensor | None,
     config: GenerateConfig,
-    generator: torch.Generator | None,
+    generators: list[torch.Generator] | None,
 ) -> torch.Tensor:
-    """Next token per row from (B, V) logits."""
+    """Next token per row from (B, V) logits; sampling draws row i from ``generators[i]``."""
     if seen is not None:
         penalised = torch.where(
             logits > 0, logits / config.repetition_penalty, logits * config.repetition_penalty
@@ -165,5 +180,8 @@ def _pick(
     logits = TemperatureLogitsWarper(config.temperature)(no_ids, logits)
     if config.top_p < 1:
         logits = TopPLogitsWarper(config.top_p)(no_ids, logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    probs = logits.softmax(dim=-1).cpu()
+    if generators is None or len(generators) != probs.shape[0]:
+        raise ValueError("sampling needs one generator per row")
+    picks = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)]
+    return torch.cat(picks).to(logits.device)

@@ -46,7 +46,7 @@ class Inspection:
 @torch.no_grad()
 def inspect_adapter(spm: SoftPromptModel, adapter: Adapter, top_k: int = 5) -> Inspection:
     """Nearest vocabulary tokens and norm statistics for every row of ``adapter``."""
-    vocab = spm.embedding.base.weight.detach().float()  # (V, D)
+    vocab = spm.embedding.weight.detach().float()  # (V, D)
     rows = adapter.weights.detach().float()  # (n, D)
     vocab_norms = vocab.norm(dim=1)  # (V,)
     mean, std = float(vocab_norms.mean()), float(vocab_norms.std())

@@ -65,10 +65,53 @@ def embedded_gguf_path() -> Path:
 
 
 def embedded_model_dir() -> Path:
-    """The embedded model as a plain safetensors folder, converting it on first use."""
+    """The embedded model as a plain safetensors folder, converting it on first use.
+
+    Processes that start at once share one conversion: the first takes a file lock and converts,
+    the others wait for it and use its result. A cached copy whose weights file is damaged (e.g.
+    truncated) is converted again.
+
+    Raises:
+        UserError: the cache cannot be written, or the embedded model is not installed.
+    """
     target = cache_dir() / "models" / EMBEDDED_NAME
-    if (target / "config.json").is_file():
+    if _complete(target):
         return target
+    from filelock import FileLock
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target.parent / f".{EMBEDDED_NAME}.lock")):
+            if not _complete(target):  # another process may have finished while we waited
+                if target.exists():
+                    log.warning("the cached model at %s is damaged; converting it again", target)
+                    shutil.rmtree(target)
+                _convert_embedded(target)
+    except OSError as exc:
+        raise UserError(
+            f"cannot write the model cache {target.parent}: {exc.strerror or exc}; "
+            "set SOFTPROMPT_CACHE to a writable folder"
+        ) from exc
+    return target
+
+
+def _complete(folder: Path) -> bool:
+    """Whether a converted model folder is whole: its config and a readable weights file."""
+    from safetensors import safe_open
+
+    weights = folder / "model.safetensors"
+    if not (folder / "config.json").is_file() or not weights.is_file():
+        return False
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            # The header names every tensor and its byte range; a truncated file fails here.
+            handle.keys()
+    except Exception:  # safetensors raises its own error types for damaged files
+        return False
+    return True
+
+
+def _convert_embedded(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf_path()
@@ -81,19 +124,15 @@ def embedded_model_dir() -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None  # type: ignore[assignment]
     model.is_quantized = False  # type: ignore[assignment]
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.chmod(0o755)
         os.replace(tmp, target)
-    except FileExistsError:  # another process converted it first
-        shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def load_base_model(name: str | None = None, dtype: torch.dtype | None = None) -> BaseModel:
@@ -120,7 +159,12 @@ def load_base_model(name: str | None = None, dtype: torch.dtype | None = None) -
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load model {name!r}: {first}{unreachable_note()}") from exc
+        hint = (
+            f" (the cached copy in {path} may be damaged: delete that folder to rebuild it)"
+            if name is None
+            else unreachable_note()
+        )
+        raise UserError(f"cannot load model {name or EMBEDDED_NAME!r}: {first}{hint}") from exc
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:

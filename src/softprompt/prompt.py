@@ -2,10 +2,10 @@
 
 A loaded base model gets one extra table, the prompt table, holding the rows of the virtual tokens
 of every loaded adapter. Adapter k with n virtual tokens owns ids ``vocab + off_k ...
-vocab + off_k + n - 1``; the wrapped input embedding sends ids below ``vocab`` to the model's own
-table and the rest to the prompt table. Nothing else in the model changes, so logits stay over the
-real vocabulary, a tied ``lm_head`` keeps the base weight, and rows of one batch can each carry a
-different adapter. Files on disk are PEFT's prompt-tuning format.
+vocab + off_k + n - 1``. Ids below ``vocab`` are embedded by the model's own table and the rest by
+the prompt table, and the result reaches the model as ``inputs_embeds``. Nothing in the model
+changes, so logits stay over the real vocabulary, a tied ``lm_head`` keeps the base weight, and
+rows of one batch can each carry a different adapter. Files on disk are PEFT's prompt-tuning format.
 """
 
 from __future__ import annotations
@@ -48,43 +48,14 @@ class Adapter:
         return int(self.weights.shape[1])
 
 
-class PromptEmbedding(nn.Module):
-    """The model's input embedding plus the prompt table for ids at or above ``vocab_size``."""
-
-    def __init__(self, base: nn.Embedding) -> None:
-        super().__init__()
-        self.base = base
-        self.vocab_size = base.num_embeddings
-        self.prompt_tables = nn.ParameterList()
-
-    @property
-    def weight(self) -> torch.Tensor:
-        # transformers reads (and ties lm_head to) the input embedding's weight: keep it the base's.
-        return self.base.weight
-
-    @property
-    def num_embeddings(self) -> int:
-        return self.vocab_size
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.base.embedding_dim
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        virtual = ids >= self.vocab_size  # (B, T)
-        emb = self.base(ids.masked_fill(virtual, 0))  # (B, T, D)
-        if len(self.prompt_tables) == 0 or not bool(virtual.any()):
-            return emb
-        table = torch.cat(list(self.prompt_tables)).to(emb.dtype)  # (P, D)
-        rows = table[(ids - self.vocab_size).clamp(0, table.shape[0] - 1)]  # (B, T, D)
-        return torch.where(virtual.unsqueeze(-1), rows, emb)
-
-
 class SoftPromptModel:
     """A frozen base model with any number of soft prompts loaded side by side.
 
-    ``encode(text, adapter)`` gives the token ids of one row; rows with different adapters (or
-    none) batch together because each carries its own virtual ids.
+    The caller's model is left exactly as it was (module tree, state_dict keys, weights): token
+    ids are embedded here, real ids through the model's own embedding and virtual ids through the
+    prompt table, and reach the model as ``inputs_embeds``. ``encode(text, adapter)`` gives the
+    token ids of one row; rows with different adapters (or none) batch together because each
+    carries its own virtual ids.
     """
 
     def __init__(self, base: BaseModel) -> None:
@@ -92,28 +63,35 @@ class SoftPromptModel:
         self.model = base.model
         self.tokenizer = base.tokenizer
         embedding = self.model.get_input_embeddings()
-        if not isinstance(embedding, PromptEmbedding):
-            if not isinstance(embedding, nn.Embedding):
-                raise UserError(
-                    f"the model's input embedding is a {type(embedding).__name__}, "
-                    "not an nn.Embedding; softprompt cannot add a prompt table"
-                )
-            embedding = PromptEmbedding(embedding)
-            self.model.set_input_embeddings(embedding)
-        self.embedding: PromptEmbedding = embedding
+        if not isinstance(embedding, nn.Embedding):
+            raise UserError(
+                f"the model's input embedding is a {type(embedding).__name__}, "
+                "not an nn.Embedding; softprompt cannot add a prompt table"
+            )
+        self.embedding: nn.Embedding = embedding
         self.adapters: dict[str, Adapter] = {}
-        self._params: dict[str, nn.Parameter] = {}
+        """Loaded adapters; each one's ``weights`` is the live parameter (trained in place)."""
+        self._table: torch.Tensor | None = None
+        self._table_key: tuple[tuple[int, int], ...] = ()
 
     @property
     def vocab_size(self) -> int:
-        return self.embedding.vocab_size
+        return int(self.embedding.num_embeddings)
 
     @property
     def hidden_size(self) -> int:
-        return self.embedding.embedding_dim
+        return int(self.embedding.embedding_dim)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Rows in the prompt table: the virtual tokens of every loaded adapter."""
+        return sum(a.num_virtual_tokens for a in self.adapters.values())
 
     def add_adapter(self, adapter: Adapter, trainable: bool = False) -> nn.Parameter:
         """Load ``adapter`` into the prompt table and return its rows as a parameter.
+
+        The parameter is what ``self.adapters[name].weights`` holds from now on, so training it
+        changes what every reader (generation, eval, inspect, report) sees.
 
         Raises:
             UserError: the name is taken or the adapter was made for another hidden size.
@@ -126,15 +104,22 @@ class SoftPromptModel:
                 f"adapter {adapter.name!r} has token_dim {adapter.token_dim} but the base model "
                 f"has hidden size {self.hidden_size} (it was made for {made_for})"
             )
-        param = nn.Parameter(adapter.weights.detach().clone().float(), requires_grad=trainable)
-        self.embedding.prompt_tables.append(param)
-        self.adapters[adapter.name] = adapter
-        self._params[adapter.name] = param
+        device = self.embedding.weight.device
+        rows = adapter.weights.detach().to(device=device, dtype=torch.float32, copy=True)
+        param = nn.Parameter(rows, requires_grad=trainable)
+        self.adapters[adapter.name] = Adapter(adapter.name, param, dict(adapter.config))
+        self._table = None
         return param
 
+    def remove_adapter(self, name: str) -> Adapter:
+        """Unload adapter ``name``; the virtual ids of adapters loaded after it move down."""
+        adapter = self.adapters.pop(self._check(name))
+        self._table = None
+        return adapter
+
     def adapter_weights(self, name: str) -> torch.Tensor:
-        """The current rows of adapter ``name`` (after training, the trained ones)."""
-        return self._params[self._check(name)].detach().clone()
+        """A copy of the current rows of adapter ``name`` (after training, the trained ones)."""
+        return self.adapters[self._check(name)].weights.detach().clone()
 
     def virtual_ids(self, name: str | None) -> list[int]:
         """Token ids of the virtual tokens of adapter ``name`` (empty for the base model)."""
@@ -142,10 +127,10 @@ class SoftPromptModel:
             return []
         self._check(name)
         offset = self.vocab_size
-        for other, param in self._params.items():
+        for other, adapter in self.adapters.items():
             if other == name:
-                return list(range(offset, offset + param.shape[0]))
-            offset += param.shape[0]
+                return list(range(offset, offset + adapter.num_virtual_tokens))
+            offset += adapter.num_virtual_tokens
         raise AssertionError("unreachable")
 
     def text_ids(self, text: str, max_length: int | None = None) -> list[int]:
@@ -157,15 +142,60 @@ class SoftPromptModel:
         """One row: ``[virtual ids of adapter] + [text ids]``."""
         return self.virtual_ids(adapter) + self.text_ids(text, max_length)
 
+    def prompt_table(self) -> torch.Tensor:
+        """All loaded prompt rows ``(P, D)`` in the model's dtype, adapters in load order.
+
+        Built once per change of the loaded set or of any adapter's values (tracked through the
+        parameters' version counters); rebuilt on every call only while a row is being trained,
+        so gradients reach the parameters.
+        """
+        params = [a.weights for a in self.adapters.values()]
+        dtype = self.embedding.weight.dtype
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return torch.cat(params).to(dtype)
+        key = tuple((id(p), p._version) for p in params)
+        if self._table is None or key != self._table_key:
+            if params:
+                self._table = torch.cat([p.detach() for p in params]).to(dtype)
+            else:
+                self._table = self.embedding.weight.new_zeros(0, self.hidden_size)
+            self._table_key = key
+        return self._table
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings ``(B, T, D)`` for token ids ``(B, T)``, virtual ids included.
+
+        Raises:
+            UserError: an id is negative or beyond the vocabulary plus the loaded virtual tokens
+                (checked for ids on the CPU, where it costs no device synchronisation).
+        """
+        vocab = self.vocab_size
+        table = self.prompt_table()
+        if ids.device.type == "cpu" and ids.numel():
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= vocab + table.shape[0]:
+                bad = low if low < 0 else high
+                raise UserError(
+                    f"token id {bad} is out of range: the vocabulary has {vocab} tokens and "
+                    f"{table.shape[0]} virtual tokens are loaded"
+                )
+        virtual = ids >= vocab  # (B, T)
+        emb = self.embedding(ids.masked_fill(virtual, 0))  # (B, T, D)
+        if table.shape[0] == 0:
+            return emb
+        rows = table[(ids - vocab).clamp(min=0)]  # (B, T, D)
+        return torch.where(virtual.unsqueeze(-1), rows, emb)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        """Run the base model on token ids that may hold virtual ids (through ``inputs_embeds``)."""
+        return self.model(inputs_embeds=self.embed(input_ids), **kwargs)
+
     def base_checksum(self) -> str:
-        """SHA-256 of the base model's weights, prompt table excluded (stable across wrapping)."""
+        """SHA-256 of the base model's weights (the prompt table is not part of the model)."""
         import hashlib
 
-        prompt = {id(p) for p in self.embedding.prompt_tables}
         digest = hashlib.sha256()
         for param in self.model.parameters():
-            if id(param) in prompt:
-                continue
             data = param.detach().cpu().contiguous().reshape(-1)
             digest.update(data.view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
@@ -264,7 +294,9 @@ def load_adapter(path: str | Path, allow_pickle: bool = False, name: str | None 
     if not config_path.is_file():
         raise UserError(f"{folder} is not an adapter folder (no {CONFIG_FILE})")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_bytes())
+    except OSError as exc:
+        raise UserError(f"cannot read {config_path}: {exc.strerror or exc}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{config_path} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
@@ -276,23 +308,42 @@ def load_adapter(path: str | Path, allow_pickle: bool = False, name: str | None 
         )
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         raise UserError(f"{folder} is for task {config.get('task_type')}, not CAUSAL_LM")
+    expected = _config_int(config_path, config, "num_virtual_tokens")
+    submodules = _config_int(config_path, config, "num_transformer_submodules")
+    if submodules not in (None, 1):
+        raise UserError(
+            f"{folder} has num_transformer_submodules {submodules} (an encoder-decoder adapter); "
+            "softprompt loads adapters of causal (decoder-only) models, which have 1"
+        )
+    token_dim = _config_int(config_path, config, "token_dim")
     weights = _read_weights(folder, allow_pickle)
-    if weights.ndim != 2:
-        raise UserError(f"{folder}: {TENSOR_NAME} has shape {tuple(weights.shape)}, expected 2-D")
-    expected = config.get("num_virtual_tokens")
-    if (
-        expected is not None
-        and int(expected) * int(config.get("num_transformer_submodules") or 1) != weights.shape[0]
-    ):
+    if weights.ndim != 2 or 0 in weights.shape:
+        raise UserError(
+            f"{folder}: {TENSOR_NAME} has shape {tuple(weights.shape)}, expected "
+            "(num_virtual_tokens, token_dim) with neither zero"
+        )
+    if not weights.dtype.is_floating_point:
+        raise UserError(f"{folder}: {TENSOR_NAME} holds {weights.dtype}, not floating point")
+    if not bool(torch.isfinite(weights).all()):
+        raise UserError(f"{folder}: {TENSOR_NAME} holds NaN or infinite values")
+    if expected is not None and expected != weights.shape[0]:
         raise UserError(
             f"{folder}: config says {expected} virtual tokens but the weights have "
             f"{weights.shape[0]} rows"
         )
-    if config.get("token_dim") not in (None, weights.shape[1]):
-        raise UserError(
-            f"{folder}: config token_dim {config['token_dim']} != weights' {weights.shape[1]}"
-        )
+    if token_dim is not None and token_dim != weights.shape[1]:
+        raise UserError(f"{folder}: config token_dim {token_dim} != weights' {weights.shape[1]}")
     return Adapter(name=name or folder.resolve().name, weights=weights.float(), config=config)
+
+
+def _config_int(path: Path, config: dict[str, Any], key: str) -> int | None:
+    """``config[key]`` as a positive int, None when absent; anything else is a UserError."""
+    value = config.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{path}: {key} must be a positive integer, not {value!r}")
+    return value
 
 
 def _read_weights(folder: Path, allow_pickle: bool) -> torch.Tensor:
@@ -303,7 +354,9 @@ def _read_weights(folder: Path, allow_pickle: bool) -> torch.Tensor:
 
         try:
             tensors = load_file(str(safetensors_path))
-        except (SafetensorError, OSError, ValueError) as exc:
+        except OSError as exc:
+            raise UserError(f"cannot read {safetensors_path}: {exc.strerror or exc}") from exc
+        except (SafetensorError, ValueError, TypeError) as exc:
             raise UserError(f"{safetensors_path} is corrupt: {exc}") from exc
     elif (folder / PICKLE_FILE).is_file():
         if not allow_pickle:
@@ -317,7 +370,10 @@ def _read_weights(folder: Path, allow_pickle: bool) -> torch.Tensor:
             raise UserError(f"{folder / PICKLE_FILE} cannot be read: {exc}") from exc
     else:
         raise UserError(f"{folder} has no {WEIGHTS_FILE}")
-    if not isinstance(tensors, dict) or TENSOR_NAME not in tensors:
-        keys = ", ".join(sorted(tensors)) if isinstance(tensors, dict) else type(tensors).__name__
+    if not isinstance(tensors, dict) or not isinstance(tensors.get(TENSOR_NAME), torch.Tensor):
+        keys = (
+            ", ".join(sorted(map(str, tensors))) if isinstance(tensors, dict) else "no tensor dict"
+        )
         raise UserError(f"{folder}: no {TENSOR_NAME!r} tensor in the weights (found: {keys})")
-    return tensors[TENSOR_NAME]
+    tensor: torch.Tensor = tensors[TENSOR_NAME]
+    return tensor

@@ -181,19 +181,36 @@ def eval_matrix(
     ]
 
 
+GENERATOR_META = '<meta name=generator content="softprompt report">'
+"""Marks a page as softprompt's, so a later report may replace it without --overwrite."""
+
+
 def write_report(html: str, output: Path) -> None:
     """Write ``html`` to ``output`` through a temporary file, so no half page is ever left."""
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    from .files import write_text
+
     try:
-        tmp.write_text(html, encoding="utf-8")
-        os.replace(tmp, output)
+        write_text(output, html)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {output}: {exc.strerror or exc}") from exc
 
 
-def check_writable(output: Path) -> None:
-    """Fail before the slow work when ``output`` cannot be written."""
+def is_report(path: Path) -> bool:
+    """Whether ``path`` is a page softprompt wrote (its generator tag is in the head)."""
+    try:
+        with path.open("rb") as handle:
+            return GENERATOR_META.encode() in handle.read(2048)
+    except OSError:
+        return False
+
+
+def check_writable(output: Path, overwrite: bool = False) -> None:
+    """Fail before the slow work when ``output`` cannot be written or is a user's own file.
+
+    Raises:
+        UserError: it is a folder, its folder is missing or not writable, or it is an existing
+            file that softprompt did not write (unless ``overwrite``).
+    """
     if output.is_dir():
         raise UserError(f"{output} is a folder; give a file name such as report.html")
     parent = output.parent
@@ -201,6 +218,10 @@ def check_writable(output: Path) -> None:
         raise UserError(f"cannot write {output}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise UserError(f"cannot write {output}: folder {parent} is not writable")
+    if output.exists() and not overwrite and not is_report(output):
+        raise UserError(
+            f"{output} exists and is not a softprompt report; pass --overwrite to replace it"
+        )
 
 
 def _preservation(adapters: list[AdapterInfo], checksum: str, base_row: list[Any]) -> str:
@@ -289,8 +310,7 @@ def _generations(comparisons: list[Any]) -> str:
 def _adapter_section(spm: SoftPromptModel, info: AdapterInfo, view: Any) -> str:
     config = info.config
     trainable = info.log.get("trainable_params") or int(spm.adapters[info.name].weights.numel())
-    prompt_rows = {id(p) for p in spm.embedding.prompt_tables}
-    base_params = sum(p.numel() for p in spm.model.parameters() if id(p) not in prompt_rows)
+    base_params = sum(p.numel() for p in spm.model.parameters())
     total = info.log.get("total_params") or base_params + trainable
     facts = [
         ("folder", str(info.folder)),
@@ -332,7 +352,11 @@ def _short(value: Any) -> str:
     return escape(str(value)[:16] + "...") if value else "-"
 
 
-_HEAD = """<!doctype html><html lang=en><head><meta charset=utf-8>
+_HEAD = (
+    """<!doctype html><html lang=en><head><meta charset=utf-8>
+"""
+    + GENERATOR_META
+    + """
 <meta name=viewport content="width=device-width, initial-scale=1">
 <title>softprompt report</title><style>
 body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -344,3 +368,4 @@ th{background:#f6f6f6}td.own{outline:2px solid #222;outline-offset:-2px}td.best{
 .pair{display:flex;gap:1.5em;flex-wrap:wrap;align-items:flex-start}
 code{background:#f3f3f3;padding:0 .2em;border-radius:3px}
 </style></head><body>"""
+)

@@ -2,15 +2,17 @@
 
 ``train(spm, name, texts, eval_texts, config)`` is one plain loop (AdamW on the prompt rows,
 cross-entropy on the text tokens); ``save_trained`` writes the PEFT files and everything beside
-them into a temporary folder and renames it into place, so a failed run leaves nothing behind.
+them into a staging folder and puts it in place (see ``files``), so a failed save leaves nothing
+half-written; if the output cannot be written after training, the trained prompt is rescued to
+a folder the error names, never thrown away.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +23,7 @@ import torch
 
 from .errors import UserError
 from .evaluate import batch_loss, evaluate, training_rows
+from .files import check_output, put_in_place, staging_dir
 from .prompt import Adapter, SoftPromptModel, adapter_config, write_adapter_files
 
 INITS = ("vocab", "text", "random", "file")
@@ -43,7 +46,7 @@ class TrainConfig:
     lr: float = 3e-2
     batch_size: int = 8
     max_length: int = 64
-    """Text tokens per example, EOS included; longer texts are cut."""
+    """Text tokens per example, EOS included. A text that does not fit is cut and gets no EOS."""
     seed: int = 0
     heldout_fraction: float = 0.1
     """Share of the data held out for evaluation when no eval data is given."""
@@ -79,6 +82,8 @@ class TrainResult:
     evals: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     samples: int = 0
+    texts_cut: int = 0
+    """Training texts longer than ``max_length``, cut (so trained without an EOS)."""
     trainable_params: int = 0
     total_params: int = 0
     base_checksum_before: str = ""
@@ -119,13 +124,12 @@ def train(
 
     torch.manual_seed(config.seed)
     param = spm.add_adapter(Adapter(name=name, weights=initial), trainable=True)
-    prompt_rows = {id(p) for p in spm.embedding.prompt_tables}
-    base_params = sum(p.numel() for p in spm.model.parameters() if id(p) not in prompt_rows)
+    base_params = sum(p.numel() for p in spm.model.parameters())
     result = TrainResult(
         name=name, trainable_params=param.numel(), total_params=base_params + param.numel()
     )
     optimizer = torch.optim.AdamW([param], lr=config.lr, weight_decay=0.0)
-    rows = training_rows(spm, texts, name, config.max_length)
+    rows, result.texts_cut = training_rows(spm, texts, name, config.max_length)
     order = random.Random(config.seed)
     steps_per_epoch = (len(rows) + config.batch_size - 1) // config.batch_size
 
@@ -187,22 +191,6 @@ def length_grouped_batches(
     return batches
 
 
-def check_output(target: Path, overwrite: bool = False) -> None:
-    """Fail early, before any training, when ``target`` could not be written.
-
-    Raises:
-        UserError: it exists and is not empty (without ``overwrite``), or its folder cannot be
-            created or written to.
-    """
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise UserError(f"{target} already exists and is not empty; pass --overwrite to replace it")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        Path(tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=target.parent)).rmdir()
-    except OSError as exc:
-        raise UserError(f"cannot write to {target}: {exc.strerror or exc}") from exc
-
-
 def save_trained(
     spm: SoftPromptModel,
     name: str,
@@ -215,45 +203,42 @@ def save_trained(
 ) -> Path:
     """Write adapter ``name`` to ``output``: PEFT files, config, loss log, plot and model card.
 
-    Everything is written into a temporary sibling folder first, then renamed into place.
+    Everything is written into a staging sibling folder first, then put in place atomically
+    (``files.put_in_place``). Whatever goes wrong, the trained rows are not lost: they are
+    rescued to a folder (``rescue``) that the error names.
 
     Raises:
-        UserError: ``output`` exists and is not empty (unless ``overwrite``), or cannot be written.
+        UserError: ``output`` exists and is not empty (unless ``overwrite``), or cannot be written
+            (an ``OSError`` such as a full disk or a refused permission); the message says where
+            the trained prompt was rescued to.
     """
+    weights = spm.adapter_weights(name)
+    adapter = Adapter(name=name, weights=weights)
+    peft_config = adapter_config(
+        adapter, spm.base.name, init=config.init, init_text=config.init_text
+    )
+    loss_log = {
+        "steps": result.steps,
+        "evals": result.evals,
+        "seconds": result.seconds,
+        "samples": result.samples,
+        "texts_cut": result.texts_cut,
+        "trainable_params": result.trainable_params,
+        "total_params": result.total_params,
+        "base_checksum_before": result.base_checksum_before,
+        "base_checksum_after": result.base_checksum_after,
+    }
+    tmp: Path | None = None
     target = Path(output)
-    check_output(target, overwrite)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    except OSError as exc:
-        raise UserError(f"cannot write to {target}: {exc.strerror or exc}") from exc
-    try:
-        weights = spm.adapter_weights(name)
-        adapter = Adapter(name=name, weights=weights)
-        write_adapter_files(
-            tmp,
-            weights,
-            adapter_config(adapter, spm.base.name, init=config.init, init_text=config.init_text),
-        )
+        target = check_output(output, overwrite)
+        tmp = staging_dir(target)
+        write_adapter_files(tmp, weights, peft_config)
         (tmp / "training_config.json").write_text(
             json.dumps({**asdict(config), **(extra or {}), "base_model": spm.base.name}, indent=2)
             + "\n"
         )
-        (tmp / "loss_log.json").write_text(
-            json.dumps(
-                {
-                    "steps": result.steps,
-                    "evals": result.evals,
-                    "seconds": result.seconds,
-                    "samples": result.samples,
-                    "trainable_params": result.trainable_params,
-                    "total_params": result.total_params,
-                    "base_checksum_before": result.base_checksum_before,
-                    "base_checksum_after": result.base_checksum_after,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        (tmp / "loss_log.json").write_text(json.dumps(loss_log, indent=2) + "\n")
         from .plots import plot_losses
         from .report import write_model_card
 
@@ -264,14 +249,50 @@ def save_trained(
                 "".join(json.dumps({"text": t}) + "\n" for t in heldout)
             )
         tmp.chmod(0o755)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        put_in_place(tmp, target)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        rescued = rescue(name, weights, peft_config, loss_log)
+        if isinstance(exc, OSError | UserError):
+            where = (
+                f"the trained prompt was saved to {rescued} instead; move it into place with "
+                f"`mv {rescued} {target}`"
+                if rescued
+                else "and it could not be saved anywhere else either"
+            )
+            why = (
+                exc
+                if isinstance(exc, UserError)
+                else f"cannot save {target}: {exc.strerror or exc}"
+            )
+            raise UserError(f"{why}; {where}") from exc
+        if rescued:
+            print(f"softprompt: the trained prompt was saved to {rescued}", file=sys.stderr)
         raise
     return target
+
+
+def rescue(
+    name: str, weights: torch.Tensor, peft_config: dict[str, Any], loss_log: dict[str, Any]
+) -> Path | None:
+    """Save a trained prompt that could not go where asked; returns where it went, or None.
+
+    Tries a ``rescued/`` folder in softprompt's cache, then the system's temporary folder.
+    """
+    from .models import cache_dir
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for root in (cache_dir() / "rescued", Path(tempfile.gettempdir()) / "softprompt-rescued"):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix=f"{name}-{stamp}-", dir=root))
+            write_adapter_files(folder, weights, peft_config)
+            (folder / "loss_log.json").write_text(json.dumps(loss_log, indent=2) + "\n")
+            folder.chmod(0o755)
+            return folder
+        except OSError:
+            continue
+    return None
