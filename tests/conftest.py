@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,51 @@ def texts_file(tmp_path: Path) -> Path:
     ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
+
+
+# What a rendered report page shows, read in the browser.
+PAGE_FACTS = """() => ({
+    tables: document.querySelectorAll('table').length,
+    matrixRows: document.querySelectorAll('table.matrix tr').length,
+    images: [...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight]),
+    headings: [...document.querySelectorAll('h2')].map(h => h.textContent),
+    height: document.body.scrollHeight,
+})"""
+
+
+@pytest.fixture()
+def render_page():
+    """Open an HTML file in headless Chromium; return its facts and save a full-page screenshot.
+
+    Fails (never skips) without a browser: the page tests are part of what CI checks, and
+    .ci/run installs Debian's chromium.
+    """
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.fail("chromium is not installed: apt-get install chromium (.ci/run does)")
+
+    def render(page_path: Path, screenshot: Path) -> dict:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=executable,
+                args=[
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                ],
+            )
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(page_path.as_uri())
+            page.wait_for_load_state("load")
+            facts = page.evaluate(PAGE_FACTS)
+            page.screenshot(path=str(screenshot), full_page=True)
+            browser.close()
+        return facts
+
+    return render

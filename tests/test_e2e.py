@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,28 +135,47 @@ def test_mixed_batch_generation_equals_one_by_one(adapters, tmp_path):
 
 
 def test_generation_matches_inputs_embeds_reference(adapters):
-    """Greedy output equals transformers' generate() with the trained prompt prepended."""
+    """Greedy output equals transformers' generate() on the untouched base model with the
+    trained rows prepended, token for token, up to the reference's EOS."""
     from softprompt.generate import GenerateConfig, generate_ids
     from softprompt.models import load_base_model
     from softprompt.prompt import SoftPromptModel, load_adapter
 
+    untouched = load_base_model()
     spm = SoftPromptModel(load_base_model())
-    spm.add_adapter(load_adapter(adapters["roles"]))
-    ids = spm.encode("I want you to act as a chef. ", "roles")
-    reference = spm.model.generate(
-        inputs_embeds=spm.embed(torch.tensor([ids])),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+    adapter = load_adapter(adapters["roles"])
+    spm.add_adapter(adapter)
+    text = spm.text_ids("I want you to act as a chef. ")
+    embed = untouched.model.get_input_embeddings()
+    with torch.no_grad():
+        embeds = torch.cat([adapter.weights, embed(torch.tensor(text))]).unsqueeze(0)
+    length = embeds.shape[1]
+    reference = untouched.model.generate(
+        inputs_embeds=embeds,
+        attention_mask=torch.ones(1, length, dtype=torch.long),
         max_new_tokens=20,
         do_sample=False,
     )[0].tolist()
-    ours = generate_ids(spm, [ids], GenerateConfig(max_new_tokens=20))[0]
-    assert ours == reference[: len(ours)] and len(ours) > 0
+    eos = untouched.tokenizer.eos_token_id
+    if eos in reference:
+        reference = reference[: reference.index(eos)]
+    ours = generate_ids(
+        spm, [spm.encode("I want you to act as a chef. ", "roles")], GenerateConfig(20)
+    )
+    assert ours == reference
+    assert len(ours) >= 5  # a real completion, not a stop after a token or two
 
 
-def test_demo_runs_the_whole_guide(tmp_path):
+def test_demo_runs_the_whole_guide(tmp_path, render_page):
+    from softprompt.models import load_base_model
+    from softprompt.prompt import SoftPromptModel
+
     proc = cli("demo", "--output", str(tmp_path / "demo"))
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["base_unchanged"] is True
+    # The model that trained both prompts still has exactly the weights of the model file.
+    on_disk = SoftPromptModel(load_base_model()).base_checksum()
+    assert summary["base_checksum"] == summary["base_checksum_after_training"] == on_disk
     for name in ("role-prompts", "quotes"):
         folder = tmp_path / "demo" / name
         assert (folder / "adapter_model.safetensors").is_file()
@@ -171,3 +191,64 @@ def test_demo_runs_the_whole_guide(tmp_path):
     assert "report.html" in proc.stdout
     assert report.count("data:image/png;base64,") == 3  # heatmap + two loss curves
     assert "The base model's weights are unchanged by training" in report
+    facts = render_page(tmp_path / "demo" / "report.html", tmp_path / "demo.png")
+    assert facts["matrixRows"] == 4  # header, base model, two adapters
+    assert len(facts["images"]) == 3
+    assert all(done and w > 200 and h > 100 for done, w, h in facts["images"])
+    assert facts["headings"][:3] == [
+        "Knowledge preservation",
+        "Evaluation: mean loss per token (lower is better)",
+        "Before / after: generations",
+    ]
+    # A second demo into the same folder replaces its own output without --overwrite.
+    from softprompt.demo import check_demo_output
+
+    check_demo_output(tmp_path / "demo")
+
+
+def _load_embedded(env: dict[str, str]) -> subprocess.Popen[str]:
+    code = "from softprompt.cli import main; import sys; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "eval", "--data", "examples:quotes:heldout"]
+        + ["--max-samples", "2", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def test_embedded_model_conversion_is_shared_and_repaired(tmp_path):
+    """Two processes converting at once both succeed; a truncated cached model is rebuilt."""
+    env = {**os.environ, "SOFTPROMPT_CACHE": str(tmp_path / "cache")}
+    procs = [_load_embedded(env) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-2000:]
+        assert json.loads(out)[0]["tokens"] > 0
+    weights = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct" / "model.safetensors"
+    good = json.loads(outputs[0][0])
+    size = weights.stat().st_size
+    with weights.open("r+b") as handle:
+        handle.truncate(size // 2)
+    proc = _load_embedded(env)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert "damaged" in err
+    assert json.loads(out) == good
+    assert weights.stat().st_size == size
+    # Nothing half-converted is left beside the model (the lock file may stay).
+    left = sorted(p.name for p in weights.parent.parent.iterdir() if not p.name.endswith(".lock"))
+    assert left == ["SmolLM2-135M-Instruct"]
+
+
+def test_unwritable_model_cache_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    env = {**os.environ, "SOFTPROMPT_CACHE": str(blocker / "cache")}
+    proc = _load_embedded(env)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "cannot write the model cache" in lines[0], err
+    assert "SOFTPROMPT_CACHE" in lines[0]

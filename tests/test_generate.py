@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from softprompt.errors import UserError
-from softprompt.generate import GenerateConfig, Request, generate, generate_ids
+from softprompt.generate import GenerateConfig, Request, _seen_tokens, generate, generate_ids
 from softprompt.prompt import Adapter
 
 PROMPTS = [
@@ -40,35 +40,82 @@ def test_greedy_output_does_not_depend_on_batching(spm, penalty):
     assert len({together[i] for i in range(3)}) > 1
 
 
-def test_matches_reference_generate_with_inputs_embeds(spm):
-    """Our decode loop equals transformers' generate() with the prompt rows prepended."""
-    _with_adapters(spm)
-    config = GenerateConfig(max_new_tokens=10)
-    for request in _requests()[:6]:
-        ids = spm.encode(request.prompt, request.adapter)
-        embeds = spm.embed(torch.tensor([ids]))
-        reference = spm.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=10,
+def _reference(model, pad_id: int, eos_id: int, rows, penalty: float, max_new_tokens: int):
+    """transformers' own generate() on the untouched base model: each row's raw adapter rows,
+    then its text's embeddings, left padded into one batch.
+
+    ``input_ids`` ride along only for the repetition penalty. Where the prompt is virtual or
+    padding they hold the row's first text token, which the penalty covers anyway (it applies
+    once per distinct id), so exactly the row's real tokens are penalised.
+    """
+    embed = model.get_input_embeddings()
+    length = max(len(text) + (0 if raw is None else raw.shape[0]) for raw, text in rows)
+    ids, embeds, mask = [], [], []
+    with torch.no_grad():
+        for raw, text in rows:
+            virtual = 0 if raw is None else raw.shape[0]
+            pad = length - virtual - len(text)
+            parts = [embed(torch.tensor([pad_id] * pad, dtype=torch.long))]
+            if raw is not None:
+                parts.append(raw)
+            parts.append(embed(torch.tensor(text)))
+            embeds.append(torch.cat(parts))
+            ids.append([text[0]] * (pad + virtual) + text)
+            mask.append([0] * pad + [1] * (virtual + len(text)))
+        out = model.generate(
+            input_ids=torch.tensor(ids),
+            inputs_embeds=torch.stack(embeds),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=spm.tokenizer.eos_token_id,
-            pad_token_id=spm.tokenizer.pad_token_id,
+            repetition_penalty=penalty,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
         )
-        ours = generate_ids(spm, [ids], config)[0]
-        expected = reference[0].tolist()
-        if spm.tokenizer.eos_token_id in expected:
-            expected = expected[: expected.index(spm.tokenizer.eos_token_id)]
-        assert ours == expected
+    completions = []
+    for row in out[:, length:].tolist():
+        completions.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return completions
 
 
-def test_repetition_penalty_ignores_virtual_ids(spm):
-    # Virtual ids lie beyond the vocabulary: penalising them by id would index out of range.
-    _with_adapters(spm)
-    out = generate(
-        spm, [Request("be kind", "b")], GenerateConfig(max_new_tokens=5, repetition_penalty=2.0)
+@pytest.mark.parametrize("penalty", [1.0, 1.5])
+def test_matches_reference_generate_on_a_padded_mixed_batch(tiny_model_dir, penalty):
+    """Our mixed-adapter decode loop equals transformers' generate() with the adapter's raw
+    rows prepended through inputs_embeds, over one left-padded mixed batch."""
+    from softprompt.models import load_base_model
+    from softprompt.prompt import SoftPromptModel
+
+    torch.manual_seed(1)
+    raw = {"a": torch.randn(3, 16) * 4, "b": torch.randn(5, 16) * 4}
+    untouched = load_base_model(str(tiny_model_dir))
+    spm = SoftPromptModel(load_base_model(str(tiny_model_dir)))
+    for name, rows in raw.items():
+        spm.add_adapter(Adapter(name, rows))
+    requests = _requests()[:9]
+    tok = spm.tokenizer
+    reference = _reference(
+        untouched.model,
+        tok.pad_token_id,
+        tok.eos_token_id,
+        [(raw.get(r.adapter or ""), spm.text_ids(r.prompt)) for r in requests],
+        penalty,
+        10,
     )
-    assert isinstance(out[0], str)
+    config = GenerateConfig(max_new_tokens=10, repetition_penalty=penalty)
+    ours = generate_ids(spm, [spm.encode(r.prompt, r.adapter) for r in requests], config)
+    assert ours == reference
+    assert len({tuple(c) for c in ours}) > 3  # adapters and prompts do change the outputs
+    assert max(len(c) for c in ours) == 10
+
+
+def test_seen_tokens_leave_out_padding_and_virtual_ids():
+    vocab = 10
+    ids = torch.tensor([[1, 1, 12, 3, 4], [0, 5, 10, 11, 5]])  # pads are id 1 and 0 here
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
+    seen = _seen_tokens(ids, mask, vocab)
+    assert seen.shape == (2, vocab)
+    assert seen[0].nonzero().flatten().tolist() == [3, 4]
+    assert seen[1].nonzero().flatten().tolist() == [5]
 
 
 def test_repetition_penalty_discourages_repeats(spm):
@@ -91,6 +138,19 @@ def test_tiny_top_p_samples_the_greedy_token(spm):
         spm, _requests(), GenerateConfig(max_new_tokens=8, temperature=1.5, top_p=1e-6, seed=3)
     )
     assert nucleus == greedy
+
+
+def test_a_sampled_completion_does_not_depend_on_its_batch_mates(spm):
+    _with_adapters(spm)
+    config = GenerateConfig(max_new_tokens=10, temperature=1.2, seed=5)
+    everything = _requests()
+    together = generate(spm, everything, config, batch_size=4)
+    for i in (0, 4, 11, 17):
+        alone = generate(spm, [everything[i]], config)[0]
+        assert alone == together[i]
+    # Its own seed decides: the same request with another seed samples something else.
+    reseeded = [Request(r.prompt, r.adapter, seed=99) for r in everything]
+    assert generate(spm, reseeded, config, batch_size=4) != together
 
 
 def test_sampling_is_seeded(spm):

@@ -78,7 +78,7 @@ def test_init_random_matches_vocab_norm(spm):
 
 
 def _save(folder: Path, rows: torch.Tensor) -> Path:
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     write_adapter_files(folder, rows, adapter_config(Adapter("x", rows), "tiny"))
     return folder
 
@@ -104,9 +104,15 @@ def test_adapter_round_trip(tmp_path):
         ("corrupt", "corrupt"),
         ("pickle", "pickle"),
         ("count", "virtual tokens"),
+        ("count_text", "num_virtual_tokens must be a positive integer"),
+        ("count_float", "num_virtual_tokens must be a positive integer"),
+        ("encoder_decoder", "encoder-decoder"),
+        ("unreadable", "cannot read"),
+        ("nan", "NaN"),
+        ("int_rows", "not floating point"),
     ],
 )
-def test_bad_adapters_are_user_errors(tmp_path, breakage, message):
+def test_bad_adapters_are_user_errors(tmp_path, monkeypatch, breakage, message):
     folder = _save(tmp_path / "ad", torch.randn(4, 16))
     config_path = folder / "adapter_config.json"
     weights_path = folder / "adapter_model.safetensors"
@@ -126,8 +132,75 @@ def test_bad_adapters_are_user_errors(tmp_path, breakage, message):
     elif breakage == "count":
         config = json.loads(config_path.read_text())
         config_path.write_text(json.dumps({**config, "num_virtual_tokens": 9}))
+    elif breakage in ("count_text", "count_float"):
+        config = json.loads(config_path.read_text())
+        value = "four" if breakage == "count_text" else 4.5
+        config_path.write_text(json.dumps({**config, "num_virtual_tokens": value}))
+    elif breakage == "encoder_decoder":
+        # PEFT's layout for encoder-decoder models: the rows of both submodules, stacked.
+        _save(folder, torch.randn(8, 16))
+        config = json.loads(config_path.read_text())
+        config_path.write_text(
+            json.dumps({**config, "num_virtual_tokens": 4, "num_transformer_submodules": 2})
+        )
+    elif breakage == "unreadable":
+        # chmod cannot deny root, who runs CI: refuse the read the way the kernel would.
+        real_text, real_bytes = Path.read_text, Path.read_bytes
+
+        def denied(real):
+            def read(self, *args, **kwargs):
+                if self.name == "adapter_config.json":
+                    raise PermissionError(13, "Permission denied", str(self))
+                return real(self, *args, **kwargs)
+
+            return read
+
+        monkeypatch.setattr(Path, "read_text", denied(real_text))
+        monkeypatch.setattr(Path, "read_bytes", denied(real_bytes))
+    elif breakage == "nan":
+        rows = torch.randn(4, 16)
+        rows[1, 3] = float("nan")
+        _save(folder, rows)
+    elif breakage == "int_rows":
+        from safetensors.torch import save_file
+
+        save_file({"prompt_embeddings": torch.ones(4, 16, dtype=torch.int64)}, str(weights_path))
     with pytest.raises(UserError, match=message):
         load_adapter(folder)
+
+
+def test_prompt_table_is_built_once_per_change(spm):
+    spm.add_adapter(Adapter("a", torch.randn(3, spm.hidden_size)))
+    ids = torch.tensor([spm.encode("be kind", "a")])
+    table = spm.prompt_table()
+    spm.embed(ids)
+    spm.forward(ids)
+    assert spm.prompt_table() is table  # no concatenation per forward
+    spm.add_adapter(Adapter("b", torch.randn(2, spm.hidden_size)))
+    assert spm.prompt_table().shape[0] == 5
+    with torch.no_grad():
+        spm.adapters["a"].weights.add_(1.0)  # changed in place: the table follows
+    assert torch.equal(spm.prompt_table()[:3], spm.adapters["a"].weights)
+    spm.remove_adapter("a")
+    assert spm.virtual_ids("b") == [spm.vocab_size, spm.vocab_size + 1]
+    assert spm.prompt_table().shape[0] == 2
+
+
+def test_out_of_range_virtual_id_is_an_error(spm):
+    spm.add_adapter(Adapter("a", torch.randn(3, spm.hidden_size)))
+    for bad in (spm.vocab_size + 3, spm.vocab_size + 40, -1):
+        with pytest.raises(UserError, match="out of range"):
+            spm.embed(torch.tensor([[2, bad]]))
+
+
+def test_adapter_rows_have_one_source_of_truth(spm):
+    """What spm.adapters holds is what generation uses, trained or changed in place."""
+    param = spm.add_adapter(Adapter("a", torch.zeros(2, spm.hidden_size)), trainable=True)
+    assert spm.adapters["a"].weights is param
+    with torch.no_grad():
+        param.add_(0.5)
+    assert torch.equal(spm.adapter_weights("a"), torch.full((2, spm.hidden_size), 0.5))
+    assert torch.equal(spm.adapters["a"].weights.detach(), spm.adapter_weights("a"))
 
 
 def test_pickle_loads_only_when_allowed(tmp_path):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -98,44 +96,10 @@ def test_report_output_checks(tmp_path):
         check_writable(tmp_path)
 
 
-def _chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed (CI installs it in .ci/run)")
-        pytest.skip("chromium is not installed: apt-get install chromium")
-    return path
-
-
-def test_report_renders_in_chromium(two_adapters, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
+def test_report_renders_in_chromium(two_adapters, tmp_path, render_page):
     page_path = _report(two_adapters, tmp_path)
     shot = tmp_path / "report.png"
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=_chromium(),
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto(page_path.as_uri())
-        page.wait_for_load_state("load")
-        facts = page.evaluate("""() => ({
-            tables: document.querySelectorAll('table').length,
-            matrixRows: document.querySelectorAll('table.matrix tr').length,
-            images: [...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight]),
-            headings: [...document.querySelectorAll('h2')].map(h => h.textContent),
-            height: document.body.scrollHeight,
-        })""")
-        page.screenshot(path=str(shot), full_page=True)
-        browser.close()
+    facts = render_page(page_path, shot)
     assert facts["matrixRows"] == 4  # header + base + two adapters
     assert facts["tables"] >= 7
     assert len(facts["images"]) == 3

@@ -159,3 +159,15 @@ def test_base_model_is_left_exactly_as_it_was(tiny_model_dir):
         base.model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
     )
     assert peft_model.get_nb_trainable_parameters()[0] == 2 * spm.hidden_size
+
+
+def test_after_training_every_reader_sees_the_trained_rows(spm):
+    from softprompt.inspection import inspect_adapter
+
+    config = TrainConfig(virtual_tokens=4, epochs=2, lr=0.1, batch_size=4)
+    start = init_prompt(spm.base, 4, "vocab")
+    train(spm, "tuned", start.clone(), TEXTS, TEXTS[:4], config, progress=False)
+    trained = spm.adapter_weights("tuned")
+    assert not torch.allclose(trained, start)
+    view = inspect_adapter(spm, spm.adapters["tuned"])
+    assert [t.norm for t in view.tokens] == pytest.approx(trained.norm(dim=1).tolist())

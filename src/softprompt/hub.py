@@ -9,9 +9,10 @@ anything else fails at once with one clear message.
 from __future__ import annotations
 
 import os
-import socket
+import ssl
 import sys
-from urllib.parse import urlparse
+import urllib.error
+import urllib.request
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
@@ -20,25 +21,42 @@ def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub endpoint (``HF_ENDPOINT`` or huggingface.co) answers at all.
+
+    Goes through the user's proxy settings (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``), as
+    the Hugging Face libraries do. Any answer counts, an HTTP error or a TLS failure included:
+    only a connection that cannot be made (no route, refused, no DNS, timeout) means unreachable.
+    """
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    request = urllib.request.Request(endpoint + "/", method="HEAD")
+    try:
+        # A new opener reads the proxy variables now (urlopen's global one keeps its first).
+        urllib.request.build_opener().open(request, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except urllib.error.URLError as exc:
+        return isinstance(exc.reason, ssl.SSLError)
+    except ssl.SSLError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def go_offline_if_unreachable(timeout: float = 3.0) -> bool:
-    """Set offline mode when the Hub endpoint does not accept a connection; True if reachable.
+    """Set offline mode when the Hub endpoint cannot be reached; True if it can.
 
     Must run before huggingface_hub is imported, which reads these variables once.
     """
     if is_offline():
         return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    parsed = urlparse(endpoint)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname or "", port), timeout=timeout).close()
+    if hub_reachable(timeout):
         return True
-    except OSError:
-        if "huggingface_hub" in sys.modules:  # too late to switch; requests will retry
-            return False
+    if "huggingface_hub" not in sys.modules:  # too late to switch otherwise; requests will retry
         for name in OFFLINE_VARS:
             os.environ[name] = "1"
-        return False
+    return False
 
 
 def unreachable_note() -> str:
