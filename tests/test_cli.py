@@ -357,3 +357,61 @@ def test_unreachable_hub_fails_at_once_with_one_line(tmp_path):
     assert_user_error(proc, "cannot load model", "not reachable")
     proc = run("eval", "--data", "nobody-here/no-such-dataset", env=env)
     assert_user_error(proc, "cannot load dataset", "not reachable")
+
+
+def test_more_bad_inputs_found_in_review(trained, tiny_model_dir, tmp_path):
+    adapter, data = trained
+    model = ["--model", str(tiny_model_dir)]
+    out = str(tmp_path / "new")
+    # --init-from used to be ignored silently unless --init file was given too.
+    assert_user_error(
+        run(
+            "train",
+            *model,
+            "--data",
+            str(data),
+            "--output",
+            out,
+            "--init-from",
+            str(adapter),
+            "--init",
+            "random",
+        ),
+        "--init-from",
+    )
+    binary = tmp_path / "requests.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    assert_user_error(run("generate", *model, "--requests", str(binary)), "not UTF-8")
+    assert_user_error(
+        run("train", *model, "--data", str(data), "--output", out, "--virtual-tokens", "5000"),
+        "more than the",
+    )
+    assert not Path(out).exists()
+
+
+def test_init_from_alone_continues_from_the_adapter(trained, tiny_model_dir, tmp_path):
+    adapter, data = trained
+    out = tmp_path / "continued"
+    proc = run(
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--text-field",
+        "quote",
+        "--output",
+        str(out),
+        "--init-from",
+        str(adapter),
+        "--epochs",
+        "1",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["init"] == "file" and config["virtual_tokens"] == 3
+    # Training started where the adapter ended: its held-out loss before equals the adapter's.
+    before = json.loads((out / "loss_log.json").read_text())["evals"][0]["loss"]
+    after = json.loads((adapter / "loss_log.json").read_text())["evals"][-1]["loss"]
+    assert before == pytest.approx(after, abs=1e-5)

@@ -96,6 +96,35 @@ def test_report_output_checks(tmp_path):
         check_writable(tmp_path)
 
 
+def test_report_never_replaces_a_users_file_without_overwrite(two_adapters, tmp_path):
+    mine = tmp_path / "notes.html"
+    mine.write_text("<p>my notes</p>")
+    with pytest.raises(UserError, match="not a softprompt report; pass --overwrite"):
+        check_writable(mine)
+    check_writable(mine, overwrite=True)
+    ours = _report(two_adapters, tmp_path)
+    check_writable(ours)  # an earlier report may be replaced
+
+
+@pytest.mark.parametrize(
+    "log",
+    [
+        {"steps": [1, 2], "evals": "x", "trainable_params": "many"},
+        {"steps": [{"step": "a", "epoch": 1, "loss": 2}], "evals": [{"epoch": 0, "loss": 1}]},
+        {"total_params": 0, "trainable_params": True, "base_checksum_before": 3},
+        [],
+    ],
+)
+def test_report_survives_a_malformed_loss_log(two_adapters, tmp_path, log):
+    spm, folders = two_adapters
+    (folders[0] / "loss_log.json").write_text(json.dumps(log))
+    info = AdapterInfo.read("kind", folders[0])
+    html = build_report(
+        spm, [info], [Texts("kind", KIND, "text")], ["be kind"], GenerateConfig(max_new_tokens=4)
+    )
+    assert "No loss log in this folder" in html
+
+
 def test_report_renders_in_chromium(two_adapters, tmp_path, render_page):
     page_path = _report(two_adapters, tmp_path)
     shot = tmp_path / "report.png"

@@ -104,15 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--virtual-tokens", type=int, default=8, help="default: %(default)s")
     train.add_argument(
         "--init",
-        default="vocab",
         choices=["vocab", "text", "random", "file"],
         help="vocab: random vocabulary rows; text: rows of --init-text; random: "
-        "Gaussian scaled to the vocabulary's norm; file: --init-from (default: "
-        "%(default)s)",
+        "Gaussian scaled to the vocabulary's norm; file: --init-from (default: file "
+        "with --init-from, else vocab)",
     )
     train.add_argument("--init-text", help="text whose token rows start the prompt (--init text)")
     train.add_argument(
-        "--init-from", metavar="ADAPTER", help="adapter folder to continue from (--init file)"
+        "--init-from",
+        metavar="ADAPTER",
+        help="adapter folder to continue from (implies --init file)",
     )
     train.add_argument("--epochs", type=int, default=5, help="default: %(default)s")
     train.add_argument("--lr", type=float, default=3e-2, help="default: %(default)s")

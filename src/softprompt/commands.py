@@ -70,9 +70,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig
 
+    if args.init_from and args.init not in (None, "file"):
+        raise UserError(
+            f"--init-from starts from an adapter's rows; it cannot go with --init {args.init}"
+        )
     config = TrainConfig(
         virtual_tokens=args.virtual_tokens,
-        init=args.init,
+        init=args.init or ("file" if args.init_from else "vocab"),
         init_text=args.init_text,
         init_from=args.init_from,
         epochs=args.epochs,
@@ -166,9 +170,11 @@ def _read_requests(path: str, names: list[str]) -> list[Any]:
     from .generate import Request
 
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text ({exc.reason})") from exc
     requests = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

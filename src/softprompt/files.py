@@ -119,7 +119,7 @@ def clean_leftovers(target: Path) -> list[Path]:
     An ``old`` sibling is put back at ``target`` if ``target`` is missing (the writer died
     between its two renames); anything else from a dead process is deleted.
     """
-    handled = []
+    handled: list[Path] = []
     if not target.parent.is_dir():
         return handled
     for sibling in sorted(target.parent.iterdir()):

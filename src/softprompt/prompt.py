@@ -224,6 +224,11 @@ def init_prompt(
     weight = torch.as_tensor(embedding.weight).detach().float()  # (V, D)
     gen = torch.Generator().manual_seed(seed)
     if how == "vocab":
+        if num_virtual_tokens > weight.shape[0]:
+            raise UserError(
+                f"--init vocab samples distinct vocabulary rows: {num_virtual_tokens} virtual "
+                f"tokens is more than the {weight.shape[0]} the vocabulary has"
+            )
         rows = torch.randperm(weight.shape[0], generator=gen)[:num_virtual_tokens]
         return weight[rows].clone()
     if how == "text":

@@ -88,8 +88,8 @@ class AdapterInfo:
         def load(file: str) -> dict[str, Any]:
             path = folder / file
             try:
-                value = json.loads(path.read_text()) if path.is_file() else {}
-            except (OSError, json.JSONDecodeError):
+                value = json.loads(path.read_bytes()) if path.is_file() else {}
+            except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON: unknown
                 value = {}
             return value if isinstance(value, dict) else {}
 
@@ -98,7 +98,7 @@ class AdapterInfo:
             folder,
             load("adapter_config.json"),
             load("training_config.json"),
-            load("loss_log.json"),
+            _clean_log(load("loss_log.json")),
         )
 
     def heldout_source(self) -> str | None:
@@ -222,6 +222,33 @@ def check_writable(output: Path, overwrite: bool = False) -> None:
         raise UserError(
             f"{output} exists and is not a softprompt report; pass --overwrite to replace it"
         )
+
+
+def _clean_log(log: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a loss log the report can use; anything of the wrong shape is left out."""
+
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    def records(key: str, fields: tuple[str, ...]) -> list[dict[str, Any]] | None:
+        value = log.get(key)
+        if isinstance(value, list) and all(
+            isinstance(r, dict) and all(number(r.get(f)) for f in fields) for r in value
+        ):
+            return value
+        return None
+
+    clean: dict[str, Any] = {}
+    steps, evals = records("steps", ("step", "epoch", "loss")), records("evals", ("epoch", "loss"))
+    if steps and evals:
+        clean["steps"], clean["evals"] = steps, evals
+    for key in ("trainable_params", "total_params"):
+        if isinstance(log.get(key), int) and not isinstance(log[key], bool) and log[key] > 0:
+            clean[key] = log[key]
+    for key in ("base_checksum_before", "base_checksum_after"):
+        if isinstance(log.get(key), str):
+            clean[key] = log[key]
+    return clean
 
 
 def _preservation(adapters: list[AdapterInfo], checksum: str, base_row: list[Any]) -> str:
