@@ -159,51 +159,10 @@ def test_generation_matches_inputs_embeds_reference(adapters):
     eos = untouched.tokenizer.eos_token_id
     if eos in reference:
         reference = reference[: reference.index(eos)]
-    ours = generate_ids(
-        spm, [spm.encode("I want you to act as a chef. ", "roles")], GenerateConfig(20)
-    )
+    row = spm.encode("I want you to act as a chef. ", "roles")
+    ours = generate_ids(spm, [row], GenerateConfig(max_new_tokens=20))[0]
     assert ours == reference
     assert len(ours) >= 5  # a real completion, not a stop after a token or two
-
-
-def test_demo_runs_the_whole_guide(tmp_path, render_page):
-    from softprompt.models import load_base_model
-    from softprompt.prompt import SoftPromptModel
-
-    proc = cli("demo", "--output", str(tmp_path / "demo"))
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["base_unchanged"] is True
-    # The model that trained both prompts still has exactly the weights of the model file.
-    on_disk = SoftPromptModel(load_base_model()).base_checksum()
-    assert summary["base_checksum"] == summary["base_checksum_after_training"] == on_disk
-    for name in ("role-prompts", "quotes"):
-        folder = tmp_path / "demo" / name
-        assert (folder / "adapter_model.safetensors").is_file()
-        assert (folder / "loss.png").is_file()
-        numbers = summary["adapters"][name]
-        # A clear held-out gain, not noise: at least 0.5 nats per token.
-        assert numbers["loss_after"] < numbers["loss_before"] - 0.5
-        assert numbers["loss_after"] < numbers["base_loss"] - 0.5
-    assert "trainable params: 4,608 || all params: 134,519,616" in proc.stdout
-    assert len(summary["completions"]) == 2
-    assert all(len(c["completions"]) == 3 for c in summary["completions"])
-    report = (tmp_path / "demo" / "report.html").read_text()
-    assert "report.html" in proc.stdout
-    assert report.count("data:image/png;base64,") == 3  # heatmap + two loss curves
-    assert "The base model's weights are unchanged by training" in report
-    facts = render_page(tmp_path / "demo" / "report.html", tmp_path / "demo.png")
-    assert facts["matrixRows"] == 4  # header, base model, two adapters
-    assert len(facts["images"]) == 3
-    assert all(done and w > 200 and h > 100 for done, w, h in facts["images"])
-    assert facts["headings"][:3] == [
-        "Knowledge preservation",
-        "Evaluation: mean loss per token (lower is better)",
-        "Before / after: generations",
-    ]
-    # A second demo into the same folder replaces its own output without --overwrite.
-    from softprompt.demo import check_demo_output
-
-    check_demo_output(tmp_path / "demo")
 
 
 def _load_embedded(env: dict[str, str]) -> subprocess.Popen[str]:
@@ -218,28 +177,44 @@ def _load_embedded(env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
-def test_embedded_model_conversion_is_shared_and_repaired(tmp_path):
-    """Two processes converting at once both succeed; a truncated cached model is rebuilt."""
+def test_two_processes_converting_the_embedded_model_at_once_both_succeed(tmp_path):
     env = {**os.environ, "SOFTPROMPT_CACHE": str(tmp_path / "cache")}
     procs = [_load_embedded(env) for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
     for proc, (out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err[-2000:]
         assert json.loads(out)[0]["tokens"] > 0
-    weights = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct" / "model.safetensors"
-    good = json.loads(outputs[0][0])
+    assert json.loads(outputs[0][0]) == json.loads(outputs[1][0])
+    # Nothing half-converted is left beside the model (the lock file may stay).
+    models = tmp_path / "cache" / "models"
+    left = sorted(p.name for p in models.iterdir() if not p.name.endswith(".lock"))
+    assert left == ["SmolLM2-135M-Instruct"]
+
+
+def test_a_damaged_cached_model_is_converted_again(tmp_path, monkeypatch):
+    """A truncated weights file is noticed and rebuilt. The rebuild copies the good cached
+    folder instead of converting again, to save a minute: the conversion itself is what the
+    test above runs for real."""
+    import shutil
+
+    from softprompt import models
+
+    good = models.embedded_model_dir()
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "cache"))
+    target = tmp_path / "cache" / "models" / models.EMBEDDED_NAME
+    shutil.copytree(good, target)
+    weights = target / "model.safetensors"
     size = weights.stat().st_size
     with weights.open("r+b") as handle:
         handle.truncate(size // 2)
-    proc = _load_embedded(env)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-2000:]
-    assert "damaged" in err
-    assert json.loads(out) == good
+    converted = []
+    monkeypatch.setattr(
+        models, "_convert_embedded", lambda to: converted.append(shutil.copytree(good, to))
+    )
+    assert models.embedded_model_dir() == target
+    assert converted == [target]
     assert weights.stat().st_size == size
-    # Nothing half-converted is left beside the model (the lock file may stay).
-    left = sorted(p.name for p in weights.parent.parent.iterdir() if not p.name.endswith(".lock"))
-    assert left == ["SmolLM2-135M-Instruct"]
+    assert models.embedded_model_dir() == target and len(converted) == 1  # whole again: kept
 
 
 def test_unwritable_model_cache_is_one_line(tmp_path):

@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--requests",
         metavar="FILE.jsonl",
-        help='one {"prompt": ..., "adapter": <adapter folder name> or null} per line',
+        help='one {"prompt": ..., "adapter": <adapter folder name> or null, "seed": <int, '
+        "optional>} per line",
     )
     gen.add_argument(
         "--with-base",

@@ -189,7 +189,10 @@ def _read_requests(path: str, names: list[str]) -> list[Any]:
         if adapter is not None and adapter not in names:
             known = ", ".join(names) or "none loaded; pass --adapter DIR"
             raise UserError(f"{path}:{number}: unknown adapter {adapter!r} (adapters: {known})")
-        requests.append(Request(prompt=item["prompt"], adapter=adapter))
+        seed = item.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise UserError(f"{path}:{number}: seed must be an integer, not {seed!r}")
+        requests.append(Request(prompt=item["prompt"], adapter=adapter, seed=seed))
     if not requests:
         raise UserError(f"{path} has no requests")
     return requests
