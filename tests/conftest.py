@@ -13,6 +13,10 @@ import pytest
 # Hugging Face library is imported, since they read these once.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Under pytest-xdist two workers share the machine's cores: one torch thread each (and in every
+# CLI subprocess they start), instead of each oversubscribing every core.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 WORDS = """
 i want you to act as a motivational coach travel guide chef teacher poet the be kind brave
@@ -35,6 +39,26 @@ def _tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>"
     )
+
+
+@pytest.fixture()
+def cli_main(capsys: pytest.CaptureFixture[str]):
+    """Run the CLI's entry point in this process: its exit status, stdout and stderr.
+
+    For the many bad-input checks that need no fresh process: the same code path as
+    ``python -m softprompt.cli`` without paying for a new interpreter and imports each time.
+    """
+    import subprocess
+
+    from softprompt.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -359,7 +359,8 @@ def test_unreachable_hub_fails_at_once_with_one_line(tmp_path):
     assert_user_error(proc, "cannot load dataset", "not reachable")
 
 
-def test_more_bad_inputs_found_in_review(trained, tiny_model_dir, tmp_path):
+def test_more_bad_inputs_found_in_review(trained, tiny_model_dir, tmp_path, cli_main):
+    run = cli_main
     adapter, data = trained
     model = ["--model", str(tiny_model_dir)]
     out = str(tmp_path / "new")
@@ -382,6 +383,9 @@ def test_more_bad_inputs_found_in_review(trained, tiny_model_dir, tmp_path):
     binary = tmp_path / "requests.jsonl"
     binary.write_bytes(b"\xff\xfe\x00 not text")
     assert_user_error(run("generate", *model, "--requests", str(binary)), "not UTF-8")
+    seeded = tmp_path / "seeded.jsonl"
+    seeded.write_text(json.dumps({"prompt": "be kind", "adapter": None, "seed": "7"}) + "\n")
+    assert_user_error(run("generate", *model, "--requests", str(seeded)), "seed must be an integer")
     assert_user_error(
         run("train", *model, "--data", str(data), "--output", out, "--virtual-tokens", "5000"),
         "more than the",

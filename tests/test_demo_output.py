@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,13 +27,9 @@ def _mine(folder: Path, entry: str) -> Path:
 
 
 @pytest.mark.parametrize("entry", ["quotes", "role-prompts", "report.html", "summary.json"])
-def test_cli_refuses_a_folder_holding_the_users_things(tmp_path, entry):
+def test_cli_refuses_a_folder_holding_the_users_things(tmp_path, entry, cli_main):
     path = _mine(tmp_path, entry)
-    proc = subprocess.run(
-        [sys.executable, "-m", "softprompt.cli", "demo", "--output", str(tmp_path)],
-        capture_output=True,
-        text=True,
-    )
+    proc = cli_main("demo", "--output", str(tmp_path))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "not written by an earlier softprompt demo" in lines[0]

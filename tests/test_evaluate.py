@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -49,14 +47,9 @@ def test_evaluate_reports_cut_texts(spm):
     assert result.tokens == 3 + 2
 
 
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "softprompt.cli", *args], capture_output=True, text=True
-    )
-
-
 @pytest.mark.parametrize("value", ["-1", "0"])
-def test_negative_max_samples_is_refused(tiny_model_dir, texts_file, value):
+def test_negative_max_samples_is_refused(tiny_model_dir, texts_file, value, cli_main):
+    _cli = cli_main
     proc = _cli("eval", "--model", str(tiny_model_dir), "--data", str(texts_file))
     assert proc.returncode == 0, proc.stderr
     proc = _cli(
@@ -68,7 +61,8 @@ def test_negative_max_samples_is_refused(tiny_model_dir, texts_file, value):
     )
 
 
-def test_train_says_how_many_texts_were_cut(tiny_model_dir, texts_file, tmp_path):
+def test_train_says_how_many_texts_were_cut(tiny_model_dir, texts_file, tmp_path, cli_main):
+    _cli = cli_main
     out = tmp_path / "cut"
     args = ["train", "--model", str(tiny_model_dir), "--data", str(texts_file)]
     args += ["--eval-data", str(texts_file), "--output", str(out), "--epochs", "1"]

@@ -140,17 +140,14 @@ def test_outputs_that_cannot_work_are_refused(tmp_path, monkeypatch, output, mes
     assert (tmp_path / "not-an-adapter" / "notes.txt").read_text() == "mine"
 
 
-def test_cli_refuses_dot_output_before_training(tiny_model_dir, texts_file, tmp_path):
+def test_cli_refuses_dot_output_before_training(
+    tiny_model_dir, texts_file, tmp_path, monkeypatch, cli_main
+):
     work = tmp_path / "empty-cwd"
     work.mkdir()
+    monkeypatch.chdir(work)
     for args in (["--output", "."], ["--output", ".", "--overwrite"], ["--output", ".."]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "softprompt.cli", "train", "--model", str(tiny_model_dir)]
-            + ["--data", str(texts_file), *args],
-            capture_output=True,
-            text=True,
-            cwd=work,
-        )
+        proc = cli_main("train", "--model", str(tiny_model_dir), "--data", str(texts_file), *args)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.count("\n") == 1 and "current folder" in proc.stderr
         assert "training" not in proc.stdout
