@@ -160,3 +160,8 @@ def render_page():
         return facts
 
     return render
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow end-to-end tests first: under xdist they then run beside the rest, not after it."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)
