@@ -144,7 +144,8 @@ def test_eval_json_records(trained, tiny_model_dir):
     assert records[1]["loss"] < records[0]["loss"]
 
 
-def test_bad_inputs(trained, tiny_model_dir, tmp_path):
+def test_bad_inputs(trained, tiny_model_dir, tmp_path, cli_main):
+    run = cli_main  # in this process: the same entry point, without a new interpreter per case
     adapter, data = trained
     model = ["--model", str(tiny_model_dir)]
     out = str(tmp_path / "new")
@@ -306,7 +307,8 @@ def test_compare_inspect_report(trained, tiny_model_dir, tmp_path):
     assert "heldout.jsonl" in html and html.count(" &#9733;<br>") == 1
 
 
-def test_compare_inspect_report_bad_inputs(trained, tiny_model_dir, tmp_path):
+def test_compare_inspect_report_bad_inputs(trained, tiny_model_dir, tmp_path, cli_main):
+    run = cli_main
     adapter, data = trained
     model = ["--model", str(tiny_model_dir)]
     assert_user_error(run("compare", *model, "--adapter", str(adapter)), "--prompt")
