@@ -124,6 +124,18 @@ PAGE_FACTS = """() => ({
 })"""
 
 
+def check_report_page(facts: dict) -> None:
+    """What a rendered report of two adapters must show, whoever made it."""
+    assert facts["matrixRows"] == 4  # header, base model, two adapters
+    assert len(facts["images"]) == 3  # heatmap, two loss curves
+    assert all(done and w > 200 and h > 100 for done, w, h in facts["images"])
+    assert facts["headings"][:3] == [
+        "Knowledge preservation",
+        "Evaluation: mean loss per token (lower is better)",
+        "Before / after: generations",
+    ]
+
+
 @pytest.fixture()
 def render_page():
     """Open an HTML file in headless Chromium; return its facts and save a full-page screenshot.

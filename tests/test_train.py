@@ -67,7 +67,8 @@ def test_saved_adapter_reloads_with_same_loss(spm, tmp_path):
     assert evaluate(spm, TEXTS, "again").loss == pytest.approx(ours, abs=1e-6)
 
 
-def test_existing_output_is_not_overwritten(spm, tmp_path):
+def test_existing_output_is_not_overwritten(spm, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "cache"))  # where rescues go
     config, result = _train(spm, epochs=1)
     target = tmp_path / "out"
     target.mkdir()
@@ -78,6 +79,8 @@ def test_existing_output_is_not_overwritten(spm, tmp_path):
 
 
 def test_failed_save_leaves_nothing(spm, tmp_path, monkeypatch):
+    cache = tmp_path.parent / f"{tmp_path.name}-cache"
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(cache))
     config, result = _train(spm, epochs=1)
 
     def broken(*args, **kwargs):
@@ -87,6 +90,9 @@ def test_failed_save_leaves_nothing(spm, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         save_trained(spm, "tuned", tmp_path / "out", config, result)
     assert list(tmp_path.iterdir()) == []
+    # Even a bug while saving does not throw the trained prompt away.
+    (rescued,) = (cache / "rescued").iterdir()
+    assert torch.equal(load_adapter(rescued).weights, spm.adapter_weights("tuned"))
 
 
 def test_two_adapters_share_one_base(spm):
