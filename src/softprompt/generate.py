@@ -115,8 +115,7 @@ def generate_ids(
     generators = None
     if config.temperature > 0:
         generators = [
-            torch.Generator().manual_seed(config.seed if seeds is None else seed)
-            for seed in (seeds or [config.seed] * len(rows))
+            torch.Generator().manual_seed(seed) for seed in seeds or [config.seed] * len(rows)
         ]
     out = spm.forward(**batch, use_cache=True)
     cache = out.cache
