@@ -1,0 +1,548 @@
+"""The engine: requests in, tokens out, many adapters and the base model in one running batch.
+
+Each ``step`` admits waiting requests into free slots (prefilling only their text after their
+adapter's cached prefix), runs one decode step for every running row, hands each request its new
+tokens, and lets finished rows leave. ``start`` runs steps on a background thread so requests can
+arrive at any time (the server's mode); without it, whoever waits on a request drives the steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..prompt import Adapter
+from .registry import AdapterRegistry
+from .runner import ModelRunner
+from .sampling import RequestError, SamplingParams, make_generator, pick_tokens, seen_mask
+from .scheduler import Scheduler
+from .sequence import Completion, Output, Sequence, Status
+
+if TYPE_CHECKING:
+    from ..prompt import SoftPromptModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Limits of one engine."""
+
+    max_batch_size: int = 32
+    """Requests decoded together at most (slots of the KV cache)."""
+    max_prefill_tokens: int = 2048
+    """Prompt tokens admitted in one step at most (one long prompt always gets in)."""
+    max_new_tokens_cap: int = 4096
+    """Requests asking for more new tokens are refused."""
+    max_resident_adapters: int = 64
+    """Adapter prefixes kept in memory at most; the least recently used idle one goes first."""
+    policy: str = "continuous"
+    """``continuous`` (join between steps) or ``static`` (a new batch when the last one ends)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_prefill_tokens", "max_new_tokens_cap", "max_resident_adapters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started (read by benchmarks and the server's metrics)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Token ids that end a completion: the tokenizer's EOS and the model's configured ones."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    return sorted(ids)
+
+
+class RequestHandle:
+    """A submitted request: iterate it for its outputs as they come, or wait for ``result()``."""
+
+    def __init__(self, engine: Engine, seq: Sequence) -> None:
+        self.engine = engine
+        self.seq = seq
+        self._outputs: queue.Queue[Output] = queue.Queue()
+
+    @property
+    def request_id(self) -> str:
+        return self.seq.request_id
+
+    def cancel(self) -> None:
+        self.engine.cancel(self.request_id)
+
+    def __iter__(self) -> Iterator[Output]:
+        while True:
+            try:
+                out = self._outputs.get_nowait()
+            except queue.Empty:
+                if self.engine.background:
+                    out = self._outputs.get()
+                else:
+                    self.engine.step()
+                    continue
+            yield out
+            if out.finished:
+                return
+
+    def result(self) -> Completion:
+        """Wait until the request finishes and return all of it."""
+        for _ in self:
+            pass
+        return self.seq.completion()
+
+
+class Engine:
+    """Serve the base model and any number of adapters from one model in memory.
+
+    Args:
+        model: a causal LM from transformers, frozen; it runs where it is, in its dtype.
+        tokenizer: its tokenizer.
+        config: batch and memory limits.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(model)
+        self.registry = AdapterRegistry(
+            self.runner.prefix, self._check_adapter, self.config.max_resident_adapters
+        )
+        self.scheduler = Scheduler(
+            self.config.max_batch_size, self.config.max_prefill_tokens, self.config.policy
+        )
+        self.cache = self.runner.new_cache(self.config.max_batch_size, 64)
+        self.seen = torch.zeros(
+            self.config.max_batch_size, self.runner.vocab_size, dtype=torch.bool, device=self.runner.device
+        )
+        self.eos = eos_ids(model, tokenizer)
+        self.stats = EngineStats()
+        self._leases: dict[str, Any] = {}
+        self._handles: dict[str, RequestHandle] = {}
+        self._sinks: dict[str, Callable[[Output], None]] = {}
+        self._incoming: list[Sequence] = []
+        self._cancels: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._step_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    @classmethod
+    def from_softprompt(cls, spm: SoftPromptModel, config: EngineConfig | None = None) -> Engine:
+        """An engine over ``spm``'s base model serving every adapter loaded in it (live rows)."""
+        engine = cls(spm.model, spm.tokenizer, config)
+        for name, adapter in spm.adapters.items():
+            engine.add_adapter(name, adapter)
+        return engine
+
+    # Adapters ------------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, source: Adapter | str | Path) -> None:
+        """Serve ``source`` (an adapter folder or an ``Adapter``) as ``name`` from now on."""
+        self.registry.add(name, source)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving ``name``; requests already running with it finish."""
+        self.registry.remove(name)
+
+    def adapters(self) -> list[str]:
+        return self.registry.names()
+
+    def _check_adapter(self, adapter: Adapter) -> None:
+        if adapter.token_dim != self.runner.hidden_size:
+            made_for = adapter.config.get("base_model_name_or_path") or "another model"
+            raise RequestError(
+                f"adapter {adapter.name!r} has token_dim {adapter.token_dim} but the base model has "
+                f"hidden size {self.runner.hidden_size} (it was made for {made_for})"
+            )
+        if adapter.num_virtual_tokens >= self.runner.max_length:
+            raise RequestError(f"adapter {adapter.name!r} is longer than the model's context")
+
+    # Requests ------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: str | list[int],
+        adapter: str | None = None,
+        params: SamplingParams | None = None,
+        sink: Callable[[Output], None] | None = None,
+    ) -> RequestHandle:
+        """Queue one request; it joins the running batch at the next step.
+
+        ``prompt`` is text or token ids (the adapter's virtual tokens are not part of it).
+        ``sink``, if given, receives every ``Output`` (from the engine's thread) as well.
+
+        Raises:
+            RequestError: the request cannot run (unknown adapter, empty or too long prompt,
+                too many new tokens, a token id outside the vocabulary).
+        """
+        params = params or SamplingParams()
+        ids = self._prompt_ids(prompt)
+        virtual = 0
+        if adapter is not None:
+            if adapter not in self.registry:
+                known = ", ".join(self.registry.names()) or "none"
+                raise RequestError(f"unknown adapter {adapter!r} (adapters: {known})")
+            virtual = self.registry.length(adapter)
+        if params.max_new_tokens > self.config.max_new_tokens_cap:
+            raise RequestError(
+                f"max new tokens {params.max_new_tokens} is above this engine's cap of "
+                f"{self.config.max_new_tokens_cap}"
+            )
+        if virtual + len(ids) >= self.runner.max_length:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens (plus {virtual} virtual); the model's context "
+                f"is {self.runner.max_length} tokens"
+            )
+        seq = Sequence(ids, adapter, params)
+        handle = RequestHandle(self, seq)
+        with self._lock:
+            self._handles[seq.request_id] = handle
+            if sink is not None:
+                self._sinks[seq.request_id] = sink
+            self._incoming.append(seq)
+            self.stats.requests += 1
+        self._wake.set()
+        return handle
+
+    def generate(
+        self,
+        prompts: list[str | list[int]],
+        adapters: list[str | None] | None = None,
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[Completion]:
+        """Run every request to the end (all submitted at once); completions in input order."""
+        adapters = adapters if adapters is not None else [None] * len(prompts)
+        if isinstance(params, list):
+            per_request = params
+        else:
+            per_request = [params or SamplingParams()] * len(prompts)
+        handles = [
+            self.submit(p, a, s) for p, a, s in zip(prompts, adapters, per_request, strict=True)
+        ]
+        return [h.result() for h in handles]
+
+    def stream(
+        self, prompt: str | list[int], adapter: str | None = None, params: SamplingParams | None = None
+    ) -> Iterator[Output]:
+        """The request's outputs as they are produced."""
+        return iter(self.submit(prompt, adapter, params))
+
+    async def astream(
+        self, prompt: str | list[int], adapter: str | None = None, params: SamplingParams | None = None
+    ) -> AsyncIterator[Output]:
+        """The request's outputs as they are produced, for asyncio code; starts the engine thread.
+
+        Leaving the loop early (or being cancelled) cancels the request.
+        """
+        self.start()
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[Output] = asyncio.Queue()
+        handle = self.submit(
+            prompt, adapter, params, sink=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)
+        )
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                handle.cancel()
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request; it finishes with reason ``cancelled`` at the next step."""
+        with self._lock:
+            if request_id in self._handles:
+                self._cancels.add(request_id)
+        self._wake.set()
+
+    def has_work(self) -> bool:
+        with self._lock:
+            pending = bool(self._incoming or self._cancels)
+        return pending or self.scheduler.has_work()
+
+    # The background loop ---------------------------------------------------------------------
+
+    @property
+    def background(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Run steps on a background thread whenever there is work (idempotent)."""
+        if self.background:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="softprompt-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background thread after its current step."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            if not self.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception:  # a bug: fail what is running rather than hang every client
+                log.exception("engine step failed; failing the running requests")
+                self._fail_everything("internal engine error (see the server log)")
+
+    # One step -----------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Admit, prefill, decode one token for every running row, hand out outputs."""
+        with self._step_lock:
+            self._take_incoming()
+            scheduler = self.scheduler
+            joined = scheduler.admit()
+            if joined:
+                self._prefill(joined)
+            live = [s for s in scheduler.running if not s.finished]
+            if live and len(live) == len(scheduler.running):
+                self._decode()
+            elif live:
+                # Some joined rows failed or finished at prefill: compact first, then decode.
+                self._leave()
+                self._decode()
+            self._leave()
+
+    def _take_incoming(self) -> None:
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+            cancels, self._cancels = self._cancels, set()
+        for seq in incoming:
+            self.scheduler.add(seq)
+        for request_id in cancels:
+            handle = self._handles.get(request_id)
+            if handle is None or handle.seq.finished:
+                continue
+            seq = handle.seq
+            if seq.status is Status.WAITING:
+                self.scheduler.drop_waiting(seq)
+            self._finish(seq, "cancelled")
+
+    def _prefill(self, joined: list[Sequence]) -> None:
+        started = time.perf_counter()
+        ready: list[tuple[Sequence, Any]] = []
+        for seq in joined:
+            try:
+                lease = self.registry.acquire(seq.adapter) if seq.adapter is not None else None
+            except RequestError as exc:
+                self._finish(seq, "error", str(exc))
+                continue
+            if lease is not None:
+                self._leases[seq.request_id] = lease
+                seq.prefix_length = lease.prefix.length
+            if seq.params.temperature > 0:
+                seq.generator = make_generator(seq.params.seed, self.runner.device)
+            ready.append((seq, lease))
+        if not ready:
+            return
+        try:
+            self._prefill_group(ready)
+        except Exception:  # noqa: BLE001 - find the request that fails and fail it alone
+            for item in ready:
+                try:
+                    self._prefill_group([item])
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("request %s failed in prefill: %s", item[0].request_id, exc)
+                    self._finish(item[0], "error", f"the model failed on this request: {exc}")
+        self.stats.prefill_seconds += time.perf_counter() - started
+
+    def _prefill_group(self, group: list[tuple[Sequence, Any]]) -> None:
+        seqs = [seq for seq, _ in group]
+        prefixes = [lease.prefix if lease is not None else None for _, lease in group]
+        staged, logits = self.runner.prefill([s.prompt_ids for s in seqs], prefixes)
+        longest_text = max(len(s.prompt_ids) for s in seqs)
+        spans = [s.prefix_length + longest_text for s in seqs]
+        running = self.scheduler.running
+        live = len(running)
+        self.cache.make_room_before(max(spans), live)
+        for j, seq in enumerate(seqs):
+            slot = running.index(seq)
+            self.cache.place(slot, staged, j, spans[j])
+            self.seen[slot] = seen_mask([seq.prompt_ids], self.runner.vocab_size, self.runner.device)[0]
+        self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
+        slots = [running.index(s) for s in seqs]
+        self._accept(seqs, slots, logits)
+
+    def _decode(self) -> None:
+        running = self.scheduler.running
+        batch = len(running)
+        started = time.perf_counter()
+        self.cache.reserve(1, batch)
+        device = self.runner.device
+        tokens = torch.tensor([s.output_ids[-1] for s in running], device=device)
+        positions = torch.tensor([s.length - 1 for s in running], device=device)
+        try:
+            logits = self.runner.decode(self.cache, slice(0, batch), tokens, positions)
+            ok = list(range(batch))
+        except Exception:  # noqa: BLE001 - run rows one by one to fail only the bad ones
+            rows, ok = [], []
+            for i in range(batch):
+                try:
+                    rows.append(
+                        self.runner.decode(self.cache, slice(i, i + 1), tokens[i : i + 1], positions[i : i + 1])
+                    )
+                    ok.append(i)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("request %s failed in decode: %s", running[i].request_id, exc)
+                    self._finish(running[i], "error", f"the model failed on this request: {exc}")
+            logits = torch.cat(rows) if rows else None
+        self.cache.advance(1)
+        self.stats.steps += 1
+        self.stats.batch_sizes.append(batch)
+        if logits is not None:
+            self._accept([running[i] for i in ok], ok, logits)
+        self.stats.decode_seconds += time.perf_counter() - started
+
+    def _accept(self, seqs: list[Sequence], slots: list[int], logits: torch.Tensor) -> None:
+        """Choose each row's next token and hand out what it adds."""
+        index = torch.tensor(slots, device=logits.device)
+        tokens = pick_tokens(
+            logits,
+            [s.params for s in seqs],
+            self.seen[index],
+            [len(s.output_ids) for s in seqs],
+            self.eos,
+            [s.generator for s in seqs],  # type: ignore[misc]
+        )
+        self.seen[index, tokens] = True
+        now = time.perf_counter()
+        for seq, token in zip(seqs, tokens.tolist(), strict=True):
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            self._advance(seq, int(token))
+
+    def _advance(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        if token in self.eos and not params.ignore_eos:
+            self._finish(seq, "stop")
+            return
+        seq.output_ids.append(token)
+        self.stats.generated_tokens += 1
+        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        reason = None
+        if params.stop:
+            start = max(0, seq.emitted - max(len(s) for s in params.stop))
+            hits = [i for s in params.stop if (i := text.find(s, start)) >= 0]
+            if hits:
+                text, reason = text[: min(hits)], "stop"
+        if reason is None and (
+            len(seq.output_ids) >= params.max_new_tokens or seq.length >= self.runner.max_length
+        ):
+            reason = "length"
+        seq.text = text
+        if reason is not None:
+            self._finish(seq, reason, new_ids=[token])
+            return
+        safe = len(text) - _held_back(text, params.stop)
+        delta = text[seq.emitted : safe] if safe > seq.emitted else ""
+        seq.emitted = max(seq.emitted, safe)
+        self._emit(seq, Output(seq.request_id, [token], delta))
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None, new_ids: list[int] | None = None) -> None:
+        seq.finish(reason, error)
+        delta = seq.text[seq.emitted :]
+        seq.emitted = len(seq.text)
+        self._emit(seq, Output(seq.request_id, new_ids or [], delta, True, reason, error))
+
+    def _emit(self, seq: Sequence, out: Output) -> None:
+        with self._lock:
+            handle = self._handles.get(seq.request_id)
+            sink = self._sinks.get(seq.request_id)
+            if out.finished:
+                self._handles.pop(seq.request_id, None)
+                self._sinks.pop(seq.request_id, None)
+        if handle is not None:
+            handle._outputs.put(out)
+        if sink is not None:
+            try:
+                sink(out)
+            except Exception:  # noqa: BLE001 - a consumer's failure is not the engine's
+                log.exception("an output consumer failed for %s", seq.request_id)
+
+    def _leave(self) -> None:
+        for source, target in self.scheduler.remove_finished():
+            self.cache.move(source, target)
+            self.seen[target] = self.seen[source]
+        for request_id in [r for r in self._leases if r not in {s.request_id for s in self.scheduler.running}]:
+            self.registry.release(self._leases.pop(request_id))
+        if not self.scheduler.running:
+            self.cache.reset()
+
+    def _fail_everything(self, message: str) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if not seq.finished:
+                self._finish(seq, "error", message)
+        self.scheduler.waiting.clear()
+        self._leave()
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held: the KV cache and the resident adapters (the base model is counted once)."""
+        params = sum(p.numel() * p.element_size() for p in self.runner.model.parameters())
+        return {"model": params, "kv_cache": self.cache.nbytes(), "adapters": self.registry.nbytes()}
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        elif isinstance(prompt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+            ids = list(prompt)
+            vocab = self.runner.vocab_size
+            bad = [i for i in ids if not 0 <= i < vocab]
+            if bad:
+                raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        else:
+            raise RequestError("a prompt is text or a list of token ids")
+        if not ids:
+            raise RequestError("a prompt with no tokens cannot be completed; give some text")
+        return ids
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of ``text`` not to hand out yet: a possible start of a stop string,
+    or an incomplete character (the tokenizer shows a partial UTF-8 sequence as U+FFFD)."""
+    hold = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if stop.startswith(text[-size:]):
+                hold = max(hold, size)
+                break
+    if text.endswith("\ufffd"):
+        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
+    return hold

@@ -1,0 +1,214 @@
+"""A slot-based KV cache that requests join and leave between decode steps.
+
+Every running request owns one slot (a row of the batch dimension). Rows are right-aligned: all
+rows write their next token at the same column ``end``, and a row of length n holds its keys and
+values in columns ``end - n .. end - 1``; columns a row does not use are marked invalid and masked
+out. That keeps every decode step one batched forward with a shared write column, so:
+
+- a request joins by copying its freshly prefilled keys/values into a free slot (no copy of the
+  running rows, unless its prompt is longer than ``end``, when the rows shift right once);
+- a request leaves by moving the last slot into its place (one row copied);
+- a decode step writes in place; nothing is concatenated (transformers' ``DynamicCache`` copies
+  the whole cache every step).
+
+Buffers start small and grow by doubling; when the write column reaches the capacity, columns no
+row uses any more are dropped first. Tensors live on the device and in the dtype they are made
+with, taken from the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's keys and values ``(S, H, C, Dh)``; writes go to rows ``cache.rows``."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, cache: SlotCache, index: int) -> None:
+        super().__init__()
+        self.cache = cache
+        self.index = index
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        return None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.cache
+        rows, start = cache.rows, cache.end
+        stop = start + key_states.shape[-2]
+        keys, values = cache.keys[self.index], cache.values[self.index]
+        keys[rows, :, start:stop] = key_states
+        values[rows, :, start:stop] = value_states
+        return keys[rows, :, :stop], values[rows, :, :stop]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.end + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cache.end
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class SlotCache(Cache):
+    """Keys/values of up to ``slots`` rows, right-aligned at the shared write column ``end``.
+
+    ``valid[s, c]`` says whether column c of slot s holds a real key/value. A forward through the
+    model writes its new tokens at columns ``end ..`` of the slots in ``rows`` (set by the caller),
+    and ``advance`` then moves ``end`` on.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_heads: int,
+        head_dim: int,
+        slots: int,
+        capacity: int = 64,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.num_layers = num_layers
+        self.shape = (slots, num_heads, max(capacity, 1), head_dim)
+        self.dtype, self.device = dtype, torch.device(device)
+        # Zeros, not empty: masked columns are multiplied by a zero weight, and 0 * NaN is NaN.
+        self.keys = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.valid = torch.zeros(slots, self.shape[2], dtype=torch.bool, device=device)
+        self.end = 0
+        self.rows = slice(0, 0)
+        super().__init__(layers=[SlotLayer(self, i) for i in range(num_layers)])
+
+    @property
+    def slots(self) -> int:
+        return self.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.shape[2]
+
+    def nbytes(self) -> int:
+        """Bytes held by the key/value buffers."""
+        return sum(k.numel() * k.element_size() * 2 for k in self.keys)
+
+    def mask(self, rows: slice, query_length: int) -> torch.Tensor:
+        """Boolean attention mask ``(B, 1, q, end + q)`` for ``query_length`` new tokens per row.
+
+        New token j of a row sees the row's valid columns and the new tokens up to itself. A new
+        token that is padding (its column marked invalid by ``mark``) still sees itself, so no
+        query row is fully masked (that would give NaN, and NaN keys poison later reads).
+        """
+        end = self.end
+        total = end + query_length
+        seen = self.valid[rows, :total]  # (B, end + q)
+        columns = torch.arange(total, device=self.device)
+        queries = torch.arange(end, total, device=self.device)
+        causal = columns[None, :] <= queries[:, None]  # (q, end + q)
+        mask = seen[:, None, :] & causal[None]  # (B, q, end + q)
+        diagonal = columns[None, :] == queries[:, None]
+        return (mask | diagonal[None]).unsqueeze(1)
+
+    def reserve(self, columns: int, live: int) -> None:
+        """Make room for ``columns`` more columns after ``end``, keeping slots ``0 .. live - 1``.
+
+        Columns no live row uses are dropped first; the buffers double when that is not enough.
+        """
+        if self.end + columns <= self.capacity:
+            return
+        used = self.valid[:live, : self.end].any(dim=0)
+        first = int(used.float().argmax()) if bool(used.any()) else self.end
+        if first:
+            self._shift(live, -first)
+        if self.end + columns > self.capacity:
+            self._grow(max(2 * self.capacity, self.end + columns))
+
+    def make_room_before(self, length: int, live: int) -> None:
+        """Ensure ``end >= length`` so a row of that length fits right-aligned; shifts right once."""
+        if length > self.end:
+            extra = length - self.end
+            if self.end + extra > self.capacity:
+                self._grow(max(2 * self.capacity, self.end + extra))
+            self._shift(live, extra)
+
+    def place(self, slot: int, source: SlotCache, row: int, length: int) -> None:
+        """Copy the last ``length`` columns of ``source``'s row into ``slot``, ending at ``end``."""
+        start = self.end - length
+        for mine, theirs in zip(self.keys, source.keys, strict=True):
+            mine[slot, :, :start] = 0
+            mine[slot, :, start : self.end] = theirs[row, :, source.end - length : source.end]
+        for mine, theirs in zip(self.values, source.values, strict=True):
+            mine[slot, :, :start] = 0
+            mine[slot, :, start : self.end] = theirs[row, :, source.end - length : source.end]
+        self.valid[slot] = False
+        self.valid[slot, start : self.end] = source.valid[row, source.end - length : source.end]
+
+    def write_prefix(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Put a cached prefix ``(H, n, Dh)`` per layer at the columns just before ``end``."""
+        n = keys[0].shape[-2]
+        for buffer, k in zip(self.keys, keys, strict=True):
+            buffer[slot, :, self.end - n : self.end] = k
+        for buffer, v in zip(self.values, values, strict=True):
+            buffer[slot, :, self.end - n : self.end] = v
+        self.valid[slot, self.end - n : self.end] = True
+
+    def move(self, source: int, target: int) -> None:
+        """Copy slot ``source`` into slot ``target`` (a leaving row's place)."""
+        if source == target:
+            return
+        for k in self.keys:
+            k[target] = k[source]
+        for v in self.values:
+            v[target] = v[source]
+        self.valid[target] = self.valid[source]
+
+    def mark(self, rows: slice, new_valid: torch.Tensor) -> None:
+        """Record which of the ``q`` columns just written hold real tokens (``(B, q)`` bool)."""
+        self.valid[rows, self.end : self.end + new_valid.shape[1]] = new_valid
+
+    def advance(self, query_length: int) -> None:
+        self.end += query_length
+
+    def reset(self) -> None:
+        """Forget every row (the buffers are kept for reuse)."""
+        self.end = 0
+        self.valid.zero_()
+
+    def _shift(self, live: int, by: int) -> None:
+        """Move the first ``live`` slots' columns by ``by`` (right if positive) and ``end`` with them."""
+        end = self.end
+        if by > 0:
+            for buffer in (*self.keys, *self.values):
+                buffer[:live, :, by : end + by] = buffer[:live, :, :end].clone()
+                buffer[:live, :, :by] = 0
+            self.valid[:live, by : end + by] = self.valid[:live, :end].clone()
+            self.valid[:live, :by] = False
+        elif by < 0:
+            cut = -by
+            for buffer in (*self.keys, *self.values):
+                buffer[:live, :, : end - cut] = buffer[:live, :, cut:end].clone()
+            self.valid[:live, : end - cut] = self.valid[:live, cut:end].clone()
+        self.valid[:live, end + by :] = False
+        self.end = end + by
+
+    def _grow(self, capacity: int) -> None:
+        slots, heads, old, dim = self.shape
+        self.shape = (slots, heads, capacity, dim)
+        for buffers in (self.keys, self.values):
+            for i, buffer in enumerate(buffers):
+                bigger = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+                bigger[:, :, :old] = buffer
+                buffers[i] = bigger
+        valid = torch.zeros(slots, capacity, dtype=torch.bool, device=self.device)
+        valid[:, :old] = self.valid
+        self.valid = valid

@@ -1,0 +1,217 @@
+"""Adapters the engine can serve, and which of them are resident.
+
+To the model runner an adapter is a KV prefix: the keys/values its virtual tokens produce at
+positions 0..n-1, the same for every request, so they are computed once and reused. A resident
+adapter costs its rows and that prefix; the base model is shared. At most ``max_resident``
+adapters stay resident: the least recently used one that no running request holds is dropped
+first (an adapter read from a folder is read again when next needed). A running request pins its
+adapter, so it is never freed under it, even when the adapter is removed meanwhile.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..prompt import Adapter, load_adapter
+from .sampling import RequestError
+
+
+@dataclass
+class Prefix:
+    """Per-layer keys and values ``(H, n, Dh)`` of an adapter's n virtual tokens."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return int(self.keys[0].shape[-2]) if self.keys else 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+@dataclass(eq=False)
+class Lease:
+    """A request's hold on a resident adapter; give it back with ``AdapterRegistry.release``."""
+
+    name: str
+    path: Path | None
+    adapter: Adapter | None
+    length: int = 0
+    """Virtual tokens: the prefix's length."""
+    prefix: Prefix | None = None
+    version: int = -1
+    pins: int = 0
+    removed: bool = False
+
+
+class AdapterRegistry:
+    """Named adapters, each from a folder or given in memory; thread-safe.
+
+    Args:
+        build_prefix: computes an adapter's prefix (the model runner's job).
+        check: raises ``RequestError`` for an adapter this model cannot serve.
+        max_resident: how many prefixes stay in memory at most (pinned ones may exceed it).
+    """
+
+    def __init__(
+        self,
+        build_prefix: Callable[[Adapter], Prefix],
+        check: Callable[[Adapter], None],
+        max_resident: int = 64,
+    ) -> None:
+        if max_resident < 1:
+            raise ValueError("max_resident must be at least 1")
+        self._build = build_prefix
+        self._check = check
+        self.max_resident = max_resident
+        self._entries: dict[str, Lease] = {}
+        self._resident: OrderedDict[str, Lease] = OrderedDict()
+        self._lock = threading.RLock()
+
+    def add(self, name: str, source: Adapter | str | Path) -> None:
+        """Make ``name`` servable: an adapter in memory (its live rows) or a folder read now.
+
+        Raises:
+            RequestError: the name is taken, or the adapter cannot run on this model.
+        """
+        with self._lock:
+            if name in self._entries and not self._entries[name].removed:
+                raise RequestError(f"an adapter named {name!r} is already registered")
+        if isinstance(source, Adapter):
+            entry = Lease(name, None, source)
+        else:
+            path = Path(source)
+            try:
+                adapter = load_adapter(path, name=name)
+            except RequestError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any load failure is that adapter's alone
+                raise RequestError(f"adapter {name!r}: {exc}") from exc
+            entry = Lease(name, path, adapter)
+        assert entry.adapter is not None
+        self._check(entry.adapter)
+        entry.length = entry.adapter.num_virtual_tokens
+        if entry.path is not None:
+            entry.adapter = None  # read again when it becomes resident
+        with self._lock:
+            self._entries[name] = entry
+
+    def remove(self, name: str) -> None:
+        """Stop serving ``name``; requests already running on it finish first."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.removed:
+                raise RequestError(f"no adapter named {name!r} is registered")
+            entry.removed = True
+            del self._entries[name]
+            if entry.pins == 0 and self._resident.get(name) is entry:
+                del self._resident[name]
+                entry.prefix = None
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._entries
+
+    def length(self, name: str) -> int:
+        """Virtual tokens of ``name`` (its prefix length)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                raise RequestError(f"unknown adapter {name!r}")
+            return entry.length
+
+    def resident(self) -> list[str]:
+        """Names with a prefix in memory, least recently used first."""
+        with self._lock:
+            return list(self._resident)
+
+    def nbytes(self) -> int:
+        """Memory held by resident prefixes and rows."""
+        with self._lock:
+            entries = list(self._resident.values())
+        total = 0
+        for entry in entries:
+            if entry.prefix is not None:
+                total += entry.prefix.nbytes()
+            if entry.adapter is not None:
+                total += entry.adapter.weights.numel() * entry.adapter.weights.element_size()
+        return total
+
+    def acquire(self, name: str) -> Lease:
+        """Pin ``name`` for a request; the lease's ``prefix`` is computed if it was not resident.
+
+        Raises:
+            RequestError: no such adapter, or it cannot be read or run any more.
+        """
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                raise RequestError(f"unknown adapter {name!r}")
+            entry.pins += 1
+        try:
+            self._ensure(entry)
+        except BaseException:
+            self.release(entry)
+            raise
+        with self._lock:
+            if not entry.removed:
+                self._resident[name] = entry
+                self._resident.move_to_end(name)
+            self._evict()
+        return entry
+
+    def release(self, lease: Lease) -> None:
+        """Give back one request's hold; a removed adapter is freed with its last hold."""
+        with self._lock:
+            lease.pins = max(0, lease.pins - 1)
+            if lease.removed and lease.pins == 0:
+                if self._resident.get(lease.name) is lease:
+                    del self._resident[lease.name]
+                lease.prefix = None
+            self._evict()
+
+    def pinned(self, name: str) -> int:
+        """Running requests that hold ``name`` now."""
+        with self._lock:
+            entry = self._entries.get(name) or self._resident.get(name)
+            return entry.pins if entry else 0
+
+    def _ensure(self, entry: Lease) -> None:
+        if entry.adapter is None:
+            assert entry.path is not None
+            try:
+                entry.adapter = load_adapter(entry.path, name=entry.name)
+                self._check(entry.adapter)
+            except RequestError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise RequestError(f"adapter {entry.name!r}: {exc}") from exc
+        version = entry.adapter.weights._version
+        if entry.prefix is None or entry.version != version:
+            entry.prefix = self._build(entry.adapter)
+            entry.version = version
+
+    def _evict(self) -> None:
+        """Drop least recently used, unpinned prefixes beyond ``max_resident`` (lock held)."""
+        over = len(self._resident) - self.max_resident
+        for name, entry in list(self._resident.items()):
+            if over <= 0:
+                break
+            if entry.pins == 0:
+                del self._resident[name]
+                entry.prefix = None
+                if entry.path is not None:
+                    entry.adapter = None
+                over -= 1

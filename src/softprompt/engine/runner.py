@@ -1,0 +1,130 @@
+"""Runs the frozen base model: adapter prefixes, prefill of joining requests, decode steps.
+
+The runner knows tensors, not requests. It leaves the model exactly as it was: inputs reach it
+as ``inputs_embeds`` with explicit position ids and a 4-D boolean attention mask built from the
+slot cache, so rows of any length, with any adapter prefix or none, run in one forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..prompt import Adapter
+from .kv_cache import SlotCache
+from .registry import Prefix
+from .sampling import RequestError
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        config = model.config.get_text_config()
+        embedding = model.get_input_embeddings()
+        self.embedding = embedding
+        self.vocab_size = int(embedding.num_embeddings)
+        self.hidden_size = int(embedding.embedding_dim)
+        self.num_layers = int(config.num_hidden_layers)
+        heads = int(config.num_attention_heads)
+        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        self.max_length = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
+        self.device = embedding.weight.device
+        self.dtype = embedding.weight.dtype
+
+    def new_cache(self, slots: int, capacity: int) -> SlotCache:
+        return SlotCache(
+            self.num_layers,
+            self.num_kv_heads,
+            self.head_dim,
+            slots,
+            capacity,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    @torch.no_grad()
+    def forward(
+        self,
+        cache: SlotCache,
+        rows: slice,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        new_valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run ``embeds`` (B, q, D) for cache rows ``rows``; returns last-position logits (B, V).
+
+        The new keys/values land at columns ``cache.end ..``; the caller advances ``end`` once
+        every row of the step has run. On failure the new columns are marked invalid again.
+        """
+        cache.rows = rows
+        cache.mark(rows, new_valid)
+        try:
+            out = self.model(
+                inputs_embeds=embeds,
+                attention_mask=cache.mask(rows, embeds.shape[1]),
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        except BaseException:
+            cache.mark(rows, torch.zeros_like(new_valid))
+            raise
+        return out.logits[:, -1, : self.vocab_size].float()
+
+    def prefix(self, adapter: Adapter) -> Prefix:
+        """Keys/values of the adapter's virtual tokens at positions 0..n-1, for every layer."""
+        n = adapter.num_virtual_tokens
+        rows = adapter.weights.detach().to(device=self.device, dtype=self.dtype)[None]  # (1, n, D)
+        if not bool(torch.isfinite(rows).all()):
+            raise RequestError(f"adapter {adapter.name!r} has NaN or infinite values")
+        cache = self.new_cache(1, n)
+        positions = torch.arange(n, device=self.device)[None]
+        valid = torch.ones(1, n, dtype=torch.bool, device=self.device)
+        self.forward(cache, slice(0, 1), rows, positions, valid)
+        return Prefix(
+            keys=[k[0, :, :n].clone() for k in cache.keys],
+            values=[v[0, :, :n].clone() for v in cache.values],
+        )
+
+    def prefill(
+        self, prompts: list[list[int]], prefixes: list[Prefix | None]
+    ) -> tuple[SlotCache, torch.Tensor]:
+        """Prefill joining requests' text after their cached prefixes.
+
+        Row j is laid out ``[pad][prefix j][pad][text j]``: prefixes right-aligned to the longest
+        one, texts left-padded to the longest one. Returns a cache holding the rows (to copy into
+        the engine's slots) and each row's next-token logits (n, V).
+        """
+        n = len(prompts)
+        longest_prefix = max((p.length for p in prefixes if p is not None), default=0)
+        longest_text = max(len(p) for p in prompts)
+        cache = self.new_cache(n, longest_prefix + longest_text)
+        cache.end = longest_prefix
+        ids = torch.zeros(n, longest_text, dtype=torch.long)
+        valid = torch.zeros(n, longest_text, dtype=torch.bool)
+        positions = torch.zeros(n, longest_text, dtype=torch.long)
+        for j, (text, prefix) in enumerate(zip(prompts, prefixes, strict=True)):
+            start = prefix.length if prefix is not None else 0
+            if prefix is not None and start:
+                cache.write_prefix(j, prefix.keys, prefix.values)
+            pad = longest_text - len(text)
+            ids[j, pad:] = torch.tensor(text)
+            valid[j, pad:] = True
+            positions[j, :] = start
+            positions[j, pad:] = torch.arange(start, start + len(text))
+        embeds = self.embedding(ids.to(self.device))
+        logits = self.forward(
+            cache, slice(0, n), embeds, positions.to(self.device), valid.to(self.device)
+        )
+        cache.advance(longest_text)
+        return cache, logits
+
+    def decode(self, cache: SlotCache, rows: slice, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One new token per row ``tokens`` (B,) at ``positions`` (B,); returns logits (B, V).
+
+        The caller advances the cache's write column after the step.
+        """
+        embeds = self.embedding(tokens[:, None])
+        valid = torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=self.device)
+        return self.forward(cache, rows, embeds, positions[:, None], valid)

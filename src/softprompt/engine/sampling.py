@@ -1,0 +1,135 @@
+"""Per-request sampling parameters, and choosing every running row's next token at once.
+
+Each row keeps its own parameters and its own ``torch.Generator``, so a sampled completion
+depends only on its request and seed, never on what it runs beside. The repetition penalty looks
+only at the row's real tokens (prompt text and output; never an adapter's virtual tokens, never
+padding), which is what keeps a row's greedy output the same alone or in any batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import UserError
+
+
+class RequestError(UserError):
+    """A request that cannot run as given (it fails alone; the engine serves everyone else)."""
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded."""
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    """End-of-sequence is not allowed before this many new tokens."""
+    temperature: float = 0.0
+    """0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    repetition_penalty: float = 1.0
+    """Above 1 discourages tokens already in the prompt or output (CTRL-style, as transformers)."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end the completion; the completion stops before the first one."""
+    ignore_eos: bool = False
+    """Keep going past end-of-sequence until max_new_tokens (benchmarks use it)."""
+    seed: int | None = None
+    """Seed of this request's own generator; None draws a fresh one (sampling only)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        checks = [
+            (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max new tokens must be at least 1"),
+            (
+                _is_int(self.min_new_tokens) and 0 <= self.min_new_tokens <= self.max_new_tokens,
+                "min new tokens must be between 0 and max new tokens",
+            ),
+            (_is_real(self.temperature) and self.temperature >= 0, "temperature must be 0 (greedy) or positive"),
+            (_is_real(self.top_p) and 0 < self.top_p <= 1, "top-p must be in (0, 1]"),
+            (
+                _is_real(self.repetition_penalty) and self.repetition_penalty > 0,
+                "repetition penalty must be positive",
+            ),
+            (all(isinstance(s, str) and s for s in self.stop), "a stop string must be non-empty text"),
+            (self.seed is None or _is_int(self.seed), "seed must be an integer"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RequestError(message)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return _is_int(value) or (isinstance(value, float) and value == value and abs(value) != float("inf"))
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A request's own generator: seeded from its seed, or freshly from the OS when it has none."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def seen_mask(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """(B, V) bool: which real tokens each row holds (ids at or beyond ``vocab`` left out)."""
+    seen = torch.zeros(len(token_lists), vocab + 1, dtype=torch.bool, device=device)
+    for i, ids in enumerate(token_lists):
+        if ids:
+            index = torch.tensor(ids, device=device).clamp(max=vocab)
+            seen[i, index] = True
+    return seen[:, :vocab]
+
+
+def pick_tokens(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    seen: torch.Tensor,
+    produced: list[int],
+    eos: list[int],
+    generators: list[torch.Generator],
+) -> torch.Tensor:
+    """Next token per row from ``logits`` (B, V) float32; returns (B,) on the logits' device.
+
+    Args:
+        seen: (B, V) bool, the real tokens of each row so far (for the repetition penalty).
+        produced: new tokens each row has made so far (for ``min_new_tokens``).
+        eos: token ids that end a completion.
+        generators: one per row; only sampled rows draw from theirs.
+    """
+    device = logits.device
+    penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+    if bool((penalty != 1).any()):
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen & (penalty != 1), penalised, logits)
+    blocked = [i for i, p in enumerate(params) if produced[i] < p.min_new_tokens or p.ignore_eos]
+    if blocked and eos:
+        rows = torch.tensor(blocked, device=device)[:, None]
+        logits = logits.clone()
+        logits[rows, torch.tensor(eos, device=device)[None, :]] = float("-inf")
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not sampled:
+        return tokens
+    index = torch.tensor(sampled, device=device)
+    temperature = torch.tensor([params[i].temperature for i in sampled], device=device)[:, None]
+    top_p = torch.tensor([params[i].top_p for i in sampled], device=device)[:, None]
+    probs = (logits[index] / temperature).softmax(dim=-1)  # (S, V)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
+    drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+    sorted_probs = sorted_probs.masked_fill(drop, 0)
+    for j, i in enumerate(sampled):
+        choice = torch.multinomial(sorted_probs[j], 1, generator=generators[i])
+        tokens[i] = order[j, choice[0]]
+    return tokens

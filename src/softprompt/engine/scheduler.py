@@ -1,0 +1,86 @@
+"""Which requests run: a FIFO queue, admitted into free slots between decode steps.
+
+Plain Python, no tensors, so it is testable alone. ``continuous`` admits waiting requests at every
+step while slots are free; ``static`` admits a new batch only when the running one has finished
+(what a static-batch server does, kept to measure against).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .sequence import Sequence, Status
+
+POLICIES = ("continuous", "static")
+
+
+class Scheduler:
+    def __init__(self, max_batch_size: int, max_prefill_tokens: int, policy: str = "continuous"):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        if max_prefill_tokens < 1:
+            raise ValueError("max_prefill_tokens must be at least 1")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.policy = policy
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        """Running sequences; ``running[i]`` owns slot i of the KV cache."""
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def admit(self) -> list[Sequence]:
+        """Take waiting requests that fit now, in arrival order; they get the next free slots.
+
+        At least one request is admitted whenever a slot is free, however long its prompt, so a
+        long prompt never waits forever behind the prefill budget.
+        """
+        if self.policy == "static" and self.running:
+            return []
+        chosen: list[Sequence] = []
+        budget = self.max_prefill_tokens
+        while self.waiting and len(self.running) + len(chosen) < self.max_batch_size:
+            seq = self.waiting[0]
+            cost = len(seq.prompt_ids)
+            if chosen and cost > budget:
+                break
+            self.waiting.popleft()
+            budget -= cost
+            chosen.append(seq)
+        for seq in chosen:
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+        return chosen
+
+    def remove_finished(self) -> list[tuple[int, int]]:
+        """Drop finished sequences from ``running``; returns the (from, to) slot moves to apply.
+
+        A leaving row's slot is filled by the last running row, so running slots stay 0..B-1.
+        """
+        moves: list[tuple[int, int]] = []
+        running = self.running
+        slot = 0
+        while True:
+            while running and running[-1].finished:
+                running.pop()
+            while slot < len(running) and not running[slot].finished:
+                slot += 1
+            if slot >= len(running):
+                break
+            moves.append((len(running) - 1, slot))
+            running[slot] = running.pop()
+        return moves
+
+    def drop_waiting(self, seq: Sequence) -> bool:
+        """Take a request out of the queue (cancelled before it ran); False if it is not waiting."""
+        try:
+            self.waiting.remove(seq)
+        except ValueError:
+            return False
+        return True
