@@ -1,7 +1,7 @@
 """softprompt: prompt tuning (Lester et al. 2021) for causal language models.
 
 Train soft prompts on a frozen base model, keep them as PEFT-format adapter folders, evaluate
-and compare them, and generate with many adapters in one batch.
+and compare them, and serve many adapters from one base model in one running batch.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from .errors import UserError
 _EXPORTS = {
     "EvalResult": "evaluate",
     "evaluate": "evaluate",
-    "GenerateConfig": "generate",
+    "Engine": "engine",
+    "EngineConfig": "engine",
+    "RequestError": "engine",
+    "SamplingParams": "engine",
     "Request": "generate",
     "generate": "generate",
     "BaseModel": "models",
@@ -42,8 +45,11 @@ __all__ = [
     "Adapter",
     "BaseModel",
     "EvalResult",
-    "GenerateConfig",
+    "Engine",
+    "EngineConfig",
     "Request",
+    "RequestError",
+    "SamplingParams",
     "SoftPromptModel",
     "TrainConfig",
     "TrainResult",

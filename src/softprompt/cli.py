@@ -156,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --prompt, also run each prompt on the base model",
     )
     _generation_args(gen)
-    gen.add_argument("--batch-size", type=int, default=16, help="default: %(default)s")
+    gen.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="requests decoded together at most (default: %(default)s)",
+    )
     gen.add_argument("--json", action="store_true", help="one JSON object per request")
     gen.set_defaults(func=commands.cmd_generate)
 
@@ -273,7 +278,27 @@ def _generation_args(
         "--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)"
     )
     p.add_argument("--top-p", type=float, default=1.0, help="default: %(default)s")
-    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.add_argument(
+        "--min-new-tokens",
+        type=int,
+        default=0,
+        help="no end-of-sequence before this many new tokens (default: %(default)s)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="end a completion before this text (repeatable)",
+    )
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="keep going past end-of-sequence up to --max-new-tokens",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of each sampled request (default: %(default)s)"
+    )
 
 
 if __name__ == "__main__":

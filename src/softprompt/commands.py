@@ -199,15 +199,25 @@ def _read_requests(path: str, names: list[str]) -> list[Any]:
 
 
 def _generate_config(args: argparse.Namespace) -> Any:
-    from .generate import GenerateConfig
+    """The sampling parameters the generation flags give; a bad value names its flag."""
+    from .engine import RequestError, SamplingParams
 
-    return GenerateConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
+    try:
+        return SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.min_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            stop=args.stop,
+            ignore_eos=args.ignore_eos,
+            seed=args.seed,
+        )
+    except RequestError as exc:
+        if exc.field is None:
+            raise
+        flag = "--" + exc.field.replace("_", "-")
+        raise UserError(str(exc).replace(exc.field, flag, 1)) from exc
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import UserError
-from .generate import GenerateConfig, Request, generate
+from .engine import SamplingParams
+from .generate import Request, generate
 from .prompt import SoftPromptModel
 
 if TYPE_CHECKING:
@@ -31,11 +32,11 @@ def compare(
     spm: SoftPromptModel,
     prompts: list[str],
     adapters: list[str],
-    config: GenerateConfig,
+    params: SamplingParams,
 ) -> list[Comparison]:
     """Complete every prompt with the base model and each adapter.
 
-    All rows of one prompt (base + adapters) go through the model in one mixed batch.
+    Every row (each prompt with the base model and with each adapter) runs in one mixed batch.
 
     Raises:
         UserError: no prompts, or an empty prompt.
@@ -45,11 +46,9 @@ def compare(
     if any(not p.strip() for p in prompts):
         raise UserError("a --prompt is empty; give some text")
     targets: list[str | None] = [None, *adapters]
-    results = []
-    for prompt in prompts:
-        outputs = generate(spm, [Request(prompt, t) for t in targets], config, len(targets))
-        results.append(Comparison(prompt, dict(zip(targets, outputs, strict=True))))
-    return results
+    requests = [Request(prompt, t) for prompt in prompts for t in targets]
+    outputs = iter(generate(spm, requests, params))
+    return [Comparison(p, {t: next(outputs) for t in targets}) for p in prompts]
 
 
 def to_markdown(comparisons: list[Comparison]) -> str:

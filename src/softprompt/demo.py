@@ -18,7 +18,8 @@ from .compare import compare, print_tables
 from .data import load_texts
 from .errors import UserError
 from .files import check_output, write_text
-from .generate import GenerateConfig, Request, generate
+from .engine import SamplingParams
+from .generate import Request, generate
 from .models import load_base_model
 from .prompt import SoftPromptModel, init_prompt, load_adapter
 from .report import AdapterInfo, build_report, eval_matrix, is_report, write_report
@@ -33,7 +34,7 @@ TASKS = [
     ("role-prompts", "examples:role-prompts", TrainConfig(epochs=2, lr=6e-2, max_length=56)),
     ("quotes", "examples:quotes", TrainConfig(epochs=2, lr=6e-2)),
 ]
-GENERATION = GenerateConfig(max_new_tokens=40, repetition_penalty=1.5)
+GENERATION = SamplingParams(max_new_tokens=40, repetition_penalty=1.5)
 SUMMARY = "summary.json"
 WRITTEN_BY = "softprompt demo"
 """Recorded in the summary, so a later demo knows the folder's contents are its own to replace."""

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .compare import Comparison
     from .data import Texts
     from .evaluate import EvalResult
-    from .generate import GenerateConfig
+    from .engine import SamplingParams
     from .prompt import SoftPromptModel
     from .train import TrainConfig, TrainResult
 
@@ -128,7 +128,7 @@ def build_report(
     adapters: list[AdapterInfo],
     datasets: list[Texts],
     prompts: list[str],
-    config: GenerateConfig,
+    params: SamplingParams,
     max_length: int = 64,
     batch_size: int = 16,
     matrix: list[list[EvalResult]] | None = None,
@@ -146,7 +146,7 @@ def build_report(
     if matrix is None:
         matrix = eval_matrix(spm, names, datasets, max_length, batch_size)
     if comparisons is None:
-        comparisons = compare(spm, prompts, names, config)
+        comparisons = compare(spm, prompts, names, params)
     checksum = spm.base_checksum()
     parts = [
         _HEAD,

@@ -47,6 +47,8 @@ class EngineConfig:
     """Adapter prefixes kept in memory at most; the least recently used idle one goes first."""
     policy: str = "continuous"
     """``continuous`` (join between steps) or ``static`` (a new batch when the last one ends)."""
+    packed_weights: bool | None = None
+    """Run linear layers on weights packed for oneDNN (CPU float32; None: when that applies)."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_prefill_tokens", "max_new_tokens_cap", "max_resident_adapters"):
@@ -87,6 +89,8 @@ class RequestHandle:
         self.engine = engine
         self.seq = seq
         self._outputs: queue.Queue[Output] = queue.Queue()
+        self._consumed = False
+        """Whether the final output has been handed to the caller already."""
 
     @property
     def request_id(self) -> str:
@@ -96,7 +100,7 @@ class RequestHandle:
         self.engine.cancel(self.request_id)
 
     def __iter__(self) -> Iterator[Output]:
-        while True:
+        while not self._consumed:
             try:
                 out = self._outputs.get_nowait()
             except queue.Empty:
@@ -105,9 +109,9 @@ class RequestHandle:
                 else:
                     self.engine.step()
                     continue
-            yield out
             if out.finished:
-                return
+                self._consumed = True
+            yield out
 
     def result(self) -> Completion:
         """Wait until the request finishes and return all of it."""
@@ -128,7 +132,7 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model, self.config.packed_weights)
         self.registry = AdapterRegistry(
             self.runner.prefix, self._check_adapter, self.config.max_resident_adapters
         )

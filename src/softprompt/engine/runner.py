@@ -11,13 +11,23 @@ import torch
 
 from ..prompt import Adapter
 from .kv_cache import SlotCache
+from .packed import can_pack, packed_model
 from .registry import Prefix
 from .sampling import RequestError
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
+    """Args:
+    model: the caller's model; it is never changed.
+    pack: run a shadow of it with packed linear weights (CPU float32 only; ``None``: when
+        that applies). See ``packed.py``.
+    """
+
+    def __init__(self, model: torch.nn.Module, pack: bool | None = None) -> None:
+        if pack is None:
+            pack = can_pack(model)
+        self.packed = bool(pack)
+        self.model = packed_model(model) if self.packed else model
         config = model.config.get_text_config()
         embedding = model.get_input_embeddings()
         self.embedding = embedding

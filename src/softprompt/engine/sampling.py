@@ -16,7 +16,14 @@ from ..errors import UserError
 
 
 class RequestError(UserError):
-    """A request that cannot run as given (it fails alone; the engine serves everyone else)."""
+    """A request that cannot run as given (it fails alone; the engine serves everyone else).
+
+    ``field`` names the sampling parameter at fault, when one is.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -44,23 +51,25 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop)
         checks = [
-            (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max new tokens must be at least 1"),
+            ("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "must be at least 1"),
             (
+                "min_new_tokens",
                 _is_int(self.min_new_tokens) and 0 <= self.min_new_tokens <= self.max_new_tokens,
-                "min new tokens must be between 0 and max new tokens",
+                "must be between 0 and max_new_tokens",
             ),
-            (_is_real(self.temperature) and self.temperature >= 0, "temperature must be 0 (greedy) or positive"),
-            (_is_real(self.top_p) and 0 < self.top_p <= 1, "top-p must be in (0, 1]"),
+            ("temperature", _is_real(self.temperature) and self.temperature >= 0, "must be 0 (greedy) or positive"),
+            ("top_p", _is_real(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
             (
+                "repetition_penalty",
                 _is_real(self.repetition_penalty) and self.repetition_penalty > 0,
-                "repetition penalty must be positive",
+                "must be positive",
             ),
-            (all(isinstance(s, str) and s for s in self.stop), "a stop string must be non-empty text"),
-            (self.seed is None or _is_int(self.seed), "seed must be an integer"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "strings must be non-empty text"),
+            ("seed", self.seed is None or _is_int(self.seed), "must be an integer"),
         ]
-        for ok, message in checks:
+        for name, ok, problem in checks:
             if not ok:
-                raise RequestError(message)
+                raise RequestError(f"{name} {problem}", field=name)
 
 
 def _is_int(value: object) -> bool:

@@ -1,0 +1,473 @@
+"""The engine on the tiny model: requests joining and leaving a running batch of mixed adapters.
+
+Outputs are checked against each request run alone and against transformers' own ``generate``
+on the untouched base model with the adapter's rows prepended through ``inputs_embeds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from softprompt.engine import Engine, EngineConfig, RequestError, SamplingParams
+from softprompt.generate import Request, generate
+from softprompt.prompt import Adapter
+
+PROMPTS = [
+    "i want you to act as a",
+    "be kind",
+    "there are two nice things that should matter",
+    "the mountain",
+    "hope",
+    "my first request is to help me with courage and hope every",
+]
+ADAPTERS = [None, "a", "b"]
+
+
+def _raw(hidden: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    # Large rows so the adapters visibly change the tiny model's greedy output.
+    return {
+        "a": torch.randn(3, hidden, generator=generator) * 4,
+        "b": torch.randn(5, hidden, generator=generator) * 4,
+    }
+
+
+def _engine(spm, **config) -> Engine:
+    engine = Engine(spm.model, spm.tokenizer, EngineConfig(**config))
+    for name, rows in _raw(spm.hidden_size).items():
+        engine.add_adapter(name, Adapter(name, rows))
+    return engine
+
+
+def _ids(spm, prompt: str) -> list[int]:
+    return spm.text_ids(prompt)
+
+
+def _reference(model, pad_id: int, eos_id: int, rows, penalty: float, max_new_tokens: int):
+    """transformers' own generate() on the untouched base model: each row's raw adapter rows,
+    then its text's embeddings, left padded into one batch.
+
+    ``input_ids`` ride along only for the repetition penalty. Where the prompt is virtual or
+    padding they hold the row's first text token, which the penalty covers anyway (it applies
+    once per distinct id), so exactly the row's real tokens are penalised.
+    """
+    embed = model.get_input_embeddings()
+    length = max(len(text) + (0 if raw is None else raw.shape[0]) for raw, text in rows)
+    ids, embeds, mask = [], [], []
+    with torch.no_grad():
+        for raw, text in rows:
+            virtual = 0 if raw is None else raw.shape[0]
+            pad = length - virtual - len(text)
+            parts = [embed(torch.tensor([pad_id] * pad, dtype=torch.long))]
+            if raw is not None:
+                parts.append(raw)
+            parts.append(embed(torch.tensor(text)))
+            embeds.append(torch.cat(parts))
+            ids.append([text[0]] * (pad + virtual) + text)
+            mask.append([0] * pad + [1] * (virtual + len(text)))
+        out = model.generate(
+            input_ids=torch.tensor(ids),
+            inputs_embeds=torch.stack(embeds),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            repetition_penalty=penalty,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+        )
+    completions = []
+    for row in out[:, length:].tolist():
+        completions.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return completions
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.5])
+@pytest.mark.parametrize("packed", [False, True])
+def test_matches_reference_generate_on_a_mixed_batch(tiny_model_dir, penalty, packed):
+    from softprompt.models import load_base_model
+
+    untouched = load_base_model(str(tiny_model_dir))
+    served = load_base_model(str(tiny_model_dir))
+    engine = Engine(served.model, served.tokenizer, EngineConfig(packed_weights=packed))
+    raw = _raw(16)
+    for name, rows in raw.items():
+        engine.add_adapter(name, Adapter(name, rows))
+    tok = served.tokenizer
+    cases = [(p, a) for p in PROMPTS for a in ADAPTERS]
+    reference = _reference(
+        untouched.model,
+        tok.pad_token_id,
+        tok.eos_token_id,
+        [(raw.get(a or ""), tok(p)["input_ids"]) for p, a in cases],
+        penalty,
+        10,
+    )
+    params = SamplingParams(max_new_tokens=10, repetition_penalty=penalty)
+    ours = engine.generate([p for p, _ in cases], [a for _, a in cases], params)
+    assert [c.token_ids for c in ours] == reference
+    assert len({tuple(c) for c in reference}) > 6  # adapters and prompts do change the outputs
+    assert max(len(c) for c in reference) == 10
+    # The caller's model is untouched: same modules, same weights.
+    for (name, mine), theirs in zip(served.model.state_dict().items(), untouched.model.state_dict().values()):
+        assert torch.equal(mine, theirs), name
+    assert type(served.model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+
+
+def _alone(engine: Engine, prompt: str, adapter: str | None, params: SamplingParams):
+    return engine.generate([prompt], [adapter], params)[0]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.lists(
+        st.tuples(
+            st.sampled_from(range(len(PROMPTS))),
+            st.sampled_from(ADAPTERS),
+            st.integers(0, 12),  # arrival: the engine step before which it is submitted
+            st.integers(1, 14),  # max new tokens
+            st.booleans(),  # with a stop string taken from its own greedy output
+        ),
+        min_size=1,
+        max_size=10,
+    ),
+    batch=st.integers(1, 6),
+)
+def test_arrivals_mid_flight_change_no_greedy_output(spm, data, batch):
+    """Whatever arrives when, beside whatever adapters, each greedy output is its solo output."""
+    engine = _engine(spm, max_batch_size=batch, max_prefill_tokens=16)
+    solo = _engine(spm)
+    plan = []
+    for prompt_index, adapter, arrival, max_new, use_stop in data:
+        prompt = PROMPTS[prompt_index]
+        full = _alone(solo, prompt, adapter, SamplingParams(max_new_tokens=max_new, repetition_penalty=1.3))
+        words = full.text.split()
+        stop = [words[len(words) // 2]] if use_stop and words else []
+        params = SamplingParams(max_new_tokens=max_new, repetition_penalty=1.3, stop=stop)
+        expected = full.text if not stop else full.text[: full.text.find(stop[0])]
+        plan.append((arrival, prompt, adapter, params, expected))
+    handles = [None] * len(plan)
+    step = 0
+    while any(h is None for h in handles) or engine.has_work():
+        for i, (arrival, prompt, adapter, params, _) in enumerate(plan):
+            if handles[i] is None and arrival <= step:
+                handles[i] = engine.submit(prompt, adapter, params)
+        engine.step()
+        step += 1
+        assert len(engine.scheduler.running) <= batch
+    for handle, (*_, expected) in zip(handles, plan):
+        completion = handle.result()
+        assert completion.text == expected
+        assert completion.finish_reason in ("stop", "length")
+
+
+def test_a_short_request_does_not_wait_for_a_long_one(spm):
+    engine = _engine(spm, max_batch_size=4)
+    long = engine.submit("be kind", "a", SamplingParams(max_new_tokens=40, ignore_eos=True))
+    engine.step()
+    engine.step()
+    short = engine.submit("hope", "b", SamplingParams(max_new_tokens=2, ignore_eos=True))
+    steps = 0
+    while not short.seq.finished:
+        engine.step()
+        steps += 1
+    assert steps <= 2
+    assert not long.seq.finished  # it joined a running batch and left it first
+    assert len(long.result().token_ids) == 40
+
+
+def test_static_policy_admits_only_when_the_batch_is_empty(spm):
+    engine = _engine(spm, max_batch_size=4, policy="static")
+    first = engine.submit("be kind", "a", SamplingParams(max_new_tokens=6, ignore_eos=True))
+    engine.step()
+    second = engine.submit("hope", None, SamplingParams(max_new_tokens=2, ignore_eos=True))
+    while not first.seq.finished:
+        engine.step()
+        assert not second.seq.output_ids
+    assert second.result().token_ids
+
+
+def test_each_prefix_is_computed_once_and_prefill_covers_only_text(spm):
+    engine = _engine(spm, max_batch_size=8)
+    calls = []
+    build = engine.registry._build
+    engine.registry._build = lambda adapter: calls.append(adapter.name) or build(adapter)
+    prompts = PROMPTS * 2
+    adapters = ["a", "b", None] * 4
+    engine.generate(prompts, adapters, SamplingParams(max_new_tokens=3))
+    engine.generate(prompts, adapters, SamplingParams(max_new_tokens=3))
+    assert sorted(calls) == ["a", "b"]
+    text_tokens = sum(len(_ids(spm, p)) for p in prompts)
+    assert engine.stats.prompt_tokens == 2 * text_tokens  # no virtual token is prefilled
+
+
+def test_a_retrained_adapter_gets_a_new_prefix(spm):
+    rows = torch.nn.Parameter(_raw(16)["a"].clone(), requires_grad=False)
+    engine = Engine(spm.model, spm.tokenizer)
+    engine.add_adapter("live", Adapter("live", rows))
+    before = _alone(engine, "be kind", "live", SamplingParams(max_new_tokens=8)).token_ids
+    with torch.no_grad():
+        rows.mul_(-1)  # what an optimizer step does: an in-place change
+    after = _alone(engine, "be kind", "live", SamplingParams(max_new_tokens=8)).token_ids
+    fresh = Engine(spm.model, spm.tokenizer)
+    fresh.add_adapter("live", Adapter("live", rows.detach().clone()))
+    assert after == _alone(fresh, "be kind", "live", SamplingParams(max_new_tokens=8)).token_ids
+    assert after != before
+
+
+def test_registry_keeps_at_most_max_resident_and_never_frees_a_pinned_adapter(spm, tmp_path):
+    from softprompt.prompt import adapter_config, write_adapter_files
+
+    engine = Engine(spm.model, spm.tokenizer, EngineConfig(max_resident_adapters=2))
+    for i in range(4):
+        folder = tmp_path / f"ad{i}"
+        folder.mkdir()
+        rows = torch.randn(2 + i, 16, generator=torch.Generator().manual_seed(i)) * 3
+        write_adapter_files(folder, rows, adapter_config(Adapter(f"ad{i}", rows), "tiny", "random"))
+        engine.add_adapter(f"ad{i}", folder)
+    params = SamplingParams(max_new_tokens=3)
+    first = {name: _alone(engine, "be kind", name, params).token_ids for name in engine.adapters()}
+    assert engine.registry.resident() == ["ad2", "ad3"]
+    held = engine.submit("hope", "ad0", SamplingParams(max_new_tokens=30, ignore_eos=True))
+    engine.step()
+    assert engine.registry.pinned("ad0") == 1
+    for name in ("ad1", "ad2", "ad3"):
+        _alone(engine, "be kind", name, params)
+    assert "ad0" in engine.registry.resident()  # pinned, so it stayed over the bound
+    engine.remove_adapter("ad0")  # removed while running: the request still finishes
+    assert "ad0" not in engine.adapters()
+    assert len(held.result().token_ids) == 30
+    assert "ad0" not in engine.registry.resident()
+    assert len(engine.registry.resident()) <= 2
+    with pytest.raises(RequestError, match="unknown adapter"):
+        engine.submit("hope", "ad0")
+    # Evicted adapters are read again from their folders and give the same output.
+    again = {name: _alone(engine, "be kind", name, params).token_ids for name in engine.adapters()}
+    assert again == {k: v for k, v in first.items() if k != "ad0"}
+
+
+def test_adapters_cost_their_rows_and_prefix_only(spm):
+    engine = Engine(spm.model, spm.tokenizer, EngineConfig(max_resident_adapters=100))
+    params_before = sum(p.data_ptr() for p in spm.model.parameters())
+    sizes = []
+    for count in (1, 10):
+        for i in range(len(engine.adapters()), count):
+            engine.add_adapter(f"x{i}", Adapter(f"x{i}", torch.randn(4, 16)))
+        for name in engine.adapters():
+            _alone(engine, "hope", name, SamplingParams(max_new_tokens=1))
+        sizes.append(engine.memory()["adapters"])
+    config = spm.model.config
+    per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * (16 // 2) * 4 + 16 * 4
+    assert sizes == [4 * per_token, 40 * per_token]
+    assert sum(p.data_ptr() for p in spm.model.parameters()) == params_before
+
+
+def test_streams_sync_and_async_give_the_whole_text(spm):
+    engine = _engine(spm)
+    params = SamplingParams(max_new_tokens=12, repetition_penalty=1.3)
+    whole = _alone(engine, PROMPTS[0], "a", params)
+    pieces = list(engine.stream(PROMPTS[0], "a", params))
+    assert "".join(p.text for p in pieces) == whole.text
+    assert [t for p in pieces for t in p.token_ids] == whole.token_ids
+    assert pieces[-1].finished and not any(p.finished for p in pieces[:-1])
+
+    async def collect() -> list:
+        return [out async for out in engine.astream(PROMPTS[0], "a", params)]
+
+    try:
+        streamed = asyncio.run(collect())
+    finally:
+        engine.stop()
+    assert "".join(p.text for p in streamed) == whole.text
+
+
+def test_stop_strings_never_leak_into_the_stream(spm):
+    engine = _engine(spm)
+    full = _alone(engine, PROMPTS[2], "b", SamplingParams(max_new_tokens=14)).text
+    words = full.split()
+    assert len(words) > 3
+    stop = " ".join(words[2:4])
+    pieces = list(engine.stream(PROMPTS[2], "b", SamplingParams(max_new_tokens=14, stop=[stop])))
+    text = "".join(p.text for p in pieces)
+    assert text == full[: full.find(stop)]
+    assert pieces[-1].finish_reason == "stop"
+
+
+def test_cancel_stops_one_request_only(spm):
+    engine = _engine(spm, max_batch_size=4)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    keep = engine.submit(PROMPTS[1], "b", params)
+    drop = engine.submit(PROMPTS[3], "a", params)
+    other = engine.submit(PROMPTS[4], None, params)
+    for _ in range(3):
+        engine.step()
+    drop.cancel()
+    waiting_engine = Engine(spm.model, spm.tokenizer, EngineConfig(max_batch_size=1))
+    late = waiting_engine.submit("hope", None, params)
+    queued = waiting_engine.submit("be kind", None, params)
+    queued.cancel()  # cancelled before it ever ran
+    assert queued.result().finish_reason == "cancelled"
+    assert late.result().token_ids
+    result = drop.result()
+    assert result.finish_reason == "cancelled" and 0 < len(result.token_ids) < 20
+    assert keep.result().token_ids == _alone(engine, PROMPTS[1], "b", params).token_ids
+    assert other.result().token_ids == _alone(engine, PROMPTS[4], None, params).token_ids
+
+
+def test_sampling_depends_only_on_the_request_and_its_seed(spm):
+    engine = _engine(spm, max_batch_size=4)
+    cases = [(p, a) for p in PROMPTS for a in ADAPTERS]
+
+    def run(seed_of) -> list[list[int]]:
+        handles = [
+            engine.submit(p, a, SamplingParams(max_new_tokens=10, temperature=1.2, seed=seed_of(i)))
+            for i, (p, a) in enumerate(cases)
+        ]
+        return [h.result().token_ids for h in handles]
+
+    together = run(lambda i: 5 + i)
+    for i in (0, 4, 11, 17):
+        params = SamplingParams(max_new_tokens=10, temperature=1.2, seed=5 + i)
+        assert _alone(engine, *cases[i], params).token_ids == together[i]
+    assert run(lambda i: 99 + i) != together
+    tiny_top_p = [SamplingParams(max_new_tokens=8, temperature=1.5, top_p=1e-6, seed=3)] * len(cases)
+    greedy = engine.generate([p for p, _ in cases], [a for _, a in cases], SamplingParams(max_new_tokens=8))
+    nucleus = engine.generate([p for p, _ in cases], [a for _, a in cases], tiny_top_p)
+    assert [c.token_ids for c in nucleus] == [c.token_ids for c in greedy]
+
+
+def test_repetition_penalty_and_min_new_tokens(spm):
+    engine = Engine(spm.model, spm.tokenizer)
+    plain = _alone(engine, "be kind be kind be kind", None, SamplingParams(max_new_tokens=20)).token_ids
+    penalised = _alone(
+        engine, "be kind be kind be kind", None, SamplingParams(max_new_tokens=20, repetition_penalty=100.0)
+    ).token_ids
+    assert len(set(penalised)) == len(penalised)
+    assert plain != penalised
+    # A prompt whose greedy completion ends at once still gives min_new_tokens tokens.
+    ends = [p for p in PROMPTS if len(_alone(engine, p, None, SamplingParams(max_new_tokens=30)).token_ids) < 30]
+    if ends:
+        short = _alone(engine, ends[0], None, SamplingParams(max_new_tokens=30)).token_ids
+        forced = _alone(engine, ends[0], None, SamplingParams(max_new_tokens=30, min_new_tokens=len(short) + 3))
+        assert len(forced.token_ids) >= len(short) + 3
+    forced_long = _alone(engine, "hope", None, SamplingParams(max_new_tokens=25, ignore_eos=True))
+    assert len(forced_long.token_ids) == 25 and forced_long.finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"min_new_tokens": 5, "max_new_tokens": 2}, "min_new_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"stop": [""]}, "stop"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_bad_sampling_parameters(kwargs, field):
+    with pytest.raises(RequestError) as caught:
+        SamplingParams(**kwargs)
+    assert caught.value.field == field
+
+
+def test_bad_requests_fail_alone_and_the_engine_keeps_serving(spm):
+    engine = _engine(spm, max_new_tokens_cap=64)
+    running = engine.submit(PROMPTS[0], "a", SamplingParams(max_new_tokens=12))
+    engine.step()
+    bad = [
+        ({"prompt": "hope", "adapter": "nope"}, "unknown adapter"),
+        ({"prompt": "hope " * 300}, "context"),
+        ({"prompt": "hope", "params": SamplingParams(max_new_tokens=65)}, "cap"),
+        ({"prompt": ""}, "no tokens"),
+        ({"prompt": [1, 2, 10_000]}, "outside the vocabulary"),
+        ({"prompt": [1, True]}, "token ids"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(RequestError, match=message):
+            engine.submit(**kwargs)
+    with pytest.raises(RequestError, match="token_dim"):
+        engine.add_adapter("wide", Adapter("wide", torch.randn(2, 32)))
+    with pytest.raises(RequestError, match="already registered"):
+        engine.add_adapter("a", Adapter("a", torch.randn(2, 16)))
+    assert running.result().token_ids == _alone(engine, PROMPTS[0], "a", SamplingParams(max_new_tokens=12)).token_ids
+
+
+def test_a_request_that_breaks_the_model_fails_alone(spm):
+    """A forward hook raises for any row at position 40 or beyond: in prefill and in decode."""
+    engine = _engine(spm, max_batch_size=8)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    expected = [_alone(engine, p, a, params).token_ids for p, a in zip(PROMPTS, ADAPTERS * 2)]
+
+    def hook(module, args, kwargs):
+        if int(kwargs["position_ids"].max()) >= 40:
+            raise RuntimeError("boom at position 40")
+
+    engine.runner.model.register_forward_pre_hook(hook, with_kwargs=True)
+    long_prompt = "hope " * 45  # breaks in prefill
+    near_limit = "hope " * 33  # breaks a few decode steps in
+    handles = [engine.submit(p, a, params) for p, a in zip(PROMPTS, ADAPTERS * 2)]
+    breakers = [engine.submit(long_prompt, "a", params), engine.submit(near_limit, "b", params)]
+    results = [h.result() for h in handles]
+    assert [r.token_ids for r in results] == expected
+    for broken in breakers:
+        result = broken.result()
+        assert result.finish_reason == "error" and "boom" in (result.error or "")
+    assert 0 < len(breakers[1].result().token_ids) < 12
+
+
+def test_background_thread_serves_requests_from_many_threads(spm):
+    engine = _engine(spm, max_batch_size=4)
+    params = SamplingParams(max_new_tokens=8, repetition_penalty=1.2)
+    cases = [(p, a) for p in PROMPTS[:4] for a in ADAPTERS]
+    expected = [_alone(engine, p, a, params).token_ids for p, a in cases]
+    engine.start()
+    got: dict[int, list[int]] = {}
+
+    def client(i: int) -> None:
+        got[i] = engine.submit(*cases[i], params).result().token_ids
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(cases))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        engine.stop()
+    assert [got[i] for i in range(len(cases))] == expected
+
+
+def test_bfloat16_model_runs_in_its_dtype(tiny_model_dir):
+    from softprompt.models import load_base_model
+
+    base = load_base_model(str(tiny_model_dir), dtype=torch.bfloat16)
+    engine = Engine(base.model, base.tokenizer)
+    engine.add_adapter("a", Adapter("a", torch.randn(3, 16) * 4))
+    result = engine.generate(["be kind"], ["a"], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    assert len(result.token_ids) == 6
+    assert not engine.runner.packed
+    assert engine.cache.keys[0].dtype == torch.bfloat16
+    assert engine.registry._resident["a"].prefix.keys[0].dtype == torch.bfloat16
+
+
+def test_generate_front_follows_the_adapters_loaded_in_the_model(spm):
+    for name, rows in _raw(16).items():
+        spm.add_adapter(Adapter(name, rows))
+    params = SamplingParams(max_new_tokens=6)
+    requests = [Request(p, a) for p in PROMPTS[:3] for a in ADAPTERS]
+    first = generate(spm, requests, params)
+    spm.remove_adapter("b")
+    with pytest.raises(RequestError, match="unknown adapter 'b'"):
+        generate(spm, requests, params)
+    assert generate(spm, [r for r in requests if r.adapter != "b"], params) == [
+        text for text, r in zip(first, requests) if r.adapter != "b"
+    ]
