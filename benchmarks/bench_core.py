@@ -24,7 +24,8 @@ def main() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     from softprompt.data import load_texts
-    from softprompt.generate import GenerateConfig, Request, generate
+    from softprompt.engine import SamplingParams
+    from softprompt.generate import Request, generate
     from softprompt.models import embedded_model_dir, load_base_model
     from softprompt.prompt import Adapter, SoftPromptModel, init_prompt
     from softprompt.train import TrainConfig, train
@@ -47,8 +48,8 @@ def main() -> None:
         for i in range(args.requests)
     ]
     # Fixed-length output so both ways do the same work: no EOS stop within max_new_tokens.
-    config = GenerateConfig(max_new_tokens=args.new_tokens)
-    generate(spm, requests[:2], GenerateConfig(max_new_tokens=2))  # warm-up
+    config = SamplingParams(max_new_tokens=args.new_tokens)
+    generate(spm, requests[:2], SamplingParams(max_new_tokens=2))  # warm-up
     start = time.perf_counter()
     batched = generate(spm, requests, config, batch_size=args.requests)
     batched_s = time.perf_counter() - start

@@ -135,9 +135,11 @@ def test_mixed_batch_generation_equals_one_by_one(adapters, tmp_path):
 
 
 def test_generation_matches_inputs_embeds_reference(adapters):
-    """Greedy output equals transformers' generate() on the untouched base model with the
-    trained rows prepended, token for token, up to the reference's EOS."""
-    from softprompt.generate import GenerateConfig, generate_ids
+    """The engine's greedy output (packed weights, cached prefix, mixed batch) equals
+    transformers' generate() on the untouched base model with the trained rows prepended,
+    token for token, up to the reference's EOS."""
+    from softprompt.engine import SamplingParams
+    from softprompt.generate import engine_for
     from softprompt.models import load_base_model
     from softprompt.prompt import SoftPromptModel, load_adapter
 
@@ -159,8 +161,15 @@ def test_generation_matches_inputs_embeds_reference(adapters):
     eos = untouched.tokenizer.eos_token_id
     if eos in reference:
         reference = reference[: reference.index(eos)]
-    row = spm.encode("I want you to act as a chef. ", "roles")
-    ours = generate_ids(spm, [row], GenerateConfig(max_new_tokens=20))[0]
+    engine = engine_for(spm)
+    assert engine.runner.packed
+    # It runs beside other requests, which join a step later.
+    params = SamplingParams(max_new_tokens=20)
+    handle = engine.submit("I want you to act as a chef. ", "roles", params)
+    engine.step()
+    others = [engine.submit(p, a, params) for p in ("Hello", "The sea is") for a in (None, "roles")]
+    ours = handle.result().token_ids
+    assert all(h.result().token_ids for h in others)
     assert ours == reference
     assert len(ours) >= 5  # a real completion, not a stop after a token or two
 

@@ -114,7 +114,9 @@ def test_matches_reference_generate_on_a_mixed_batch(tiny_model_dir, penalty, pa
     assert len({tuple(c) for c in reference}) > 6  # adapters and prompts do change the outputs
     assert max(len(c) for c in reference) == 10
     # The caller's model is untouched: same modules, same weights.
-    for (name, mine), theirs in zip(served.model.state_dict().items(), untouched.model.state_dict().values()):
+    for (name, mine), theirs in zip(
+        served.model.state_dict().items(), untouched.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(mine, theirs), name
     assert type(served.model.model.layers[0].mlp.up_proj) is torch.nn.Linear
 
@@ -123,7 +125,9 @@ def _alone(engine: Engine, prompt: str, adapter: str | None, params: SamplingPar
     return engine.generate([prompt], [adapter], params)[0]
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     data=st.lists(
         st.tuples(
@@ -145,7 +149,9 @@ def test_arrivals_mid_flight_change_no_greedy_output(spm, data, batch):
     plan = []
     for prompt_index, adapter, arrival, max_new, use_stop in data:
         prompt = PROMPTS[prompt_index]
-        full = _alone(solo, prompt, adapter, SamplingParams(max_new_tokens=max_new, repetition_penalty=1.3))
+        full = _alone(
+            solo, prompt, adapter, SamplingParams(max_new_tokens=max_new, repetition_penalty=1.3)
+        )
         words = full.text.split()
         stop = [words[len(words) // 2]] if use_stop and words else []
         params = SamplingParams(max_new_tokens=max_new, repetition_penalty=1.3, stop=stop)
@@ -160,7 +166,7 @@ def test_arrivals_mid_flight_change_no_greedy_output(spm, data, batch):
         engine.step()
         step += 1
         assert len(engine.scheduler.running) <= batch
-    for handle, (*_, expected) in zip(handles, plan):
+    for handle, (*_, expected) in zip(handles, plan, strict=True):
         completion = handle.result()
         assert completion.text == expected
         assert completion.finish_reason in ("stop", "length")
@@ -335,25 +341,40 @@ def test_sampling_depends_only_on_the_request_and_its_seed(spm):
         params = SamplingParams(max_new_tokens=10, temperature=1.2, seed=5 + i)
         assert _alone(engine, *cases[i], params).token_ids == together[i]
     assert run(lambda i: 99 + i) != together
-    tiny_top_p = [SamplingParams(max_new_tokens=8, temperature=1.5, top_p=1e-6, seed=3)] * len(cases)
-    greedy = engine.generate([p for p, _ in cases], [a for _, a in cases], SamplingParams(max_new_tokens=8))
+    tiny_top_p = [SamplingParams(max_new_tokens=8, temperature=1.5, top_p=1e-6, seed=3)] * len(
+        cases
+    )
+    greedy = engine.generate(
+        [p for p, _ in cases], [a for _, a in cases], SamplingParams(max_new_tokens=8)
+    )
     nucleus = engine.generate([p for p, _ in cases], [a for _, a in cases], tiny_top_p)
     assert [c.token_ids for c in nucleus] == [c.token_ids for c in greedy]
 
 
 def test_repetition_penalty_and_min_new_tokens(spm):
     engine = Engine(spm.model, spm.tokenizer)
-    plain = _alone(engine, "be kind be kind be kind", None, SamplingParams(max_new_tokens=20)).token_ids
+    plain = _alone(
+        engine, "be kind be kind be kind", None, SamplingParams(max_new_tokens=20)
+    ).token_ids
     penalised = _alone(
-        engine, "be kind be kind be kind", None, SamplingParams(max_new_tokens=20, repetition_penalty=100.0)
+        engine,
+        "be kind be kind be kind",
+        None,
+        SamplingParams(max_new_tokens=20, repetition_penalty=100.0),
     ).token_ids
     assert len(set(penalised)) == len(penalised)
     assert plain != penalised
     # A prompt whose greedy completion ends at once still gives min_new_tokens tokens.
-    ends = [p for p in PROMPTS if len(_alone(engine, p, None, SamplingParams(max_new_tokens=30)).token_ids) < 30]
+    ends = [
+        p
+        for p in PROMPTS
+        if len(_alone(engine, p, None, SamplingParams(max_new_tokens=30)).token_ids) < 30
+    ]
     if ends:
         short = _alone(engine, ends[0], None, SamplingParams(max_new_tokens=30)).token_ids
-        forced = _alone(engine, ends[0], None, SamplingParams(max_new_tokens=30, min_new_tokens=len(short) + 3))
+        forced = _alone(
+            engine, ends[0], None, SamplingParams(max_new_tokens=30, min_new_tokens=len(short) + 3)
+        )
         assert len(forced.token_ids) >= len(short) + 3
     forced_long = _alone(engine, "hope", None, SamplingParams(max_new_tokens=25, ignore_eos=True))
     assert len(forced_long.token_ids) == 25 and forced_long.finish_reason == "length"
@@ -398,23 +419,31 @@ def test_bad_requests_fail_alone_and_the_engine_keeps_serving(spm):
         engine.add_adapter("wide", Adapter("wide", torch.randn(2, 32)))
     with pytest.raises(RequestError, match="already registered"):
         engine.add_adapter("a", Adapter("a", torch.randn(2, 16)))
-    assert running.result().token_ids == _alone(engine, PROMPTS[0], "a", SamplingParams(max_new_tokens=12)).token_ids
+    assert (
+        running.result().token_ids
+        == _alone(engine, PROMPTS[0], "a", SamplingParams(max_new_tokens=12)).token_ids
+    )
 
 
 def test_a_request_that_breaks_the_model_fails_alone(spm):
-    """A forward hook raises for any row at position 40 or beyond: in prefill and in decode."""
+    """The model raises for any row at position 40 or beyond: in prefill and in decode."""
     engine = _engine(spm, max_batch_size=8)
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    expected = [_alone(engine, p, a, params).token_ids for p, a in zip(PROMPTS, ADAPTERS * 2)]
+    expected = [
+        _alone(engine, p, a, params).token_ids for p, a in zip(PROMPTS, ADAPTERS * 2, strict=True)
+    ]
 
-    def hook(module, args, kwargs):
-        if int(kwargs["position_ids"].max()) >= 40:
+    forward = engine.runner.forward
+
+    def breaking(cache, rows, embeds, positions, new_valid):
+        if int(positions.max()) >= 40:
             raise RuntimeError("boom at position 40")
+        return forward(cache, rows, embeds, positions, new_valid)
 
-    engine.runner.model.register_forward_pre_hook(hook, with_kwargs=True)
+    engine.runner.forward = breaking  # type: ignore[method-assign]
     long_prompt = "hope " * 45  # breaks in prefill
     near_limit = "hope " * 33  # breaks a few decode steps in
-    handles = [engine.submit(p, a, params) for p, a in zip(PROMPTS, ADAPTERS * 2)]
+    handles = [engine.submit(p, a, params) for p, a in zip(PROMPTS, ADAPTERS * 2, strict=True)]
     breakers = [engine.submit(long_prompt, "a", params), engine.submit(near_limit, "b", params)]
     results = [h.result() for h in handles]
     assert [r.token_ids for r in results] == expected
@@ -452,7 +481,9 @@ def test_bfloat16_model_runs_in_its_dtype(tiny_model_dir):
     base = load_base_model(str(tiny_model_dir), dtype=torch.bfloat16)
     engine = Engine(base.model, base.tokenizer)
     engine.add_adapter("a", Adapter("a", torch.randn(3, 16) * 4))
-    result = engine.generate(["be kind"], ["a"], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    result = engine.generate(["be kind"], ["a"], SamplingParams(max_new_tokens=6, ignore_eos=True))[
+        0
+    ]
     assert len(result.token_ids) == 6
     assert not engine.runner.packed
     assert engine.cache.keys[0].dtype == torch.bfloat16
@@ -469,5 +500,5 @@ def test_generate_front_follows_the_adapters_loaded_in_the_model(spm):
     with pytest.raises(RequestError, match="unknown adapter 'b'"):
         generate(spm, requests, params)
     assert generate(spm, [r for r in requests if r.adapter != "b"], params) == [
-        text for text, r in zip(first, requests) if r.adapter != "b"
+        text for text, r in zip(first, requests, strict=True) if r.adapter != "b"
     ]

@@ -11,8 +11,8 @@ import torch
 from conftest import check_report_page
 from softprompt.compare import compare, to_markdown
 from softprompt.data import Texts
+from softprompt.engine import SamplingParams
 from softprompt.errors import UserError
-from softprompt.generate import GenerateConfig
 from softprompt.inspection import inspect_adapter
 from softprompt.prompt import Adapter, init_prompt, load_adapter
 from softprompt.report import AdapterInfo, build_report, check_writable, write_report
@@ -46,16 +46,16 @@ def two_adapters(spm, tmp_path):
 def test_compare_runs_each_prompt_on_base_and_adapters(two_adapters):
     spm, _ = two_adapters
     result = compare(
-        spm, ["be kind", "the river"], ["kind", "river"], GenerateConfig(max_new_tokens=6)
+        spm, ["be kind", "the river"], ["kind", "river"], SamplingParams(max_new_tokens=6)
     )
     assert [c.prompt for c in result] == ["be kind", "the river"]
     assert list(result[0].completions) == [None, "kind", "river"]
     markdown = to_markdown(result)
     assert markdown.count("| base model |") == 2 and "| kind |" in markdown
     with pytest.raises(UserError):
-        compare(spm, [], ["kind"], GenerateConfig())
+        compare(spm, [], ["kind"], SamplingParams())
     with pytest.raises(UserError):
-        compare(spm, ["  "], ["kind"], GenerateConfig())
+        compare(spm, ["  "], ["kind"], SamplingParams())
 
 
 def test_inspect_finds_the_rows_own_tokens(spm):
@@ -74,7 +74,7 @@ def _report(two_adapters, tmp_path) -> Path:
     infos = [AdapterInfo.read(f.name, f) for f in folders]
     datasets = [Texts("kind-held", KIND[:3], "text"), Texts("river-held", RIVER[:3], "text")]
     html = build_report(
-        spm, infos, datasets, ["be kind", "the river"], GenerateConfig(max_new_tokens=6)
+        spm, infos, datasets, ["be kind", "the river"], SamplingParams(max_new_tokens=6)
     )
     output = tmp_path / "report.html"
     write_report(html, output)
@@ -121,7 +121,7 @@ def test_report_survives_a_malformed_loss_log(two_adapters, tmp_path, log):
     (folders[0] / "loss_log.json").write_text(json.dumps(log))
     info = AdapterInfo.read("kind", folders[0])
     html = build_report(
-        spm, [info], [Texts("kind", KIND, "text")], ["be kind"], GenerateConfig(max_new_tokens=4)
+        spm, [info], [Texts("kind", KIND, "text")], ["be kind"], SamplingParams(max_new_tokens=4)
     )
     assert "No loss log in this folder" in html
 
@@ -153,7 +153,7 @@ def test_report_reuses_given_results(two_adapters, monkeypatch):
     from softprompt.report import eval_matrix
 
     matrix = eval_matrix(spm, ["kind", "river"], datasets, 64)
-    comparisons = compare(spm, ["be kind"], ["kind", "river"], GenerateConfig(max_new_tokens=3))
+    comparisons = compare(spm, ["be kind"], ["kind", "river"], SamplingParams(max_new_tokens=3))
 
     def forbidden(*args, **kwargs):
         raise AssertionError("recomputed what was passed in")
@@ -161,6 +161,6 @@ def test_report_reuses_given_results(two_adapters, monkeypatch):
     monkeypatch.setattr("softprompt.report.eval_matrix", forbidden)
     monkeypatch.setattr("softprompt.compare.compare", forbidden)
     html = build_report(
-        spm, infos, datasets, ["be kind"], GenerateConfig(), matrix=matrix, comparisons=comparisons
+        spm, infos, datasets, ["be kind"], SamplingParams(), matrix=matrix, comparisons=comparisons
     )
     assert f"{matrix[1][0].loss:.3f}" in html

@@ -139,7 +139,8 @@ def test_prompt_rows_are_the_only_gradient(spm):
 def test_base_model_is_left_exactly_as_it_was(tiny_model_dir):
     """Module tree, state_dict keys and values, and the input embedding object are untouched
     by every softprompt call, so save_pretrained and PEFT see the caller's own model."""
-    from softprompt.generate import GenerateConfig, Request, generate
+    from softprompt.engine import SamplingParams
+    from softprompt.generate import Request, generate
     from softprompt.models import load_base_model
     from softprompt.prompt import SoftPromptModel
 
@@ -150,7 +151,7 @@ def test_base_model_is_left_exactly_as_it_was(tiny_model_dir):
     spm = SoftPromptModel(base)
     _train(spm, epochs=1)
     spm.add_adapter(Adapter("other", torch.randn(2, spm.hidden_size)))
-    generate(spm, [Request("be kind", "tuned"), Request("be", "other")], GenerateConfig(8))
+    generate(spm, [Request("be kind", "tuned"), Request("be", "other")], SamplingParams(8))
     evaluate(spm, TEXTS, "tuned")
     assert [(n, type(m)) for n, m in base.model.named_modules()] == modules
     after = base.model.state_dict()

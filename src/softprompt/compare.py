@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import UserError
 from .engine import SamplingParams
+from .errors import UserError
 from .generate import Request, generate
 from .prompt import SoftPromptModel
 

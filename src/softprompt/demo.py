@@ -16,9 +16,9 @@ from rich.table import Table
 
 from .compare import compare, print_tables
 from .data import load_texts
+from .engine import SamplingParams
 from .errors import UserError
 from .files import check_output, write_text
-from .engine import SamplingParams
 from .generate import Request, generate
 from .models import load_base_model
 from .prompt import SoftPromptModel, init_prompt, load_adapter

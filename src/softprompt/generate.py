@@ -61,7 +61,9 @@ def generate(
 
     engine = engine_for(spm, batch_size)
     handles = [
-        engine.submit(r.prompt, r.adapter, params if r.seed is None else replace(params, seed=r.seed))
+        engine.submit(
+            r.prompt, r.adapter, params if r.seed is None else replace(params, seed=r.seed)
+        )
         for r in requests
     ]
     with tqdm(total=len(handles), desc="generating", unit="request", disable=not progress) as bar:

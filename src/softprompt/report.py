@@ -23,8 +23,8 @@ from .plots import plot_heatmap, plot_losses, png_data_uri
 if TYPE_CHECKING:
     from .compare import Comparison
     from .data import Texts
-    from .evaluate import EvalResult
     from .engine import SamplingParams
+    from .evaluate import EvalResult
     from .prompt import SoftPromptModel
     from .train import TrainConfig, TrainResult
 

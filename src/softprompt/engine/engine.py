@@ -48,10 +48,16 @@ class EngineConfig:
     policy: str = "continuous"
     """``continuous`` (join between steps) or ``static`` (a new batch when the last one ends)."""
     packed_weights: bool | None = None
-    """Run linear layers on weights packed for oneDNN (CPU float32; None: when that applies)."""
+    """The CPU fast path: linear layers on weights packed for oneDNN, and a lean forward for
+    Llama-family models (CPU float32; None: when that applies)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_prefill_tokens", "max_new_tokens_cap", "max_resident_adapters"):
+        for name in (
+            "max_batch_size",
+            "max_prefill_tokens",
+            "max_new_tokens_cap",
+            "max_resident_adapters",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
 
@@ -141,7 +147,10 @@ class Engine:
         )
         self.cache = self.runner.new_cache(self.config.max_batch_size, 64)
         self.seen = torch.zeros(
-            self.config.max_batch_size, self.runner.vocab_size, dtype=torch.bool, device=self.runner.device
+            self.config.max_batch_size,
+            self.runner.vocab_size,
+            dtype=torch.bool,
+            device=self.runner.device,
         )
         self.eos = eos_ids(model, tokenizer)
         self.stats = EngineStats()
@@ -181,8 +190,8 @@ class Engine:
         if adapter.token_dim != self.runner.hidden_size:
             made_for = adapter.config.get("base_model_name_or_path") or "another model"
             raise RequestError(
-                f"adapter {adapter.name!r} has token_dim {adapter.token_dim} but the base model has "
-                f"hidden size {self.runner.hidden_size} (it was made for {made_for})"
+                f"adapter {adapter.name!r} has token_dim {adapter.token_dim} but the base model "
+                f"has hidden size {self.runner.hidden_size} (it was made for {made_for})"
             )
         if adapter.num_virtual_tokens >= self.runner.max_length:
             raise RequestError(f"adapter {adapter.name!r} is longer than the model's context")
@@ -252,13 +261,19 @@ class Engine:
         return [h.result() for h in handles]
 
     def stream(
-        self, prompt: str | list[int], adapter: str | None = None, params: SamplingParams | None = None
+        self,
+        prompt: str | list[int],
+        adapter: str | None = None,
+        params: SamplingParams | None = None,
     ) -> Iterator[Output]:
         """The request's outputs as they are produced."""
         return iter(self.submit(prompt, adapter, params))
 
     async def astream(
-        self, prompt: str | list[int], adapter: str | None = None, params: SamplingParams | None = None
+        self,
+        prompt: str | list[int],
+        adapter: str | None = None,
+        params: SamplingParams | None = None,
     ) -> AsyncIterator[Output]:
         """The request's outputs as they are produced, for asyncio code; starts the engine thread.
 
@@ -268,7 +283,10 @@ class Engine:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[Output] = asyncio.Queue()
         handle = self.submit(
-            prompt, adapter, params, sink=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)
+            prompt,
+            adapter,
+            params,
+            sink=lambda out: _post(loop, outputs, out),
         )
         finished = False
         try:
@@ -371,7 +389,7 @@ class Engine:
                 continue
             if lease is not None:
                 self._leases[seq.request_id] = lease
-                seq.prefix_length = lease.prefix.length
+                seq.prefix_length = lease.prefix.length if lease.prefix is not None else 0
             if seq.params.temperature > 0:
                 seq.generator = make_generator(seq.params.seed, self.runner.device)
             ready.append((seq, lease))
@@ -400,7 +418,9 @@ class Engine:
         for j, seq in enumerate(seqs):
             slot = running.index(seq)
             self.cache.place(slot, staged, j, spans[j])
-            self.seen[slot] = seen_mask([seq.prompt_ids], self.runner.vocab_size, self.runner.device)[0]
+            self.seen[slot] = seen_mask(
+                [seq.prompt_ids], self.runner.vocab_size, self.runner.device
+            )[0]
         self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
         slots = [running.index(s) for s in seqs]
         self._accept(seqs, slots, logits)
@@ -421,17 +441,19 @@ class Engine:
             for i in range(batch):
                 try:
                     rows.append(
-                        self.runner.decode(self.cache, slice(i, i + 1), tokens[i : i + 1], positions[i : i + 1])
+                        self.runner.decode(
+                            self.cache, slice(i, i + 1), tokens[i : i + 1], positions[i : i + 1]
+                        )
                     )
                     ok.append(i)
                 except Exception as exc:  # noqa: BLE001
                     log.warning("request %s failed in decode: %s", running[i].request_id, exc)
                     self._finish(running[i], "error", f"the model failed on this request: {exc}")
-            logits = torch.cat(rows) if rows else None
+            logits = torch.cat(rows) if rows else tokens.new_zeros(0)
         self.cache.advance(1)
         self.stats.steps += 1
         self.stats.batch_sizes.append(batch)
-        if logits is not None:
+        if ok:
             self._accept([running[i] for i in ok], ok, logits)
         self.stats.decode_seconds += time.perf_counter() - started
 
@@ -480,7 +502,9 @@ class Engine:
         seq.emitted = max(seq.emitted, safe)
         self._emit(seq, Output(seq.request_id, [token], delta))
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None, new_ids: list[int] | None = None) -> None:
+    def _finish(
+        self, seq: Sequence, reason: str, error: str | None = None, new_ids: list[int] | None = None
+    ) -> None:
         seq.finish(reason, error)
         delta = seq.text[seq.emitted :]
         seq.emitted = len(seq.text)
@@ -505,7 +529,9 @@ class Engine:
         for source, target in self.scheduler.remove_finished():
             self.cache.move(source, target)
             self.seen[target] = self.seen[source]
-        for request_id in [r for r in self._leases if r not in {s.request_id for s in self.scheduler.running}]:
+        for request_id in [
+            r for r in self._leases if r not in {s.request_id for s in self.scheduler.running}
+        ]:
             self.registry.release(self._leases.pop(request_id))
         if not self.scheduler.running:
             self.cache.reset()
@@ -518,14 +544,32 @@ class Engine:
         self._leave()
 
     def memory(self) -> dict[str, int]:
-        """Bytes held: the KV cache and the resident adapters (the base model is counted once)."""
-        params = sum(p.numel() * p.element_size() for p in self.runner.model.parameters())
-        return {"model": params, "kv_cache": self.cache.nbytes(), "adapters": self.registry.nbytes()}
+        """Bytes held: the model's parameters (shared with the caller's model), the packed copy
+        of its linear weights, the KV cache and the resident adapters."""
+        from .packed import PackedLinear
+
+        model = self.runner.model
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        packed = sum(
+            m.packed.numel() * m.packed.element_size()
+            for m in model.modules()
+            if isinstance(m, PackedLinear)
+        )
+        if self.runner.lean is not None:
+            packed += self.runner.lean.nbytes()
+        return {
+            "model": params,
+            "packed": packed,
+            "kv_cache": self.cache.nbytes(),
+            "adapters": self.registry.nbytes(),
+        }
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             ids = list(self.tokenizer(prompt)["input_ids"])
-        elif isinstance(prompt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+        elif isinstance(prompt, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in prompt
+        ):
             ids = list(prompt)
             vocab = self.runner.vocab_size
             bad = [i for i in ids if not 0 <= i < vocab]
@@ -536,6 +580,11 @@ class Engine:
         if not ids:
             raise RequestError("a prompt with no tokens cannot be completed; give some text")
         return ids
+
+
+def _post(loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue[Output], out: Output) -> None:
+    """Hand ``out`` to an asyncio queue from the engine's thread."""
+    loop.call_soon_threadsafe(outputs.put_nowait, out)
 
 
 def _held_back(text: str, stops: list[str]) -> int:

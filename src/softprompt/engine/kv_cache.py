@@ -88,7 +88,8 @@ class SlotCache(Cache):
         self.valid = torch.zeros(slots, self.shape[2], dtype=torch.bool, device=device)
         self.end = 0
         self.rows = slice(0, 0)
-        super().__init__(layers=[SlotLayer(self, i) for i in range(num_layers)])
+        self.slot_layers = [SlotLayer(self, i) for i in range(num_layers)]
+        super().__init__(layers=list(self.slot_layers))
 
     @property
     def slots(self) -> int:
@@ -134,7 +135,7 @@ class SlotCache(Cache):
             self._grow(max(2 * self.capacity, self.end + columns))
 
     def make_room_before(self, length: int, live: int) -> None:
-        """Ensure ``end >= length`` so a row of that length fits right-aligned; shifts right once."""
+        """Ensure ``end >= length``, so a row that long fits right-aligned (shifts right once)."""
         if length > self.end:
             extra = length - self.end
             if self.end + extra > self.capacity:
@@ -185,7 +186,7 @@ class SlotCache(Cache):
         self.valid.zero_()
 
     def _shift(self, live: int, by: int) -> None:
-        """Move the first ``live`` slots' columns by ``by`` (right if positive) and ``end`` with them."""
+        """Move the first ``live`` slots' columns by ``by`` (right if positive), and ``end``."""
         end = self.end
         if by > 0:
             for buffer in (*self.keys, *self.values):

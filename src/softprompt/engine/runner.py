@@ -7,10 +7,13 @@ slot cache, so rows of any length, with any adapter prefix or none, run in one f
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..prompt import Adapter
 from .kv_cache import SlotCache
+from .llama import LeanLlama, supports
 from .packed import can_pack, packed_model
 from .registry import Prefix
 from .sampling import RequestError
@@ -19,15 +22,17 @@ from .sampling import RequestError
 class ModelRunner:
     """Args:
     model: the caller's model; it is never changed.
-    pack: run a shadow of it with packed linear weights (CPU float32 only; ``None``: when
-        that applies). See ``packed.py``.
+    pack: run linear layers on packed weights (CPU float32 only; ``None``: when that
+        applies): Llama-family models through the lean forward of ``llama.py``, others through
+        a shadow of the model (``packed.py``).
     """
 
-    def __init__(self, model: torch.nn.Module, pack: bool | None = None) -> None:
+    def __init__(self, model: Any, pack: bool | None = None) -> None:
         if pack is None:
             pack = can_pack(model)
         self.packed = bool(pack)
-        self.model = packed_model(model) if self.packed else model
+        self.lean = LeanLlama(model) if self.packed and supports(model) else None
+        self.model = packed_model(model) if self.packed and self.lean is None else model
         config = model.config.get_text_config()
         embedding = model.get_input_embeddings()
         self.embedding = embedding
@@ -69,18 +74,23 @@ class ModelRunner:
         cache.rows = rows
         cache.mark(rows, new_valid)
         try:
-            out = self.model(
-                inputs_embeds=embeds,
-                attention_mask=cache.mask(rows, embeds.shape[1]),
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            mask = cache.mask(rows, embeds.shape[1])
+            if self.lean is not None:
+                logits = self.lean.forward(cache, embeds, positions, mask)
+            else:
+                out = self.model(
+                    inputs_embeds=embeds,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                logits = out.logits[:, -1]
         except BaseException:
             cache.mark(rows, torch.zeros_like(new_valid))
             raise
-        return out.logits[:, -1, : self.vocab_size].float()
+        return logits[:, : self.vocab_size].float()
 
     def prefix(self, adapter: Adapter) -> Prefix:
         """Keys/values of the adapter's virtual tokens at positions 0..n-1, for every layer."""
@@ -130,7 +140,9 @@ class ModelRunner:
         cache.advance(longest_text)
         return cache, logits
 
-    def decode(self, cache: SlotCache, rows: slice, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, cache: SlotCache, rows: slice, tokens: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
         """One new token per row ``tokens`` (B,) at ``positions`` (B,); returns logits (B, V).
 
         The caller advances the cache's write column after the step.

@@ -51,20 +51,32 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop)
         checks = [
-            ("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "must be at least 1"),
+            (
+                "max_new_tokens",
+                _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+                "must be at least 1",
+            ),
             (
                 "min_new_tokens",
                 _is_int(self.min_new_tokens) and 0 <= self.min_new_tokens <= self.max_new_tokens,
                 "must be between 0 and max_new_tokens",
             ),
-            ("temperature", _is_real(self.temperature) and self.temperature >= 0, "must be 0 (greedy) or positive"),
+            (
+                "temperature",
+                _is_real(self.temperature) and self.temperature >= 0,
+                "must be 0 (greedy) or positive",
+            ),
             ("top_p", _is_real(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
             (
                 "repetition_penalty",
                 _is_real(self.repetition_penalty) and self.repetition_penalty > 0,
                 "must be positive",
             ),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "strings must be non-empty text"),
+            (
+                "stop",
+                all(isinstance(s, str) and s for s in self.stop),
+                "strings must be non-empty text",
+            ),
             ("seed", self.seed is None or _is_int(self.seed), "must be an integer"),
         ]
         for name, ok, problem in checks:
@@ -77,7 +89,9 @@ def _is_int(value: object) -> bool:
 
 
 def _is_real(value: object) -> bool:
-    return _is_int(value) or (isinstance(value, float) and value == value and abs(value) != float("inf"))
+    return _is_int(value) or (
+        isinstance(value, float) and value == value and abs(value) != float("inf")
+    )
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:

@@ -80,7 +80,7 @@ class Sequence:
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
-    cancelled: bool = False
+    finished_at: float | None = None
 
     @property
     def length(self) -> int:
@@ -93,6 +93,7 @@ class Sequence:
 
     def finish(self, reason: str, error: str | None = None) -> None:
         self.status = Status.FINISHED
+        self.finished_at = time.perf_counter()
         self.finish_reason = reason
         self.error = error
 

