@@ -40,6 +40,7 @@ def main(spec_path: str) -> None:
         enable_prompt_embeds=True,
         dtype="float32",
         max_model_len=max(512, longest),
+        gpu_memory_utilization=0.3,  # on CPU: the share of RAM for its KV cache
         seed=0,
     )
     params = SamplingParams(max_tokens=spec["new_tokens"], ignore_eos=True, temperature=0)

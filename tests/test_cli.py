@@ -230,6 +230,31 @@ def test_bad_inputs(trained, tiny_model_dir, tmp_path, cli_main):
     requests.write_text('{"prompt": "hi", "adapter": "missing"}\n')
     assert_user_error(run("generate", *model, "--requests", str(requests)), "unknown adapter")
     assert_user_error(run("generate", *model, "--prompt", "hi", "--top-p", "2"), "--top-p")
+    assert_user_error(run("generate", *model, "--prompt", "hi", "--stop", ""), "--stop")
+    assert_user_error(
+        run("generate", *model, "--prompt", "hi", "--min-new-tokens", "9", "--max-new-tokens", "4"),
+        "--min-new-tokens",
+    )
+    assert_user_error(run("generate", *model, "--prompt", "hope " * 300), "context")
+
+
+def test_generate_stop_min_tokens_and_ignore_eos(trained, tiny_model_dir, cli_main):
+    adapter, _ = trained
+    base = ["generate", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--json"]
+    base += ["--prompt", "be kind", "--max-new-tokens", "12"]
+
+    def completion(*flags: str) -> str:
+        proc = cli_main(*base, *flags)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.splitlines()[0])["completion"]
+
+    full = completion("--ignore-eos")
+    words = full.split()
+    assert len(words) >= 4, full
+    assert completion("--ignore-eos", "--stop", words[2]) == full[: full.find(words[2])]
+    plain = completion()
+    if len(plain.split()) < 12:  # it stopped at EOS: --min-new-tokens makes it go on
+        assert len(completion("--min-new-tokens", "12").split()) > len(plain.split())
 
 
 def test_compare_inspect_report(trained, tiny_model_dir, tmp_path):
