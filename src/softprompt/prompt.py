@@ -98,12 +98,9 @@ class SoftPromptModel:
         """
         if adapter.name in self.adapters:
             raise UserError(f"an adapter named {adapter.name!r} is already loaded")
-        if adapter.token_dim != self.hidden_size:
-            made_for = adapter.config.get("base_model_name_or_path") or "another model"
-            raise UserError(
-                f"adapter {adapter.name!r} has token_dim {adapter.token_dim} but the base model "
-                f"has hidden size {self.hidden_size} (it was made for {made_for})"
-            )
+        mismatch = hidden_size_mismatch(adapter, self.hidden_size)
+        if mismatch:
+            raise UserError(mismatch)
         device = self.embedding.weight.device
         rows = adapter.weights.detach().to(device=device, dtype=torch.float32, copy=True)
         param = nn.Parameter(rows, requires_grad=trainable)
@@ -204,6 +201,17 @@ class SoftPromptModel:
         if name not in self.adapters:
             raise UserError(f"no adapter named {name!r} is loaded")
         return name
+
+
+def hidden_size_mismatch(adapter: Adapter, hidden_size: int) -> str | None:
+    """Why ``adapter`` cannot run on a model of ``hidden_size``, or None when it can."""
+    if adapter.token_dim == hidden_size:
+        return None
+    made_for = adapter.config.get("base_model_name_or_path") or "another model"
+    return (
+        f"adapter {adapter.name!r} has token_dim {adapter.token_dim} but the base model "
+        f"has hidden size {hidden_size} (it was made for {made_for})"
+    )
 
 
 def init_prompt(

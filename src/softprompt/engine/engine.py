@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..prompt import Adapter
+from ..prompt import Adapter, hidden_size_mismatch
 from .registry import AdapterRegistry
 from .runner import ModelRunner
 from .sampling import RequestError, SamplingParams, make_generator, pick_tokens, seen_mask
@@ -91,9 +91,13 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
 class RequestHandle:
     """A submitted request: iterate it for its outputs as they come, or wait for ``result()``."""
 
-    def __init__(self, engine: Engine, seq: Sequence) -> None:
+    def __init__(
+        self, engine: Engine, seq: Sequence, sink: Callable[[Output], None] | None = None
+    ) -> None:
         self.engine = engine
         self.seq = seq
+        self._sink = sink
+        """Where outputs go instead of this handle's queue, when given."""
         self._outputs: queue.Queue[Output] = queue.Queue()
         self._consumed = False
         """Whether the final output has been handed to the caller already."""
@@ -105,7 +109,19 @@ class RequestHandle:
     def cancel(self) -> None:
         self.engine.cancel(self.request_id)
 
+    def deliver(self, out: Output) -> None:
+        """Hand ``out`` to the sink, or queue it for iteration (called from the engine)."""
+        if self._sink is None:
+            self._outputs.put(out)
+            return
+        try:
+            self._sink(out)
+        except Exception:  # noqa: BLE001 - a consumer's failure is not the engine's
+            log.exception("an output consumer failed for %s", self.request_id)
+
     def __iter__(self) -> Iterator[Output]:
+        if self._sink is not None:
+            raise RuntimeError("this request's outputs go to its sink")
         while not self._consumed:
             try:
                 out = self._outputs.get_nowait()
@@ -156,7 +172,6 @@ class Engine:
         self.stats = EngineStats()
         self._leases: dict[str, Any] = {}
         self._handles: dict[str, RequestHandle] = {}
-        self._sinks: dict[str, Callable[[Output], None]] = {}
         self._incoming: list[Sequence] = []
         self._cancels: set[str] = set()
         self._lock = threading.Lock()
@@ -187,12 +202,9 @@ class Engine:
         return self.registry.names()
 
     def _check_adapter(self, adapter: Adapter) -> None:
-        if adapter.token_dim != self.runner.hidden_size:
-            made_for = adapter.config.get("base_model_name_or_path") or "another model"
-            raise RequestError(
-                f"adapter {adapter.name!r} has token_dim {adapter.token_dim} but the base model "
-                f"has hidden size {self.runner.hidden_size} (it was made for {made_for})"
-            )
+        mismatch = hidden_size_mismatch(adapter, self.runner.hidden_size)
+        if mismatch:
+            raise RequestError(mismatch)
         if adapter.num_virtual_tokens >= self.runner.max_length:
             raise RequestError(f"adapter {adapter.name!r} is longer than the model's context")
 
@@ -208,7 +220,8 @@ class Engine:
         """Queue one request; it joins the running batch at the next step.
 
         ``prompt`` is text or token ids (the adapter's virtual tokens are not part of it).
-        ``sink``, if given, receives every ``Output`` (from the engine's thread) as well.
+        ``sink``, if given, receives every ``Output`` (from the engine's thread) instead of the
+        handle's iterator.
 
         Raises:
             RequestError: the request cannot run (unknown adapter, empty or too long prompt,
@@ -233,11 +246,9 @@ class Engine:
                 f"is {self.runner.max_length} tokens"
             )
         seq = Sequence(ids, adapter, params)
-        handle = RequestHandle(self, seq)
+        handle = RequestHandle(self, seq, sink)
         with self._lock:
             self._handles[seq.request_id] = handle
-            if sink is not None:
-                self._sinks[seq.request_id] = sink
             self._incoming.append(seq)
             self.stats.requests += 1
         self._wake.set()
@@ -354,12 +365,9 @@ class Engine:
             joined = scheduler.admit()
             if joined:
                 self._prefill(joined)
-            live = [s for s in scheduler.running if not s.finished]
-            if live and len(live) == len(scheduler.running):
-                self._decode()
-            elif live:
-                # Some joined rows failed or finished at prefill: compact first, then decode.
-                self._leave()
+            if any(s.finished for s in scheduler.running):
+                self._leave()  # rows that failed or finished at prefill (or were cancelled)
+            if scheduler.running:
                 self._decode()
             self._leave()
 
@@ -413,16 +421,14 @@ class Engine:
         longest_text = max(len(s.prompt_ids) for s in seqs)
         spans = [s.prefix_length + longest_text for s in seqs]
         running = self.scheduler.running
-        live = len(running)
-        self.cache.make_room_before(max(spans), live)
-        for j, seq in enumerate(seqs):
-            slot = running.index(seq)
+        slots = [running.index(s) for s in seqs]
+        self.cache.make_room_before(max(spans), len(running))
+        for j, (seq, slot) in enumerate(zip(seqs, slots, strict=True)):
             self.cache.place(slot, staged, j, spans[j])
             self.seen[slot] = seen_mask(
                 [seq.prompt_ids], self.runner.vocab_size, self.runner.device
             )[0]
         self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
-        slots = [running.index(s) for s in seqs]
         self._accept(seqs, slots, logits)
 
     def _decode(self) -> None:
@@ -512,26 +518,19 @@ class Engine:
 
     def _emit(self, seq: Sequence, out: Output) -> None:
         with self._lock:
-            handle = self._handles.get(seq.request_id)
-            sink = self._sinks.get(seq.request_id)
             if out.finished:
-                self._handles.pop(seq.request_id, None)
-                self._sinks.pop(seq.request_id, None)
+                handle = self._handles.pop(seq.request_id, None)
+            else:
+                handle = self._handles.get(seq.request_id)
         if handle is not None:
-            handle._outputs.put(out)
-        if sink is not None:
-            try:
-                sink(out)
-            except Exception:  # noqa: BLE001 - a consumer's failure is not the engine's
-                log.exception("an output consumer failed for %s", seq.request_id)
+            handle.deliver(out)
 
     def _leave(self) -> None:
         for source, target in self.scheduler.remove_finished():
             self.cache.move(source, target)
             self.seen[target] = self.seen[source]
-        for request_id in [
-            r for r in self._leases if r not in {s.request_id for s in self.scheduler.running}
-        ]:
+        running = {s.request_id for s in self.scheduler.running}
+        for request_id in [r for r in self._leases if r not in running]:
             self.registry.release(self._leases.pop(request_id))
         if not self.scheduler.running:
             self.cache.reset()
@@ -546,20 +545,10 @@ class Engine:
     def memory(self) -> dict[str, int]:
         """Bytes held: the model's parameters (shared with the caller's model), the packed copy
         of its linear weights, the KV cache and the resident adapters."""
-        from .packed import PackedLinear
-
-        model = self.runner.model
-        params = sum(p.numel() * p.element_size() for p in model.parameters())
-        packed = sum(
-            m.packed.numel() * m.packed.element_size()
-            for m in model.modules()
-            if isinstance(m, PackedLinear)
-        )
-        if self.runner.lean is not None:
-            packed += self.runner.lean.nbytes()
+        params = self.runner.model.parameters()
         return {
-            "model": params,
-            "packed": packed,
+            "model": sum(p.numel() * p.element_size() for p in params),
+            "packed": self.runner.packed_nbytes(),
             "kv_cache": self.cache.nbytes(),
             "adapters": self.registry.nbytes(),
         }

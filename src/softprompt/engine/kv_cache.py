@@ -145,10 +145,8 @@ class SlotCache(Cache):
     def place(self, slot: int, source: SlotCache, row: int, length: int) -> None:
         """Copy the last ``length`` columns of ``source``'s row into ``slot``, ending at ``end``."""
         start = self.end - length
-        for mine, theirs in zip(self.keys, source.keys, strict=True):
-            mine[slot, :, :start] = 0
-            mine[slot, :, start : self.end] = theirs[row, :, source.end - length : source.end]
-        for mine, theirs in zip(self.values, source.values, strict=True):
+        theirs_all = (*source.keys, *source.values)
+        for mine, theirs in zip((*self.keys, *self.values), theirs_all, strict=True):
             mine[slot, :, :start] = 0
             mine[slot, :, start : self.end] = theirs[row, :, source.end - length : source.end]
         self.valid[slot] = False
@@ -157,20 +155,16 @@ class SlotCache(Cache):
     def write_prefix(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Put a cached prefix ``(H, n, Dh)`` per layer at the columns just before ``end``."""
         n = keys[0].shape[-2]
-        for buffer, k in zip(self.keys, keys, strict=True):
-            buffer[slot, :, self.end - n : self.end] = k
-        for buffer, v in zip(self.values, values, strict=True):
-            buffer[slot, :, self.end - n : self.end] = v
+        for buffer, new in zip((*self.keys, *self.values), (*keys, *values), strict=True):
+            buffer[slot, :, self.end - n : self.end] = new
         self.valid[slot, self.end - n : self.end] = True
 
     def move(self, source: int, target: int) -> None:
         """Copy slot ``source`` into slot ``target`` (a leaving row's place)."""
         if source == target:
             return
-        for k in self.keys:
-            k[target] = k[source]
-        for v in self.values:
-            v[target] = v[source]
+        for buffer in (*self.keys, *self.values):
+            buffer[target] = buffer[source]
         self.valid[target] = self.valid[source]
 
     def mark(self, rows: slice, new_valid: torch.Tensor) -> None:

@@ -83,24 +83,16 @@ class AdapterRegistry:
             RequestError: the name is taken, or the adapter cannot run on this model.
         """
         with self._lock:
-            if name in self._entries and not self._entries[name].removed:
+            if name in self._entries:
                 raise RequestError(f"an adapter named {name!r} is already registered")
         if isinstance(source, Adapter):
-            entry = Lease(name, None, source)
+            self._check(source)
+            entry = Lease(name, None, source, length=source.num_virtual_tokens)
         else:
             path = Path(source)
-            try:
-                adapter = load_adapter(path, name=name)
-            except RequestError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any load failure is that adapter's alone
-                raise RequestError(f"adapter {name!r}: {exc}") from exc
-            entry = Lease(name, path, adapter)
-        assert entry.adapter is not None
-        self._check(entry.adapter)
-        entry.length = entry.adapter.num_virtual_tokens
-        if entry.path is not None:
-            entry.adapter = None  # read again when it becomes resident
+            # Read now to refuse a bad folder at once; read again when it becomes resident.
+            length = self._read(name, path).num_virtual_tokens
+            entry = Lease(name, path, None, length=length)
         with self._lock:
             self._entries[name] = entry
 
@@ -191,17 +183,20 @@ class AdapterRegistry:
     def _ensure(self, entry: Lease) -> None:
         if entry.adapter is None:
             assert entry.path is not None
-            try:
-                entry.adapter = load_adapter(entry.path, name=entry.name)
-                self._check(entry.adapter)
-            except RequestError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                raise RequestError(f"adapter {entry.name!r}: {exc}") from exc
+            entry.adapter = self._read(entry.name, entry.path)
         version = entry.adapter.weights._version
         if entry.prefix is None or entry.version != version:
             entry.prefix = self._build(entry.adapter)
             entry.version = version
+
+    def _read(self, name: str, path: Path) -> Adapter:
+        """The adapter in folder ``path``, checked against the model; any failure is its own."""
+        try:
+            adapter = load_adapter(path, name=name)
+        except Exception as exc:  # noqa: BLE001 - any load failure is that adapter's alone
+            raise RequestError(f"adapter {name!r}: {exc}") from exc
+        self._check(adapter)
+        return adapter
 
     def _evict(self) -> None:
         """Drop least recently used, unpinned prefixes beyond ``max_resident`` (lock held)."""

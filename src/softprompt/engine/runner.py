@@ -14,7 +14,7 @@ import torch
 from ..prompt import Adapter
 from .kv_cache import SlotCache
 from .llama import LeanLlama, supports
-from .packed import can_pack, packed_model
+from .packed import PackedLinear, can_pack, packed_model
 from .registry import Prefix
 from .sampling import RequestError
 
@@ -45,6 +45,16 @@ class ModelRunner:
         self.max_length = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
         self.device = embedding.weight.device
         self.dtype = embedding.weight.dtype
+
+    def packed_nbytes(self) -> int:
+        """Bytes of the packed weight copies of the fast path (0 without it)."""
+        if self.lean is not None:
+            return self.lean.nbytes()
+        return sum(
+            m.packed.numel() * m.packed.element_size()
+            for m in self.model.modules()
+            if isinstance(m, PackedLinear)
+        )
 
     def new_cache(self, slots: int, capacity: int) -> SlotCache:
         return SlotCache(
