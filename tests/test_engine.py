@@ -88,18 +88,29 @@ def _reference(model, pad_id: int, eos_id: int, rows, penalty: float, max_new_to
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.5])
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", ["no", "onednn", "onednn+mkl"])
 def test_matches_reference_generate_on_a_mixed_batch(tiny_model_dir, penalty, packed):
     from softprompt.models import load_base_model
 
     untouched = load_base_model(str(tiny_model_dir))
     served = load_base_model(str(tiny_model_dir))
-    engine = Engine(served.model, served.tokenizer, EngineConfig(packed_weights=packed))
+    tok = served.tokenizer
+    cases = [(p, a) for p in PROMPTS for a in ADAPTERS]
+    # A batch as large as the cases: the first decode steps are full batches, which take MKL's
+    # path when its weights are packed for that size.
+    config = EngineConfig(
+        max_batch_size=len(cases),
+        packed_weights=packed != "no",
+        full_batch_pack=packed == "onednn+mkl",
+    )
+    engine = Engine(served.model, served.tokenizer, config)
+    lean = engine.runner.lean
+    assert (lean is not None) == (packed != "no")
+    if lean is not None:
+        assert lean.lm_head.full_batch == (len(cases) if packed == "onednn+mkl" else None)
     raw = _raw(16)
     for name, rows in raw.items():
         engine.add_adapter(name, Adapter(name, rows))
-    tok = served.tokenizer
-    cases = [(p, a) for p in PROMPTS for a in ADAPTERS]
     reference = _reference(
         untouched.model,
         tok.pad_token_id,

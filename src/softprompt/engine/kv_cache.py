@@ -82,14 +82,27 @@ class SlotCache(Cache):
         self.num_layers = num_layers
         self.shape = (slots, num_heads, max(capacity, 1), head_dim)
         self.dtype, self.device = dtype, torch.device(device)
-        # Zeros, not empty: masked columns are multiplied by a zero weight, and 0 * NaN is NaN.
-        self.keys = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.keys = [self._zeros(keys=True) for _ in range(num_layers)]
+        self.values = [self._zeros(keys=False) for _ in range(num_layers)]
         self.valid = torch.zeros(slots, self.shape[2], dtype=torch.bool, device=device)
         self.end = 0
         self.rows = slice(0, 0)
         self.slot_layers = [SlotLayer(self, i) for i in range(num_layers)]
         super().__init__(layers=list(self.slot_layers))
+
+    def _zeros(self, *, keys: bool) -> torch.Tensor:
+        """A zeroed ``(S, H, C, Dh)`` buffer; keys are laid out ``(S, H, Dh, C)`` in memory.
+
+        Attention multiplies queries by the transposed keys; with keys stored transposed that
+        product reads them in their natural order (5x faster on the CPU than a transposed
+        operand of odd width). Every index below works on the ``(S, H, C, Dh)`` view either way.
+        Zeros, not empty: masked columns are multiplied by a zero weight, and 0 * NaN is NaN.
+        """
+        slots, heads, capacity, dim = self.shape
+        if keys:
+            stored = torch.zeros(slots, heads, dim, capacity, dtype=self.dtype, device=self.device)
+            return stored.transpose(2, 3)
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
 
     @property
     def slots(self) -> int:
@@ -199,9 +212,9 @@ class SlotCache(Cache):
     def _grow(self, capacity: int) -> None:
         slots, heads, old, dim = self.shape
         self.shape = (slots, heads, capacity, dim)
-        for buffers in (self.keys, self.values):
+        for buffers, keys in ((self.keys, True), (self.values, False)):
             for i, buffer in enumerate(buffers):
-                bigger = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+                bigger = self._zeros(keys=keys)
                 bigger[:, :, :old] = buffer
                 buffers[i] = bigger
         valid = torch.zeros(slots, capacity, dtype=torch.bool, device=self.device)

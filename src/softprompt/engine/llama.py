@@ -38,7 +38,7 @@ def supports(model: Any) -> bool:
     )
 
 
-def _fused(*linears: nn.Linear) -> PackedLinear:
+def _fused(*linears: nn.Linear, full_batch: int | None) -> PackedLinear:
     """One packed linear computing ``linears`` side by side (outputs concatenated)."""
     weight = torch.cat([lin.weight.detach() for lin in linears])
     bias = None
@@ -54,16 +54,16 @@ def _fused(*linears: nn.Linear) -> PackedLinear:
         combined.weight.copy_(weight)
         if bias is not None:
             combined.bias.copy_(bias)
-    return PackedLinear(combined)
+    return PackedLinear(combined, full_batch)
 
 
 class _Layer:
-    def __init__(self, layer: Any) -> None:
+    def __init__(self, layer: Any, full_batch: int | None) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj)
-        self.o = PackedLinear(attn.o_proj)
-        self.gate_up = _fused(mlp.gate_proj, mlp.up_proj)
-        self.down = PackedLinear(mlp.down_proj)
+        self.qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj, full_batch=full_batch)
+        self.o = PackedLinear(attn.o_proj, full_batch)
+        self.gate_up = _fused(mlp.gate_proj, mlp.up_proj, full_batch=full_batch)
+        self.down = PackedLinear(mlp.down_proj, full_batch)
         self.norm1 = layer.input_layernorm.weight
         self.norm2 = layer.post_attention_layernorm.weight
         self.scaling = float(attn.scaling)
@@ -72,21 +72,22 @@ class _Layer:
 class LeanLlama:
     """``forward(cache, embeds, positions, mask)`` → last-position logits, like the model would."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, full_batch: int | None = None) -> None:
         config = model.config
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
         self.eps = float(config.rms_norm_eps)
         self.rotary = model.model.rotary_emb
-        self.layers = [_Layer(layer) for layer in model.model.layers[: config.num_hidden_layers]]
+        layers = model.model.layers[: config.num_hidden_layers]
+        self.layers = [_Layer(layer, full_batch) for layer in layers]
         self.norm = model.model.norm.weight
-        self.lm_head = PackedLinear(model.lm_head)
+        self.lm_head = PackedLinear(model.lm_head, full_batch)
 
     def nbytes(self) -> int:
         """Bytes of the packed weight copies."""
         packed = [self.lm_head] + [p for x in self.layers for p in (x.qkv, x.o, x.gate_up, x.down)]
-        return sum(p.packed.numel() * p.packed.element_size() for p in packed)
+        return sum(p.nbytes() for p in packed)
 
     @torch.no_grad()
     def forward(
@@ -96,20 +97,24 @@ class LeanLlama:
         batch, length, hidden = embeds.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         cos, sin = self.rotary(embeds, positions)  # (B, q, Dh) each
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        # Rotary as x * cos + roll(x, Dh/2) * signed_sin: rotate_half(x) is the rolled x with
+        # its first half negated, so the sign moves onto sin, computed once for every layer.
+        half = dim // 2
+        cos = cos.unsqueeze(2)  # (B, q, 1, Dh): broadcast over the q and k heads together
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)
+        attend = _Attention(mask, heads, kv_heads, dim, length)
         h = embeds
         for index, layer in enumerate(self.layers):
             x = F.rms_norm(h, (hidden,), layer.norm1, self.eps)
-            qkv = layer.qkv(x)  # (B, q, (H + 2 KV) Dh)
-            q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-            q = q.view(batch, length, heads, dim).transpose(1, 2)  # (B, H, q, Dh)
-            k = k.view(batch, length, kv_heads, dim).transpose(1, 2)
-            v = v.view(batch, length, kv_heads, dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            qkv = layer.qkv(x).view(batch, length, heads + 2 * kv_heads, dim)
+            qk = qkv[:, :, : heads + kv_heads]
+            qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)  # (B, q, H + KV, Dh)
+            q = qk[:, :, :heads].transpose(1, 2)  # (B, H, q, Dh)
+            k = qk[:, :, heads:].transpose(1, 2)  # (B, KV, q, Dh)
+            v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
             keys, values = cache.slot_layers[index].update(k, v)  # (B, KV, kv, Dh)
-            out = _attention(q, keys, values, mask, layer.scaling)  # (B, H, q, Dh)
-            h = h + layer.o(out.transpose(1, 2).reshape(batch, length, heads * dim))
+            out = attend(q, keys, values, layer.scaling)  # (B, q, H * Dh)
+            h = h + layer.o(out)
             x = F.rms_norm(h, (hidden,), layer.norm2, self.eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
             h = h + layer.down(F.silu(gate) * up)
@@ -117,24 +122,43 @@ class LeanLlama:
         return self.lm_head(last)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+class _Attention:
+    """Grouped-query attention over the slot cache for one forward; the mask is prepared once.
 
+    A one-token decode step uses two batched products per layer, with the mask as an additive
+    bias shared by every layer: ``(B·KV, G, Dh) @ (B·KV, Dh, kv)`` groups the G query heads of
+    each key/value head. Longer queries (prefill) go through ``scaled_dot_product_attention``.
+    """
 
-def _attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scaling: float
-) -> torch.Tensor:
-    """Grouped-query attention; q (B, H, q, Dh), keys/values (B, KV, kv, Dh), mask (B, 1, q, kv)."""
-    batch, heads, length, dim = q.shape
-    kv_heads = keys.shape[1]
-    if length > 1:
-        return F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=kv_heads != heads
-        )
-    # One new token per row: (B, KV, G, Dh) @ (B, KV, Dh, kv) groups the heads of each kv head.
-    grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scaling  # (B, KV, G, kv)
-    scores = scores.masked_fill(~mask.view(batch, 1, 1, -1), float("-inf"))
-    out = torch.matmul(scores.softmax(dim=-1), values)  # (B, KV, G, Dh)
-    return out.reshape(batch, heads, 1, dim)
+    def __init__(self, mask: torch.Tensor, heads: int, kv_heads: int, dim: int, length: int):
+        self.mask, self.heads, self.kv_heads, self.dim = mask, heads, kv_heads, dim
+        self.bias = None
+        if length == 1:
+            batch, kv = mask.shape[0], mask.shape[-1]
+            groups = heads // kv_heads
+            bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+            bias = bias.masked_fill_(~mask, float("-inf"))  # (B, 1, 1, kv)
+            self.bias = bias.expand(batch, kv_heads, groups, kv).reshape(-1, groups, kv)
+
+    def __call__(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """q (B, H, q, Dh), keys/values (B, KV, kv, Dh) → (B, q, H·Dh)."""
+        batch, heads, length, dim = q.shape
+        if self.bias is None:
+            out = F.scaled_dot_product_attention(
+                q,
+                keys,
+                values,
+                attn_mask=self.mask,
+                scale=scaling,
+                enable_gqa=self.kv_heads != heads,
+            )
+            return out.transpose(1, 2).reshape(batch, length, heads * dim)
+        kv = keys.shape[-2]
+        grouped = q.reshape(-1, heads // self.kv_heads, dim)  # (B·KV, G, Dh)
+        # The slot cache stores keys transposed, so this is a view, read in memory order.
+        keys_t = keys.transpose(2, 3).reshape(-1, dim, kv)  # (B·KV, Dh, kv)
+        scores = torch.baddbmm(self.bias.to(q.dtype), grouped, keys_t, alpha=scaling)
+        out = torch.bmm(scores.softmax(dim=-1), values.reshape(-1, kv, dim))  # (B·KV, G, Dh)
+        return out.view(batch, 1, heads * dim)

@@ -25,14 +25,19 @@ class ModelRunner:
     pack: run linear layers on packed weights (CPU float32 only; ``None``: when that
         applies): Llama-family models through the lean forward of ``llama.py``, others through
         a shadow of the model (``packed.py``).
+    full_batch: with packing, also pack the weights for MKL at this many rows (a full decode
+        batch), see ``PackedLinear``.
     """
 
-    def __init__(self, model: Any, pack: bool | None = None) -> None:
+    def __init__(self, model: Any, pack: bool | None = None, full_batch: int | None = None):
         if pack is None:
             pack = can_pack(model)
         self.packed = bool(pack)
-        self.lean = LeanLlama(model) if self.packed and supports(model) else None
-        self.model = packed_model(model) if self.packed and self.lean is None else model
+        self.lean = LeanLlama(model, full_batch) if self.packed and supports(model) else None
+        if self.packed and self.lean is None:
+            self.model = packed_model(model, full_batch)
+        else:
+            self.model = model
         config = model.config.get_text_config()
         embedding = model.get_input_embeddings()
         self.embedding = embedding
@@ -50,11 +55,7 @@ class ModelRunner:
         """Bytes of the packed weight copies of the fast path (0 without it)."""
         if self.lean is not None:
             return self.lean.nbytes()
-        return sum(
-            m.packed.numel() * m.packed.element_size()
-            for m in self.model.modules()
-            if isinstance(m, PackedLinear)
-        )
+        return sum(m.nbytes() for m in self.model.modules() if isinstance(m, PackedLinear))
 
     def new_cache(self, slots: int, capacity: int) -> SlotCache:
         return SlotCache(
