@@ -126,23 +126,30 @@ def run_peft(spm, folders, requests, new_tokens: int, one_by_one: int) -> tuple[
 
 
 def run_engine_all(spm, requests, new_tokens: int, batch: int) -> tuple[dict, list[list[int]]]:
+    """Best of two runs, as the vLLM peer reports; each on a fresh engine, so both include
+    computing the adapters' prefixes (a warm server would have them cached already)."""
     from softprompt.engine import Engine, EngineConfig, SamplingParams
 
-    engine = Engine(spm.model, spm.tokenizer, EngineConfig(max_batch_size=batch))
-    for name, adapter in spm.adapters.items():
-        engine.add_adapter(name, adapter)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    engine.generate([requests[0][0]], [requests[0][1]], SamplingParams(max_new_tokens=2))  # warm-up
-    start = time.perf_counter()
-    done = engine.generate([p for p, _ in requests], [a for _, a in requests], params)
-    seconds = time.perf_counter() - start
+    runs = []
+    for _ in range(2):
+        engine = Engine(spm.model, spm.tokenizer, EngineConfig(max_batch_size=batch))
+        for name, adapter in spm.adapters.items():
+            engine.add_adapter(name, adapter)
+        engine.generate([requests[0][0]], [None], SamplingParams(max_new_tokens=2))  # warm-up
+        start = time.perf_counter()
+        done = engine.generate([p for p, _ in requests], [a for _, a in requests], params)
+        runs.append(time.perf_counter() - start)
+        del engine
+    seconds = min(runs)
     record = emit(
         {
             "way": "c_engine_all_at_once",
             "requests": len(requests),
             "seconds": round(seconds, 2),
             "tok_s": round(len(requests) * new_tokens / seconds, 1),
-            "packed_weights": engine.runner.packed,
+            "runs_seconds": [round(r, 2) for r in runs],
+            "best_of": 2,
         }
     )
     return record, [c.token_ids for c in done]

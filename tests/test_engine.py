@@ -213,14 +213,28 @@ def test_each_prefix_is_computed_once_and_prefill_covers_only_text(spm):
     engine = _engine(spm, max_batch_size=8)
     calls = []
     build = engine.registry._build
-    engine.registry._build = lambda adapter: calls.append(adapter.name) or build(adapter)
+    engine.registry._build = lambda adapters: (
+        calls.append([a.name for a in adapters]) or build(adapters)
+    )
     prompts = PROMPTS * 2
     adapters = ["a", "b", None] * 4
     engine.generate(prompts, adapters, SamplingParams(max_new_tokens=3))
     engine.generate(prompts, adapters, SamplingParams(max_new_tokens=3))
-    assert sorted(calls) == ["a", "b"]
+    assert calls == [["a", "b"]]  # both new prefixes in one forward, then reused
     text_tokens = sum(len(_ids(spm, p)) for p in prompts)
     assert engine.stats.prompt_tokens == 2 * text_tokens  # no virtual token is prefilled
+
+
+def test_prefixes_computed_together_equal_each_computed_alone(spm):
+    runner = _engine(spm).runner
+    adapters = [Adapter(name, rows) for name, rows in _raw(spm.hidden_size).items()]  # 3 and 5 rows
+    together = runner.prefixes(adapters)
+    for adapter, prefix in zip(adapters, together, strict=True):
+        alone = runner.prefix(adapter)
+        assert prefix.length == alone.length == adapter.num_virtual_tokens
+        pairs = zip(prefix.keys + prefix.values, alone.keys + alone.values, strict=True)
+        for mine, theirs in pairs:
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_a_retrained_adapter_gets_a_new_prefix(spm):

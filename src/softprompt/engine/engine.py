@@ -160,7 +160,7 @@ class Engine:
         full_batch = self.config.max_batch_size if self.config.full_batch_pack else None
         self.runner = ModelRunner(model, self.config.packed_weights, full_batch)
         self.registry = AdapterRegistry(
-            self.runner.prefix, self._check_adapter, self.config.max_resident_adapters
+            self.runner.prefixes, self._check_adapter, self.config.max_resident_adapters
         )
         self.scheduler = Scheduler(
             self.config.max_batch_size, self.config.max_prefill_tokens, self.config.policy
@@ -393,6 +393,7 @@ class Engine:
     def _prefill(self, joined: list[Sequence]) -> None:
         started = time.perf_counter()
         ready: list[tuple[Sequence, Any]] = []
+        self.registry.warm(seq.adapter for seq in joined if seq.adapter is not None)
         for seq in joined:
             try:
                 lease = self.registry.acquire(seq.adapter) if seq.adapter is not None else None
@@ -427,11 +428,13 @@ class Engine:
         running = self.scheduler.running
         slots = [running.index(s) for s in seqs]
         self.cache.make_room_before(max(spans), len(running))
-        for j, (seq, slot) in enumerate(zip(seqs, slots, strict=True)):
-            self.cache.place(slot, staged, j, spans[j])
-            self.seen[slot] = seen_mask(
-                [seq.prompt_ids], self.runner.vocab_size, self.runner.device
-            )[0]
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            self.cache.place_block(slots[0], staged, max(spans))
+        else:
+            for j, slot in enumerate(slots):
+                self.cache.place(slot, staged, j, spans[j])
+        seen = seen_mask([s.prompt_ids for s in seqs], self.runner.vocab_size, self.runner.device)
+        self.seen[slots] = seen
         self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
         self._accept(seqs, slots, logits)
 
@@ -473,10 +476,11 @@ class Engine:
         tokens = pick_tokens(
             logits,
             [s.params for s in seqs],
-            self.seen[index],
+            lambda: self.seen[index],
             [len(s.output_ids) for s in seqs],
             self.eos,
             [s.generator for s in seqs],  # type: ignore[misc]
+            clone=False,  # the runner's fresh logits
         )
         self.seen[index, tokens] = True
         now = time.perf_counter()

@@ -165,6 +165,21 @@ class SlotCache(Cache):
         self.valid[slot] = False
         self.valid[slot, start : self.end] = source.valid[row, source.end - length : source.end]
 
+    def place_block(self, first: int, source: SlotCache, length: int) -> None:
+        """``place`` every row of ``source`` at once, row j into slot ``first + j``.
+
+        ``length`` is the longest row's; a shorter row's extra columns in ``source`` were never
+        written (zeros, invalid), so they clear the slot's older columns just as ``place`` does.
+        """
+        count, start = source.slots, self.end - length
+        block = slice(first, first + count)
+        theirs_all = (*source.keys, *source.values)
+        for mine, theirs in zip((*self.keys, *self.values), theirs_all, strict=True):
+            mine[block, :, :start] = 0
+            mine[block, :, start : self.end] = theirs[:, :, source.end - length : source.end]
+        self.valid[block] = False
+        self.valid[block, start : self.end] = source.valid[:, source.end - length : source.end]
+
     def write_prefix(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Put a cached prefix ``(H, n, Dh)`` per layer at the columns just before ``end``."""
         n = keys[0].shape[-2]

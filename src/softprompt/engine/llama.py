@@ -38,9 +38,15 @@ def supports(model: Any) -> bool:
     )
 
 
-def _fused(*linears: nn.Linear, full_batch: int | None) -> PackedLinear:
-    """One packed linear computing ``linears`` side by side (outputs concatenated)."""
+def _fused(*linears: nn.Linear, norm: torch.Tensor | None, full_batch: int | None) -> PackedLinear:
+    """One packed linear computing ``linears`` side by side (outputs concatenated).
+
+    ``norm``: the weight of the RMSNorm that feeds them, folded into their columns
+    (``W (w * x) = (W diag(w)) x``), so the forward only normalises.
+    """
     weight = torch.cat([lin.weight.detach() for lin in linears])
+    if norm is not None:
+        weight = weight * norm.detach()[None, :]
     bias = None
     if any(lin.bias is not None for lin in linears):
         bias = torch.cat(
@@ -60,13 +66,22 @@ def _fused(*linears: nn.Linear, full_batch: int | None) -> PackedLinear:
 class _Layer:
     def __init__(self, layer: Any, full_batch: int | None) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj, full_batch=full_batch)
+        norm1, norm2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+        self.qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj, norm=norm1, full_batch=full_batch)
         self.o = PackedLinear(attn.o_proj, full_batch)
-        self.gate_up = _fused(mlp.gate_proj, mlp.up_proj, full_batch=full_batch)
+        self.gate_up = _fused(mlp.gate_proj, mlp.up_proj, norm=norm2, full_batch=full_batch)
         self.down = PackedLinear(mlp.down_proj, full_batch)
-        self.norm1 = layer.input_layernorm.weight
-        self.norm2 = layer.post_attention_layernorm.weight
         self.scaling = float(attn.scaling)
+
+
+def _normalise(h: torch.Tensor, eps: float) -> torch.Tensor:
+    """``h * rsqrt(mean(h²) + eps)``: RMSNorm without its weight (folded into the next linear).
+
+    One fused reduction (a vector norm) and one product; ``F.rms_norm`` takes about twice as long
+    at decode sizes on the CPU, in several passes.
+    """
+    scale = torch.linalg.vector_norm(h, dim=-1, keepdim=True).square_()
+    return h * scale.div_(h.shape[-1]).add_(eps).rsqrt_()
 
 
 class LeanLlama:
@@ -81,8 +96,7 @@ class LeanLlama:
         self.rotary = model.model.rotary_emb
         layers = model.model.layers[: config.num_hidden_layers]
         self.layers = [_Layer(layer, full_batch) for layer in layers]
-        self.norm = model.model.norm.weight
-        self.lm_head = PackedLinear(model.lm_head, full_batch)
+        self.lm_head = _fused(model.lm_head, norm=model.model.norm.weight, full_batch=full_batch)
 
     def nbytes(self) -> int:
         """Bytes of the packed weight copies."""
@@ -94,7 +108,7 @@ class LeanLlama:
         self, cache: SlotCache, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """embeds (B, q, D), positions (B, q), mask (B, 1, q, kv) bool → logits (B, V)."""
-        batch, length, hidden = embeds.shape
+        batch, length, _ = embeds.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         cos, sin = self.rotary(embeds, positions)  # (B, q, Dh) each
         # Rotary as x * cos + roll(x, Dh/2) * signed_sin: rotate_half(x) is the rolled x with
@@ -105,8 +119,7 @@ class LeanLlama:
         attend = _Attention(mask, heads, kv_heads, dim, length)
         h = embeds
         for index, layer in enumerate(self.layers):
-            x = F.rms_norm(h, (hidden,), layer.norm1, self.eps)
-            qkv = layer.qkv(x).view(batch, length, heads + 2 * kv_heads, dim)
+            qkv = layer.qkv(_normalise(h, self.eps)).view(batch, length, heads + 2 * kv_heads, dim)
             qk = qkv[:, :, : heads + kv_heads]
             qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)  # (B, q, H + KV, Dh)
             q = qk[:, :, :heads].transpose(1, 2)  # (B, H, q, Dh)
@@ -115,30 +128,34 @@ class LeanLlama:
             keys, values = cache.slot_layers[index].update(k, v)  # (B, KV, kv, Dh)
             out = attend(q, keys, values, layer.scaling)  # (B, q, H * Dh)
             h = h + layer.o(out)
-            x = F.rms_norm(h, (hidden,), layer.norm2, self.eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            gate, up = layer.gate_up(_normalise(h, self.eps)).chunk(2, dim=-1)
             h = h + layer.down(F.silu(gate) * up)
-        last = F.rms_norm(h[:, -1], (hidden,), self.norm, self.eps)
-        return self.lm_head(last)
+        return self.lm_head(_normalise(h[:, -1], self.eps))
 
 
 class _Attention:
     """Grouped-query attention over the slot cache for one forward; the mask is prepared once.
 
-    A one-token decode step uses two batched products per layer, with the mask as an additive
-    bias shared by every layer: ``(B·KV, G, Dh) @ (B·KV, Dh, kv)`` groups the G query heads of
-    each key/value head. Longer queries (prefill) go through ``scaled_dot_product_attention``.
+    Two batched products per layer, with the mask as an additive bias shared by every layer:
+    ``(B·KV, G·q, Dh) @ (B·KV, Dh, kv)`` groups the G query heads of each key/value head (on the
+    CPU, 3x faster than ``scaled_dot_product_attention`` at a 64-row prefill, and reading keys
+    in their stored order). When the scores would be large (long prompts), it falls back to
+    ``scaled_dot_product_attention``, which never holds them all.
     """
+
+    max_scores = 1 << 24
+    """Score elements above which the memory-bounded kernel runs instead."""
 
     def __init__(self, mask: torch.Tensor, heads: int, kv_heads: int, dim: int, length: int):
         self.mask, self.heads, self.kv_heads, self.dim = mask, heads, kv_heads, dim
         self.bias = None
-        if length == 1:
-            batch, kv = mask.shape[0], mask.shape[-1]
+        batch, kv = mask.shape[0], mask.shape[-1]
+        if batch * heads * length * kv <= self.max_scores:
             groups = heads // kv_heads
             bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-            bias = bias.masked_fill_(~mask, float("-inf"))  # (B, 1, 1, kv)
-            self.bias = bias.expand(batch, kv_heads, groups, kv).reshape(-1, groups, kv)
+            bias = bias.masked_fill_(~mask, float("-inf"))  # (B, 1, q, kv)
+            bias = bias.unsqueeze(1).expand(batch, kv_heads, groups, length, kv)
+            self.bias = bias.reshape(-1, groups * length, kv)
 
     def __call__(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
@@ -156,9 +173,11 @@ class _Attention:
             )
             return out.transpose(1, 2).reshape(batch, length, heads * dim)
         kv = keys.shape[-2]
-        grouped = q.reshape(-1, heads // self.kv_heads, dim)  # (B·KV, G, Dh)
+        grouped = q.reshape(-1, heads // self.kv_heads * length, dim)  # (B·KV, G·q, Dh)
         # The slot cache stores keys transposed, so this is a view, read in memory order.
         keys_t = keys.transpose(2, 3).reshape(-1, dim, kv)  # (B·KV, Dh, kv)
         scores = torch.baddbmm(self.bias.to(q.dtype), grouped, keys_t, alpha=scaling)
-        out = torch.bmm(scores.softmax(dim=-1), values.reshape(-1, kv, dim))  # (B·KV, G, Dh)
-        return out.view(batch, 1, heads * dim)
+        out = torch.bmm(scores.softmax(dim=-1), values.reshape(-1, kv, dim))  # (B·KV, G·q, Dh)
+        if length == 1:
+            return out.view(batch, 1, heads * dim)
+        return out.view(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, -1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,20 +56,20 @@ class AdapterRegistry:
     """Named adapters, each from a folder or given in memory; thread-safe.
 
     Args:
-        build_prefix: computes an adapter's prefix (the model runner's job).
+        build_prefixes: computes adapters' prefixes, several in one run (the model runner's job).
         check: raises ``RequestError`` for an adapter this model cannot serve.
         max_resident: how many prefixes stay in memory at most (pinned ones may exceed it).
     """
 
     def __init__(
         self,
-        build_prefix: Callable[[Adapter], Prefix],
+        build_prefixes: Callable[[list[Adapter]], list[Prefix]],
         check: Callable[[Adapter], None],
         max_resident: int = 64,
     ) -> None:
         if max_resident < 1:
             raise ValueError("max_resident must be at least 1")
-        self._build = build_prefix
+        self._build = build_prefixes
         self._check = check
         self.max_resident = max_resident
         self._entries: dict[str, Lease] = {}
@@ -164,6 +164,32 @@ class AdapterRegistry:
             self._evict()
         return entry
 
+    def warm(self, names: Iterable[str]) -> None:
+        """Compute in one batched run the prefixes that ``names`` lack, for the ``acquire`` calls
+        that follow (joining requests of several new adapters then cost one forward, not one
+        each). Any failure is left for ``acquire`` to meet, one adapter at a time."""
+        with self._lock:
+            entries = [self._entries[n] for n in dict.fromkeys(names) if n in self._entries]
+        todo: list[tuple[Lease, Adapter, int]] = []
+        for entry in entries:
+            adapter = entry.adapter
+            if adapter is None:
+                try:
+                    adapter = entry.adapter = self._read(entry.name, entry.path)  # type: ignore[arg-type]
+                except RequestError:
+                    continue
+            version = adapter.weights._version
+            if entry.prefix is None or entry.version != version:
+                todo.append((entry, adapter, version))
+        if len(todo) < 2:
+            return
+        try:
+            prefixes = self._build([adapter for _, adapter, _ in todo])
+        except Exception:  # noqa: BLE001 - acquire builds each alone and reports its error
+            return
+        for (entry, _, version), prefix in zip(todo, prefixes, strict=True):
+            entry.prefix, entry.version = prefix, version
+
     def release(self, lease: Lease) -> None:
         """Give back one request's hold; a removed adapter is freed with its last hold."""
         with self._lock:
@@ -186,7 +212,7 @@ class AdapterRegistry:
             entry.adapter = self._read(entry.name, entry.path)
         version = entry.adapter.weights._version
         if entry.prefix is None or entry.version != version:
-            entry.prefix = self._build(entry.adapter)
+            entry.prefix = self._build([entry.adapter])[0]
             entry.version = version
 
     def _read(self, name: str, path: Path) -> Adapter:

@@ -103,20 +103,40 @@ class ModelRunner:
             raise
         return logits[:, : self.vocab_size].float()
 
+    def prefixes(self, adapters: list[Adapter]) -> list[Prefix]:
+        """Keys/values of each adapter's virtual tokens at positions 0..n-1, for every layer.
+
+        All adapters run in one forward, rows right-aligned to the longest (a prefix depends on
+        its own rows only: padding is masked out).
+        """
+        rows = []
+        for adapter in adapters:
+            weights = adapter.weights.detach().to(device=self.device, dtype=self.dtype)
+            if not bool(torch.isfinite(weights).all()):
+                raise RequestError(f"adapter {adapter.name!r} has NaN or infinite values")
+            rows.append(weights)
+        lengths = [r.shape[0] for r in rows]
+        longest = max(lengths)
+        embeds = rows[0].new_zeros(len(rows), longest, self.hidden_size)
+        positions = torch.zeros(len(rows), longest, dtype=torch.long, device=self.device)
+        valid = torch.zeros(len(rows), longest, dtype=torch.bool, device=self.device)
+        for j, (r, n) in enumerate(zip(rows, lengths, strict=True)):
+            embeds[j, longest - n :] = r
+            positions[j, longest - n :] = torch.arange(n, device=self.device)
+            valid[j, longest - n :] = True
+        cache = self.new_cache(len(rows), longest)
+        self.forward(cache, slice(0, len(rows)), embeds, positions, valid)
+        return [
+            Prefix(
+                keys=[k[j, :, longest - n :].clone() for k in cache.keys],
+                values=[v[j, :, longest - n :].clone() for v in cache.values],
+            )
+            for j, n in enumerate(lengths)
+        ]
+
     def prefix(self, adapter: Adapter) -> Prefix:
-        """Keys/values of the adapter's virtual tokens at positions 0..n-1, for every layer."""
-        n = adapter.num_virtual_tokens
-        rows = adapter.weights.detach().to(device=self.device, dtype=self.dtype)[None]  # (1, n, D)
-        if not bool(torch.isfinite(rows).all()):
-            raise RequestError(f"adapter {adapter.name!r} has NaN or infinite values")
-        cache = self.new_cache(1, n)
-        positions = torch.arange(n, device=self.device)[None]
-        valid = torch.ones(1, n, dtype=torch.bool, device=self.device)
-        self.forward(cache, slice(0, 1), rows, positions, valid)
-        return Prefix(
-            keys=[k[0, :, :n].clone() for k in cache.keys],
-            values=[v[0, :, :n].clone() for v in cache.values],
-        )
+        """The prefix of one adapter (see ``prefixes``)."""
+        return self.prefixes([adapter])[0]
 
     def prefill(
         self, prompts: list[list[int]], prefixes: list[Prefix | None]

@@ -8,6 +8,7 @@ padding), which is what keeps a row's greedy output the same alone or in any bat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -117,28 +118,31 @@ def seen_mask(token_lists: list[list[int]], vocab: int, device: torch.device) ->
 def pick_tokens(
     logits: torch.Tensor,
     params: list[SamplingParams],
-    seen: torch.Tensor,
+    seen: Callable[[], torch.Tensor],
     produced: list[int],
     eos: list[int],
     generators: list[torch.Generator],
+    clone: bool = True,
 ) -> torch.Tensor:
     """Next token per row from ``logits`` (B, V) float32; returns (B,) on the logits' device.
 
     Args:
-        seen: (B, V) bool, the real tokens of each row so far (for the repetition penalty).
+        seen: gives (B, V) bool, the real tokens of each row so far (for the repetition
+            penalty; called only when a row has one).
         produced: new tokens each row has made so far (for ``min_new_tokens``).
         eos: token ids that end a completion.
         generators: one per row; only sampled rows draw from theirs.
+        clone: False lets the function write into ``logits`` (the caller's scratch).
     """
     device = logits.device
-    penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
-    if bool((penalty != 1).any()):
+    if any(p.repetition_penalty != 1 for p in params):
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
         penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-        logits = torch.where(seen & (penalty != 1), penalised, logits)
+        logits = torch.where(seen() & (penalty != 1), penalised, logits)
     blocked = [i for i, p in enumerate(params) if produced[i] < p.min_new_tokens or p.ignore_eos]
     if blocked and eos:
         rows = torch.tensor(blocked, device=device)[:, None]
-        logits = logits.clone()
+        logits = logits.clone() if clone else logits
         logits[rows, torch.tensor(eos, device=device)[None, :]] = float("-inf")
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
