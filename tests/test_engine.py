@@ -405,6 +405,20 @@ def test_repetition_penalty_and_min_new_tokens(spm):
     assert len(forced_long.token_ids) == 25 and forced_long.finish_reason == "length"
 
 
+def test_a_tiny_temperature_or_top_p_samples_the_greedy_token(spm):
+    """Found by schemathesis: dividing logits by 5e-324 gave NaN probabilities, and a top_p that
+    is 0 in float32 dropped every token."""
+    engine = _engine(spm)
+    greedy = engine.generate(["be kind"], ["a"], SamplingParams(max_new_tokens=6))[0]
+    for tiny in (
+        SamplingParams(max_new_tokens=6, temperature=5e-324, seed=3),
+        SamplingParams(max_new_tokens=6, temperature=1.0, top_p=5e-324, seed=3),  # 0 in float32
+    ):
+        sampled = engine.generate(["be kind"], ["a"], tiny)[0]
+        assert sampled.finish_reason != "error", sampled.error
+        assert sampled.token_ids == greedy.token_ids
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -415,6 +429,8 @@ def test_repetition_penalty_and_min_new_tokens(spm):
         ({"top_p": 0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"repetition_penalty": 5e-324}, "repetition_penalty"),  # found by schemathesis
+        ({"repetition_penalty": 1e6}, "repetition_penalty"),
         ({"stop": [""]}, "stop"),
         ({"seed": 1.5}, "seed"),
     ],

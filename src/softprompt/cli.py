@@ -7,6 +7,7 @@ Mistakes a user can fix end as one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,8 @@ EPILOG = """examples:
   softprompt compare --adapter adapters/roles --prompt "I want you to act as a chef." --markdown
   softprompt inspect adapters/roles
   softprompt report --adapter adapters/roles --output report.html
+  softprompt serve --adapters adapters --port 8000
+  softprompt embeds --adapter adapters/roles --prompt "I want you to act as a chef." --output x.pt
 """
 
 
@@ -237,6 +240,68 @@ def build_parser() -> argparse.ArgumentParser:
     _generation_args(rep, max_new_tokens=40, repetition_penalty=1.5)
     rep.add_argument("--max-length", type=int, default=64, help="default: %(default)s")
     rep.set_defaults(func=commands.cmd_report)
+
+    srv = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible server for the base model and every adapter in a folder",
+        description="Serve /v1/completions, /v1/chat/completions and /v1/models, with a "
+        "playground page at /. Each subfolder of --adapters holding an adapter is a model "
+        "named after the folder; the base model is served under its own name. Folders added "
+        "or removed later are picked up without a restart.",
+    )
+    _model_arg(srv)
+    srv.add_argument("--adapters", required=True, metavar="DIR", help="folder of adapter folders")
+    srv.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    srv.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    srv.add_argument(
+        "--api-key",
+        default=os.environ.get("SOFTPROMPT_API_KEY"),
+        help="require Authorization: Bearer KEY on /v1 (default: $SOFTPROMPT_API_KEY, or none)",
+    )
+    srv.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=32,
+        help="requests decoded together at most (default: %(default)s)",
+    )
+    srv.add_argument(
+        "--max-tokens-cap",
+        type=int,
+        default=4096,
+        help="requests asking for more new tokens are refused (default: %(default)s)",
+    )
+    srv.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=1.0,
+        help="how often the adapters folder is scanned; 0: only when asked (default: %(default)s)",
+    )
+    srv.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=1 << 20,
+        help="larger request bodies are refused (default: %(default)s)",
+    )
+    srv.set_defaults(func=commands.cmd_serve)
+
+    emb = sub.add_parser(
+        "embeds",
+        help="the prompt_embeds tensor that serves an adapter on vLLM",
+        description="Write the tensor a prompt-embeds server (vLLM) takes for one request: the "
+        "adapter's virtual token rows, then the prompt's token embeddings, (n + T, hidden).",
+    )
+    emb.add_argument("--adapter", metavar="DIR", help="adapter folder (default: none)")
+    emb.add_argument("--prompt", required=True, help="prompt text")
+    emb.add_argument("--output", help="write the tensor here with torch.save (a .pt file)")
+    emb.add_argument(
+        "--base64",
+        action="store_true",
+        help="print it base64-encoded, as vLLM's OpenAI server takes prompt_embeds",
+    )
+    emb.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    emb.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
+    _model_arg(emb)
+    emb.set_defaults(func=commands.cmd_embeds)
     return parser
 
 

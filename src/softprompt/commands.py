@@ -381,3 +381,55 @@ def cmd_report(args: argparse.Namespace) -> int:
     write_report(html, output)
     print(f"report written to {output} ({len(html) // 1024} KiB)")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server.run import serve
+
+    _quiet()
+    return serve(
+        args.model,
+        args.adapters,
+        args.host,
+        args.port,
+        args.api_key or None,
+        args.max_batch_size,
+        args.max_tokens_cap,
+        args.poll_seconds,
+        args.max_body_bytes,
+    )
+
+
+def cmd_embeds(args: argparse.Namespace) -> int:
+    if not args.output and not args.base64:
+        raise UserError("give --output FILE.pt, --base64, or both")
+    output = Path(args.output) if args.output else None
+    if output is not None and output.exists() and not args.overwrite:
+        raise UserError(f"{output} exists; pass --overwrite to replace it")
+    if output is not None and not output.parent.is_dir():
+        raise UserError(f"folder {output.parent} does not exist")
+    adapters = _read_adapters([args.adapter], args.allow_pickle) if args.adapter else [None]
+    _quiet()
+    import torch
+
+    from .embeds import prompt_embeds, to_base64
+    from .files import write_bytes
+    from .models import load_base_model
+
+    base = load_base_model(args.model)
+    try:
+        tensor = prompt_embeds(base.model, base.tokenizer, adapters[0], args.prompt)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    if output is not None:
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(tensor.detach().cpu(), buffer)
+        write_bytes(output, buffer.getvalue())
+        print(
+            f"softprompt: wrote {tuple(tensor.shape)} {tensor.dtype} to {output}", file=sys.stderr
+        )
+    if args.base64:
+        print(to_base64(tensor))
+    return 0

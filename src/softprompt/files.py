@@ -102,10 +102,15 @@ def put_in_place(staging: Path, target: Path) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """Write a file through a temporary sibling and one rename: never a half-written file."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a file through a temporary sibling and one rename: never a half-written file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +75,9 @@ class EngineStats:
     steps: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    batch_sizes: list[int] = field(default_factory=list)
+    decoded_rows: int = 0
+    """Rows over all decode steps (their mean batch is decoded_rows / steps)."""
+    largest_batch: int = 0
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -237,17 +239,21 @@ class Engine:
         if adapter is not None:
             if adapter not in self.registry:
                 known = ", ".join(self.registry.names()) or "none"
-                raise RequestError(f"unknown adapter {adapter!r} (adapters: {known})")
+                raise RequestError(
+                    f"unknown adapter {adapter!r} (adapters: {known})", field="adapter"
+                )
             virtual = self.registry.length(adapter)
         if params.max_new_tokens > self.config.max_new_tokens_cap:
             raise RequestError(
                 f"max new tokens {params.max_new_tokens} is above this engine's cap of "
-                f"{self.config.max_new_tokens_cap}"
+                f"{self.config.max_new_tokens_cap}",
+                field="max_new_tokens",
             )
         if virtual + len(ids) >= self.runner.max_length:
             raise RequestError(
                 f"the prompt has {len(ids)} tokens (plus {virtual} virtual); the model's context "
-                f"is {self.runner.max_length} tokens"
+                f"is {self.runner.max_length} tokens",
+                field="prompt",
             )
         seq = Sequence(ids, adapter, params)
         handle = RequestHandle(self, seq, sink)
@@ -319,6 +325,15 @@ class Engine:
             if request_id in self._handles:
                 self._cancels.add(request_id)
         self._wake.set()
+
+    def load(self) -> dict[str, int]:
+        """Requests in the running batch, and waiting for a place in it."""
+        with self._lock:
+            incoming = len(self._incoming)
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting) + incoming,
+        }
 
     def has_work(self) -> bool:
         with self._lock:
@@ -465,7 +480,8 @@ class Engine:
             logits = torch.cat(rows) if rows else tokens.new_zeros(0)
         self.cache.advance(1)
         self.stats.steps += 1
-        self.stats.batch_sizes.append(batch)
+        self.stats.decoded_rows += batch
+        self.stats.largest_batch = max(self.stats.largest_batch, batch)
         if ok:
             self._accept([running[i] for i in ok], ok, logits)
         self.stats.decode_seconds += time.perf_counter() - started
@@ -571,11 +587,15 @@ class Engine:
             vocab = self.runner.vocab_size
             bad = [i for i in ids if not 0 <= i < vocab]
             if bad:
-                raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+                raise RequestError(
+                    f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", field="prompt"
+                )
         else:
-            raise RequestError("a prompt is text or a list of token ids")
+            raise RequestError("a prompt is text or a list of token ids", field="prompt")
         if not ids:
-            raise RequestError("a prompt with no tokens cannot be completed; give some text")
+            raise RequestError(
+                "a prompt with no tokens cannot be completed; give some text", field="prompt"
+            )
         return ids
 
 

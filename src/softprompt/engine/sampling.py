@@ -39,7 +39,8 @@ class SamplingParams:
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     repetition_penalty: float = 1.0
-    """Above 1 discourages tokens already in the prompt or output (CTRL-style, as transformers)."""
+    """Above 1 discourages tokens already in the prompt or output (CTRL-style, as transformers);
+    0.01 to 100."""
     stop: list[str] = field(default_factory=list)
     """Strings that end the completion; the completion stops before the first one."""
     ignore_eos: bool = False
@@ -70,8 +71,8 @@ class SamplingParams:
             ("top_p", _is_real(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
             (
                 "repetition_penalty",
-                _is_real(self.repetition_penalty) and self.repetition_penalty > 0,
-                "must be positive",
+                _is_real(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 100,
+                "must be between 0.01 and 100 (1 is none)",
             ),
             (
                 "stop",
@@ -151,10 +152,16 @@ def pick_tokens(
     index = torch.tensor(sampled, device=device)
     temperature = torch.tensor([params[i].temperature for i in sampled], device=device)[:, None]
     top_p = torch.tensor([params[i].top_p for i in sampled], device=device)[:, None]
-    probs = (logits[index] / temperature).softmax(dim=-1)  # (S, V)
+    # Shifted so the best logit is 0 before dividing, and the temperature kept above float32's
+    # smallest normal number: a tiny temperature then gives the others -inf, never NaN.
+    chosen = logits[index]
+    chosen = chosen - chosen.max(dim=-1, keepdim=True).values
+    temperature = temperature.clamp_min(torch.finfo(chosen.dtype).tiny)
+    probs = (chosen / temperature).softmax(dim=-1)  # (S, V)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
     drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+    drop[:, 0] = False  # even when top_p is 0 in float32
     sorted_probs = sorted_probs.masked_fill(drop, 0)
     for j, i in enumerate(sampled):
         choice = torch.multinomial(sorted_probs[j], 1, generator=generators[i])

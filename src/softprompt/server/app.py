@@ -1,0 +1,624 @@
+"""The HTTP side of ``softprompt serve``: OpenAI's completions and chat APIs over the engine.
+
+Only HTTP lives here: requests are checked and turned into engine submissions, and engine
+outputs into OpenAI's JSON and server-sent events. The engine runs its steps on its own thread;
+each request's outputs come back to the event loop through a queue. Every adapter is a model
+named after its folder; the base model is served under its own name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine import Engine, RequestError, SamplingParams
+from ..engine.sequence import Output
+from .adapters import AdapterFolder
+from .metrics import Metrics
+from .protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+# Engine parameter names as a client knows them.
+PARAM_NAMES = {
+    "max_new_tokens": "max_tokens",
+    "min_new_tokens": "min_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "repetition_penalty": "repetition_penalty",
+    "stop": "stop",
+    "seed": "seed",
+    "prompt": "prompt",
+    "adapter": "model",
+}
+
+
+@dataclass
+class ServerConfig:
+    """What ``softprompt serve`` decides beyond the engine's own settings."""
+
+    model_name: str
+    """The base model's name in the API (adapters are named after their folders)."""
+    adapters_dir: Path | None = None
+    api_key: str | None = None
+    """When set, /v1 requests need ``Authorization: Bearer <key>``."""
+    poll_seconds: float = 1.0
+    """How often the adapters folder is scanned for added, changed and removed adapters."""
+    max_body_bytes: int = 1 << 20
+    """Request bodies above this are refused (413)."""
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = (
+            status,
+            message,
+            kind,
+            param,
+            code,
+        )
+
+    def response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
+        body = {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the completion; with stream: true, server-sent events ending with "
+        "data: [DONE]",
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "description": "one event: a JSON chunk, or [DONE]",
+                    "type": "object",
+                    "properties": {"data": {"type": "string"}},
+                    "required": ["data"],
+                }
+            }
+        },
+    }
+}
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in (
+        (400, "invalid request"),
+        (401, "missing or wrong API key"),
+        (404, "unknown model"),
+        (413, "request body too large"),
+    )
+}
+
+
+class BodyLimit:
+    """ASGI middleware refusing request bodies above ``limit`` bytes, declared or streamed."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        too_big = APIError(413, f"request body above {self.limit} bytes", code="body_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await too_big.response()(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await too_big.response()(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
+    """The server's FastAPI app; the caller runs it (uvicorn) and calls ``app.state.close()``."""
+    folder = (
+        AdapterFolder(engine, config.adapters_dir, {config.model_name})
+        if config.adapters_dir is not None
+        else None
+    )
+    metrics = Metrics(engine, lambda: folder.names() if folder else [])
+    started = int(time.time())
+
+    app = FastAPI(
+        title="softprompt",
+        summary="OpenAI-compatible completions for a base model and its soft-prompt adapters",
+        version="1",
+        responses=ERRORS,  # type: ignore[arg-type]
+    )
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)  # type: ignore[arg-type]
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.adapters = folder
+
+    def close() -> None:
+        if folder is not None:
+            folder.close()
+        engine.stop()
+
+    app.state.close = close
+    if folder is not None:
+        folder.scan()
+        folder.watch(config.poll_seconds)
+    engine.start()
+
+    def openapi() -> dict[str, Any]:
+        """The generated schema, with working example bodies (this server's base model)."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            examples = {
+                "CompletionRequest": {
+                    "model": config.model_name,
+                    "prompt": "I want you to act as a motivational coach.",
+                    "max_tokens": 8,
+                    "temperature": 0,
+                },
+                "ChatCompletionRequest": {
+                    "model": config.model_name,
+                    "messages": [{"role": "user", "content": "Say something kind."}],
+                    "max_tokens": 8,
+                },
+            }
+            for name, example in examples.items():
+                body = schema["components"]["schemas"][name]
+                body["examples"] = [example]
+                body["properties"]["model"]["examples"] = [config.model_name]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        if first.get("type") == "json_invalid":
+            return APIError(400, "the request body is not valid JSON").response()
+        param = location[0] if location else None
+        where = ".".join(location)
+        message = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg")
+        return APIError(400, str(message), param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        error = APIError(exc.status_code, str(exc.detail), code=code)
+        return error.response(exc.headers)  # keeps Allow on 405
+
+    @app.exception_handler(Exception)
+    async def crashed(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return APIError(
+            500, "internal server error (see the server log)", "server_error"
+        ).response()
+
+    def authorize(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            token.strip().encode(), config.api_key.encode()
+        ):
+            raise APIError(
+                401,
+                "missing or wrong API key (send Authorization: Bearer <key>)",
+                code="invalid_api_key",
+            )
+
+    def served() -> list[str]:
+        return folder.names() if folder is not None else []
+
+    def resolve(model: str) -> str | None:
+        """The adapter for ``model`` (None: the base model); 404 when nothing has that name."""
+        if model == config.model_name:
+            return None
+        if model not in served() and folder is not None:
+            folder.scan()  # a folder added a moment ago is served at once
+        if model in served():
+            return model
+        raise APIError(
+            404, f"the model {model!r} does not exist", param="model", code="model_not_found"
+        )
+
+    @app.get("/health", summary="liveness: 200 while the server runs")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/", response_class=HTMLResponse, summary="the playground page")
+    async def playground() -> HTMLResponse:
+        page = resources.files(__package__).joinpath("playground.html").read_text("utf-8")
+        return HTMLResponse(page)
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(authorize)])
+    async def models() -> ModelList:
+        if folder is not None:
+            folder.scan()
+        cards = [ModelCard(id=config.model_name, created=started)]
+        for name in served():
+            try:
+                length = engine.registry.length(name)
+            except RequestError:
+                continue  # removed between the scan and now
+            cards.append(
+                ModelCard(id=name, created=started, parent=config.model_name, virtual_tokens=length)
+            )
+        return ModelList(data=cards)
+
+    @app.post(
+        "/v1/completions",
+        response_model=Completion,
+        responses=STREAMED,
+        dependencies=[Depends(authorize)],
+        summary="complete prompts (stream: true for server-sent events)",
+    )
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        prompts = _prompts(body.prompt)
+        job = _Job(engine, metrics, "completions", body, resolve(body.model), prompts, 16)
+        await job.submit()
+        if body.stream:
+            return _sse(job.completion_chunks(request))
+        await job.wait(request)
+        choices = [
+            CompletionChoice(index=i, text=c.text, finish_reason=c.reason)
+            for i, c in enumerate(job.choices)
+        ]
+        return Completion(
+            id=job.id, created=job.created, model=body.model, choices=choices, usage=job.usage()
+        )
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses=STREAMED,
+        dependencies=[Depends(authorize)],
+        summary="chat with the base model's chat template (the adapter's virtual tokens first)",
+    )
+    async def chat(body: ChatCompletionRequest, request: Request) -> Any:
+        adapter = resolve(body.model)
+        prompt = _chat_prompt(engine, body)
+        if body.max_completion_tokens is not None and body.max_tokens is None:
+            body.max_tokens = body.max_completion_tokens
+        job = _Job(engine, metrics, "chat", body, adapter, [prompt], 256)
+        await job.submit()
+        if body.stream:
+            return _sse(job.chat_chunks(request))
+        await job.wait(request)
+        choices = [
+            ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.reason)
+            for i, c in enumerate(job.choices)
+        ]
+        return ChatCompletion(
+            id=job.id, created=job.created, model=body.model, choices=choices, usage=job.usage()
+        )
+
+    return app
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    """One engine prompt per completion: text or token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+def _chat_prompt(engine: Engine, body: ChatCompletionRequest) -> list[int]:
+    tokenizer = engine.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(
+            400,
+            "this model has no chat template; use /v1/completions",
+            param="messages",
+        )
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as exc:  # noqa: BLE001 - a template that rejects these messages
+        raise APIError(
+            400, f"the chat template refused these messages: {exc}", param="messages"
+        ) from exc
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    tokens: int = 0
+    reason: str | None = None
+    error: str | None = None
+
+
+class _Job:
+    """One HTTP request: its engine submissions (prompts x n) and what came back."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        endpoint: str,
+        body: Any,
+        adapter: str | None,
+        prompts: list[str | list[int]],
+        default_max_tokens: int,
+    ) -> None:
+        bad = body.unsupported()
+        if bad is not None:
+            raise APIError(400, f"{bad} is not supported by this server", param=bad)
+        self.engine, self.metrics, self.endpoint = engine, metrics, endpoint
+        self.body, self.adapter, self.prompts = body, adapter, prompts
+        self.max_tokens = body.max_tokens or default_max_tokens
+        self.id = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.choices = [_Choice() for _ in range(len(prompts) * body.n)]
+        self.handles: list[Any] = []
+        self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        self.prompt_tokens = 0
+        self.submitted = 0.0
+        self.first_token = False
+        self.open = len(self.choices)
+
+    def _params(self, choice: int) -> SamplingParams:
+        body = self.body
+        seed = None if body.seed is None else body.seed + choice % body.n
+        try:
+            return SamplingParams(
+                max_new_tokens=self.max_tokens,
+                min_new_tokens=body.min_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                repetition_penalty=body.repetition_penalty,
+                stop=body.stops(),
+                ignore_eos=body.ignore_eos,
+                seed=seed,
+            )
+        except RequestError as exc:
+            raise _bad_request(exc) from exc
+
+    async def submit(self) -> None:
+        """Queue every choice with the engine, or none of them (400 on the first refusal)."""
+        loop = asyncio.get_running_loop()
+        self.submitted = time.perf_counter()
+        try:
+            for index in range(len(self.choices)):
+                prompt = self.prompts[index // self.body.n]
+                handle = self.engine.submit(
+                    prompt, self.adapter, self._params(index), sink=self._sink(loop, index)
+                )
+                self.handles.append(handle)
+                if index % self.body.n == 0:
+                    self.prompt_tokens += len(handle.seq.prompt_ids)
+        except RequestError as exc:
+            self.cancel()
+            self.metrics.request(self.endpoint, 400)
+            raise _bad_request(exc) from exc
+        except APIError:
+            self.cancel()
+            raise
+
+    def _sink(self, loop: asyncio.AbstractEventLoop, index: int) -> Callable[[Output], None]:
+        """Where choice ``index``'s outputs go: this job's queue, on the event loop's thread."""
+
+        def put(out: Output) -> None:
+            loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
+
+        return put
+
+    def cancel(self) -> None:
+        for handle in self.handles:
+            if not handle.seq.finished:
+                handle.cancel()
+
+    async def _next(self, request: Request | None) -> tuple[int, Output] | None:
+        """The next output of any choice; None once the client has gone (choices cancelled)."""
+        while True:
+            try:
+                index, out = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+            except TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    self.cancel()
+                    return None
+                continue
+            choice = self.choices[index]
+            choice.text += out.text
+            choice.tokens += len(out.token_ids)
+            if out.token_ids and not self.first_token:
+                self.first_token = True
+                self.metrics.first_token(time.perf_counter() - self.submitted)
+            if out.finished:
+                choice.reason = "length" if out.finish_reason == "length" else "stop"
+                choice.error = out.error if out.finish_reason == "error" else None
+                self.open -= 1
+            return index, out
+
+    async def wait(self, request: Request) -> None:
+        """Collect every choice to its end; a client that leaves cancels them."""
+        try:
+            while self.open:
+                if await self._next(request) is None:
+                    self.metrics.request(self.endpoint, 499)
+                    return
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        self._fail_on_error()
+        self.metrics.request(self.endpoint, 200)
+
+    def _fail_on_error(self) -> None:
+        failed = [c.error for c in self.choices if c.error]
+        if failed:
+            self.metrics.request(self.endpoint, 500)
+            raise APIError(500, f"generation failed: {failed[0]}", "server_error")
+
+    def usage(self) -> Usage:
+        completion = sum(c.tokens for c in self.choices)
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=self.prompt_tokens + completion,
+        )
+
+    def _chunk(self, kind: str, choices: list[dict], usage: Usage | None = None) -> str:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.body.model,
+            "choices": choices,
+        }
+        if self.body.stream_options and self.body.stream_options.include_usage:
+            data["usage"] = usage.model_dump() if usage is not None else None
+        return f"data: {json.dumps(data)}\n\n"
+
+    async def _stream(
+        self, request: Request, kind: str, piece: Callable[[int, Output], dict]
+    ) -> AsyncIterator[str]:
+        status = 200
+        try:
+            while self.open:
+                item = await self._next(request)
+                if item is None:
+                    status = 499
+                    return
+                index, out = item
+                if out.finish_reason == "error":
+                    status = 500
+                    error = {"message": f"generation failed: {out.error}", "type": "server_error"}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    continue
+                if out.text or out.finished:
+                    yield self._chunk(kind, [piece(index, out)])
+            if self.body.stream_options and self.body.stream_options.include_usage:
+                yield self._chunk(kind, [], self.usage())
+            yield "data: [DONE]\n\n"
+        finally:
+            # The client went away (the response was cancelled) or the stream ended: nothing
+            # of this request keeps running.
+            if self.open:
+                status = 499
+            self.cancel()
+            self.metrics.request(self.endpoint, status)
+
+    def completion_chunks(self, request: Request) -> AsyncIterator[str]:
+        def piece(index: int, out: Output) -> dict:
+            reason = self.choices[index].reason if out.finished else None
+            return {"index": index, "text": out.text, "logprobs": None, "finish_reason": reason}
+
+        return self._stream(request, "text_completion", piece)
+
+    async def chat_chunks(self, request: Request) -> AsyncIterator[str]:
+        first = [
+            {
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            for i in range(len(self.choices))
+        ]
+        yield self._chunk("chat.completion.chunk", first)
+
+        def piece(index: int, out: Output) -> dict:
+            if out.finished:
+                delta = {"content": out.text} if out.text else {}
+                reason = self.choices[index].reason
+            else:
+                delta, reason = {"content": out.text}, None
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+
+        async for event in self._stream(request, "chat.completion.chunk", piece):
+            yield event
+
+
+def _bad_request(exc: RequestError) -> APIError:
+    param = PARAM_NAMES.get(exc.field or "", exc.field)
+    message = str(exc)
+    if exc.field and param and param != exc.field:
+        message = message.replace(exc.field.replace("_", " "), param, 1)
+        message = message.replace(exc.field, param, 1)
+    return APIError(400, message, param=param)

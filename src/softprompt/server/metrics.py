@@ -1,0 +1,82 @@
+"""Prometheus metrics for ``GET /metrics``, through ``prometheus-client``.
+
+The engine's own counters (tokens in and out, steps, batch, queue, resident adapters) are read
+when Prometheus scrapes; what only the server sees (requests by endpoint and status, time to
+first token) is counted as it happens. Each app has its own registry, so several servers in one
+process (tests) never mix their numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class _EngineCollector:
+    def __init__(self, engine: Any, served: Callable[[], list[str]]) -> None:
+        self.engine, self.served = engine, served
+
+    def collect(self) -> Iterator[Metric]:
+        stats, load = self.engine.stats, self.engine.load()
+        yield CounterMetricFamily(
+            "softprompt_prompt_tokens",
+            "Prompt tokens prefilled (virtual tokens excluded: their keys/values are cached).",
+            value=stats.prompt_tokens,
+        )
+        yield CounterMetricFamily(
+            "softprompt_generation_tokens", "Tokens generated.", value=stats.generated_tokens
+        )
+        yield CounterMetricFamily(
+            "softprompt_engine_steps", "Engine steps (one decode step each).", value=stats.steps
+        )
+        yield GaugeMetricFamily(
+            "softprompt_batch_size", "Requests in the running batch now.", value=load["running"]
+        )
+        yield GaugeMetricFamily(
+            "softprompt_queue_length",
+            "Requests waiting for a place in the batch.",
+            value=load["waiting"],
+        )
+        yield GaugeMetricFamily(
+            "softprompt_adapters_resident",
+            "Adapters whose prefix is in memory now.",
+            value=len(self.engine.registry.resident()),
+        )
+        yield GaugeMetricFamily(
+            "softprompt_adapters_served",
+            "Adapters served from the folder.",
+            value=len(self.served()),
+        )
+
+
+class Metrics:
+    """The server's metrics; ``render()`` gives the Prometheus text and its content type."""
+
+    def __init__(self, engine: Any, served: Callable[[], list[str]]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(engine, served))  # type: ignore[arg-type]
+        self.requests = Counter(
+            "softprompt_requests",
+            "Generation requests answered, by endpoint and HTTP status (499: client left).",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "softprompt_time_to_first_token_seconds",
+            "Seconds from a request's arrival to its first generated token.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+
+    def request(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

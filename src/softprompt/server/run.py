@@ -1,0 +1,136 @@
+"""Starting the server: ``serve`` for the command line, ``ServerThread`` for tests and
+benchmarks."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (port 0: any free one), or a clear error."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise UserError(f"cannot resolve host {host!r}: {exc}") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+class ServerThread:
+    """Run ``app`` with uvicorn on a thread, on a free loopback port (tests, benchmarks).
+
+    ``with ServerThread(app) as url: ...`` serves until the block ends.
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        self.app = app
+        self.sock = bind(host, port)
+        self.url = url_of(self.sock)
+        config = uvicorn.Config(app, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+        close = getattr(self.app.state, "close", None)
+        if close is not None:
+            close()
+
+
+def serve(
+    model: str | None,
+    adapters: str,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_batch_size: int,
+    max_tokens_cap: int,
+    poll_seconds: float,
+    max_body_bytes: int,
+) -> int:
+    """``softprompt serve``: load the model, serve until interrupted."""
+    folder = Path(adapters)
+    if not folder.is_dir():
+        raise UserError(f"adapters folder {adapters} does not exist (make it, even empty)")
+    if poll_seconds < 0:
+        raise UserError("--poll-seconds must be 0 (no watching) or more")
+    if max_body_bytes < 1024:
+        raise UserError("--max-body-bytes must be at least 1024")
+    sock = bind(host, port)  # before loading the model: a busy port fails at once
+    import uvicorn
+
+    from ..engine import Engine, EngineConfig
+    from ..models import load_base_model
+    from .app import ServerConfig, create_app
+
+    try:
+        config = EngineConfig(max_batch_size=max_batch_size, max_new_tokens_cap=max_tokens_cap)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    base = load_base_model(model)
+    engine = Engine(base.model, base.tokenizer, config)
+    app = create_app(
+        engine,
+        ServerConfig(
+            model_name=base.name,
+            adapters_dir=folder,
+            api_key=api_key,
+            poll_seconds=poll_seconds,
+            max_body_bytes=max_body_bytes,
+        ),
+    )
+    url = url_of(sock)
+    names = [base.name, *app.state.adapters.names()]
+    print(f"softprompt: serving {len(names)} models at {url}/v1", file=sys.stderr)
+    for name in names:
+        print(f"  {name}", file=sys.stderr)
+    print(f"softprompt: playground at {url}/", file=sys.stderr)
+    print(f"softprompt: adapters added to {folder} are served without a restart", file=sys.stderr)
+    if api_key:
+        print("softprompt: /v1 requests need Authorization: Bearer <key>", file=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="softprompt: %(message)s")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="off"))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        app.state.close()
+        sock.close()
+    return 0
