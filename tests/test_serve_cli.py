@@ -1,0 +1,128 @@
+"""``softprompt serve`` and ``softprompt embeds`` as a user runs them."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from softprompt.prompt import Adapter, adapter_config, write_adapter_files
+
+
+@pytest.fixture()
+def adapter_dir(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """A folder holding one adapter for the tiny model, ``kind``."""
+    weights = torch.randn(4, 16, generator=torch.Generator().manual_seed(5)) * 4
+    folder = tmp_path / "adapters" / "kind"
+    folder.mkdir(parents=True)
+    write_adapter_files(folder, weights, adapter_config(Adapter("kind", weights), "tiny"))
+    return folder.parent
+
+
+def test_serve_prints_where_it_serves_and_answers(tiny_model_dir, adapter_dir):
+    env = {**os.environ, "SOFTPROMPT_API_KEY": "k"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "softprompt.cli", "serve", "--model", str(tiny_model_dir)]
+        + ["--adapters", str(adapter_dir), "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        lines = []
+        assert proc.stderr is not None
+        while not lines or "playground at" not in lines[-1]:
+            line = proc.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        text = "".join(lines)
+        assert "serving 2 models at http://127.0.0.1:" in text and "kind" in text
+        url = lines[-1].split("playground at ")[1].strip().rstrip("/")
+        models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
+        assert {m["id"] for m in models["data"]} == {str(tiny_model_dir), "kind"}
+        assert httpx.get(url + "/v1/models").status_code == 401  # the key came from the env
+        assert "softprompt playground" in httpx.get(url + "/").text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+
+
+def test_serve_bad_inputs(tiny_model_dir, adapter_dir, tmp_path, cli_main):
+    missing = cli_main("serve", "--adapters", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = str(busy.getsockname()[1])
+        taken = cli_main("serve", "--adapters", str(adapter_dir), "--port", port)
+    assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in taken.stderr
+    for args, needle in (
+        (["--poll-seconds", "-1"], "--poll-seconds"),
+        (["--max-body-bytes", "10"], "--max-body-bytes"),
+        (["--max-batch-size", "0"], "max_batch_size"),
+    ):
+        proc = cli_main("serve", "--adapters", str(adapter_dir), "--port", "0", *args)
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_embeds_fed_to_the_base_model_give_softprompts_own_output(
+    tiny_model_dir, adapter_dir, tmp_path, cli_main
+):
+    from softprompt.engine import SamplingParams
+    from softprompt.generate import engine_for
+    from softprompt.models import load_base_model
+    from softprompt.prompt import SoftPromptModel, load_adapter
+
+    out = tmp_path / "embeds.pt"
+    prompt = "i want you to act as a poet"
+    proc = cli_main(
+        "embeds",
+        "--model",
+        str(tiny_model_dir),
+        "--adapter",
+        str(adapter_dir / "kind"),
+        "--prompt",
+        prompt,
+        "--output",
+        str(out),
+        "--base64",
+    )
+    assert proc.returncode == 0, proc.stderr
+    tensor = torch.load(out)
+    decoded = torch.load(io.BytesIO(base64.b64decode(proc.stdout.strip())))
+    assert torch.equal(tensor, decoded)
+    base = load_base_model(str(tiny_model_dir))
+    ids = base.tokenizer(prompt)["input_ids"]
+    assert tensor.shape == (4 + len(ids), 16)
+    with torch.no_grad():
+        reference = base.model.generate(
+            inputs_embeds=tensor[None],
+            attention_mask=torch.ones(1, tensor.shape[0], dtype=torch.long),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=base.tokenizer.pad_token_id,
+        )[0].tolist()
+    spm = SoftPromptModel(base)
+    spm.add_adapter(load_adapter(adapter_dir / "kind"))
+    ours = engine_for(spm, 4).generate([prompt], ["kind"], SamplingParams(max_new_tokens=8))[0]
+    eos = base.tokenizer.eos_token_id
+    assert ours.token_ids == (reference[: reference.index(eos)] if eos in reference else reference)
+    # Refusals: nothing to write to, an existing file, a folder that is not there.
+    assert cli_main("embeds", "--prompt", "hi").returncode == 2
+    again = cli_main(
+        "embeds", "--model", str(tiny_model_dir), "--prompt", "hi", "--output", str(out)
+    )
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert torch.equal(torch.load(out), tensor)  # untouched
+    nowhere = cli_main("embeds", "--prompt", "hi", "--output", str(tmp_path / "no" / "x.pt"))
+    assert nowhere.returncode == 2 and "does not exist" in nowhere.stderr
