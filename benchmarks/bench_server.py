@@ -3,7 +3,7 @@
 The embedded model, 8 adapters of 20 virtual tokens in a folder plus the base model, greedy,
 end-of-sequence ignored so both ways do the same work. First the engine runs every request at
 once in this process (offline, no HTTP); then ``softprompt serve`` starts in its own process and
-32 concurrent clients (the official ``openai`` package, streaming) send the same requests over
+32 concurrent streaming clients (httpx, see ``clients``) send the same requests over
 127.0.0.1. Reported: throughput of each and their ratio, time to first token p50/p95 as the
 clients saw it, and whether every answer equals the offline one (nothing lost or mixed up).
 
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+clients_cpu: list[float] = []
 sys.path.insert(0, str(HERE))
 
 
@@ -52,6 +53,8 @@ def offline(folder: Path, requests, new_tokens: int, batch: int) -> tuple[dict, 
             "requests": len(requests),
             "seconds": round(seconds, 2),
             "tok_s": round(len(requests) * new_tokens / seconds, 1),
+            "engine_prefill_s": round(engine.stats.prefill_seconds, 2),
+            "engine_decode_s": round(engine.stats.decode_seconds, 2),
         }
     )
     return record, [c.text for c in done]
@@ -71,43 +74,63 @@ def start_server(folder: Path, batch: int) -> tuple[subprocess.Popen, str]:
 
 
 async def clients(url: str, model_name: str, requests, new_tokens: int, concurrency: int):
-    import openai
+    """``concurrency`` clients streaming completions; a light load generator (httpx, one
+    ``json.loads`` per event) so that on a 2-core machine the clients take little of the CPU
+    the server is measured on. The official ``openai`` client is what the tests use."""
+    import httpx
 
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(len(requests)):
         queue.put_nowait(i)
     texts: list[str | None] = [None] * len(requests)
     ttft: list[float] = []
+    limits = httpx.Limits(max_connections=concurrency)
+    client = httpx.AsyncClient(base_url=url, timeout=600, limits=limits)
 
     async def worker() -> None:
         while not queue.empty():
             i = queue.get_nowait()
             prompt, adapter = requests[i]
+            body = {
+                "model": adapter or model_name,
+                "prompt": prompt,
+                "max_tokens": new_tokens,
+                "temperature": 0,
+                "stream": True,
+                "ignore_eos": True,
+            }
             sent = time.perf_counter()
-            stream = await client.completions.create(
-                model=adapter or model_name,
-                prompt=prompt,
-                max_tokens=new_tokens,
-                temperature=0,
-                stream=True,
-                extra_body={"ignore_eos": True},
-            )
             pieces, first = [], None
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].text:
-                    if first is None:
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    text = json.loads(line[6:])["choices"][0]["text"]
+                    if text and first is None:
                         first = time.perf_counter() - sent
-                    pieces.append(chunk.choices[0].text)
+                    pieces.append(text)
             texts[i] = "".join(pieces)
             if first is not None:
                 ttft.append(first)
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     seconds = time.perf_counter() - start
-    await client.close()
+    clients_cpu.append(time.process_time() - cpu)
+    await client.aclose()
     return texts, ttft, seconds
+
+
+def _metrics(url: str) -> dict[str, float]:
+    import httpx
+
+    values = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
 
 
 def main() -> None:
@@ -161,6 +184,7 @@ def main() -> None:
         texts, ttft, seconds = asyncio.run(
             clients(url, model_name, requests, args.new_tokens, args.clients)
         )
+        metrics = _metrics(url)
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
@@ -175,6 +199,14 @@ def main() -> None:
             "ttft_p95_s": round(quantiles[18], 3),
             "answered": sum(t is not None for t in texts),
             "equal_to_offline": sum(t == e for t, e in zip(texts, expected, strict=True)),
+            "engine_mean_batch": round(
+                metrics["softprompt_generation_tokens_total"]
+                / metrics["softprompt_engine_steps_total"],
+                1,
+            ),
+            "clients_cpu_s": round(clients_cpu[-1], 2),
+            "engine_prefill_s": round(metrics["softprompt_prefill_seconds_total"], 2),
+            "engine_decode_s": round(metrics["softprompt_decode_seconds_total"], 2),
         }
     )
     emit({"summary": {"server_over_offline": round(served["tok_s"] / off["tok_s"], 2)}})

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -171,8 +172,12 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
-    """The server's FastAPI app; the caller runs it (uvicorn) and calls ``app.state.close()``."""
+def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) -> FastAPI:
+    """The server's FastAPI app; the caller runs it (uvicorn) and calls ``app.state.close()``.
+
+    ``start_engine``: run the engine's steps on a background thread; ``serve`` passes False and
+    runs them in its main thread instead (``Engine.run``).
+    """
     folder = (
         AdapterFolder(engine, config.adapters_dir, {config.model_name})
         if config.adapters_dir is not None
@@ -201,7 +206,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     if folder is not None:
         folder.scan()
         folder.watch(config.poll_seconds)
-    engine.start()
+    if start_engine:
+        engine.start()
 
     def openapi() -> dict[str, Any]:
         """The generated schema, with working example bodies (this server's base model)."""
@@ -259,7 +265,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             500, "internal server error (see the server log)", "server_error"
         ).response()
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:  # async: no thread hop per request
         if config.api_key is None:
             return
         header = request.headers.get("authorization", "")
@@ -272,6 +278,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 "missing or wrong API key (send Authorization: Bearer <key>)",
                 code="invalid_api_key",
             )
+
+    def outputs() -> _Outputs:
+        return _outputs(app.state)
 
     def served() -> list[str]:
         return folder.names() if folder is not None else []
@@ -326,7 +335,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     )
     async def completions(body: CompletionRequest, request: Request) -> Any:
         prompts = _prompts(body.prompt)
-        job = _Job(engine, metrics, "completions", body, resolve(body.model), prompts, 16)
+        job = _Job(
+            engine, metrics, "completions", body, resolve(body.model), prompts, 16, outputs()
+        )
         await job.submit()
         if body.stream:
             return _sse(job.completion_chunks(request))
@@ -351,7 +362,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         prompt = _chat_prompt(engine, body)
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
-        job = _Job(engine, metrics, "chat", body, adapter, [prompt], 256)
+        job = _Job(engine, metrics, "chat", body, adapter, [prompt], 256, outputs())
         await job.submit()
         if body.stream:
             return _sse(job.chat_chunks(request))
@@ -406,6 +417,47 @@ def _sse(events: AsyncIterator[str]) -> StreamingResponse:
     )
 
 
+class _Outputs:
+    """Carries engine outputs from the engine's thread to the event loop, a step at a time.
+
+    The engine hands out each request's output as it goes; waking the event loop once per output
+    costs a system call each. Outputs are collected under a lock instead, and one wake-up per
+    engine step moves them all to their requests' queues.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue, int, Output]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def sink(self, queue: asyncio.Queue, index: int) -> Callable[[Output], None]:
+        def put(out: Output) -> None:
+            with self._lock:
+                self._items.append((queue, index, out))
+                if self._scheduled:
+                    return
+                self._scheduled = True
+            self.loop.call_soon_threadsafe(self._drain)
+
+        return put
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for queue, index, out in items:
+            queue.put_nowait((index, out))
+
+
+def _outputs(app_state: Any) -> _Outputs:
+    loop = asyncio.get_running_loop()
+    outputs = getattr(app_state, "outputs", None)
+    if outputs is None or outputs.loop is not loop:
+        outputs = app_state.outputs = _Outputs(loop)
+    return outputs
+
+
 @dataclass
 class _Choice:
     text: str = ""
@@ -426,11 +478,13 @@ class _Job:
         adapter: str | None,
         prompts: list[str | list[int]],
         default_max_tokens: int,
+        outputs: _Outputs,
     ) -> None:
         bad = body.unsupported()
         if bad is not None:
             raise APIError(400, f"{bad} is not supported by this server", param=bad)
         self.engine, self.metrics, self.endpoint = engine, metrics, endpoint
+        self.outputs = outputs
         self.body, self.adapter, self.prompts = body, adapter, prompts
         self.max_tokens = body.max_tokens or default_max_tokens
         self.id = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -462,13 +516,15 @@ class _Job:
 
     async def submit(self) -> None:
         """Queue every choice with the engine, or none of them (400 on the first refusal)."""
-        loop = asyncio.get_running_loop()
         self.submitted = time.perf_counter()
         try:
             for index in range(len(self.choices)):
                 prompt = self.prompts[index // self.body.n]
                 handle = self.engine.submit(
-                    prompt, self.adapter, self._params(index), sink=self._sink(loop, index)
+                    prompt,
+                    self.adapter,
+                    self._params(index),
+                    sink=self.outputs.sink(self.queue, index),
                 )
                 self.handles.append(handle)
                 if index % self.body.n == 0:
@@ -481,40 +537,38 @@ class _Job:
             self.cancel()
             raise
 
-    def _sink(self, loop: asyncio.AbstractEventLoop, index: int) -> Callable[[Output], None]:
-        """Where choice ``index``'s outputs go: this job's queue, on the event loop's thread."""
-
-        def put(out: Output) -> None:
-            loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
-
-        return put
-
     def cancel(self) -> None:
         for handle in self.handles:
             if not handle.seq.finished:
                 handle.cancel()
 
-    async def _next(self, request: Request | None) -> tuple[int, Output] | None:
-        """The next output of any choice; None once the client has gone (choices cancelled)."""
+    async def _next(self, request: Request | None) -> list[tuple[int, Output]] | None:
+        """The outputs that have arrived (waiting for one); None once the client has gone."""
         while True:
             try:
-                index, out = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+                items = [await asyncio.wait_for(self.queue.get(), timeout=1.0)]
             except TimeoutError:
                 if request is not None and await request.is_disconnected():
                     self.cancel()
                     return None
                 continue
-            choice = self.choices[index]
-            choice.text += out.text
-            choice.tokens += len(out.token_ids)
-            if out.token_ids and not self.first_token:
-                self.first_token = True
-                self.metrics.first_token(time.perf_counter() - self.submitted)
-            if out.finished:
-                choice.reason = "length" if out.finish_reason == "length" else "stop"
-                choice.error = out.error if out.finish_reason == "error" else None
-                self.open -= 1
-            return index, out
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            for index, out in items:
+                self._record(index, out)
+            return items
+
+    def _record(self, index: int, out: Output) -> None:
+        choice = self.choices[index]
+        choice.text += out.text
+        choice.tokens += len(out.token_ids)
+        if out.token_ids and not self.first_token:
+            self.first_token = True
+            self.metrics.first_token(time.perf_counter() - self.submitted)
+        if out.finished:
+            choice.reason = "length" if out.finish_reason == "length" else "stop"
+            choice.error = out.error if out.finish_reason == "error" else None
+            self.open -= 1
 
     async def wait(self, request: Request) -> None:
         """Collect every choice to its end; a client that leaves cancels them."""
@@ -561,18 +615,21 @@ class _Job:
         status = 200
         try:
             while self.open:
-                item = await self._next(request)
-                if item is None:
+                items = await self._next(request)
+                if items is None:
                     status = 499
                     return
-                index, out = item
-                if out.finish_reason == "error":
-                    status = 500
-                    error = {"message": f"generation failed: {out.error}", "type": "server_error"}
-                    yield f"data: {json.dumps({'error': error})}\n\n"
-                    continue
-                if out.text or out.finished:
-                    yield self._chunk(kind, [piece(index, out)])
+                # What arrived while the client was being served goes out as one chunk per
+                # choice: under load, fewer and larger events for server and client alike.
+                for index, out in _merged(items):
+                    if out.finish_reason == "error":
+                        status = 500
+                        message = f"generation failed: {out.error}"
+                        error = {"error": {"message": message, "type": "server_error"}}
+                        yield f"data: {json.dumps(error)}\n\n"
+                        continue
+                    if out.text or out.finished:
+                        yield self._chunk(kind, [piece(index, out)])
             if self.body.stream_options and self.body.stream_options.include_usage:
                 yield self._chunk(kind, [], self.usage())
             yield "data: [DONE]\n\n"
@@ -613,6 +670,25 @@ class _Job:
 
         async for event in self._stream(request, "chat.completion.chunk", piece):
             yield event
+
+
+def _merged(items: list[tuple[int, Output]]) -> list[tuple[int, Output]]:
+    """Consecutive outputs of each choice joined into one, in order of first arrival."""
+    joined: dict[int, Output] = {}
+    for index, out in items:
+        before = joined.get(index)
+        if before is None:
+            joined[index] = out
+            continue
+        joined[index] = Output(
+            out.request_id,
+            before.token_ids + out.token_ids,
+            before.text + out.text,
+            out.finished,
+            out.finish_reason,
+            out.error,
+        )
+    return list(joined.items())
 
 
 def _bad_request(exc: RequestError) -> APIError:

@@ -33,6 +33,16 @@ class _EngineCollector:
         yield CounterMetricFamily(
             "softprompt_engine_steps", "Engine steps (one decode step each).", value=stats.steps
         )
+        yield CounterMetricFamily(
+            "softprompt_prefill_seconds",
+            "Seconds the engine spent prefilling joining requests.",
+            value=stats.prefill_seconds,
+        )
+        yield CounterMetricFamily(
+            "softprompt_decode_seconds",
+            "Seconds the engine spent in decode steps.",
+            value=stats.decode_seconds,
+        )
         yield GaugeMetricFamily(
             "softprompt_batch_size", "Requests in the running batch now.", value=load["running"]
         )

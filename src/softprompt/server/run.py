@@ -4,6 +4,7 @@ benchmarks."""
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import sys
 import threading
@@ -116,6 +117,7 @@ def serve(
             poll_seconds=poll_seconds,
             max_body_bytes=max_body_bytes,
         ),
+        start_engine=False,
     )
     url = url_of(sock)
     names = [base.name, *app.state.adapters.names()]
@@ -128,9 +130,23 @@ def serve(
         print("softprompt: /v1 requests need Authorization: Bearer <key>", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="softprompt: %(message)s")
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="off"))
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="softprompt-http")
+
+    def shut_down(*_: object) -> None:
+        # The first Ctrl-C or SIGTERM stops gracefully; a second Ctrl-C interrupts at once.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("softprompt: shutting down", file=sys.stderr)
+        engine.stop()
+
+    signal.signal(signal.SIGINT, shut_down)
+    signal.signal(signal.SIGTERM, shut_down)
+    http.start()
     try:
-        server.run(sockets=[sock])
+        # The engine steps in the main thread: torch's CPU kernels run faster there (Engine.run).
+        engine.run()
     finally:
+        server.should_exit = True
+        http.join(timeout=30)
         app.state.close()
         sock.close()
     return 0
