@@ -607,7 +607,7 @@ class _Job:
         }
         if self.body.stream_options and self.body.stream_options.include_usage:
             data["usage"] = usage.model_dump() if usage is not None else None
-        return f"data: {json.dumps(data)}\n\n"
+        return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
     async def _stream(
         self, request: Request, kind: str, piece: Callable[[int, Output], dict]
