@@ -52,8 +52,9 @@ def test_serve_prints_where_it_serves_and_answers(tiny_model_dir, adapter_dir):
         assert httpx.get(url + "/v1/models").status_code == 401  # the key came from the env
         assert "softprompt playground" in httpx.get(url + "/").text
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    assert code == 0  # SIGTERM (like the first Ctrl-C) stops gracefully
 
 
 def test_serve_bad_inputs(tiny_model_dir, adapter_dir, tmp_path, cli_main):
