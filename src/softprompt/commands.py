@@ -410,9 +410,7 @@ def cmd_embeds(args: argparse.Namespace) -> int:
         raise UserError(f"folder {output.parent} does not exist")
     adapters = _read_adapters([args.adapter], args.allow_pickle) if args.adapter else [None]
     _quiet()
-    import torch
-
-    from .embeds import prompt_embeds, to_base64
+    from .embeds import prompt_embeds, to_base64, to_bytes
     from .files import write_bytes
     from .models import load_base_model
 
@@ -422,11 +420,7 @@ def cmd_embeds(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     if output is not None:
-        import io
-
-        buffer = io.BytesIO()
-        torch.save(tensor.detach().cpu(), buffer)
-        write_bytes(output, buffer.getvalue())
+        write_bytes(output, to_bytes(tensor))
         print(
             f"softprompt: wrote {tuple(tensor.shape)} {tensor.dtype} to {output}", file=sys.stderr
         )

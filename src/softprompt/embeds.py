@@ -40,8 +40,13 @@ def prompt_embeds(model: Any, tokenizer: Any, adapter: Adapter | None, prompt: s
     return torch.cat([rows, text])
 
 
-def to_base64(tensor: torch.Tensor) -> str:
-    """``tensor`` as vLLM's OpenAI server takes ``prompt_embeds``: base64 of ``torch.save``."""
+def to_bytes(tensor: torch.Tensor) -> bytes:
+    """``torch.save`` of ``tensor``, moved to the CPU (what a ``.pt`` file holds)."""
     buffer = io.BytesIO()
     torch.save(tensor.detach().cpu().contiguous(), buffer)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def to_base64(tensor: torch.Tensor) -> str:
+    """``tensor`` as vLLM's OpenAI server takes ``prompt_embeds``: base64 of ``torch.save``."""
+    return base64.b64encode(to_bytes(tensor)).decode("ascii")

@@ -172,15 +172,12 @@ class AdapterRegistry:
             entries = [self._entries[n] for n in dict.fromkeys(names) if n in self._entries]
         todo: list[tuple[Lease, Adapter, int]] = []
         for entry in entries:
-            adapter = entry.adapter
-            if adapter is None:
-                try:
-                    adapter = entry.adapter = self._read(entry.name, entry.path)  # type: ignore[arg-type]
-                except RequestError:
-                    continue
-            version = adapter.weights._version
-            if entry.prefix is None or entry.version != version:
-                todo.append((entry, adapter, version))
+            try:
+                stale = self._stale(entry)
+            except RequestError:
+                continue
+            if stale is not None:
+                todo.append((entry, *stale))
         if len(todo) < 2:
             return
         try:
@@ -207,13 +204,21 @@ class AdapterRegistry:
             return entry.pins if entry else 0
 
     def _ensure(self, entry: Lease) -> None:
+        stale = self._stale(entry)
+        if stale is not None:
+            adapter, version = stale
+            entry.prefix, entry.version = self._build([adapter])[0], version
+
+    def _stale(self, entry: Lease) -> tuple[Adapter, int] | None:
+        """The adapter (read from its folder if needed) and its rows' version, when its prefix
+        is missing or older than its rows; None when the prefix is current."""
         if entry.adapter is None:
             assert entry.path is not None
             entry.adapter = self._read(entry.name, entry.path)
         version = entry.adapter.weights._version
         if entry.prefix is None or entry.version != version:
-            entry.prefix = self._build([entry.adapter])[0]
-            entry.version = version
+            return entry.adapter, version
+        return None
 
     def _read(self, name: str, path: Path) -> Adapter:
         """The adapter in folder ``path``, checked against the model; any failure is its own."""
