@@ -405,6 +405,7 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(served, tmp_pa
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=tmp_path,  # schemathesis keeps a cache folder where it runs
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "passed" in result.stdout
