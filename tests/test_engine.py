@@ -108,6 +108,7 @@ def test_matches_reference_generate_on_a_mixed_batch(tiny_model_dir, penalty, pa
     assert (lean is not None) == (packed != "no")
     if lean is not None:
         assert lean.lm_head.full_batch == (len(cases) if packed == "onednn+mkl" else None)
+        assert lean.lm_head.batch_packed is None  # no MKL copy before a full batch needs it
     raw = _raw(16)
     for name, rows in raw.items():
         engine.add_adapter(name, Adapter(name, rows))
@@ -122,6 +123,8 @@ def test_matches_reference_generate_on_a_mixed_batch(tiny_model_dir, penalty, pa
     params = SamplingParams(max_new_tokens=10, repetition_penalty=penalty)
     ours = engine.generate([p for p, _ in cases], [a for _, a in cases], params)
     assert [c.token_ids for c in ours] == reference
+    if packed == "onednn+mkl":  # the full batches did run on MKL's copy, made when first needed
+        assert lean is not None and lean.lm_head.batch_packed is not None
     assert len({tuple(c) for c in reference}) > 6  # adapters and prompts do change the outputs
     assert max(len(c) for c in reference) == 10
     # The caller's model is untouched: same modules, same weights.

@@ -44,23 +44,29 @@ def _fused(*linears: nn.Linear, norm: torch.Tensor | None, full_batch: int | Non
     ``norm``: the weight of the RMSNorm that feeds them, folded into their columns
     (``W (w * x) = (W diag(w)) x``), so the forward only normalises.
     """
-    weight = torch.cat([lin.weight.detach() for lin in linears])
-    if norm is not None:
-        weight = weight * norm.detach()[None, :]
     bias = None
     if any(lin.bias is not None for lin in linears):
         bias = torch.cat(
             [
-                lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features)
+                lin.bias.detach()
+                if lin.bias is not None
+                else lin.weight.new_zeros(lin.out_features)
                 for lin in linears
             ]
         )
-    combined = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    out_features = sum(lin.out_features for lin in linears)
+    combined = nn.Linear(linears[0].in_features, out_features, bias=bias is not None)
     with torch.no_grad():
-        combined.weight.copy_(weight)
+        combined.weight.copy_(_fused_weight(linears, norm))
         if bias is not None:
             combined.bias.copy_(bias)
-    return PackedLinear(combined, full_batch)
+    # The plain combined weight is rebuilt from the model's own tensors if MKL needs it.
+    return PackedLinear(combined, full_batch, weight=lambda: _fused_weight(linears, norm))
+
+
+def _fused_weight(linears: tuple[nn.Linear, ...], norm: torch.Tensor | None) -> torch.Tensor:
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    return weight if norm is None else weight * norm.detach()[None, :]
 
 
 class _Layer:

@@ -11,6 +11,7 @@ The price is one extra copy of the linear weights.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,38 +20,50 @@ from torch import nn
 class PackedLinear(nn.Module):
     """``nn.Linear`` running oneDNN's inner product on a weight reordered for it once.
 
-    With ``full_batch`` set, the weight is also packed for MKL's sgemm at exactly that many rows,
-    and inputs of that many rows take MKL's path: a full decode batch, which is what a loaded
-    server runs (measured on this project's 2-core machine: a decode step of the embedded model
-    at batch 64 took 189 ms against 221 ms on oneDNN alone). MKL packs for one row count only, so
-    every other batch stays on oneDNN. The price is a second packed copy of the weight.
+    With ``full_batch`` set, inputs of exactly that many rows (a full decode batch, what a
+    loaded server runs) take MKL's sgemm on a second copy of the weight packed for that row count
+    (measured on this project's 2-core machine: a decode step of the embedded model at batch 64
+    took 189 ms against 221 ms on oneDNN alone). MKL packs for one row count only, so every other
+    batch stays on oneDNN. The MKL copy is made at the first full batch, so an engine that never
+    fills its batch (the CLI's short lists) never holds it. ``weight`` rebuilds the plain weight
+    for that (default: the linear's own, shared, weight).
     """
 
-    def __init__(self, linear: nn.Linear, full_batch: int | None = None) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        full_batch: int | None = None,
+        weight: Callable[[], torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         self.bias = None if linear.bias is None else linear.bias.detach()
         self.full_batch = full_batch if full_batch and _has_mkl_pack() else None
-        if self.full_batch:
-            self.batch_packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, self.full_batch)
-            # MKL reads only the shape of the plain weight on this path: a zero-stride stand-in.
-            self.shape_only = weight.new_zeros(()).expand(self.out_features, self.in_features)
+        self._weight = weight if weight is not None else linear.weight.detach
+        self.batch_packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.full_batch and x.numel() == self.full_batch * self.in_features:
+            if self.batch_packed is None:
+                self._pack_full_batch()
             return torch.ops.mkl._mkl_linear(
                 x, self.batch_packed, self.shape_only, self.bias, self.full_batch
             )
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def _pack_full_batch(self) -> None:
+        weight = self._weight()
+        self.batch_packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, self.full_batch)
+        # MKL reads only the shape of the plain weight on this path: a zero-stride stand-in.
+        self.shape_only = weight.new_zeros(()).expand(self.out_features, self.in_features)
 
     def nbytes(self) -> int:
         """Bytes of the packed copies. MKL's buffer is reserved about three times larger than
         the weight but only the weight's size of it is written, so only that much is resident
         (measured: +660 MiB RSS for the embedded model's 513 MiB of linear weights)."""
         total = self.packed.numel() * self.packed.element_size()
-        if self.full_batch:
+        if self.batch_packed is not None:
             total += self.out_features * self.in_features * self.packed.element_size()
         return total
 
