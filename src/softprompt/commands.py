@@ -216,8 +216,7 @@ def _generate_config(args: argparse.Namespace) -> Any:
     except RequestError as exc:
         if exc.field is None:
             raise
-        flag = "--" + exc.field.replace("_", "-")
-        raise UserError(str(exc).replace(exc.field, flag, 1)) from exc
+        raise UserError(exc.renamed("--" + exc.field.replace("_", "-"))) from exc
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -518,7 +518,6 @@ class Engine:
             [len(s.output_ids) for s in seqs],
             self.eos,
             [s.generator for s in seqs],  # type: ignore[misc]
-            clone=False,  # the runner's fresh logits
         )
         self.seen[index, tokens] = True
         now = time.perf_counter()

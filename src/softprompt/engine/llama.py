@@ -54,14 +54,14 @@ def _fused(*linears: nn.Linear, norm: torch.Tensor | None, full_batch: int | Non
                 for lin in linears
             ]
         )
-    out_features = sum(lin.out_features for lin in linears)
-    combined = nn.Linear(linears[0].in_features, out_features, bias=bias is not None)
-    with torch.no_grad():
-        combined.weight.copy_(_fused_weight(linears, norm))
-        if bias is not None:
-            combined.bias.copy_(bias)
-    # The plain combined weight is rebuilt from the model's own tensors if MKL needs it.
-    return PackedLinear(combined, full_batch, weight=lambda: _fused_weight(linears, norm))
+    # The plain combined weight is not kept: MKL's copy, if ever needed, is rebuilt from the
+    # model's own tensors.
+    return PackedLinear(
+        _fused_weight(linears, norm),
+        bias,
+        full_batch,
+        rebuild=lambda: _fused_weight(linears, norm),
+    )
 
 
 def _fused_weight(linears: tuple[nn.Linear, ...], norm: torch.Tensor | None) -> torch.Tensor:
@@ -74,9 +74,9 @@ class _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         norm1, norm2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
         self.qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj, norm=norm1, full_batch=full_batch)
-        self.o = PackedLinear(attn.o_proj, full_batch)
+        self.o = PackedLinear.of(attn.o_proj, full_batch)
         self.gate_up = _fused(mlp.gate_proj, mlp.up_proj, norm=norm2, full_batch=full_batch)
-        self.down = PackedLinear(mlp.down_proj, full_batch)
+        self.down = PackedLinear.of(mlp.down_proj, full_batch)
         self.scaling = float(attn.scaling)
 
 

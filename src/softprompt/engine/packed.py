@@ -25,23 +25,30 @@ class PackedLinear(nn.Module):
     (measured on this project's 2-core machine: a decode step of the embedded model at batch 64
     took 189 ms against 221 ms on oneDNN alone). MKL packs for one row count only, so every other
     batch stays on oneDNN. The MKL copy is made at the first full batch, so an engine that never
-    fills its batch (the CLI's short lists) never holds it. ``weight`` rebuilds the plain weight
-    for that (default: the linear's own, shared, weight).
+    fills its batch (the CLI's short lists) never holds it. ``rebuild`` gives the plain weight
+    again for that (default: ``weight`` itself, which is then kept; pass it for a weight made
+    for this layer alone, so that only the packed copies stay in memory).
     """
 
     def __init__(
         self,
-        linear: nn.Linear,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
         full_batch: int | None = None,
-        weight: Callable[[], torch.Tensor] | None = None,
+        rebuild: Callable[[], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        self.bias = None if bias is None else bias.detach()
         self.full_batch = full_batch if full_batch and _has_mkl_pack() else None
-        self._weight = weight if weight is not None else linear.weight.detach
+        self._weight = rebuild if rebuild is not None else weight.detach
         self.batch_packed: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, linear: nn.Linear, full_batch: int | None = None) -> PackedLinear:
+        """The packed form of ``linear`` (its weight and bias are shared, not copied)."""
+        return cls(linear.weight, linear.bias, full_batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.full_batch and x.numel() == self.full_batch * self.in_features:
@@ -82,7 +89,7 @@ def can_pack(model: nn.Module) -> bool:
     linear = nn.Linear(8, 4)
     x = torch.randn(2, 8)
     try:
-        got = PackedLinear(linear)(x)
+        got = PackedLinear.of(linear)(x)
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
     return bool(torch.allclose(got, linear(x).detach(), atol=1e-5))
@@ -95,5 +102,5 @@ def packed_model(model: nn.Module, full_batch: int | None = None) -> nn.Module:
     for parent in list(shadow.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child, full_batch))
+                setattr(parent, name, PackedLinear.of(child, full_batch))
     return shadow

@@ -26,6 +26,16 @@ class RequestError(UserError):
         super().__init__(message)
         self.field = field
 
+    def renamed(self, name: str) -> str:
+        """The message with the parameter at fault called ``name`` (a flag, an API field)."""
+        message = str(self)
+        if self.field is None:
+            return message
+        for spelled in (self.field, self.field.replace("_", " ")):
+            if spelled in message:
+                return message.replace(spelled, name, 1)
+        return message
+
 
 @dataclass
 class SamplingParams:
@@ -123,9 +133,9 @@ def pick_tokens(
     produced: list[int],
     eos: list[int],
     generators: list[torch.Generator],
-    clone: bool = True,
 ) -> torch.Tensor:
-    """Next token per row from ``logits`` (B, V) float32; returns (B,) on the logits' device.
+    """Next token per row from ``logits`` (B, V) float32, which it may write into (the caller's
+    scratch); returns (B,) on the logits' device.
 
     Args:
         seen: gives (B, V) bool, the real tokens of each row so far (for the repetition
@@ -133,7 +143,6 @@ def pick_tokens(
         produced: new tokens each row has made so far (for ``min_new_tokens``).
         eos: token ids that end a completion.
         generators: one per row; only sampled rows draw from theirs.
-        clone: False lets the function write into ``logits`` (the caller's scratch).
     """
     device = logits.device
     if any(p.repetition_penalty != 1 for p in params):
@@ -143,7 +152,6 @@ def pick_tokens(
     blocked = [i for i, p in enumerate(params) if produced[i] < p.min_new_tokens or p.ignore_eos]
     if blocked and eos:
         rows = torch.tensor(blocked, device=device)[:, None]
-        logits = logits.clone() if clone else logits
         logits[rows, torch.tensor(eos, device=device)[None, :]] = float("-inf")
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]

@@ -693,8 +693,4 @@ def _merged(items: list[tuple[int, Output]]) -> list[tuple[int, Output]]:
 
 def _bad_request(exc: RequestError) -> APIError:
     param = PARAM_NAMES.get(exc.field or "", exc.field)
-    message = str(exc)
-    if exc.field and param and param != exc.field:
-        message = message.replace(exc.field.replace("_", " "), param, 1)
-        message = message.replace(exc.field, param, 1)
-    return APIError(400, message, param=param)
+    return APIError(400, exc.renamed(param) if param else str(exc), param=param)
