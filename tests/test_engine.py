@@ -88,7 +88,7 @@ def _reference(model, pad_id: int, eos_id: int, rows, penalty: float, max_new_to
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.5])
-@pytest.mark.parametrize("packed", ["no", "onednn", "onednn+mkl"])
+@pytest.mark.parametrize("packed", ["no", "onednn", "onednn+mkl", "fixed-shape"])
 def test_matches_reference_generate_on_a_mixed_batch(tiny_model_dir, penalty, packed):
     from softprompt.models import load_base_model
 
@@ -98,16 +98,21 @@ def test_matches_reference_generate_on_a_mixed_batch(tiny_model_dir, penalty, pa
     cases = [(p, a) for p in PROMPTS for a in ADAPTERS]
     # A batch as large as the cases: the first decode steps are full batches, which take MKL's
     # path when its weights are packed for that size.
+    # fixed-shape: the GPU's decode step (whole-cache attention, tensor-indexed writes, batch
+    # rounded up to a bucket), run eagerly; 20 slots for 18 cases round 18 rows up to 20.
     config = EngineConfig(
-        max_batch_size=len(cases),
+        max_batch_size=len(cases) + (2 if packed == "fixed-shape" else 0),
         packed_weights=packed != "no",
         full_batch_pack=packed == "onednn+mkl",
+        graphs=packed == "fixed-shape",
     )
     engine = Engine(served.model, served.tokenizer, config)
+    assert (engine.runner.graphed is not None) == (packed == "fixed-shape")
     lean = engine.runner.lean
     assert (lean is not None) == (packed != "no")
     if lean is not None:
-        assert lean.lm_head.full_batch == (len(cases) if packed == "onednn+mkl" else None)
+        mkl = config.max_batch_size if packed == "onednn+mkl" else None
+        assert lean.lm_head.full_batch == mkl
         assert lean.lm_head.batch_packed is None  # no MKL copy before a full batch needs it
     raw = _raw(16)
     for name, rows in raw.items():
@@ -184,6 +189,31 @@ def test_arrivals_mid_flight_change_no_greedy_output(spm, data, batch):
         completion = handle.result()
         assert completion.text == expected
         assert completion.finish_reason in ("stop", "length")
+
+
+def test_fixed_shape_decode_steps_match_while_rows_join_leave_and_the_cache_grows(spm):
+    """The GPU's decode step (run eagerly here) gives every request its ordinary output while
+    requests join mid-flight, the batch shrinks through its buckets, and the cache doubles
+    (new buffers) and drops columns (rows shift)."""
+    plain = _engine(spm, max_batch_size=6)
+    fixed = _engine(spm, max_batch_size=6, graphs=True)
+    assert fixed.runner.graphed is not None and plain.runner.graphed is None
+    plan = [(i % len(PROMPTS), ADAPTERS[i % 3], 3 * i, 20 + 13 * i) for i in range(8)]
+    results = []
+    for engine in (plain, fixed):
+        handles: list = [None] * len(plan)
+        step = 0
+        while any(h is None for h in handles) or engine.has_work():
+            for i, (prompt, adapter, arrival, new) in enumerate(plan):
+                if handles[i] is None and arrival <= step:
+                    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+                    handles[i] = engine.submit(PROMPTS[prompt], adapter, params)
+            engine.step()
+            step += 1
+        results.append([h.result().token_ids for h in handles])
+    assert results[0] == results[1]
+    assert fixed.cache.capacity > 64  # it grew while running
+    assert max(len(r) for r in results[1]) == 20 + 13 * 7
 
 
 def test_a_short_request_does_not_wait_for_a_long_one(spm):

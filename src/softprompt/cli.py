@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from . import commands
+from .device import DTYPES, device_name, out_of_memory
 from .errors import UserError
 
 EPILOG = """examples:
@@ -44,6 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("softprompt: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if not out_of_memory(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+        print(
+            f"softprompt: error: out of {getattr(args, 'device', 'device')} memory ({first}); "
+            "try a smaller --batch-size (serve: --max-batch-size) or --dtype bfloat16",
+            file=sys.stderr,
+        )
+        return 2
 
 
 def _needs_hub(args: argparse.Namespace) -> bool:
@@ -308,6 +319,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", help="Hub id or local folder (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    p.add_argument(
+        "--device",
+        type=device_name,
+        default="auto",
+        help="auto, cpu, cuda or cuda:N (default: auto, a CUDA GPU when PyTorch sees one)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="the base model's precision; auto: bfloat16 on a GPU that has it, else float32 "
+        "(prompt rows and saved adapters are float32 either way)",
     )
 
 

@@ -26,11 +26,20 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _load_model(name: str | None) -> Any:
+def _load_base(args: argparse.Namespace) -> Any:
+    """The base model of ``--model`` on ``--device`` in ``--dtype`` (flags a command lacks
+    take their defaults)."""
+    from .device import resolve
     from .models import load_base_model
+
+    device, dtype = resolve(getattr(args, "device", "auto"), getattr(args, "dtype", "auto"))
+    return load_base_model(args.model, dtype=dtype, device=device)
+
+
+def _load_model(args: argparse.Namespace) -> Any:
     from .prompt import SoftPromptModel
 
-    return SoftPromptModel(load_base_model(name))
+    return SoftPromptModel(_load_base(args))
 
 
 def _read_adapters(folders: list[str], allow_pickle: bool) -> list[Any]:
@@ -63,7 +72,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _quiet()
     from .demo import run_demo
 
-    run_demo(Path(args.output), model=args.model, overwrite=args.overwrite)
+    run_demo(
+        Path(args.output),
+        model=args.model,
+        overwrite=args.overwrite,
+        device=args.device,
+        dtype=args.dtype,
+    )
     return 0
 
 
@@ -105,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         texts, split = split_heldout(data.texts, config.heldout_fraction, config.seed)
         eval_texts = split
         eval_source = HELDOUT_FILE
-    spm = _load_model(args.model)
+    spm = _load_model(args)
     if config.init == "file":
         start = load_adapter(config.init_from or "", allow_pickle=args.allow_pickle).weights
         config.virtual_tokens = start.shape[0]
@@ -229,7 +244,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import generate
 
     adapters = _read_adapters(args.adapter, args.allow_pickle)
-    spm = _load_model(args.model)
+    spm = _load_model(args)
     names = _add_adapters(spm, adapters)
     if args.requests:
         requests = _read_requests(args.requests, names)
@@ -264,7 +279,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError("--batch-size must be at least 1 and --max-length at least 2")
     datasets = [load_texts(d, args.text_field, args.max_samples) for d in args.data]
     adapters = _read_adapters(args.adapter, args.allow_pickle)
-    spm = _load_model(args.model)
+    spm = _load_model(args)
     names = _add_adapters(spm, adapters)
     results = [
         evaluate(spm, d.texts, a, d.source, args.batch_size, args.max_length)
@@ -306,7 +321,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare, print_tables, to_markdown
 
     adapters = _read_adapters(args.adapter, args.allow_pickle)
-    spm = _load_model(args.model)
+    spm = _load_model(args)
     names = _add_adapters(spm, adapters)
     comparisons = compare(spm, args.prompt, names, config)
     if args.json:
@@ -329,7 +344,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     _quiet()
     from .inspection import inspect_adapter
 
-    spm = _load_model(args.model)
+    spm = _load_model(args)
     spm.add_adapter(adapter)
     view = inspect_adapter(spm, adapter, args.top_k)
     if args.json:
@@ -372,7 +387,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not sources:
         raise UserError("the adapters record no held-out data; give --data")
     datasets = [load_texts(d, args.text_field, args.max_samples) for d in sources]
-    spm = _load_model(args.model)
+    spm = _load_model(args)
     _add_adapters(spm, loaded)
     html = build_report(
         spm, infos, datasets, args.prompt or GUIDE_PROMPTS, config, max_length=args.max_length
@@ -388,6 +403,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _quiet()
     return serve(
         args.model,
+        args.device,
+        args.dtype,
         args.adapters,
         args.host,
         args.port,
@@ -411,9 +428,8 @@ def cmd_embeds(args: argparse.Namespace) -> int:
     _quiet()
     from .embeds import prompt_embeds, to_base64, to_bytes
     from .files import write_bytes
-    from .models import load_base_model
 
-    base = load_base_model(args.model)
+    base = _load_base(args)
     try:
         tensor = prompt_embeds(base.model, base.tokenizer, adapters[0], args.prompt)
     except ValueError as exc:

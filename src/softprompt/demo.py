@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .compare import compare, print_tables
 from .data import load_texts
+from .device import resolve
 from .engine import SamplingParams
 from .errors import UserError
 from .files import check_output, write_text
@@ -93,6 +94,8 @@ def run_demo(
     model: str | None = None,
     console: Console | None = None,
     overwrite: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> None:
     """Run the whole guide and print each stage; adapters go to ``output/<name>``.
 
@@ -103,9 +106,10 @@ def run_demo(
     console = console or Console()
     started = time.perf_counter()
     check_demo_output(output, overwrite)  # now, not after training
+    where, precision = resolve(device, dtype)
 
     _stage(console, "1. The base model", started)
-    base = load_base_model(model)
+    base = load_base_model(model, dtype=precision, device=where)
     spm = SoftPromptModel(base)
     checksum = spm.base_checksum()
     total = sum(p.numel() for p in base.model.parameters())
@@ -148,7 +152,7 @@ def run_demo(
     trained_checksum = spm.base_checksum()
 
     _stage(console, "3. Load both adapters into one fresh base model", started)
-    fresh = SoftPromptModel(load_base_model(model))
+    fresh = SoftPromptModel(load_base_model(model, dtype=precision, device=where))
     for name, _, _ in TASKS:
         adapter = load_adapter(output / name)
         fresh.add_adapter(adapter)

@@ -76,20 +76,28 @@ def batch_loss(
 ) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the text tokens of ``rows`` and how many tokens were scored.
 
-    ``skip_first`` leaves out each row's first text token (see the module docstring).
+    ``skip_first`` leaves out each row's first text token (see the module docstring). Logits
+    are computed only where a token is scored (``SoftPromptModel.scored_logits``), not at the
+    virtual tokens, the padding or the last position.
     """
     batch = pad_left([ids for ids, _ in rows], spm.tokenizer.pad_token_id)
-    logits = spm.forward(**batch).logits  # (B, L, V)
     labels = batch["input_ids"].clone()
     length = labels.shape[1]
     for i, (ids, n_virtual) in enumerate(rows):
         first_text = length - len(ids) + n_virtual
         labels[i, : first_text + (1 if skip_first else 0)] = -100
     # Position t predicts token t + 1.
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-    return total, int((shift_labels != -100).sum())
+    targets = labels[:, 1:]
+    scored = torch.zeros_like(labels, dtype=torch.bool)
+    scored[:, :-1] = targets != -100
+    device = spm.device
+    logits = spm.scored_logits(
+        {k: v.to(device, non_blocking=True) for k, v in batch.items()},
+        scored.to(device, non_blocking=True),
+    )  # (N, V)
+    wanted = targets[targets != -100].to(device, non_blocking=True)
+    total = F.cross_entropy(logits.float(), wanted, reduction="sum")
+    return total, int(wanted.numel())
 
 
 @torch.no_grad()

@@ -135,10 +135,15 @@ def _convert_embedded(target: Path) -> None:
         raise
 
 
-def load_base_model(name: str | None = None, dtype: torch.dtype | None = None) -> BaseModel:
+def load_base_model(
+    name: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> BaseModel:
     """Load a base model by Hub id or local folder; ``None`` means the embedded default.
 
-    The model is put in eval mode with every parameter frozen.
+    The model is put in eval mode with every parameter frozen, in ``dtype`` (default float32)
+    on ``device`` (default the CPU; see ``device.resolve`` for the CLI's ``auto``).
 
     Raises:
         UserError: the folder or id cannot be loaded (missing, no network, not a causal LM).
@@ -157,6 +162,8 @@ def load_base_model(name: str | None = None, dtype: torch.dtype | None = None) -
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
+        if device is not None:
+            model = model.to(device)  # type: ignore[arg-type]
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = (

@@ -73,6 +73,7 @@ class SoftPromptModel:
         """Loaded adapters; each one's ``weights`` is the live parameter (trained in place)."""
         self._table: torch.Tensor | None = None
         self._table_key: tuple[tuple[int, int], ...] = ()
+        self._head_only: bool | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -183,9 +184,54 @@ class SoftPromptModel:
         rows = table[(ids - vocab).clamp(min=0)]  # (B, T, D)
         return torch.where(virtual.unsqueeze(-1), rows, emb)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the base model's weights are (and every batch must go)."""
+        return self.embedding.weight.device
+
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
         """Run the base model on token ids that may hold virtual ids (through ``inputs_embeds``)."""
         return self.model(inputs_embeds=self.embed(input_ids), **kwargs)
+
+    def scored_logits(self, batch: dict[str, torch.Tensor], where: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, V)`` at the N positions where ``where`` ``(B, L)`` is True.
+
+        The output layer runs on those positions only: in training most of a batch's positions
+        are scored, but none of the virtual tokens, padding or last positions need the
+        vocabulary-wide product (the largest single one in a small model), nor its gradient.
+        For models whose forward does more after the output layer (logit soft-capping or
+        scaling), found by comparing both ways once, every logit is computed as before.
+        """
+        embeds = self.embed(batch["input_ids"])
+        rest = {k: v for k, v in batch.items() if k != "input_ids"}
+        if self._head_only_matches():
+            hidden = self.model.base_model(inputs_embeds=embeds, use_cache=False, **rest)
+            return self.model.get_output_embeddings()(hidden.last_hidden_state[where])
+        logits = self.model(inputs_embeds=embeds, use_cache=False, **rest).logits
+        return logits[where]
+
+    def _head_only_matches(self) -> bool:
+        """Whether the output layer on the base model's last hidden states gives its logits."""
+        if self._head_only is not None:
+            return self._head_only
+        model, head = self.model, self.model.get_output_embeddings()
+        config = model.config.get_text_config()
+        reshaped = getattr(config, "final_logit_softcapping", None) or getattr(
+            config, "logit_scale", 1
+        ) not in (None, 1)
+        ok = False
+        if head is not None and not reshaped and getattr(model, "base_model", model) is not model:
+            ids = torch.arange(1, 5, device=self.device)[None] % self.vocab_size
+            with torch.no_grad():
+                full = model(input_ids=ids, use_cache=False).logits.float()
+                hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+                mine = head(hidden).float()
+            scale = float(full.abs().max()) or 1.0
+            ok = full.shape == mine.shape and bool(
+                torch.allclose(full, mine, rtol=1e-2, atol=1e-2 * scale)
+            )
+        self._head_only = ok
+        return ok
 
     def base_checksum(self) -> str:
         """SHA-256 of the base model's weights (the prompt table is not part of the model)."""

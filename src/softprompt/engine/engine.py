@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..prompt import Adapter, hidden_size_mismatch
+from .detokenize import Detokenizer
 from .registry import AdapterRegistry
 from .runner import ModelRunner
 from .sampling import RequestError, SamplingParams, make_generator, pick_tokens, seen_mask
@@ -50,6 +51,9 @@ class EngineConfig:
     packed_weights: bool | None = None
     """The CPU fast path: linear layers on weights packed for oneDNN, and a lean forward for
     Llama-family models (CPU float32; None: when that applies)."""
+    graphs: bool | None = None
+    """Decode steps of fixed shape recorded as CUDA graphs and replayed (``graphs.py``; None:
+    on a GPU, for Llama-family models). On the CPU, True runs the same step eagerly."""
     full_batch_pack: bool = True
     """With packed weights, a second copy packed for MKL at ``max_batch_size`` rows: a full
     decode batch (a loaded server's) runs about 15% faster, for one more copy of the weights."""
@@ -160,7 +164,13 @@ class Engine:
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
         full_batch = self.config.max_batch_size if self.config.full_batch_pack else None
-        self.runner = ModelRunner(model, self.config.packed_weights, full_batch)
+        self.runner = ModelRunner(
+            model,
+            self.config.packed_weights,
+            full_batch,
+            graphs=self.config.graphs,
+            max_batch=self.config.max_batch_size,
+        )
         self.registry = AdapterRegistry(
             self.runner.prefixes, self._check_adapter, self.config.max_resident_adapters
         )
@@ -175,6 +185,7 @@ class Engine:
             device=self.runner.device,
         )
         self.eos = eos_ids(model, tokenizer)
+        self.detokenizer = Detokenizer(tokenizer)
         self.stats = EngineStats()
         self._leases: dict[str, Any] = {}
         self._handles: dict[str, RequestHandle] = {}
@@ -521,19 +532,23 @@ class Engine:
         )
         self.seen[index, tokens] = True
         now = time.perf_counter()
+        going = []
         for seq, token in zip(seqs, tokens.tolist(), strict=True):
             if seq.first_token_at is None:
                 seq.first_token_at = now
-            self._advance(seq, int(token))
+            if token in self.eos and not seq.params.ignore_eos:
+                self._finish(seq, "stop")
+            else:
+                seq.output_ids.append(token)
+                going.append(seq)
+        self.stats.generated_tokens += len(going)
+        for seq, text in zip(going, self.detokenizer.texts(going), strict=True):
+            self._advance(seq, text)
 
-    def _advance(self, seq: Sequence, token: int) -> None:
+    def _advance(self, seq: Sequence, text: str) -> None:
+        """Hand out what the newest token of ``seq`` adds to its ``text``, or finish it."""
         params = seq.params
-        if token in self.eos and not params.ignore_eos:
-            self._finish(seq, "stop")
-            return
-        seq.output_ids.append(token)
-        self.stats.generated_tokens += 1
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        token = seq.output_ids[-1]
         reason = None
         if params.stop:
             start = max(0, seq.emitted - max(len(s) for s in params.stop))

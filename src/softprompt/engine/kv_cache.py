@@ -91,15 +91,17 @@ class SlotCache(Cache):
         super().__init__(layers=list(self.slot_layers))
 
     def _zeros(self, *, keys: bool) -> torch.Tensor:
-        """A zeroed ``(S, H, C, Dh)`` buffer; keys are laid out ``(S, H, Dh, C)`` in memory.
+        """A zeroed ``(S, H, C, Dh)`` buffer; on the CPU keys are laid out ``(S, H, Dh, C)``.
 
         Attention multiplies queries by the transposed keys; with keys stored transposed that
         product reads them in their natural order (5x faster on the CPU than a transposed
         operand of odd width). Every index below works on the ``(S, H, C, Dh)`` view either way.
+        On a GPU the plain layout stays: cuBLAS reads a transposed operand at full speed, and
+        fused attention kernels want the head dimension contiguous.
         Zeros, not empty: masked columns are multiplied by a zero weight, and 0 * NaN is NaN.
         """
         slots, heads, capacity, dim = self.shape
-        if keys:
+        if keys and self.device.type == "cpu":
             stored = torch.zeros(slots, heads, dim, capacity, dtype=self.dtype, device=self.device)
             return stored.transpose(2, 3)
         return torch.zeros(self.shape, dtype=self.dtype, device=self.device)

@@ -1,4 +1,4 @@
-"""A lean forward for Llama-family models on the CPU, over the slot cache.
+"""A lean forward for Llama-family models over the slot cache (CPU fast path, and the GPU's).
 
 transformers' modules are written for every use; a decode step of a 135M model spends as long
 in their small tensor operations (views, casts, masks, rotary halves) as in its matrix products.
@@ -8,12 +8,15 @@ RMSNorm is one fused call, and a one-token decode step computes attention with t
 products instead of a general attention kernel. Rotary embeddings come from the model's own
 rotary module, so every rope variant it supports is respected.
 
-Used for ``model_type == "llama"`` in float32 on the CPU; anything else runs transformers' own
-forward. The caller's model is not changed: the packed weights are copies.
+Used for ``model_type == "llama"``: on the CPU in float32 with packed weights, and on a GPU in
+any floating dtype with plain fused weights (and there its decode step is captured as a CUDA
+graph, ``graphs.py``); anything else runs transformers' own forward. The caller's model is not
+changed: the fused weights are copies.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -25,35 +28,51 @@ from .packed import PackedLinear
 
 
 def supports(model: Any) -> bool:
-    """Whether the lean forward applies to ``model``."""
+    """Whether the lean forward computes what ``model`` computes (any device or dtype)."""
     config = model.config
-    weight = next(model.parameters())
     return (
         getattr(config, "model_type", None) == "llama"
-        and weight.device.type == "cpu"
-        and weight.dtype == torch.float32
         and not getattr(config, "mlp_bias", False)
         and getattr(config, "hidden_act", "silu") == "silu"
         and getattr(config, "pretraining_tp", 1) == 1
     )
 
 
-def _fused(*linears: nn.Linear, norm: torch.Tensor | None, full_batch: int | None) -> PackedLinear:
-    """One packed linear computing ``linears`` side by side (outputs concatenated).
+class PlainLinear:
+    """``F.linear`` on a weight (and bias) it holds: the GPU's linear, where cuBLAS needs no
+    packing."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, owned: bool = False
+    ) -> None:
+        self.weight = weight.detach()
+        self.bias = None if bias is None else bias.detach()
+        self.owned = owned
+        """Whether the weight is a copy made for this layer (else the model's own)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def nbytes(self) -> int:
+        """Bytes of the weight copy (0 when it is the model's own tensor)."""
+        return self.weight.numel() * self.weight.element_size() if self.owned else 0
+
+
+Linear = PackedLinear | PlainLinear
+
+
+def _fused(
+    *linears: nn.Linear, norm: torch.Tensor | None, full_batch: int | None, packed: bool
+) -> Linear:
+    """One linear computing ``linears`` side by side (outputs concatenated).
 
     ``norm``: the weight of the RMSNorm that feeds them, folded into their columns
     (``W (w * x) = (W diag(w)) x``), so the forward only normalises.
     """
-    bias = None
-    if any(lin.bias is not None for lin in linears):
-        bias = torch.cat(
-            [
-                lin.bias.detach()
-                if lin.bias is not None
-                else lin.weight.new_zeros(lin.out_features)
-                for lin in linears
-            ]
-        )
+    if not packed:
+        bias = _fused_bias(linears)
+        return PlainLinear(_fused_weight(linears, norm), bias, owned=True)
+    bias = _fused_bias(linears)
     # The plain combined weight is not kept: MKL's copy, if ever needed, is rebuilt from the
     # model's own tensors.
     return PackedLinear(
@@ -64,19 +83,43 @@ def _fused(*linears: nn.Linear, norm: torch.Tensor | None, full_batch: int | Non
     )
 
 
+def _fused_bias(linears: tuple[nn.Linear, ...]) -> torch.Tensor | None:
+    if all(lin.bias is None for lin in linears):
+        return None
+    return torch.cat(
+        [
+            lin.bias.detach() if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+            for lin in linears
+        ]
+    )
+
+
 def _fused_weight(linears: tuple[nn.Linear, ...], norm: torch.Tensor | None) -> torch.Tensor:
     weight = torch.cat([lin.weight.detach() for lin in linears])
-    return weight if norm is None else weight * norm.detach()[None, :]
+    if norm is None:
+        return weight
+    # Folded in float32, then rounded once to the model's dtype.
+    return (weight.float() * norm.detach().float()[None, :]).to(weight.dtype)
+
+
+def _single(linear: nn.Linear, full_batch: int | None, packed: bool) -> Linear:
+    if packed:
+        return PackedLinear.of(linear, full_batch)
+    return PlainLinear(linear.weight, linear.bias)
 
 
 class _Layer:
-    def __init__(self, layer: Any, full_batch: int | None) -> None:
+    def __init__(self, layer: Any, full_batch: int | None, packed: bool) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         norm1, norm2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-        self.qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj, norm=norm1, full_batch=full_batch)
-        self.o = PackedLinear.of(attn.o_proj, full_batch)
-        self.gate_up = _fused(mlp.gate_proj, mlp.up_proj, norm=norm2, full_batch=full_batch)
-        self.down = PackedLinear.of(mlp.down_proj, full_batch)
+        self.qkv = _fused(
+            attn.q_proj, attn.k_proj, attn.v_proj, norm=norm1, full_batch=full_batch, packed=packed
+        )
+        self.o = _single(attn.o_proj, full_batch, packed)
+        self.gate_up = _fused(
+            mlp.gate_proj, mlp.up_proj, norm=norm2, full_batch=full_batch, packed=packed
+        )
+        self.down = _single(mlp.down_proj, full_batch, packed)
         self.scaling = float(attn.scaling)
 
 
@@ -84,8 +127,13 @@ def _normalise(h: torch.Tensor, eps: float) -> torch.Tensor:
     """``h * rsqrt(mean(h²) + eps)``: RMSNorm without its weight (folded into the next linear).
 
     One fused reduction (a vector norm) and one product; ``F.rms_norm`` takes about twice as long
-    at decode sizes on the CPU, in several passes.
+    at decode sizes on the CPU, in several passes. Below float32 the statistics are taken in
+    float32, as transformers' RMSNorm does.
     """
+    if h.dtype != torch.float32:
+        wide = h.float()
+        scale = torch.linalg.vector_norm(wide, dim=-1, keepdim=True).square_()
+        return (wide * scale.div_(h.shape[-1]).add_(eps).rsqrt_()).to(h.dtype)
     scale = torch.linalg.vector_norm(h, dim=-1, keepdim=True).square_()
     return h * scale.div_(h.shape[-1]).add_(eps).rsqrt_()
 
@@ -93,19 +141,23 @@ def _normalise(h: torch.Tensor, eps: float) -> torch.Tensor:
 class LeanLlama:
     """``forward(cache, embeds, positions, mask)`` → last-position logits, like the model would."""
 
-    def __init__(self, model: Any, full_batch: int | None = None) -> None:
+    def __init__(self, model: Any, full_batch: int | None = None, packed: bool = True) -> None:
         config = model.config
+        self.packed = packed
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
         self.eps = float(config.rms_norm_eps)
         self.rotary = model.model.rotary_emb
         layers = model.model.layers[: config.num_hidden_layers]
-        self.layers = [_Layer(layer, full_batch) for layer in layers]
-        self.lm_head = _fused(model.lm_head, norm=model.model.norm.weight, full_batch=full_batch)
+        self.layers = [_Layer(layer, full_batch, packed) for layer in layers]
+        self.lm_head = _fused(
+            model.lm_head, norm=model.model.norm.weight, full_batch=full_batch, packed=packed
+        )
+        self.embedding = model.get_input_embeddings()
 
     def nbytes(self) -> int:
-        """Bytes of the packed weight copies."""
+        """Bytes of the weight copies (packed, or fused with the norms folded in)."""
         packed = [self.lm_head] + [p for x in self.layers for p in (x.qkv, x.o, x.gate_up, x.down)]
         return sum(p.nbytes() for p in packed)
 
@@ -114,6 +166,19 @@ class LeanLlama:
         self, cache: SlotCache, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """embeds (B, q, D), positions (B, q), mask (B, 1, q, kv) bool → logits (B, V)."""
+        attend = _Attention(mask, self.heads, self.kv_heads, self.head_dim, embeds.shape[1])
+        h = self.layers_forward(embeds, positions, cache.slot_layers, attend)
+        return self.lm_head(_normalise(h[:, -1], self.eps))
+
+    def layers_forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        kv: Sequence[Any],
+        attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor],
+    ) -> torch.Tensor:
+        """The decoder layers: ``kv[i].update(k, v)`` stores layer i's new keys/values and gives
+        back all of them; ``attend(q, keys, values, scaling)`` → (B, q, H·Dh)."""
         batch, length, _ = embeds.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         cos, sin = self.rotary(embeds, positions)  # (B, q, Dh) each
@@ -122,7 +187,6 @@ class LeanLlama:
         half = dim // 2
         cos = cos.unsqueeze(2)  # (B, q, 1, Dh): broadcast over the q and k heads together
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)
-        attend = _Attention(mask, heads, kv_heads, dim, length)
         h = embeds
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv(_normalise(h, self.eps)).view(batch, length, heads + 2 * kv_heads, dim)
@@ -131,12 +195,16 @@ class LeanLlama:
             q = qk[:, :, :heads].transpose(1, 2)  # (B, H, q, Dh)
             k = qk[:, :, heads:].transpose(1, 2)  # (B, KV, q, Dh)
             v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
-            keys, values = cache.slot_layers[index].update(k, v)  # (B, KV, kv, Dh)
+            keys, values = kv[index].update(k, v)  # (B, KV, kv, Dh)
             out = attend(q, keys, values, layer.scaling)  # (B, q, H * Dh)
             h = h + layer.o(out)
             gate, up = layer.gate_up(_normalise(h, self.eps)).chunk(2, dim=-1)
             h = h + layer.down(F.silu(gate) * up)
-        return self.lm_head(_normalise(h[:, -1], self.eps))
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (B, D) → logits (B, V)."""
+        return self.lm_head(_normalise(h, self.eps))
 
 
 class _Attention:
@@ -145,8 +213,9 @@ class _Attention:
     Two batched products per layer, with the mask as an additive bias shared by every layer:
     ``(B·KV, G·q, Dh) @ (B·KV, Dh, kv)`` groups the G query heads of each key/value head (on the
     CPU, 3x faster than ``scaled_dot_product_attention`` at a 64-row prefill, and reading keys
-    in their stored order). When the scores would be large (long prompts), it falls back to
-    ``scaled_dot_product_attention``, which never holds them all.
+    in their stored order). When the scores would be large (long prompts), and for every
+    prefill on a GPU (where its fused kernels win), it runs ``scaled_dot_product_attention``.
+    Below float32 the softmax is taken in float32.
     """
 
     max_scores = 1 << 24
@@ -156,7 +225,9 @@ class _Attention:
         self.mask, self.heads, self.kv_heads, self.dim = mask, heads, kv_heads, dim
         self.bias = None
         batch, kv = mask.shape[0], mask.shape[-1]
-        if batch * heads * length * kv <= self.max_scores:
+        if batch * heads * length * kv <= self.max_scores and (
+            mask.device.type == "cpu" or length == 1
+        ):
             groups = heads // kv_heads
             bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
             bias = bias.masked_fill_(~mask, float("-inf"))  # (B, 1, q, kv)
@@ -183,7 +254,8 @@ class _Attention:
         # The slot cache stores keys transposed, so this is a view, read in memory order.
         keys_t = keys.transpose(2, 3).reshape(-1, dim, kv)  # (B·KV, Dh, kv)
         scores = torch.baddbmm(self.bias.to(q.dtype), grouped, keys_t, alpha=scaling)
-        out = torch.bmm(scores.softmax(dim=-1), values.reshape(-1, kv, dim))  # (B·KV, G·q, Dh)
+        weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.bmm(weights, values.reshape(-1, kv, dim))  # (B·KV, G·q, Dh)
         if length == 1:
             return out.view(batch, 1, heads * dim)
         return out.view(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, -1)

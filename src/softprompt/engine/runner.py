@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..prompt import Adapter
+from .graphs import GraphedDecode
 from .kv_cache import SlotCache
 from .llama import LeanLlama, supports
 from .packed import PackedLinear, can_pack, packed_model
@@ -27,13 +28,29 @@ class ModelRunner:
         a shadow of the model (``packed.py``).
     full_batch: with packing, also pack the weights for MKL at this many rows (a full decode
         batch), see ``PackedLinear``.
+    graphs: run decode steps of fixed shape (``graphs.py``), recorded as CUDA graphs on a GPU
+        (``None``: on a GPU, where the lean forward applies); on the CPU they run eagerly.
+    max_batch: rows of the largest decode step (for ``graphs``).
     """
 
-    def __init__(self, model: Any, pack: bool | None = None, full_batch: int | None = None):
+    def __init__(
+        self,
+        model: Any,
+        pack: bool | None = None,
+        full_batch: int | None = None,
+        graphs: bool | None = None,
+        max_batch: int = 32,
+    ):
         if pack is None:
             pack = can_pack(model)
         self.packed = bool(pack)
-        self.lean = LeanLlama(model, full_batch) if self.packed and supports(model) else None
+        on_gpu = model.get_input_embeddings().weight.device.type == "cuda"
+        self.lean = None
+        if supports(model) and (self.packed or on_gpu):
+            self.lean = LeanLlama(model, full_batch if self.packed else None, packed=self.packed)
+        self.graphed = None
+        if (on_gpu if graphs is None else graphs) and self.lean is not None:
+            self.graphed = GraphedDecode(self.lean, max_batch, capture=on_gpu)
         if self.packed and self.lean is None:
             self.model = packed_model(model, full_batch)
         else:
@@ -178,6 +195,9 @@ class ModelRunner:
 
         The caller advances the cache's write column after the step.
         """
+        if self.graphed is not None and rows.start == 0:
+            logits = self.graphed(cache, rows.stop, tokens, positions)
+            return logits[:, : self.vocab_size].float()
         embeds = self.embedding(tokens[:, None])
         valid = torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=self.device)
         return self.forward(cache, rows, embeds, positions[:, None], valid)

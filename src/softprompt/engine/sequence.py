@@ -72,6 +72,10 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     """Decoded output so far, cut before a stop string once one appears."""
+    decoded: str = ""
+    """Text of ``output_ids[:read_offset]`` (``Detokenizer``'s committed part)."""
+    prefix_offset: int = 0
+    read_offset: int = 0
     emitted: int = 0
     """Characters of ``text`` already handed out in outputs."""
     finish_reason: str | None = None

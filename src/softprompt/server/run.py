@@ -78,6 +78,8 @@ class ServerThread:
 
 def serve(
     model: str | None,
+    device: str,
+    dtype: str,
     adapters: str,
     host: str,
     port: int,
@@ -98,6 +100,7 @@ def serve(
     sock = bind(host, port)  # before loading the model: a busy port fails at once
     import uvicorn
 
+    from ..device import resolve
     from ..engine import Engine, EngineConfig
     from ..models import load_base_model
     from .app import ServerConfig, create_app
@@ -106,7 +109,8 @@ def serve(
         config = EngineConfig(max_batch_size=max_batch_size, max_new_tokens_cap=max_tokens_cap)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    base = load_base_model(model)
+    where, precision = resolve(device, dtype)
+    base = load_base_model(model, dtype=precision, device=where)
     engine = Engine(base.model, base.tokenizer, config)
     app = create_app(
         engine,
