@@ -498,6 +498,7 @@ class Engine:
             logits = self.runner.decode(self.cache, slice(0, batch), tokens, positions)
             ok = list(range(batch))
         except Exception:  # noqa: BLE001 - run rows one by one to fail only the bad ones
+            log.exception("a decode step of %d rows failed; running its rows one by one", batch)
             rows, ok = [], []
             for i in range(batch):
                 try:

@@ -19,6 +19,7 @@ how the tests check it against the ordinary forward.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ from torch.nn import functional as F
 
 from .kv_cache import SlotCache
 from .llama import LeanLlama
+
+log = logging.getLogger(__name__)
 
 
 def bucket(batch: int) -> int:
@@ -106,10 +109,20 @@ class GraphedDecode:
             return self._step(cache, rows)[:batch]
         buffers = tuple(id(t) for t in (*cache.keys, *cache.values, cache.valid))
         if buffers != self._buffers:
-            self.graphs.clear()  # recorded against buffers the cache has let go
+            # Recorded against buffers the cache has let go. Their memory pool goes with them: a
+            # pool handle whose graphs are all gone cannot be recorded into again (PyTorch's
+            # allocator asserts), so the next recording starts a new one.
+            self.graphs.clear()
+            self._pool = None
             self._buffers = buffers
         if rows not in self.graphs:
-            self.graphs[rows] = self._record(cache, rows)
+            try:
+                self.graphs[rows] = self._record(cache, rows)
+            except Exception:
+                log.exception("recording a CUDA graph failed; decode steps run without graphs")
+                self.capture = False
+                self.graphs.clear()
+                return self._step(cache, rows)[:batch]
         graph, logits = self.graphs[rows]
         graph.replay()
         return logits[:batch]
