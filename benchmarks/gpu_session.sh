@@ -16,6 +16,7 @@ tail -3 "$OUT/serve.err"
 timeout "${CHECK_SECONDS:-420}" python3 benchmarks/gpu_check.py --skip-serve "$@" \
     2>"$OUT/train.err" | tee "$OUT/train.jsonl"
 tail -3 "$OUT/train.err"
+[ -n "${SKIP_CLI:-}" ] && exit 0
 python3 - <<'PY'
 import sys
 sys.path.insert(0, "benchmarks")
