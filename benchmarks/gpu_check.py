@@ -262,13 +262,14 @@ def serve_checks(name: str, spec, args, device, dtype) -> None:
             record["vs_hf_static"] = round(measured["engine"] / measured["hf_static"], 2)
         if measured.get("hf_dynamic"):
             record["vs_hf_dynamic"] = round(measured["engine"] / measured["hf_dynamic"], 2)
-        # Greedy agreement: every request again, alone.
+        # Greedy agreement: requests again, alone (the first --alone of them).
+        count = min(args.alone, len(prompts))
         alone = [
             engine.generate([p], [a], params)[0].token_ids
-            for p, a in zip(prompts, targets, strict=True)
+            for p, a in zip(prompts[:count], targets[:count], strict=True)
         ]
-        same = sum(a == b.token_ids for a, b in zip(alone, batched, strict=True))
-        record["identical_alone_vs_batched"] = f"{same}/{len(prompts)}"
+        same = sum(a == b.token_ids for a, b in zip(alone, batched[:count], strict=True))
+        record["identical_alone_vs_batched"] = f"{same}/{count}"
         return record
 
     def peft_runs() -> dict[str, Any]:
@@ -324,11 +325,12 @@ def serve_checks(name: str, spec, args, device, dtype) -> None:
             record["engine_vs_grouped"] = round(measured["engine"] / measured["peft_grouped"], 1)
         return record
 
-    guarded(name, "serve: transformers generate, base model, dynamic cache", hf_dynamic)
+    if not args.skip_dynamic:
+        guarded(name, "serve: transformers generate, base model, dynamic cache", hf_dynamic)
     if name in args.static_configs or args.tiny:
         guarded(name, "serve: transformers generate, base model, static cache", hf_static)
     guarded(name, f"serve: softprompt engine, {args.adapters} adapters + base mixed", engine_run)
-    if not args.skip_peft:
+    if not (args.skip_peft or args.skip_peft_serve):
         guarded(name, "serve: PEFT", peft_runs)
 
 
@@ -349,7 +351,7 @@ def train_checks(name: str, spec, args, device, dtype) -> None:
         seconds, _ = timed(device, lambda: [step() for _ in range(steps)])
         return tokens * steps / seconds
 
-    def ours() -> dict[str, Any]:
+    def ours(compile_mode: str | None = None) -> dict[str, Any]:
         from softprompt.evaluate import batch_loss
         from softprompt.models import BaseModel
         from softprompt.prompt import Adapter, SoftPromptModel
@@ -368,8 +370,24 @@ def train_checks(name: str, spec, args, device, dtype) -> None:
             (total / count).backward()
             optimizer.step()
 
-        measured["ours"] = rate(step)
+        compile_seconds = None
+        if compile_mode is not None:
+            spm.compile(None if compile_mode == "default" else compile_mode)
+            compile_seconds, _ = timed(device, step)
+        key = "ours" if compile_mode is None else f"ours_{compile_mode}"
+        measured[key] = rate(step)
         assert param.dtype == torch.float32 and param.grad is not None
+        if compile_mode is not None:
+            record = {
+                "tok_s": round(measured[key]),
+                "first_step_seconds": round(compile_seconds or 0, 1),
+            }
+            for peft_key in ("peft_autocast", "peft_bf16"):
+                if measured.get(peft_key):
+                    record[f"vs_{peft_key}"] = round(measured[key] / measured[peft_key], 2)
+            if measured.get("forward"):
+                record["fraction_of_forward"] = round(measured[key] / measured["forward"], 2)
+            return record
 
         embeds = torch.cat(
             [
@@ -431,6 +449,8 @@ def train_checks(name: str, spec, args, device, dtype) -> None:
     if not args.skip_peft:
         guarded(name, "train: PEFT step, float32 weights, autocast", peft(True))
         guarded(name, f"train: PEFT step, {str(dtype).removeprefix('torch.')} weights", peft(False))
+    for mode in args.compile_modes:
+        guarded(name, f"train: softprompt step, --compile ({mode})", lambda m=mode: ours(m))
 
 
 def main() -> int:
@@ -454,6 +474,17 @@ def main() -> int:
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-serve", action="store_true")
+    parser.add_argument("--skip-peft-serve", action="store_true")
+    parser.add_argument("--skip-dynamic", action="store_true")
+    parser.add_argument(
+        "--alone", type=int, default=64, help="requests rerun alone for the agreement check"
+    )
+    parser.add_argument(
+        "--compile-modes",
+        nargs="*",
+        default=["default"],
+        help="torch.compile modes to measure the training step in too (none: --compile-modes)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a two-layer model, few requests")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One GPU session's checks, in order (run from the repository root on the GPU machine; DEVELOPERS
-# notes in the README say how). Writes logs and a GPU-trained adapter under $OUT (default ./gpu-out).
+# One GPU session's checks, in order (run from the repository root on the GPU machine; the
+# README's GPU section says how). Writes logs and a GPU-trained adapter under $OUT (default
+# ./gpu-out). SERVE_ARGS / TRAIN_ARGS pass options to each gpu_check.py run, SERVE_SECONDS /
+# TRAIN_SECONDS bound them, SKIP_CLI=1 leaves out step 2.
 #   1. benchmarks/gpu_check.py: serving and training speed, both configs;
 #   2. the CLI on the GPU: train on a random-init 135M model saved to a folder, then generate and
 #      eval with the adapter, all with --device cuda (the adapter comes back to be loaded on a CPU).
@@ -10,10 +12,10 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # Serving and training in separate processes: a failure in one leaves the other's GPU state clean.
-timeout "${CHECK_SECONDS:-420}" python3 benchmarks/gpu_check.py --skip-train "$@" \
+timeout "${SERVE_SECONDS:-300}" python3 benchmarks/gpu_check.py --skip-train ${SERVE_ARGS:-} \
     2>"$OUT/serve.err" | tee "$OUT/serve.jsonl"
 tail -3 "$OUT/serve.err"
-timeout "${CHECK_SECONDS:-420}" python3 benchmarks/gpu_check.py --skip-serve "$@" \
+timeout "${TRAIN_SECONDS:-300}" python3 benchmarks/gpu_check.py --skip-serve ${TRAIN_ARGS:-} \
     2>"$OUT/train.err" | tee "$OUT/train.jsonl"
 tail -3 "$OUT/train.err"
 [ -n "${SKIP_CLI:-}" ] && exit 0

@@ -139,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="text tokens per example, longer texts are cut (default: %(default)s)",
     )
     train.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    train.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the model through torch.compile: about a minute to start, then faster "
+        "steps on a GPU (for long runs; see the README's GPU figures)",
+    )
     train.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     train.add_argument(
         "--allow-pickle",

@@ -99,6 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
+        compile=args.compile,
     )
     from .files import check_output
 

@@ -74,6 +74,7 @@ class SoftPromptModel:
         self._table: torch.Tensor | None = None
         self._table_key: tuple[tuple[int, int], ...] = ()
         self._head_only: bool | None = None
+        self._compiled: Any = None
 
     @property
     def vocab_size(self) -> int:
@@ -205,10 +206,26 @@ class SoftPromptModel:
         embeds = self.embed(batch["input_ids"])
         rest = {k: v for k, v in batch.items() if k != "input_ids"}
         if self._head_only_matches():
-            hidden = self.model.base_model(inputs_embeds=embeds, use_cache=False, **rest)
+            body = self.model.base_model if self._compiled is None else self._compiled
+            hidden = body(inputs_embeds=embeds, use_cache=False, **rest)
             return self.model.get_output_embeddings()(hidden.last_hidden_state[where])
-        logits = self.model(inputs_embeds=embeds, use_cache=False, **rest).logits
-        return logits[where]
+        model = self.model if self._compiled is None else self._compiled
+        logits = model(inputs_embeds=embeds, use_cache=False, **rest)
+        return logits.logits[where]
+
+    def compile(self, mode: str | None = None) -> None:
+        """Run ``scored_logits`` (training and evaluation) through ``torch.compile``.
+
+        The model's body (without the output layer, when ``scored_logits`` can leave it out) is
+        compiled once for the shapes it meets; the caller's model itself is not changed. The
+        first batches take a minute or so to compile; on a GPU, where an eager step of a small
+        model waits on Python, the steps after run faster (``benchmarks/gpu_check.py``).
+        """
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        target = self.model.base_model if self._head_only_matches() else self.model
+        self._compiled = torch.compile(target, mode=mode, dynamic=None)
 
     def _head_only_matches(self) -> bool:
         """Whether the output layer on the base model's last hidden states gives its logits."""

@@ -51,6 +51,8 @@ class TrainConfig:
     heldout_fraction: float = 0.1
     """Share of the data held out for evaluation when no eval data is given."""
     eval_batch_size: int = 16
+    compile: bool = False
+    """Run the model through ``torch.compile`` (``SoftPromptModel.compile``)."""
 
     def __post_init__(self) -> None:
         if self.virtual_tokens < 1:
@@ -123,6 +125,8 @@ def train(
     from tqdm.auto import tqdm
 
     torch.manual_seed(config.seed)
+    if config.compile:
+        spm.compile()
     param = spm.add_adapter(Adapter(name=name, weights=initial), trainable=True)
     base_params = sum(p.numel() for p in spm.model.parameters())
     result = TrainResult(

@@ -481,8 +481,14 @@ class Engine:
         else:
             for j, slot in enumerate(slots):
                 self.cache.place(slot, staged, j, spans[j])
-        seen = seen_mask([s.prompt_ids for s in seqs], self.runner.vocab_size, self.runner.device)
-        self.seen[slots] = seen
+        # Only rows with a repetition penalty read their row of ``seen``; the others leave it
+        # stale (a row taking the slot later writes all of its own).
+        penalised = [j for j, s in enumerate(seqs) if s.params.repetition_penalty != 1]
+        if penalised:
+            seen = seen_mask(
+                [seqs[j].prompt_ids for j in penalised], self.runner.vocab_size, self.runner.device
+            )
+            self.seen[[slots[j] for j in penalised]] = seen
         self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
         self._accept(seqs, slots, logits)
 
@@ -491,9 +497,8 @@ class Engine:
         batch = len(running)
         started = time.perf_counter()
         self.cache.reserve(1, batch)
-        device = self.runner.device
-        tokens = torch.tensor([s.output_ids[-1] for s in running], device=device)
-        positions = torch.tensor([s.length - 1 for s in running], device=device)
+        inputs = [[s.output_ids[-1] for s in running], [s.length - 1 for s in running]]
+        tokens, positions = torch.tensor(inputs).to(self.runner.device)  # one copy to the device
         try:
             logits = self.runner.decode(self.cache, slice(0, batch), tokens, positions)
             ok = list(range(batch))
@@ -522,7 +527,7 @@ class Engine:
 
     def _accept(self, seqs: list[Sequence], slots: list[int], logits: torch.Tensor) -> None:
         """Choose each row's next token and hand out what it adds."""
-        index = torch.tensor(slots, device=logits.device)
+        index = torch.tensor(slots).to(logits.device)
         tokens = pick_tokens(
             logits,
             [s.params for s in seqs],
@@ -531,7 +536,12 @@ class Engine:
             self.eos,
             [s.generator for s in seqs],  # type: ignore[misc]
         )
-        self.seen[index, tokens] = True
+        penalised = [j for j, s in enumerate(seqs) if s.params.repetition_penalty != 1]
+        if len(penalised) == len(seqs):
+            self.seen[index, tokens] = True
+        elif penalised:
+            rows = torch.tensor(penalised).to(logits.device)
+            self.seen[index[rows], tokens[rows]] = True
         now = time.perf_counter()
         going = []
         for seq, token in zip(seqs, tokens.tolist(), strict=True):

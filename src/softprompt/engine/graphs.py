@@ -69,9 +69,16 @@ class _FullAttention:
         batch, heads, _, dim = q.shape
         columns = keys.shape[-2]
         grouped = q.reshape(-1, self.groups, dim)  # (B·KV, G, Dh)
-        keys_t = keys.transpose(2, 3).reshape(-1, dim, columns)  # (B·KV, Dh, C)
+        if keys.stride(-1) == 1:  # plain layout (GPU): cuBLAS reads the transposed view as is
+            keys_t = keys.reshape(-1, columns, dim).transpose(1, 2)
+        else:  # stored transposed (CPU): the view is in memory order
+            keys_t = keys.transpose(2, 3).reshape(-1, dim, columns)  # (B·KV, Dh, C)
         scores = torch.baddbmm(self.bias, grouped, keys_t, alpha=scaling)
-        weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        # The GPU's softmax accumulates in float32 whatever the input dtype: one kernel.
+        if scores.is_cuda or scores.dtype == torch.float32:
+            weights = scores.softmax(dim=-1)
+        else:
+            weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.bmm(weights, values.reshape(-1, columns, dim))  # (B·KV, G, Dh)
         return out.view(batch, 1, heads * dim)
 

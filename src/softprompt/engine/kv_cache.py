@@ -182,12 +182,16 @@ class SlotCache(Cache):
         self.valid[block] = False
         self.valid[block, start : self.end] = source.valid[:, source.end - length : source.end]
 
-    def write_prefix(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Put a cached prefix ``(H, n, Dh)`` per layer at the columns just before ``end``."""
+    def write_prefix(
+        self, slots: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]
+    ) -> None:
+        """Put one cached prefix ``(H, n, Dh)`` per layer into every slot of ``slots``, at the
+        columns just before ``end`` (one copy per buffer, however many slots share it)."""
         n = keys[0].shape[-2]
+        index = torch.tensor(slots, device=self.device)
         for buffer, new in zip((*self.keys, *self.values), (*keys, *values), strict=True):
-            buffer[slot, :, self.end - n : self.end] = new
-        self.valid[slot, self.end - n : self.end] = True
+            buffer[index, :, self.end - n : self.end] = new
+        self.valid[index, self.end - n : self.end] = True
 
     def move(self, source: int, target: int) -> None:
         """Copy slot ``source`` into slot ``target`` (a leaving row's place)."""

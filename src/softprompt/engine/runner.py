@@ -172,15 +172,18 @@ class ModelRunner:
         ids = torch.zeros(n, longest_text, dtype=torch.long)
         valid = torch.zeros(n, longest_text, dtype=torch.bool)
         positions = torch.zeros(n, longest_text, dtype=torch.long)
+        sharing: dict[int, tuple[Prefix, list[int]]] = {}  # rows by the prefix they share
         for j, (text, prefix) in enumerate(zip(prompts, prefixes, strict=True)):
             start = prefix.length if prefix is not None else 0
             if prefix is not None and start:
-                cache.write_prefix(j, prefix.keys, prefix.values)
+                sharing.setdefault(id(prefix), (prefix, []))[1].append(j)
             pad = longest_text - len(text)
             ids[j, pad:] = torch.tensor(text)
             valid[j, pad:] = True
             positions[j, :] = start
             positions[j, pad:] = torch.arange(start, start + len(text))
+        for prefix, rows in sharing.values():
+            cache.write_prefix(rows, prefix.keys, prefix.values)
         embeds = self.embedding(ids.to(self.device))
         logits = self.forward(
             cache, slice(0, n), embeds, positions.to(self.device), valid.to(self.device)

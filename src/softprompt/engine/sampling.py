@@ -119,10 +119,11 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 def seen_mask(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """(B, V) bool: which real tokens each row holds (ids at or beyond ``vocab`` left out)."""
     seen = torch.zeros(len(token_lists), vocab + 1, dtype=torch.bool, device=device)
-    for i, ids in enumerate(token_lists):
-        if ids:
-            index = torch.tensor(ids, device=device).clamp(max=vocab)
-            seen[i, index] = True
+    rows = [i for i, ids in enumerate(token_lists) for _ in ids]
+    columns = [min(max(t, 0), vocab) for ids in token_lists for t in ids]
+    if rows:
+        index = torch.tensor([rows, columns]).to(device)  # one copy to the device
+        seen[index[0], index[1]] = True
     return seen[:, :vocab]
 
 
