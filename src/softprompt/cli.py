@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
         print(
-            f"softprompt: error: out of {getattr(args, 'device', 'device')} memory ({first}); "
+            f"softprompt: error: out of memory ({first}); "
             "try a smaller --batch-size (serve: --max-batch-size) or --dtype bfloat16",
             file=sys.stderr,
         )

@@ -159,6 +159,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "text_field": data.field,
         "eval_data": eval_source,
         "max_samples": args.max_samples,
+        "device": str(spm.device),
+        "dtype": str(spm.embedding.weight.dtype).removeprefix("torch."),
     }
     save_trained(spm, name, output, config, result, extra, overwrite=args.overwrite, heldout=split)
     summary = {

@@ -46,8 +46,8 @@ class Inspection:
 @torch.no_grad()
 def inspect_adapter(spm: SoftPromptModel, adapter: Adapter, top_k: int = 5) -> Inspection:
     """Nearest vocabulary tokens and norm statistics for every row of ``adapter``."""
-    vocab = spm.embedding.weight.detach().float()  # (V, D)
-    rows = adapter.weights.detach().float()  # (n, D)
+    vocab = spm.embedding.weight.detach().float()  # (V, D), on the model's device
+    rows = adapter.weights.detach().to(vocab)  # (n, D)
     vocab_norms = vocab.norm(dim=1)  # (V,)
     mean, std = float(vocab_norms.mean()), float(vocab_norms.std())
     cosine = (
@@ -58,7 +58,7 @@ def inspect_adapter(spm: SoftPromptModel, adapter: Adapter, top_k: int = 5) -> I
     tokens = []
     for i, row in enumerate(rows):
         norm = float(row.norm())
-        below = int(torch.searchsorted(sorted_norms, torch.tensor(norm)))
+        below = int(torch.searchsorted(sorted_norms, row.norm()))
         nearest = [
             Neighbour(token=str(spm.tokenizer.decode([int(t)])), id=int(t), cosine=float(c))
             for c, t in zip(best.values[i], best.indices[i], strict=True)

@@ -290,9 +290,12 @@ def init_prompt(
     of ``text``'s tokens, repeated or cut to length (PEFT's TEXT); ``random`` draws Gaussian rows
     scaled so their expected norm equals the mean norm of the vocabulary rows. Llama-family models
     do not normalise input embeddings, so an unscaled N(0, 1) row (norm ~ sqrt(hidden)) swamps them.
+
+    The rows are float32 on the CPU whatever the model's device and dtype, and the random draws
+    come from a CPU generator, so a seed gives the same start on every device.
     """
     embedding: nn.Module = base.model.get_input_embeddings()
-    weight = torch.as_tensor(embedding.weight).detach().float()  # (V, D)
+    weight = torch.as_tensor(embedding.weight).detach()  # (V, D), on the model's device
     gen = torch.Generator().manual_seed(seed)
     if how == "vocab":
         if num_virtual_tokens > weight.shape[0]:
@@ -301,7 +304,7 @@ def init_prompt(
                 f"tokens is more than the {weight.shape[0]} the vocabulary has"
             )
         rows = torch.randperm(weight.shape[0], generator=gen)[:num_virtual_tokens]
-        return weight[rows].clone()
+        return weight[rows.to(weight.device)].float().cpu()
     if how == "text":
         if not text or not text.strip():
             raise UserError("--init text needs a non-empty --init-text")
@@ -309,9 +312,9 @@ def init_prompt(
         if not ids:
             raise UserError(f"--init-text {text!r} gives no tokens")
         ids = (ids * math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens]
-        return weight[torch.tensor(ids)].clone()
+        return weight[torch.tensor(ids, device=weight.device)].float().cpu()
     if how == "random":
-        mean_norm = weight.norm(dim=1).mean()
+        mean_norm = float(weight.float().norm(dim=1).mean())
         rows = torch.randn(num_virtual_tokens, weight.shape[1], generator=gen)
         return rows * (mean_norm / math.sqrt(weight.shape[1]))
     raise UserError(f"unknown init {how!r}: use vocab, text, random or file")

@@ -1,0 +1,174 @@
+"""Devices and dtypes: nothing in softprompt names a device but ``device.py``; the flags fail
+clearly where the machine cannot do what they ask.
+
+CI has no GPU, so the first test is a lint over the source: any device spelled out in code (a
+string given as ``device=``, ``torch.device("cuda")``, ``.cuda()``, ``.to("cpu")``) or a copy to
+the host (``.cpu()``, ``map_location``) must be one of the few listed here, each with its reason.
+Everything else follows the tensors it works with (``weight.device``, ``logits.device``...), and
+``device.resolve`` turns ``--device`` into the device the model loads on.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "softprompt"
+
+ALLOWED = {
+    # Copies to the host on purpose: file formats and checksums are host bytes.
+    ("prompt.py", "base_checksum"): "hashes the weights' bytes",
+    ("prompt.py", "write_adapter_files"): "safetensors files hold CPU tensors",
+    ("prompt.py", "init_prompt"): "initial rows are float32 on the CPU on every device",
+    ("prompt.py", "_read_weights"): "a pickled adapter loads to the CPU, then follows the model",
+    ("embeds.py", "to_bytes"): "torch.save of a tensor for another process",
+}
+
+
+def _hard_coded(node: ast.AST) -> str | None:
+    """What in ``node`` names a device, or None."""
+    if not isinstance(node, ast.Call):
+        return None
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+    literal = [a for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+    for keyword in node.keywords:
+        if keyword.arg in ("device", "map_location") and isinstance(keyword.value, ast.Constant):
+            return f"{keyword.arg}={keyword.value.value!r}"
+    if name in ("cpu", "cuda") and isinstance(func, ast.Attribute):
+        return f".{name}()"
+    if name == "device" and literal:
+        return f"torch.device({literal[0].value!r})"
+    if name == "to" and any(str(a.value).split(":")[0] in ("cpu", "cuda") for a in literal):
+        return f".to({literal[0].value!r})"
+    return None
+
+
+def _findings() -> list[tuple[str, str, int, str]]:
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        parents: dict[ast.AST, ast.AST] = {}
+        for parent in ast.walk(tree):
+            for child in ast.iter_child_nodes(parent):
+                parents[child] = parent
+        for node in ast.walk(tree):
+            what = _hard_coded(node)
+            if what is None:
+                continue
+            scope: ast.AST | None = node
+            while scope is not None and not isinstance(
+                scope, ast.FunctionDef | ast.AsyncFunctionDef
+            ):
+                scope = parents.get(scope)
+            function = scope.name if isinstance(scope, ast.FunctionDef) else "<module>"
+            found.append((path.name, function, node.lineno, what))  # type: ignore[attr-defined]
+    return found
+
+
+def test_no_device_is_hard_coded_outside_the_listed_places():
+    unexpected = [f for f in _findings() if (f[0], f[1]) not in ALLOWED]
+    listing = "\n".join(f"  {f}:{line} in {fn}: {what}" for f, fn, line, what in unexpected)
+    assert not unexpected, f"devices named in code (follow a tensor's .device):\n{listing}"
+
+
+def test_the_lint_sees_what_it_must(tmp_path):
+    """The rule itself can fail: each spelling it must catch is caught, the device-following
+    spellings are not."""
+    bad = [
+        "torch.zeros(3, device='cuda')",
+        "torch.device('cpu')",
+        "x.cuda()",
+        "x.cpu()",
+        "x.to('cuda:0')",
+        "torch.load(f, map_location='cpu')",
+    ]
+    good = ["torch.zeros(3, device=w.device)", "x.to(w.device)", "x.to(torch.float32)"]
+    for source in bad:
+        assert any(_hard_coded(n) for n in ast.walk(ast.parse(source))), source
+    for source in good:
+        assert not any(_hard_coded(n) for n in ast.walk(ast.parse(source))), source
+
+
+def test_every_allowance_is_still_used():
+    used = {(f[0], f[1]) for f in _findings()}
+    assert set(ALLOWED) <= used, f"stale allowances: {set(ALLOWED) - used}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_one_clear_line(cli_main):
+    done = cli_main("eval", "--device", "cuda", "--data", "examples:quotes:heldout")
+    code, err = done.returncode, done.stderr
+    assert code == 2
+    assert err.startswith("softprompt: error: --device cuda:") and err.count("\n") == 1
+    assert "use --device cpu" in err and "Traceback" not in err
+
+
+def test_a_misspelt_device_is_refused_by_the_parser(cli_main):
+    with pytest.raises(SystemExit) as exc:
+        cli_main("eval", "--device", "gpu", "--data", "examples:quotes:heldout")
+    assert exc.value.code == 2
+
+
+def test_auto_is_the_cpu_in_float32_here_and_bfloat16_is_allowed_on_the_cpu():
+    from softprompt.device import resolve
+
+    if not torch.cuda.is_available():
+        assert resolve("auto", "auto") == (torch.device("cpu"), torch.float32)
+    assert resolve("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+
+
+def test_running_out_of_memory_is_one_line_with_what_to_try(cli_main, monkeypatch, tiny_model_dir):
+    import softprompt.commands as commands
+
+    def fail(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(commands, "_load_model", fail)
+    done = cli_main("eval", "--model", str(tiny_model_dir), "--data", "examples:quotes:heldout")
+    err = done.stderr
+    assert done.returncode == 2 and err.count("\n") == 1
+    assert err.startswith("softprompt: error: out of memory (CUDA out of memory.")
+    assert "smaller --batch-size" in err and "Traceback" not in err
+
+
+def test_an_adapter_trained_on_a_gpu_loads_and_runs_on_the_cpu():
+    """``tests/data/gpu-trained-quotes`` came from ``softprompt train --device cuda`` (bf16
+    model) on an NVIDIA H200 (benchmarks/gpu_session.sh, 2026-11-26): its rows are float32 and
+    serve on a CPU model of the same hidden size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from softprompt.engine import Engine, SamplingParams
+    from softprompt.prompt import load_adapter
+
+    folder = Path(__file__).parent / "data" / "gpu-trained-quotes"
+    adapter = load_adapter(folder)
+    assert adapter.weights.dtype == torch.float32 and adapter.weights.shape == (8, 576)
+    assert bool(torch.isfinite(adapter.weights).all())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=576,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=300,
+        eos_token_id=0,
+    )
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<eos>": 0, **{f"t{i}": i for i in range(1, 300)}}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="<eos>")), eos_token="<eos>"
+    )
+    engine = Engine(model, tokenizer)
+    engine.add_adapter("gpu", adapter)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    tuned, base = engine.generate([[5, 6, 7], [5, 6, 7]], ["gpu", None], params)
+    assert len(tuned.token_ids) == 8 and tuned.finish_reason == "length"
+    assert tuned.token_ids != base.token_ids  # the GPU-trained rows do change the output
