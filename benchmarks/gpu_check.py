@@ -10,11 +10,13 @@ outputs into text, as a real one would). For each config:
     - transformers' static-batch ``generate`` of the base model alone, default dynamic cache;
     - the same with ``cache_implementation="static"`` (transformers compiles the decode step;
       by default on the 135M config only, ``--static-configs`` for more);
-    - PEFT: ``set_adapter`` + ``generate`` per request (on a subset: 9 requests), and grouped by
-      adapter (one batched ``generate`` per adapter);
+    - PEFT (on the 135M config; ``--peft-configs`` for more): ``set_adapter`` + ``generate`` per
+      request (on the first ``--peft-requests``, 3), and grouped by adapter (one batched
+      ``generate`` per adapter, every request);
     - this engine, every request submitted at once (after one warm-up run that records its
       CUDA graphs), its peak GPU memory, and its greedy outputs batched vs one by one (the
-      share of identical completions: bf16 sums in another order may flip a near-tie);
+      share of identical completions over the first ``--alone``, 32: bf16 sums in another
+      order may flip a near-tie);
   training, a prompt-tuning step on 16 x 128 text tokens (20 virtual tokens), AdamW:
     - PEFT (``get_peft_model`` + PROMPT_TUNING), with the float32 model under bf16 autocast and
       with the model in bf16;
@@ -302,7 +304,7 @@ def serve_checks(name: str, spec, args, device, dtype) -> None:
                 return hf_generate(peft, batch, new, device)
 
             gen(prompts[:1], names[0])  # warm-up
-            subset = list(range(min(len(prompts), args.adapters + 1)))
+            subset = list(range(min(len(prompts), args.peft_requests)))
             seconds, _ = timed(device, lambda: [gen([prompts[i]], targets[i]) for i in subset])
             per_request = len(subset) * new / seconds
             groups: dict[str | None, list[int]] = {}
@@ -330,7 +332,7 @@ def serve_checks(name: str, spec, args, device, dtype) -> None:
     if name in args.static_configs or args.tiny:
         guarded(name, "serve: transformers generate, base model, static cache", hf_static)
     guarded(name, f"serve: softprompt engine, {args.adapters} adapters + base mixed", engine_run)
-    if not (args.skip_peft or args.skip_peft_serve):
+    if not (args.skip_peft or args.skip_peft_serve) and (name in args.peft_configs or args.tiny):
         guarded(name, "serve: PEFT", peft_runs)
 
 
@@ -477,7 +479,19 @@ def main() -> int:
     parser.add_argument("--skip-peft-serve", action="store_true")
     parser.add_argument("--skip-dynamic", action="store_true")
     parser.add_argument(
-        "--alone", type=int, default=64, help="requests rerun alone for the agreement check"
+        "--alone", type=int, default=32, help="requests rerun alone for the agreement check"
+    )
+    parser.add_argument(
+        "--peft-configs",
+        nargs="*",
+        default=["135M"],
+        help="configs to serve through PEFT on (its runs are slow: about a minute each)",
+    )
+    parser.add_argument(
+        "--peft-requests",
+        type=int,
+        default=3,
+        help="requests PEFT runs one by one with set_adapter (its rate per request)",
     )
     parser.add_argument(
         "--compile-modes",

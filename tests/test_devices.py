@@ -172,3 +172,21 @@ def test_an_adapter_trained_on_a_gpu_loads_and_runs_on_the_cpu():
     tuned, base = engine.generate([[5, 6, 7], [5, 6, 7]], ["gpu", None], params)
     assert len(tuned.token_ids) == 8 and tuned.finish_reason == "length"
     assert tuned.token_ids != base.token_ids  # the GPU-trained rows do change the output
+
+
+def test_bfloat16_on_a_gpu_without_it_is_one_clear_error(monkeypatch):
+    """An older GPU (say a V100) has no bfloat16: ``--dtype bfloat16`` says so and what to use,
+    and ``auto`` falls back to float32 there."""
+    import contextlib
+
+    from softprompt.device import resolve_dtype
+    from softprompt.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    gpu = torch.device("cuda")
+    with pytest.raises(UserError, match="Tesla V100-SXM2-16GB does not support it; use --dtype"):
+        resolve_dtype("bfloat16", gpu)
+    assert resolve_dtype("auto", gpu) == torch.float32
+    assert resolve_dtype("float32", gpu) == torch.float32

@@ -527,6 +527,27 @@ def test_a_request_that_breaks_the_model_fails_alone(spm):
     assert 0 < len(breakers[1].result().token_ids) < 12
 
 
+def test_a_request_that_runs_out_of_memory_fails_alone_with_what_to_try(spm):
+    engine = _engine(spm, max_batch_size=8)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    expected = _alone(engine, PROMPTS[0], "a", params).token_ids
+    forward = engine.runner.forward
+
+    def tight(cache, rows, embeds, positions, new_valid):
+        if embeds.shape[1] >= 30:  # a long prompt's prefill does not fit
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return forward(cache, rows, embeds, positions, new_valid)
+
+    engine.runner.forward = tight  # type: ignore[method-assign]
+    ok = engine.submit(PROMPTS[0], "a", params)
+    big = engine.submit("hope " * 40, "b", params)
+    assert ok.result().token_ids == expected
+    failed = big.result()
+    assert failed.finish_reason == "error"
+    assert (failed.error or "").startswith("out of memory on cpu for this request")
+    assert engine.submit(PROMPTS[0], "a", params).result().token_ids == expected  # still serving
+
+
 def test_background_thread_serves_requests_from_many_threads(spm):
     engine = _engine(spm, max_batch_size=4)
     params = SamplingParams(max_new_tokens=8, repetition_penalty=1.2)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..device import out_of_memory
 from ..prompt import Adapter, hidden_size_mismatch
 from .detokenize import Detokenizer
 from .registry import AdapterRegistry
@@ -464,7 +465,7 @@ class Engine:
                     self._prefill_group([item])
                 except Exception as exc:  # noqa: BLE001
                     log.warning("request %s failed in prefill: %s", item[0].request_id, exc)
-                    self._finish(item[0], "error", f"the model failed on this request: {exc}")
+                    self._finish(item[0], "error", self._failure(exc))
         self.stats.prefill_seconds += time.perf_counter() - started
 
     def _prefill_group(self, group: list[tuple[Sequence, Any]]) -> None:
@@ -515,7 +516,7 @@ class Engine:
                     ok.append(i)
                 except Exception as exc:  # noqa: BLE001
                     log.warning("request %s failed in decode: %s", running[i].request_id, exc)
-                    self._finish(running[i], "error", f"the model failed on this request: {exc}")
+                    self._finish(running[i], "error", self._failure(exc))
             logits = torch.cat(rows) if rows else tokens.new_zeros(0)
         self.cache.advance(1)
         self.stats.steps += 1
@@ -605,6 +606,17 @@ class Engine:
             self.registry.release(self._leases.pop(request_id))
         if not self.scheduler.running:
             self.cache.reset()
+
+    def _failure(self, exc: BaseException) -> str:
+        """What to tell the one request the model failed on."""
+        if out_of_memory(exc):
+            if self.runner.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return (
+                f"out of memory on {self.runner.device} for this request beside the running "
+                "batch; retry it later, or with a shorter prompt or fewer new tokens"
+            )
+        return f"the model failed on this request: {exc}"
 
     def _fail_everything(self, message: str) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
