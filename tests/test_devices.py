@@ -25,6 +25,8 @@ ALLOWED = {
     ("prompt.py", "init_prompt"): "initial rows are float32 on the CPU on every device",
     ("prompt.py", "_read_weights"): "a pickled adapter loads to the CPU, then follows the model",
     ("embeds.py", "to_bytes"): "torch.save of a tensor for another process",
+    ("train.py", "save_checkpoint"): "a checkpoint's rows are saved from the CPU",
+    ("checkpoint.py", "load"): "a checkpoint loads to the CPU, then follows the model",
 }
 
 

@@ -140,6 +140,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     train.add_argument(
+        "--warmup", type=int, default=0, help="steps of linear learning-rate warm-up (default: 0)"
+    )
+    train.add_argument(
+        "--schedule",
+        choices=["constant", "linear", "cosine"],
+        default="constant",
+        help="learning rate after the warm-up; linear and cosine end at 0 (default: %(default)s)",
+    )
+    train.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="held-out evaluation every N steps (default: at each epoch's end); the adapter "
+        "saved is the one with the best held-out loss",
+    )
+    train.add_argument(
+        "--patience",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop after N evaluations without a better held-out loss (default: 0, never)",
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        metavar="N",
+        help="steps between checkpoints, also written at each epoch's end (default: %(default)s)",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run writing --output (same settings and data) from its "
+        "last checkpoint",
+    )
+    train.add_argument(
         "--compile",
         action="store_true",
         help="run the model through torch.compile: about a minute to start, then faster "

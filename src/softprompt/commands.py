@@ -100,11 +100,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         seed=args.seed,
         compile=args.compile,
+        warmup=args.warmup,
+        schedule=args.schedule,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        checkpoint_every=args.checkpoint_every,
     )
+    from .checkpoint import STATE_FILE, checkpoint_dir
+    from .checkpoint import remove as remove_checkpoint
     from .files import check_output
 
     output = Path(args.output)
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues a run and --overwrite starts over: give one")
     check_output(output, args.overwrite)
+    checkpoints = checkpoint_dir(output)
+    if args.resume and not (checkpoints / STATE_FILE).is_file():
+        raise UserError(
+            f"nothing to resume for {output}: no checkpoint at {checkpoints} (a run writes one "
+            "every --checkpoint-every steps and at each epoch's end, and removes it when done)"
+        )
+    if not args.resume and checkpoints.exists():
+        if not args.overwrite:
+            raise UserError(
+                f"an interrupted run writing {output} left a checkpoint ({checkpoints}): "
+                "add --resume to continue it, or --overwrite to start over"
+            )
+        remove_checkpoint(checkpoints)
     _quiet()
     from .data import heldout_source, load_texts, split_heldout
     from .prompt import init_prompt, load_adapter
@@ -145,7 +167,28 @@ def cmd_train(args: argparse.Namespace) -> int:
                 else f" of {args.data}, kept in {output / HELDOUT_FILE}"
             )
         )
-    result = train(spm, name, start, texts, eval_texts, config, progress=not args.json)
+    try:
+        result = train(
+            spm,
+            name,
+            start,
+            texts,
+            eval_texts,
+            config,
+            progress=not args.json,
+            checkpoints=checkpoints,
+            resume=args.resume,
+        )
+    except KeyboardInterrupt:
+        if (checkpoints / STATE_FILE).is_file():
+            print(
+                f"softprompt: interrupted; the last checkpoint is kept in {checkpoints}: "
+                "run the same command with --resume to continue",
+                file=sys.stderr,
+            )
+        raise
+    if result.resumed_from is not None and not args.json:
+        print(f"resumed at step {result.resumed_from} from {checkpoints}")
     if result.texts_cut and not args.json:
         print(
             f"note: {result.texts_cut} of {len(texts)} training texts did not fit in "
@@ -162,7 +205,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         "device": str(spm.device),
         "dtype": str(spm.embedding.weight.dtype).removeprefix("torch."),
     }
-    save_trained(spm, name, output, config, result, extra, overwrite=args.overwrite, heldout=split)
+    save_trained(
+        spm,
+        name,
+        output,
+        config,
+        result,
+        extra,
+        overwrite=args.overwrite,
+        heldout=split,
+    )
+    remove_checkpoint(checkpoints)  # the run is done and saved
     summary = {
         "adapter": str(output),
         "trainable_params": result.trainable_params,
@@ -172,13 +225,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         "seconds": result.seconds,
         "texts_cut": result.texts_cut,
         "samples_per_second": result.samples / max(result.seconds, 1e-9),
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
+        "resumed_from": result.resumed_from,
     }
     if args.json:
         print(json.dumps(summary))
     else:
         print(trainable_summary(result.trainable_params, result.total_params))
         print(
-            f"held-out loss {result.loss_before:.3f} -> {result.loss_after:.3f}; "
+            f"held-out loss {result.loss_before:.3f} -> {result.loss_after:.3f} "
+            f"(best at step {result.best_step}"
+            + (", stopped early" if result.stopped_early else "")
+            + "); "
             f"{result.seconds:.0f} s; saved to {output} (loss plot: {output / 'loss.png'})"
         )
     return 0

@@ -19,7 +19,7 @@ def _pyplot() -> Any:
 
 
 def plot_losses(result: Any, path: Path | io.BytesIO, title: str | None = None) -> None:
-    """Train loss per step and held-out loss per epoch (epoch 0: before training) to a PNG.
+    """Train loss per step and held-out loss at each evaluation (step 0: before training) to a PNG.
 
     ``result`` is a TrainResult or anything with ``name``, ``steps`` and ``evals`` like it.
     """
@@ -34,11 +34,11 @@ def plot_losses(result: Any, path: Path | io.BytesIO, title: str | None = None) 
         label="train loss (per step)",
     )
     ax.plot(
-        [e["epoch"] * steps_per_epoch for e in result.evals],
+        [e.get("step", e["epoch"] * steps_per_epoch) for e in result.evals],
         [e["loss"] for e in result.evals],
         color="#c33",
         marker="o",
-        label="held-out loss (per epoch)",
+        label="held-out loss",
     )
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")

@@ -10,11 +10,13 @@ a folder the error names, never thrown away.
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from .files import check_output, put_in_place, staging_dir
 from .prompt import Adapter, SoftPromptModel, adapter_config, write_adapter_files
 
 INITS = ("vocab", "text", "random", "file")
+SCHEDULES = ("constant", "linear", "cosine")
 HELDOUT_FILE = "heldout.jsonl"
 """Held-out texts split off the training data, kept beside the adapter they evaluated."""
 
@@ -53,6 +56,16 @@ class TrainConfig:
     eval_batch_size: int = 16
     compile: bool = False
     """Run the model through ``torch.compile`` (``SoftPromptModel.compile``)."""
+    warmup: int = 0
+    """Steps over which the learning rate rises linearly from 0 to ``lr``."""
+    schedule: str = "constant"
+    """After the warm-up: constant, linear (to 0 at the last step) or cosine (to 0)."""
+    eval_every: int = 0
+    """Held-out evaluation every this many steps; 0: at each epoch's end."""
+    patience: int = 0
+    """Stop after this many evaluations without a better held-out loss; 0: never."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (also written at each epoch's end); 0: only at epochs' ends."""
 
     def __post_init__(self) -> None:
         if self.virtual_tokens < 1:
@@ -73,6 +86,23 @@ class TrainConfig:
             raise UserError("--max-length must be at least 2")
         if not 0 < self.heldout_fraction < 1:
             raise UserError("the held-out fraction must be between 0 and 1")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+        for flag, value in (
+            ("--warmup", self.warmup),
+            ("--eval-every", self.eval_every),
+            ("--patience", self.patience),
+            ("--checkpoint-every", self.checkpoint_every),
+        ):
+            if value < 0:
+                raise UserError(f"{flag} must be 0 or more")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run that wrote the checkpoint."""
+        same = asdict(self)
+        for free in ("compile", "checkpoint_every", "eval_batch_size", "init_from", "init_text"):
+            same.pop(free)
+        return same
 
 
 @dataclass
@@ -91,6 +121,11 @@ class TrainResult:
     base_checksum_before: str = ""
     """SHA-256 of the base weights before and after training: equal, or training is broken."""
     base_checksum_after: str = ""
+    best_step: int = 0
+    """Step of the best held-out loss: the rows kept and saved are that step's."""
+    stopped_early: bool = False
+    resumed_from: int | None = None
+    """Step the run was resumed from (None: it ran from the start)."""
 
     @property
     def loss_before(self) -> float:
@@ -98,7 +133,8 @@ class TrainResult:
 
     @property
     def loss_after(self) -> float:
-        return self.evals[-1]["loss"]
+        """Held-out loss of the kept rows (the best evaluation's)."""
+        return min(e["loss"] for e in self.evals)
 
 
 def trainable_summary(trainable: int, total: int) -> str:
@@ -117,63 +153,198 @@ def train(
     eval_texts: list[str],
     config: TrainConfig,
     progress: bool = True,
+    checkpoints: Path | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Add adapter ``name`` with rows ``initial`` to ``spm`` and train it on ``texts``.
 
-    Returns the measured curves; the trained rows stay loaded in ``spm`` under ``name``.
+    The rows kept at the end (loaded in ``spm`` under ``name``) are those of the best held-out
+    evaluation (the loss log's ``best_step``), which may be the starting rows themselves.
+
+    Args:
+        checkpoints: folder for this run's checkpoint (``checkpoint.checkpoint_dir``); None
+            writes none.
+        resume: continue from the checkpoint there (same settings, data and model).
+
+    Raises:
+        UserError: ``resume`` without a usable checkpoint (see ``checkpoint.load``).
     """
     from tqdm.auto import tqdm
 
+    from . import checkpoint as ckpt
+
+    fingerprint = {
+        "config": config.fingerprint(),
+        "data": ckpt.texts_digest(texts, eval_texts),
+        "model": spm.base.name,
+        "hidden_size": spm.hidden_size,
+        "vocab_size": spm.vocab_size,
+        "virtual_tokens": int(initial.shape[0]),
+    }
+    state = ckpt.load(checkpoints, fingerprint) if resume and checkpoints is not None else None
     torch.manual_seed(config.seed)
     if config.compile:
         spm.compile()
-    param = spm.add_adapter(Adapter(name=name, weights=initial), trainable=True)
+    start_rows = state["rows"] if state is not None else initial
+    param = spm.add_adapter(Adapter(name=name, weights=start_rows), trainable=True)
     base_params = sum(p.numel() for p in spm.model.parameters())
     result = TrainResult(
         name=name, trainable_params=param.numel(), total_params=base_params + param.numel()
     )
     optimizer = torch.optim.AdamW([param], lr=config.lr, weight_decay=0.0)
     rows, result.texts_cut = training_rows(spm, texts, name, config.max_length)
-    order = random.Random(config.seed)
     steps_per_epoch = (len(rows) + config.batch_size - 1) // config.batch_size
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(config.schedule, config.warmup, total_steps)
+    )
+    order = random.Random(config.seed)
+    best = param.detach().clone()
+    best_loss = math.inf
+    since_best = 0
+    step, first_epoch, skip = 0, 1, 0
+    epoch_rng = order.getstate()
 
     def held_out(epoch: int) -> None:
+        nonlocal best, best_loss, since_best
         res = evaluate(
             spm, eval_texts, name, batch_size=config.eval_batch_size, max_length=config.max_length
         )
-        result.evals.append({"epoch": epoch, "loss": res.loss, "tokens": res.tokens})
+        result.evals.append({"epoch": epoch, "step": step, "loss": res.loss, "tokens": res.tokens})
+        if res.loss < best_loss:
+            best, best_loss, since_best = param.detach().clone(), res.loss, 0
+            result.best_step = step
+        else:
+            since_best += 1
 
-    result.base_checksum_before = spm.base_checksum()
-    held_out(0)
+    def save_checkpoint(epoch: int, done_in_epoch: int, rng: Any) -> None:
+        if checkpoints is None:
+            return
+        ckpt.save(
+            checkpoints,
+            {
+                "fingerprint": fingerprint,
+                "rows": param.detach().float().cpu(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "done_in_epoch": done_in_epoch,
+                "epoch_rng": _rng_to_lists(rng),
+                "torch_rng": torch.get_rng_state(),
+                "best": best.float().cpu(),
+                "best_loss": best_loss,
+                "since_best": since_best,
+                "result": {
+                    "steps": result.steps,
+                    "evals": result.evals,
+                    "seconds": result.seconds + time.perf_counter() - start,
+                    "samples": result.samples,
+                    "best_step": result.best_step,
+                    "base_checksum_before": result.base_checksum_before,
+                },
+            },
+        )
+
+    start = time.perf_counter()  # the checkpoints' clock; restarted below, after held_out(0)
+    if state is None:
+        result.base_checksum_before = spm.base_checksum()
+        held_out(0)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, first_epoch, skip = state["step"], state["epoch"], state["done_in_epoch"]
+        epoch_rng = _rng_from_lists(state["epoch_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        best = state["best"].to(param)
+        best_loss, since_best = float(state["best_loss"]), int(state["since_best"])
+        saved = state["result"]
+        result.steps, result.evals = list(saved["steps"]), list(saved["evals"])
+        result.seconds, result.samples = float(saved["seconds"]), int(saved["samples"])
+        result.best_step = int(saved["best_step"])
+        result.base_checksum_before = saved["base_checksum_before"]
+        result.resumed_from = step
     start = time.perf_counter()
     bar = tqdm(
-        total=steps_per_epoch * config.epochs,
+        total=total_steps,
+        initial=step,
         desc=f"training {name}",
         unit="step",
         disable=not progress,
         dynamic_ncols=True,
     )
-    step = 0
-    for epoch in range(1, config.epochs + 1):
-        for batch in length_grouped_batches(rows, config.batch_size, order):
+    stop = False
+    for epoch in range(first_epoch, config.epochs + 1):
+        if epoch != first_epoch or state is None:
+            epoch_rng = order.getstate()
+        else:
+            order.setstate(epoch_rng)
+        batches = length_grouped_batches(rows, config.batch_size, order)
+        for index, batch in enumerate(batches):
+            if epoch == first_epoch and index < skip:
+                continue
             total, count = batch_loss(spm, batch, skip_first=False)
             loss = total / max(count, 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             step += 1
             result.samples += len(batch)
             value = float(loss.detach())
             result.steps.append({"step": step, "epoch": epoch, "loss": value})
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{value:.3f}")
-        held_out(epoch)
-        bar.set_postfix(epoch=epoch, heldout=f"{result.evals[-1]['loss']:.3f}")
+            if config.eval_every and step % config.eval_every == 0:
+                held_out(epoch)
+                bar.set_postfix(epoch=epoch, heldout=f"{result.evals[-1]['loss']:.3f}")
+                stop = bool(config.patience) and since_best >= config.patience
+            if stop:
+                break
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                save_checkpoint(epoch, index + 1, epoch_rng)
+        if not config.eval_every and not stop:
+            held_out(epoch)
+            bar.set_postfix(epoch=epoch, heldout=f"{result.evals[-1]['loss']:.3f}")
+            stop = bool(config.patience) and since_best >= config.patience
+        if stop:
+            result.stopped_early = True
+            break
+        save_checkpoint(epoch + 1, 0, order.getstate())
     bar.close()
-    result.seconds = time.perf_counter() - start
+    result.seconds += time.perf_counter() - start
+    with torch.no_grad():
+        param.copy_(best)
     param.requires_grad_(False)
     result.base_checksum_after = spm.base_checksum()
     return result
+
+
+def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The learning rate's multiplier at each step: linear warm-up, then the schedule."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _rng_to_lists(state: Any) -> list[Any]:
+    """``random.Random.getstate()`` as lists (what ``torch.load(weights_only=True)`` reads)."""
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_from_lists(saved: list[Any]) -> Any:
+    version, internal, gauss = saved
+    return (version, tuple(internal), gauss)
 
 
 def length_grouped_batches(
@@ -231,6 +402,9 @@ def save_trained(
         "total_params": result.total_params,
         "base_checksum_before": result.base_checksum_before,
         "base_checksum_after": result.base_checksum_after,
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
+        "resumed_from": result.resumed_from,
     }
     tmp: Path | None = None
     target = Path(output)

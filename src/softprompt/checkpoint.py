@@ -1,0 +1,107 @@
+"""Training checkpoints: small, written atomically, refused when they belong to another run.
+
+A run training into ``OUTPUT`` keeps its checkpoint in the hidden sibling ``.OUTPUT.checkpoint/``
+(the output folder itself is written whole at the end, see ``files``), as one file,
+``state.pt``: the prompt rows, AdamW's state, the schedule's step, where in which epoch the run
+is, the RNG states, the curves so far and the best rows seen. Each write goes to a temporary file
+that is flushed to disk and then renamed over the last one, so a crash at any moment leaves the
+last good checkpoint whole. The run's fingerprint (its settings, a hash of its texts, the base
+model) is stored with it; ``--resume`` with other settings, data or model is refused. A finished
+run removes its checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+STATE_FILE = "state.pt"
+FORMAT = 1
+
+
+def checkpoint_dir(output: str | Path) -> Path:
+    """Where the checkpoint of a run writing ``output`` lives."""
+    path = Path(output).expanduser().resolve()
+    return path.parent / f".{path.name}.checkpoint"
+
+
+def texts_digest(*groups: list[str]) -> str:
+    """SHA-256 over lists of texts (their order and boundaries included)."""
+    digest = hashlib.sha256()
+    for texts in groups:
+        digest.update(f"{len(texts)}\n".encode())
+        for text in texts:
+            data = text.encode()
+            digest.update(f"{len(data)}:".encode() + data)
+    return digest.hexdigest()
+
+
+def save(folder: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` as the checkpoint in ``folder``, atomically (never a half-written one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save({"format": FORMAT, **state}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, folder / STATE_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself reaches the disk
+    finally:
+        os.close(directory)
+
+
+def load(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint in ``folder``, checked against this run's ``fingerprint``.
+
+    Raises:
+        UserError: no checkpoint, a damaged one, or one made by a run with other settings, data
+            or model (the message names the first difference).
+    """
+    path = folder / STATE_FILE
+    if not path.is_file():
+        raise UserError(
+            f"nothing to resume: no checkpoint at {path} (a run writes one every "
+            "--checkpoint-every steps and at each epoch's end)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"the checkpoint {path} is damaged ({first}); start over with --overwrite"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{path} is not a softprompt checkpoint this version can read")
+    theirs = state.get("fingerprint", {})
+    for key, value in fingerprint.items():
+        if theirs.get(key) == value:
+            continue
+        what, mine, old = key, value, theirs.get(key)
+        if key == "config" and isinstance(old, dict):
+            field = next(f for f in value if old.get(f) != value[f])
+            what, mine, old = "--" + field.replace("_", "-"), value[field], old.get(field)
+        elif key == "data":
+            what, mine, old = "data (training and held-out texts)", "other texts", "others"
+        raise UserError(
+            f"the checkpoint at {folder} belongs to another run: its {what} is {old!r}, this "
+            f"run's is {mine!r}; resume with the same settings, or start over with --overwrite"
+        )
+    return state
+
+
+def remove(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)

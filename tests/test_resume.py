@@ -1,0 +1,194 @@
+"""Schedules, keeping the best prompt, early stopping, and resuming a killed run exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from softprompt.checkpoint import STATE_FILE, checkpoint_dir
+from softprompt.evaluate import evaluate
+from softprompt.prompt import init_prompt, load_adapter
+from softprompt.train import TrainConfig, lr_factor, train
+
+TEXTS = [
+    "be kind every day",
+    "be brave every day",
+    "be kind and brave every day",
+    "small steps every day",
+    "hope every day",
+    "courage every day",
+] * 3
+
+
+def test_learning_rate_schedules():
+    constant = lr_factor("constant", 4, 20)
+    assert [constant(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    linear = lr_factor("linear", 0, 10)
+    assert [round(linear(s), 6) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+    cosine = lr_factor("cosine", 2, 12)
+    assert cosine(0) == 0.5 and cosine(2) == 1.0
+    assert math.isclose(cosine(7), 0.5) and math.isclose(cosine(12), 0.0, abs_tol=1e-12)
+
+
+# Held-out texts unlike the training texts: training on these soon makes them worse.
+UNLIKE = ["i want you to act as a travel guide", "the mountain river light", "my first request"]
+
+
+def _run(spm, **overrides):
+    config = TrainConfig(
+        **{"virtual_tokens": 4, "epochs": 3, "lr": 0.1, "batch_size": 4, **overrides}
+    )
+    start = init_prompt(spm.base, config.virtual_tokens, config.init, config.init_text)
+    return config, train(spm, "tuned", start, TEXTS, UNLIKE, config, progress=False)
+
+
+def test_the_rows_kept_are_those_of_the_best_evaluation(spm):
+    # Held-out loss falls for a while, then rises as the prompt fits the training texts.
+    config, result = _run(spm, lr=0.3, eval_every=1, epochs=6)
+    losses = [e["loss"] for e in result.evals]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert best < len(losses) - 1, "the run never got worse; the test needs a worse last step"
+    assert result.best_step == result.evals[best]["step"]
+    assert result.loss_after == losses[best] < losses[-1]
+    # What is loaded (and would be saved) scores exactly the best evaluation's loss.
+    kept = evaluate(spm, UNLIKE, "tuned", batch_size=16, max_length=config.max_length)
+    assert kept.loss == pytest.approx(losses[best], abs=1e-6)
+
+
+def test_patience_stops_when_held_out_loss_stops_falling(spm):
+    config, result = _run(spm, lr=3.0, eval_every=1, patience=2, epochs=20)
+    assert result.stopped_early
+    assert result.evals[-1]["step"] < 20 * 5  # 18 texts in batches of 4: 5 steps an epoch
+    after_best = [e for e in result.evals if e["step"] > result.best_step]
+    assert len(after_best) == 2 and all(e["loss"] >= result.loss_after for e in after_best)
+
+
+def _data(tmp_path: Path) -> tuple[Path, Path]:
+    words = "be kind brave every day small steps hope courage and".split()
+    rng = __import__("random").Random(3)
+    train_file, held_file = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    train_file.write_text(
+        "".join(
+            json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 9)))})
+            + "\n"
+            for _ in range(240)
+        )
+    )
+    held_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:6]))
+    return train_file, held_file
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "softprompt.cli", *args]
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_prompt(tiny_model_dir, tmp_path):
+    train_file, held_file = _data(tmp_path)
+    common = [
+        "train", "--model", str(tiny_model_dir), "--device", "cpu", "--data", str(train_file),
+        "--eval-data", str(held_file), "--epochs", "3", "--batch-size", "2", "--lr", "0.05",
+        "--checkpoint-every", "7", "--eval-every", "40", "--schedule", "cosine",
+        "--warmup", "10", "--json",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    whole = tmp_path / "whole"
+    subprocess.run(_cli(*common, "--output", str(whole)), check=True, env=env, timeout=600)
+
+    killed = tmp_path / "killed"
+    state = checkpoint_dir(killed) / STATE_FILE
+    proc = subprocess.Popen(_cli(*common, "--output", str(killed)), env=env)
+    step = 0
+    deadline = time.monotonic() + 300
+    # Kill it mid-epoch 2 (120 steps an epoch), once a checkpoint past step 150 is on disk.
+    while step < 150 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        if state.is_file():
+            try:
+                step = torch.load(state, weights_only=True)["step"]
+            except Exception:  # noqa: BLE001 - replaced while being read: read it again
+                continue
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not killed.exists() and state.is_file()  # nothing half-written; the checkpoint stays
+    saved_step = torch.load(state, weights_only=True)["step"]
+    assert 150 <= saved_step < 240 and saved_step % 120 != 0  # mid-epoch 2
+
+    done = subprocess.run(
+        _cli(*common, "--output", str(killed), "--resume"),
+        env=env,
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["resumed_from"] == saved_step
+    assert torch.equal(load_adapter(killed).weights, load_adapter(whole).weights)
+    log_whole = json.loads((whole / "loss_log.json").read_text())
+    log_killed = json.loads((killed / "loss_log.json").read_text())
+    assert log_killed["steps"] == log_whole["steps"] and log_killed["evals"] == log_whole["evals"]
+    assert not checkpoint_dir(killed).exists()  # a finished run removes its checkpoint
+
+
+def test_resume_refuses_what_it_cannot_continue(tiny_model_dir, tmp_path, cli_main):
+    train_file, held_file = _data(tmp_path)
+    out = tmp_path / "run"
+    base = [
+        "train", "--model", str(tiny_model_dir), "--device", "cpu", "--data", str(train_file),
+        "--eval-data", str(held_file), "--epochs", "1", "--batch-size", "8",
+        "--checkpoint-every", "5", "--output", str(out), "--json",
+    ]  # fmt: skip
+
+    def refused(*extra: str) -> str:
+        done = cli_main(*base, *extra)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert "Traceback" not in done.stderr
+        return done.stderr
+
+    assert "nothing to resume" in refused("--resume")
+    # Leave a checkpoint behind as a killed run would: a finished run, then its last state.
+    folder = checkpoint_dir(out)
+    assert cli_main(*base).returncode == 0 and not folder.exists()
+    from softprompt import checkpoint
+
+    original = checkpoint.remove
+    checkpoint.remove = lambda path: None  # keep it this once
+    try:
+        other = tmp_path / "other"
+        assert cli_main(*base[:-3], "--output", str(other), "--json").returncode == 0
+    finally:
+        checkpoint.remove = original
+    folder = checkpoint_dir(other)
+    assert (folder / STATE_FILE).is_file()
+    rest = [a for a in base if a != str(out)]
+    rest[rest.index("--output") + 1] = str(other)
+    shutil_rm(other)
+    done = cli_main(*rest)
+    assert done.returncode == 2 and "add --resume to continue it" in done.stderr
+    done = cli_main(*rest, "--resume", "--lr", "0.01")
+    assert done.returncode == 2 and "its --lr is 0.03, this run's is 0.01" in done.stderr
+    held_file.write_text(json.dumps({"text": "hope and courage"}) + "\n")
+    done = cli_main(*rest, "--resume")
+    assert done.returncode == 2 and "its data (training and held-out texts)" in done.stderr
+    data = (folder / STATE_FILE).read_bytes()
+    (folder / STATE_FILE).write_bytes(data[: len(data) // 2])
+    done = cli_main(*rest, "--resume")
+    assert done.returncode == 2 and "is damaged" in done.stderr
+    done = cli_main(*rest, "--resume", "--overwrite")
+    assert done.returncode == 2 and "give one" in done.stderr
+
+
+def shutil_rm(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path)
