@@ -88,17 +88,20 @@ def load(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"{path} is not a softprompt checkpoint this version can read")
     theirs = state.get("fingerprint", {})
     for key, value in fingerprint.items():
-        if theirs.get(key) == value:
+        old = theirs.get(key)
+        if old == value:
             continue
-        what, mine, old = key, value, theirs.get(key)
         if key == "config" and isinstance(old, dict):
             field = next(f for f in value if old.get(f) != value[f])
-            what, mine, old = "--" + field.replace("_", "-"), value[field], old.get(field)
+            flag = "--" + field.replace("_", "-")
+            why = f"its {flag} is {old.get(field)!r}, this run's is {value[field]!r}"
         elif key == "data":
-            what, mine, old = "data (training and held-out texts)", "other texts", "others"
+            why = "it was made on other texts (training or held-out) than this run's"
+        else:
+            why = f"its {key.replace('_', ' ')} is {old!r}, this run's is {value!r}"
         raise UserError(
-            f"the checkpoint at {folder} belongs to another run: its {what} is {old!r}, this "
-            f"run's is {mine!r}; resume with the same settings, or start over with --overwrite"
+            f"the checkpoint at {folder} belongs to another run: {why}; resume with the same "
+            "settings, or start over with --overwrite"
         )
     return state
 
