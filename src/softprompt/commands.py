@@ -26,20 +26,28 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _load_base(args: argparse.Namespace) -> Any:
+def _load_base(args: argparse.Namespace, group: Any = None) -> Any:
     """The base model of ``--model`` on ``--device`` in ``--dtype`` (flags a command lacks
-    take their defaults)."""
+    take their defaults). In a data-parallel ``group``, joins it first (on this process's GPU)."""
     from .device import resolve
+    from .distributed import device_for, setup
     from .models import load_base_model
 
     device, dtype = resolve(getattr(args, "device", "auto"), getattr(args, "dtype", "auto"))
+    if group is not None:
+        device = device_for(group, device)
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(device)
+        setup(device)
     return load_base_model(args.model, dtype=dtype, device=device)
 
 
-def _load_model(args: argparse.Namespace) -> Any:
+def _load_model(args: argparse.Namespace, group: Any = None) -> Any:
     from .prompt import SoftPromptModel
 
-    return SoftPromptModel(_load_base(args))
+    return SoftPromptModel(_load_base(args, group))
 
 
 def _read_adapters(folders: list[str], allow_pickle: bool) -> list[Any]:
@@ -108,7 +116,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     from .checkpoint import STATE_FILE, checkpoint_dir
     from .checkpoint import remove as remove_checkpoint
+    from .distributed import PeerLost, barrier, launched, shutdown
     from .files import check_output
+
+    group = launched()
+    if not group.main:
+        args.json = True  # only rank 0 prints (and writes)
 
     output = Path(args.output)
     if args.resume and args.overwrite:
@@ -143,7 +156,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         texts, split = split_heldout(data.texts, config.heldout_fraction, config.seed)
         eval_texts = split
         eval_source = HELDOUT_FILE
-    spm = _load_model(args)
+    spm = _load_model(args, group)
+    if group.active and group.main:
+        print(
+            f"data parallel over {group.world} processes: {config.batch_size} rows each, "
+            f"{config.batch_size * group.world} a step"
+        )
     if config.init == "file":
         start = load_adapter(config.init_from or "", allow_pickle=args.allow_pickle).weights
         config.virtual_tokens = start.shape[0]
@@ -167,6 +185,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                 else f" of {args.data}, kept in {output / HELDOUT_FILE}"
             )
         )
+    import signal
+
+    def stopped(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    # SIGTERM (a launcher stopping the run because another process of it failed, or a job
+    # scheduler) ends training like Ctrl-C: with the message below, not silently.
+    previous = signal.signal(signal.SIGTERM, stopped)
     try:
         result = train(
             spm,
@@ -178,15 +204,30 @@ def cmd_train(args: argparse.Namespace) -> int:
             progress=not args.json,
             checkpoints=checkpoints,
             resume=args.resume,
+            group=group,
         )
-    except KeyboardInterrupt:
-        if (checkpoints / STATE_FILE).is_file():
+    except PeerLost as exc:
+        kept = (
+            f"the last checkpoint is kept in {checkpoints}: run the same command with --resume"
+            if (checkpoints / STATE_FILE).is_file()
+            else "no checkpoint was written yet"
+        )
+        raise UserError(
+            f"another process of this data-parallel run stopped ({exc}); {kept}"
+        ) from exc
+    except KeyboardInterrupt as exc:
+        if group.main and (checkpoints / STATE_FILE).is_file():
+            why = f"stopped by {exc}" if str(exc) else "interrupted"
+            if group.active:
+                why += " (a process of this data-parallel run failed, or the launcher stopped it)"
             print(
-                f"softprompt: interrupted; the last checkpoint is kept in {checkpoints}: "
+                f"softprompt: training {why}; the last checkpoint is kept in {checkpoints}: "
                 "run the same command with --resume to continue",
                 file=sys.stderr,
             )
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if result.resumed_from is not None and not args.json:
         print(f"resumed at step {result.resumed_from} from {checkpoints}")
     if result.texts_cut and not args.json:
@@ -205,17 +246,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         "device": str(spm.device),
         "dtype": str(spm.embedding.weight.dtype).removeprefix("torch."),
     }
-    save_trained(
-        spm,
-        name,
-        output,
-        config,
-        result,
-        extra,
-        overwrite=args.overwrite,
-        heldout=split,
-    )
-    remove_checkpoint(checkpoints)  # the run is done and saved
+    if group.active:
+        extra["processes"] = group.world
+    if group.main:
+        save_trained(
+            spm,
+            name,
+            output,
+            config,
+            result,
+            extra,
+            overwrite=args.overwrite,
+            heldout=split,
+        )
+        remove_checkpoint(checkpoints)  # the run is done and saved
+    barrier(group)
+    shutdown(group)
+    if not group.main:
+        return 0
     summary = {
         "adapter": str(output),
         "trainable_params": result.trainable_params,

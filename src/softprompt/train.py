@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .distributed import SINGLE, Group
+from .distributed import sum_ as dist_sum
 from .errors import UserError
 from .evaluate import batch_loss, evaluate, training_rows
 from .files import check_output, put_in_place, staging_dir
@@ -155,6 +157,7 @@ def train(
     progress: bool = True,
     checkpoints: Path | None = None,
     resume: bool = False,
+    group: Group = SINGLE,
 ) -> TrainResult:
     """Add adapter ``name`` with rows ``initial`` to ``spm`` and train it on ``texts``.
 
@@ -165,6 +168,8 @@ def train(
         checkpoints: folder for this run's checkpoint (``checkpoint.checkpoint_dir``); None
             writes none.
         resume: continue from the checkpoint there (same settings, data and model).
+        group: the data-parallel process group (``distributed``): each process trains on its
+            share of every batch of ``batch_size`` x processes rows; only rank 0 writes.
 
     Raises:
         UserError: ``resume`` without a usable checkpoint (see ``checkpoint.load``).
@@ -180,6 +185,7 @@ def train(
         "hidden_size": spm.hidden_size,
         "vocab_size": spm.vocab_size,
         "virtual_tokens": int(initial.shape[0]),
+        "processes": group.world,
     }
     state = ckpt.load(checkpoints, fingerprint) if resume and checkpoints is not None else None
     torch.manual_seed(config.seed)
@@ -193,7 +199,8 @@ def train(
     )
     optimizer = torch.optim.AdamW([param], lr=config.lr, weight_decay=0.0)
     rows, result.texts_cut = training_rows(spm, texts, name, config.max_length)
-    steps_per_epoch = (len(rows) + config.batch_size - 1) // config.batch_size
+    global_batch = config.batch_size * group.world
+    steps_per_epoch = (len(rows) + global_batch - 1) // global_batch
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(config.schedule, config.warmup, total_steps)
@@ -218,7 +225,7 @@ def train(
             since_best += 1
 
     def save_checkpoint(epoch: int, done_in_epoch: int, rng: Any) -> None:
-        if checkpoints is None:
+        if checkpoints is None or not group.main:
             return
         ckpt.save(
             checkpoints,
@@ -270,7 +277,7 @@ def train(
         initial=step,
         desc=f"training {name}",
         unit="step",
-        disable=not progress,
+        disable=not (progress and group.main),
         dynamic_ncols=True,
     )
     stop = False
@@ -279,19 +286,28 @@ def train(
             epoch_rng = order.getstate()
         else:
             order.setstate(epoch_rng)
-        batches = length_grouped_batches(rows, config.batch_size, order)
+        batches = length_grouped_batches(rows, global_batch, order)
         for index, batch in enumerate(batches):
             if epoch == first_epoch and index < skip:
                 continue
-            total, count = batch_loss(spm, batch, skip_first=False)
-            loss = total / max(count, 1)
+            mine = batch[group.rank :: group.world]
+            if mine:
+                total, count = batch_loss(spm, mine, skip_first=False)
+            else:  # a last batch smaller than the processes: this one only joins the sums
+                total, count = param.sum() * 0.0, 0
+            # The batch's scored tokens and loss over every process: each divides its summed
+            # loss by the whole batch's token count, so summed gradients are the whole batch's.
+            sums = dist_sum(group, torch.stack([total.detach().float(), total.new_tensor(count)]))
+            loss = total / sums[1].clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if group.active and param.grad is not None:
+                dist_sum(group, param.grad)
             optimizer.step()
             scheduler.step()
             step += 1
             result.samples += len(batch)
-            value = float(loss.detach())
+            value = float(sums[0] / sums[1].clamp(min=1))
             result.steps.append({"step": step, "epoch": epoch, "loss": value})
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{value:.3f}")

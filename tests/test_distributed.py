@@ -1,0 +1,105 @@
+"""Data parallel over torch.distributed (gloo, two CPU processes under torchrun): the prompt a
+one-process run with the same global batch trains, only rank 0 writing, and a process that dies
+ends the run at once with a clear line and a checkpoint that ``--resume`` continues."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from softprompt.checkpoint import STATE_FILE, checkpoint_dir
+from softprompt.prompt import load_adapter
+
+
+def _data(tmp_path: Path) -> tuple[Path, Path]:
+    import random
+
+    words = "be kind brave every day small steps hope courage and".split()
+    rng = random.Random(4)
+    train_file, held_file = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    train_file.write_text(
+        "".join(
+            json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 9)))})
+            + "\n"
+            for _ in range(320)
+        )
+    )
+    held_file.write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in ["be kind every day", "hope and courage"])
+    )
+    return train_file, held_file
+
+
+def test_two_processes_train_what_one_does_and_survive_losing_one(tiny_model_dir, tmp_path):
+    train_file, held_file = _data(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SOFTPROMPT_DIST_TIMEOUT": "60"}
+    common = [
+        "train", "--model", str(tiny_model_dir), "--device", "cpu", "--data", str(train_file),
+        "--eval-data", str(held_file), "--epochs", "2", "--checkpoint-every", "5", "--json",
+    ]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    torchrun += ["--nproc_per_node", "2", "-m", "softprompt"]
+    one = tmp_path / "one"
+    subprocess.run(
+        [sys.executable, "-m", "softprompt", *common, "--batch-size", "4", "--output", str(one)],
+        check=True,
+        env=env,
+        timeout=600,
+        capture_output=True,
+    )
+
+    two = tmp_path / "two"
+    run_two = [*torchrun, *common, "--batch-size", "2", "--output", str(two)]
+    proc = subprocess.Popen(run_two, env=env, stderr=subprocess.PIPE, text=True)
+    state = checkpoint_dir(two) / STATE_FILE
+    deadline = time.monotonic() + 300
+    step = 0
+    while step < 60 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        if state.is_file():
+            try:
+                step = torch.load(state, weights_only=True)["step"]
+            except Exception:  # noqa: BLE001 - replaced while being read
+                continue
+    assert proc.poll() is None, "the run ended before a process could be killed"
+    rank1 = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if p.environ().get("RANK") == "1" and p.environ().get("LOCAL_RANK") == "1"
+    ]
+    assert len(rank1) == 1
+    rank1[0].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - killed_at < 60  # no hang
+    ours = [line for line in err.splitlines() if line.startswith("softprompt:")]
+    assert len(ours) == 1 and "another process of this data-parallel run stopped" in ours[0]
+    assert "run the same command with --resume" in ours[0]
+    assert not two.exists() and state.is_file()  # nothing half-written; the checkpoint stays
+
+    done = subprocess.run(
+        [*run_two, "--resume"], env=env, timeout=600, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summaries = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1  # only rank 0 prints
+    assert json.loads(summaries[0])["resumed_from"] >= 60
+    # The same global batch (2 processes x 2 rows = 1 process x 4 rows): the same prompt, up to
+    # the order of float sums.
+    mine, theirs = load_adapter(two).weights, load_adapter(one).weights
+    assert torch.allclose(mine, theirs, atol=1e-4), float((mine - theirs).abs().max())
+    log_one = json.loads((one / "loss_log.json").read_text())
+    log_two = json.loads((two / "loss_log.json").read_text())
+    assert json.loads((two / "training_config.json").read_text())["processes"] == 2
+    assert [e["step"] for e in log_two["evals"]] == [e["step"] for e in log_one["evals"]]
+    for a, b in zip(log_one["evals"], log_two["evals"], strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-4
+    assert not checkpoint_dir(two).exists()
