@@ -192,3 +192,46 @@ def shutil_rm(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path)
+
+
+def test_sigterm_stops_training_with_one_line_naming_the_checkpoint(tiny_model_dir, tmp_path):
+    train_file, held_file = _data(tmp_path)
+    out = tmp_path / "stopped"
+    state = checkpoint_dir(out) / STATE_FILE
+    proc = subprocess.Popen(
+        _cli(
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--data",
+            str(train_file),
+            "--eval-data",
+            str(held_file),
+            "--epochs",
+            "5",
+            "--batch-size",
+            "2",
+            "--checkpoint-every",
+            "5",
+            "--output",
+            str(out),
+            "--json",
+        ),  # fmt: skip
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not state.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
+    assert lines == [
+        f"softprompt: training stopped by SIGTERM; the last checkpoint is kept in "
+        f"{checkpoint_dir(out)}: run the same command with --resume"
+    ]
+    assert not out.exists() and state.is_file()

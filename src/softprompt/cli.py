@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import commands
 from .device import DTYPES, device_name, out_of_memory
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 EPILOG = """examples:
   softprompt demo
@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print(f"softprompt: error: {message}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        if str(exc):
+            print(str(exc), file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("softprompt: interrupted", file=sys.stderr)
         return 130

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 
 def _quiet() -> None:
@@ -216,16 +216,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"another process of this data-parallel run stopped ({exc}); {kept}"
         ) from exc
     except KeyboardInterrupt as exc:
-        if group.main and (checkpoints / STATE_FILE).is_file():
+        message = ""
+        if group.main:
             why = f"stopped by {exc}" if str(exc) else "interrupted"
             if group.active:
-                why += " (a process of this data-parallel run failed, or the launcher stopped it)"
-            print(
-                f"softprompt: training {why}; the last checkpoint is kept in {checkpoints}: "
-                "run the same command with --resume to continue",
-                file=sys.stderr,
+                why += " (another process of this data-parallel run stopped, or its launcher)"
+            kept = (
+                f"the last checkpoint is kept in {checkpoints}: run the same command with --resume"
+                if (checkpoints / STATE_FILE).is_file()
+                else "no checkpoint was written yet"
             )
-        raise
+            message = f"softprompt: training {why}; {kept}"
+        raise Interrupted(message) from exc
     finally:
         signal.signal(signal.SIGTERM, previous)
     if result.resumed_from is not None and not args.json:

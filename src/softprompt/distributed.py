@@ -78,7 +78,7 @@ def setup(device: torch.device) -> Group:
 def device_for(group: Group, device: torch.device) -> torch.device:
     """``device`` for this process: a bare ``cuda`` becomes the GPU of its local rank."""
     if group.active and device.type == "cuda" and device.index is None:
-        return torch.device("cuda", group.local_rank)
+        return torch.device(device.type, group.local_rank)
     return device
 
 
