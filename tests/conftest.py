@@ -177,3 +177,24 @@ def render_page():
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slow end-to-end tests first: under xdist they then run beside the rest, not after it."""
     items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)
+
+
+@pytest.fixture()
+def word_data(tmp_path: Path):
+    """``make(count, seed, held)``: a training file of ``count`` random texts over the tiny
+    model's words, and a held-out file of the texts ``held`` (JSON lines, field ``text``)."""
+    import json
+    import random
+
+    def make(count: int, seed: int, held: list[str]) -> tuple[Path, Path]:
+        words = "be kind brave every day small steps hope courage and".split()
+        rng = random.Random(seed)
+        texts = [
+            " ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(count)
+        ]
+        train_file, held_file = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+        train_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        held_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in held))
+        return train_file, held_file
+
+    return make

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import torch
@@ -19,27 +18,10 @@ from softprompt.checkpoint import STATE_FILE, checkpoint_dir
 from softprompt.prompt import load_adapter
 
 
-def _data(tmp_path: Path) -> tuple[Path, Path]:
-    import random
-
-    words = "be kind brave every day small steps hope courage and".split()
-    rng = random.Random(4)
-    train_file, held_file = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
-    train_file.write_text(
-        "".join(
-            json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 9)))})
-            + "\n"
-            for _ in range(320)
-        )
-    )
-    held_file.write_text(
-        "".join(json.dumps({"text": t}) + "\n" for t in ["be kind every day", "hope and courage"])
-    )
-    return train_file, held_file
-
-
-def test_two_processes_train_what_one_does_and_survive_losing_one(tiny_model_dir, tmp_path):
-    train_file, held_file = _data(tmp_path)
+def test_two_processes_train_what_one_does_and_survive_losing_one(
+    tiny_model_dir, tmp_path, word_data
+):
+    train_file, held_file = word_data(320, 4, ["be kind every day", "hope and courage"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SOFTPROMPT_DIST_TIMEOUT": "60"}
     common = [
         "train", "--model", str(tiny_model_dir), "--device", "cpu", "--data", str(train_file),

@@ -18,15 +18,7 @@ from softprompt.checkpoint import STATE_FILE, checkpoint_dir
 from softprompt.evaluate import evaluate
 from softprompt.prompt import init_prompt, load_adapter
 from softprompt.train import TrainConfig, lr_factor, train
-
-TEXTS = [
-    "be kind every day",
-    "be brave every day",
-    "be kind and brave every day",
-    "small steps every day",
-    "hope every day",
-    "courage every day",
-] * 3
+from test_train import TEXTS
 
 
 def test_learning_rate_schedules():
@@ -72,27 +64,12 @@ def test_patience_stops_when_held_out_loss_stops_falling(spm):
     assert len(after_best) == 2 and all(e["loss"] >= result.loss_after for e in after_best)
 
 
-def _data(tmp_path: Path) -> tuple[Path, Path]:
-    words = "be kind brave every day small steps hope courage and".split()
-    rng = __import__("random").Random(3)
-    train_file, held_file = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
-    train_file.write_text(
-        "".join(
-            json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 9)))})
-            + "\n"
-            for _ in range(240)
-        )
-    )
-    held_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:6]))
-    return train_file, held_file
-
-
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "softprompt.cli", *args]
 
 
-def test_a_run_killed_with_sigkill_resumes_to_the_same_prompt(tiny_model_dir, tmp_path):
-    train_file, held_file = _data(tmp_path)
+def test_a_run_killed_with_sigkill_resumes_to_the_same_prompt(tiny_model_dir, tmp_path, word_data):
+    train_file, held_file = word_data(240, 3, TEXTS[:6])
     common = [
         "train", "--model", str(tiny_model_dir), "--device", "cpu", "--data", str(train_file),
         "--eval-data", str(held_file), "--epochs", "3", "--batch-size", "2", "--lr", "0.05",
@@ -140,8 +117,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_prompt(tiny_model_dir, tm
     assert not checkpoint_dir(killed).exists()  # a finished run removes its checkpoint
 
 
-def test_resume_refuses_what_it_cannot_continue(tiny_model_dir, tmp_path, cli_main):
-    train_file, held_file = _data(tmp_path)
+def test_resume_refuses_what_it_cannot_continue(tiny_model_dir, tmp_path, cli_main, word_data):
+    train_file, held_file = word_data(240, 3, TEXTS[:6])
     out = tmp_path / "run"
     base = [
         "train", "--model", str(tiny_model_dir), "--device", "cpu", "--data", str(train_file),
@@ -194,8 +171,10 @@ def shutil_rm(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def test_sigterm_stops_training_with_one_line_naming_the_checkpoint(tiny_model_dir, tmp_path):
-    train_file, held_file = _data(tmp_path)
+def test_sigterm_stops_training_with_one_line_naming_the_checkpoint(
+    tiny_model_dir, tmp_path, word_data
+):
+    train_file, held_file = word_data(240, 3, TEXTS[:6])
     out = tmp_path / "stopped"
     state = checkpoint_dir(out) / STATE_FILE
     proc = subprocess.Popen(
