@@ -72,3 +72,30 @@ def test_train_says_how_many_texts_were_cut(tiny_model_dir, texts_file, tmp_path
     assert "note: 5 of 6 training texts did not fit in --max-length 5" in proc.stdout
     proc = _cli(*args, "--max-length", "5", "--json", "--overwrite")
     assert json.loads(proc.stdout)["texts_cut"] == 5
+
+
+def test_max_length_follows_the_data_up_to_the_cap(cli_main, tiny_model_dir, tmp_path):
+    """Without --max-length, train and eval give every text the tokens it needs (EOS included),
+    up to 256, and say so; only texts past the cap are cut."""
+    long_text = " ".join(["be kind every day"] * 20)  # 80 words: past the old default of 64
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in [long_text, "hope", "be brave"] * 2)
+    )
+    out = tmp_path / "a"
+    common = ["--model", str(tiny_model_dir), "--device", "cpu", "--data", str(data)]
+    done = cli_main(
+        "train", *common, "--eval-data", str(data), "--epochs", "1", "--output", str(out)
+    )
+    assert done.returncode == 0, done.stderr
+    assert "max length: 81 text tokens (the longest training text's, EOS included)" in done.stdout
+    assert json.loads((out / "training_config.json").read_text())["max_length"] == 81
+    assert json.loads((out / "loss_log.json").read_text())["texts_cut"] == 0
+    done = cli_main("eval", *common, "--adapter", str(out), "--json")
+    assert [r["texts_cut"] for r in json.loads(done.stdout)] == [0, 0]
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text(json.dumps({"text": " ".join(["hope"] * 300)}) + "\n")
+    done = cli_main("eval", "--model", str(tiny_model_dir), "--data", str(huge), "--json")
+    assert [r["texts_cut"] for r in json.loads(done.stdout)] == [1]  # cut at the cap of 256
+    done = cli_main("train", *common, "--max-length", "0", "--output", str(tmp_path / "b"))
+    assert done.returncode == 2 and "--max-length must be at least 2" in done.stderr

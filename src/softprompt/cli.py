@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--max-length",
         type=int,
-        default=64,
-        help="text tokens per example, longer texts are cut (default: %(default)s)",
+        help="text tokens per example, EOS included; longer texts are cut (default: what the "
+        "longest training text needs, up to 256)",
     )
     train.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     train.add_argument(
@@ -237,7 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(ev)
     _data_args(ev)
     ev.add_argument("--batch-size", type=int, default=16, help="default: %(default)s")
-    ev.add_argument("--max-length", type=int, default=64, help="default: %(default)s")
+    ev.add_argument(
+        "--max-length",
+        type=int,
+        help="text tokens per example, EOS included (default: what the longest text needs, up "
+        "to 256)",
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON list of records")
     ev.set_defaults(func=commands.cmd_eval)
     cmp = sub.add_parser(
@@ -296,7 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(rep)
     _data_args(rep)
     _generation_args(rep, max_new_tokens=40, repetition_penalty=1.5)
-    rep.add_argument("--max-length", type=int, default=64, help="default: %(default)s")
+    rep.add_argument(
+        "--max-length",
+        type=int,
+        help="text tokens per example, EOS included (default: what the longest text needs, up "
+        "to 256)",
+    )
     rep.set_defaults(func=commands.cmd_report)
 
     srv = sub.add_parser(

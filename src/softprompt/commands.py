@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
-        max_length=args.max_length,
+        max_length=64 if args.max_length is None else args.max_length,  # None: from the data
         seed=args.seed,
         compile=args.compile,
         warmup=args.warmup,
@@ -157,6 +157,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_texts = split
         eval_source = HELDOUT_FILE
     spm = _load_model(args, group)
+    if args.max_length is None:
+        from .evaluate import MAX_LENGTH_CAP, fitting_length
+
+        config.max_length = fitting_length(spm, texts)
+        if not args.json:
+            why = (
+                "the longest training text's, EOS included"
+                if config.max_length < MAX_LENGTH_CAP
+                else "the cap; longer texts are cut, --max-length sets another"
+            )
+            print(f"max length: {config.max_length} text tokens ({why})")
     if group.active and group.main:
         print(
             f"data parallel over {group.world} processes: {config.batch_size} rows each, "
@@ -385,9 +396,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     _quiet()
     from .data import load_texts
-    from .evaluate import evaluate
+    from .evaluate import MAX_LENGTH_CAP, evaluate
 
-    if args.batch_size < 1 or args.max_length < 2:
+    if args.batch_size < 1 or (args.max_length is not None and args.max_length < 2):
         raise UserError("--batch-size must be at least 1 and --max-length at least 2")
     datasets = [load_texts(d, args.text_field, args.max_samples) for d in args.data]
     adapters = _read_adapters(args.adapter, args.allow_pickle)
@@ -417,7 +428,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for r in results:
         if r.adapter is None and r.cut:
             print(
-                f"note: {r.cut} texts of {r.data} did not fit in --max-length {args.max_length} "
+                f"note: {r.cut} texts of {r.data} did not fit in --max-length "
+                f"{args.max_length or MAX_LENGTH_CAP} "
                 "(tokens, EOS included): they were cut and scored without an EOS"
             )
     return 0
@@ -484,6 +496,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import check_writable
 
     config = _generate_config(args)
+    if args.max_length is not None and args.max_length < 2:
+        raise UserError("--max-length must be at least 2")
     output = Path(args.output)
     check_writable(output, args.overwrite)
     if any(not p.strip() for p in args.prompt):

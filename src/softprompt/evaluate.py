@@ -48,6 +48,18 @@ class EvalResult:
         }
 
 
+MAX_LENGTH_CAP = 256
+"""The most text tokens a row gets when ``max_length`` is left to the data."""
+
+
+def fitting_length(spm: SoftPromptModel, texts: list[str], cap: int = MAX_LENGTH_CAP) -> int:
+    """Text tokens the longest of ``texts`` needs with its EOS, at most ``cap`` (at least 2)."""
+    if not texts:
+        return 2
+    ids = spm.tokenizer(texts)["input_ids"]
+    return max(2, min(cap, max(len(row) for row in ids) + 1))
+
+
 def training_rows(
     spm: SoftPromptModel, texts: list[str], adapter: str | None, max_length: int
 ) -> tuple[list[Row], int]:
@@ -107,13 +119,18 @@ def evaluate(
     adapter: str | None,
     data_name: str = "",
     batch_size: int = 8,
-    max_length: int = 128,
+    max_length: int | None = None,
 ) -> EvalResult:
     """Mean per-token loss of ``adapter`` (None: the base model) on ``texts``.
+
+    ``max_length`` (text tokens, EOS included) defaults to what the longest text needs, up to
+    ``MAX_LENGTH_CAP``; longer texts are cut and counted in the result's ``cut``.
 
     Raises:
         UserError: no token would be scored (no texts, or none with a token after the first).
     """
+    if max_length is None:
+        max_length = fitting_length(spm, texts)
     rows, cut = training_rows(spm, texts, adapter, max_length)
     # Sorting by length keeps padding, and so wasted work, small.
     rows.sort(key=lambda r: len(r[0]))

@@ -129,7 +129,7 @@ def build_report(
     datasets: list[Texts],
     prompts: list[str],
     params: SamplingParams,
-    max_length: int = 64,
+    max_length: int | None = None,
     batch_size: int = 16,
     matrix: list[list[EvalResult]] | None = None,
     comparisons: list[Comparison] | None = None,
@@ -169,7 +169,7 @@ def eval_matrix(
     spm: SoftPromptModel,
     names: list[str],
     datasets: list[Texts],
-    max_length: int,
+    max_length: int | None,
     batch_size: int = 16,
 ) -> list[list[EvalResult]]:
     """Loss of the base model (first row) and each adapter on each dataset."""
