@@ -18,6 +18,7 @@ from .errors import Interrupted, UserError
 EPILOG = """examples:
   softprompt demo
   softprompt train --data examples:role-prompts --output adapters/roles
+  softprompt train --task roles=examples:role-prompts --task quotes=examples:quotes --output ads
   softprompt generate --adapter adapters/roles --prompt "I want you to act as a chef."
   softprompt eval --data examples:role-prompts:heldout --adapter adapters/roles
   softprompt compare --adapter adapters/roles --prompt "I want you to act as a chef." --markdown
@@ -102,16 +103,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser(
         "train",
-        help="train one soft prompt on a dataset",
-        description="Train a soft prompt and save it as a PEFT adapter folder.",
+        help="train a soft prompt (or several at once) on a dataset",
+        description="Train a soft prompt and save it as a PEFT adapter folder. With --task "
+        "(repeatable), train one prompt per task in one run over one loaded model, rows of all "
+        "tasks sharing batches, each saved as --output/NAME with its own held-out loss.",
     )
     train.add_argument(
         "--data",
-        required=True,
         help="examples:NAME, a .jsonl/.json/.csv/.parquet/.txt file, a dataset "
         "folder or a Hub dataset id",
     )
-    train.add_argument("--output", required=True, help="adapter folder to write")
+    train.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="NAME=DATA[:FIELD]",
+        help="instead of --data: a prompt named NAME trained on DATA (its FIELD, else "
+        "--text-field or the default), saved in --output/NAME (repeatable)",
+    )
+    train.add_argument(
+        "--output",
+        required=True,
+        help="adapter folder to write (with --task: the folder that gets one per task)",
+    )
     _model_arg(train)
     _data_args(train)
     train.add_argument(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(
             f"--init-from starts from an adapter's rows; it cannot go with --init {args.init}"
         )
+    specs = _task_specs(args)
     config = TrainConfig(
         virtual_tokens=args.virtual_tokens,
         init=args.init or ("file" if args.init_from else "vocab"),
@@ -122,11 +125,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     group = launched()
     if not group.main:
         args.json = True  # only rank 0 prints (and writes)
-
-    output = Path(args.output)
     if args.resume and args.overwrite:
         raise UserError("--resume continues a run and --overwrite starts over: give one")
-    check_output(output, args.overwrite)
+    _quiet()
+    from .data import heldout_source, load_texts, split_heldout
+    from .prompt import init_prompt, load_adapter
+    from .train import HELDOUT_FILE, Task, save_trained, train_tasks, trainable_summary
+
+    for spec in specs:
+        data = load_texts(spec.data, spec.field, args.max_samples)
+        spec.field = data.field
+        spec.eval_source = args.eval_data or heldout_source(spec.data)
+        if spec.eval_source:
+            spec.texts = data.texts
+            spec.eval_texts = load_texts(spec.eval_source, spec.field).texts
+        else:
+            # The held-out texts are saved in the adapter folder, so eval and report reuse them.
+            spec.texts, spec.split = split_heldout(data.texts, config.heldout_fraction, config.seed)
+            spec.eval_texts = spec.split
+            spec.eval_source = HELDOUT_FILE
+    output = Path(args.output)
+    for spec in specs:
+        check_output(spec.output, args.overwrite)
     checkpoints = checkpoint_dir(output)
     if args.resume and not (checkpoints / STATE_FILE).is_file():
         raise UserError(
@@ -140,27 +160,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "add --resume to continue it, or --overwrite to start over"
             )
         remove_checkpoint(checkpoints)
-    _quiet()
-    from .data import heldout_source, load_texts, split_heldout
-    from .prompt import init_prompt, load_adapter
-    from .train import HELDOUT_FILE, save_trained, train, trainable_summary
-
-    data = load_texts(args.data, args.text_field, args.max_samples)
-    eval_source = args.eval_data or heldout_source(args.data)
-    split: list[str] | None = None
-    if eval_source:
-        texts = data.texts
-        eval_texts = load_texts(eval_source, args.text_field).texts
-    else:
-        # The held-out texts are saved in the adapter folder, so eval and report can reuse them.
-        texts, split = split_heldout(data.texts, config.heldout_fraction, config.seed)
-        eval_texts = split
-        eval_source = HELDOUT_FILE
+    start = None
+    if config.init == "file":
+        start = load_adapter(config.init_from or "", allow_pickle=args.allow_pickle).weights
+        config.virtual_tokens = start.shape[0]
     spm = _load_model(args, group)
     if args.max_length is None:
         from .evaluate import MAX_LENGTH_CAP, fitting_length
 
-        config.max_length = fitting_length(spm, texts)
+        config.max_length = fitting_length(spm, [t for spec in specs for t in spec.texts])
         if not args.json:
             why = (
                 "the longest training text's, EOS included"
@@ -173,9 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"data parallel over {group.world} processes: {config.batch_size} rows each, "
             f"{config.batch_size * group.world} a step"
         )
-    if config.init == "file":
-        start = load_adapter(config.init_from or "", allow_pickle=args.allow_pickle).weights
-        config.virtual_tokens = start.shape[0]
+    if start is not None:
         if start.shape[1] != spm.hidden_size:
             raise UserError(
                 f"--init-from adapter has token_dim {start.shape[1]}, the model "
@@ -185,17 +191,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         start = init_prompt(
             spm.base, config.virtual_tokens, config.init, config.init_text, config.seed
         )
-    name = output.resolve().name
     if not args.json:
-        print(
-            f"training {name} on {args.data} ({len(texts)} texts, field {data.field!r}); "
-            f"held out: {len(eval_texts)} texts"
-            + (
-                f" from {eval_source}"
-                if split is None
-                else f" of {args.data}, kept in {output / HELDOUT_FILE}"
+        for spec in specs:
+            print(
+                f"training {spec.name} on {spec.data} ({len(spec.texts)} texts, field "
+                f"{spec.field!r}); held out: {len(spec.eval_texts)} texts"
+                + (
+                    f" from {spec.eval_source}"
+                    if spec.split is None
+                    else f" of {spec.data}, kept in {spec.output / HELDOUT_FILE}"
+                )
             )
-        )
+        if len(specs) > 1:
+            print(f"{len(specs)} prompts in one run, their rows sharing batches")
     import signal
 
     def stopped(signum: int, frame: Any) -> None:
@@ -204,13 +212,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     # SIGTERM (a launcher stopping the run because another process of it failed, or a job
     # scheduler) ends training like Ctrl-C: with the message below, not silently.
     previous = signal.signal(signal.SIGTERM, stopped)
+    tasks = [Task(s.name, start.clone(), s.texts, s.eval_texts) for s in specs]
     try:
-        result = train(
+        results = train_tasks(
             spm,
-            name,
-            start,
-            texts,
-            eval_texts,
+            tasks,
             config,
             progress=not args.json,
             checkpoints=checkpoints,
@@ -241,67 +247,150 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise Interrupted(message) from exc
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if result.resumed_from is not None and not args.json:
-        print(f"resumed at step {result.resumed_from} from {checkpoints}")
-    if result.texts_cut and not args.json:
-        print(
-            f"note: {result.texts_cut} of {len(texts)} training texts did not fit in "
-            f"--max-length {config.max_length} (tokens, EOS included): they were cut and "
-            "trained without an EOS"
+    if results[0].resumed_from is not None and not args.json:
+        print(f"resumed at step {results[0].resumed_from} from {checkpoints}")
+    for spec, result in zip(specs, results, strict=True):
+        if result.texts_cut and not args.json:
+            print(
+                f"note: {result.texts_cut} of {len(spec.texts)} training texts"
+                + (f" of {spec.name}" if len(specs) > 1 else "")
+                + f" did not fit in --max-length {config.max_length} (tokens, EOS included): "
+                "they were cut and trained without an EOS"
+            )
+        if result.base_checksum_after != result.base_checksum_before:
+            raise AssertionError("training changed the base model's weights")
+    summaries = []
+    for spec, result in zip(specs, results, strict=True):
+        extra = {
+            "data": spec.data,
+            "text_field": spec.field,
+            "eval_data": spec.eval_source,
+            "max_samples": args.max_samples,
+            "device": str(spm.device),
+            "dtype": str(spm.embedding.weight.dtype).removeprefix("torch."),
+        }
+        if group.active:
+            extra["processes"] = group.world
+        if len(specs) > 1:
+            extra["trained_with"] = [s.name for s in specs if s is not spec]
+        if group.main:
+            save_trained(
+                spm,
+                spec.name,
+                spec.output,
+                config,
+                result,
+                extra,
+                overwrite=args.overwrite,
+                heldout=spec.split,
+            )
+        summaries.append(
+            {
+                "adapter": str(spec.output),
+                "trainable_params": result.trainable_params,
+                "total_params": result.total_params,
+                "heldout_loss_before": result.loss_before,
+                "heldout_loss_after": result.loss_after,
+                "seconds": result.seconds,
+                "texts_cut": result.texts_cut,
+                "samples_per_second": result.samples / max(result.seconds, 1e-9),
+                "best_step": result.best_step,
+                "stopped_early": result.stopped_early,
+                "resumed_from": result.resumed_from,
+            }
         )
-    if result.base_checksum_after != result.base_checksum_before:
-        raise AssertionError("training changed the base model's weights")
-    extra = {
-        "data": args.data,
-        "text_field": data.field,
-        "eval_data": eval_source,
-        "max_samples": args.max_samples,
-        "device": str(spm.device),
-        "dtype": str(spm.embedding.weight.dtype).removeprefix("torch."),
-    }
-    if group.active:
-        extra["processes"] = group.world
     if group.main:
-        save_trained(
-            spm,
-            name,
-            output,
-            config,
-            result,
-            extra,
-            overwrite=args.overwrite,
-            heldout=split,
-        )
         remove_checkpoint(checkpoints)  # the run is done and saved
     barrier(group)
     shutdown(group)
     if not group.main:
         return 0
-    summary = {
-        "adapter": str(output),
-        "trainable_params": result.trainable_params,
-        "total_params": result.total_params,
-        "heldout_loss_before": result.loss_before,
-        "heldout_loss_after": result.loss_after,
-        "seconds": result.seconds,
-        "texts_cut": result.texts_cut,
-        "samples_per_second": result.samples / max(result.seconds, 1e-9),
-        "best_step": result.best_step,
-        "stopped_early": result.stopped_early,
-        "resumed_from": result.resumed_from,
-    }
     if args.json:
-        print(json.dumps(summary))
-    else:
-        print(trainable_summary(result.trainable_params, result.total_params))
+        if args.task:
+            print(json.dumps({"tasks": summaries}))
+        else:
+            print(json.dumps(summaries[0]))
+        return 0
+    print(trainable_summary(results[0].trainable_params, results[0].total_params))
+    for spec, result in zip(specs, results, strict=True):
         print(
-            f"held-out loss {result.loss_before:.3f} -> {result.loss_after:.3f} "
+            (f"{spec.name}: " if len(specs) > 1 else "")
+            + f"held-out loss {result.loss_before:.3f} -> {result.loss_after:.3f} "
             f"(best at step {result.best_step}"
             + (", stopped early" if result.stopped_early else "")
             + "); "
-            f"{result.seconds:.0f} s; saved to {output} (loss plot: {output / 'loss.png'})"
+            f"{result.seconds:.0f} s; saved to {spec.output} "
+            f"(loss plot: {spec.output / 'loss.png'})"
         )
     return 0
+
+
+@dataclass
+class _TaskSpec:
+    """One prompt ``train`` makes: from ``--data`` or a ``--task NAME=DATA[:FIELD]``."""
+
+    name: str
+    data: str
+    field: str | None
+    output: Path
+    texts: list[str] = dataclass_field(default_factory=list)
+    eval_texts: list[str] = dataclass_field(default_factory=list)
+    eval_source: str | None = None
+    split: list[str] | None = None
+
+
+def _task_specs(args: argparse.Namespace) -> list[_TaskSpec]:
+    """The prompts to train, checked before anything loads (duplicate or bad task names)."""
+    output = Path(args.output)
+    if not args.task:
+        if not args.data:
+            raise UserError("give --data DATA (one prompt) or --task NAME=DATA (repeatable)")
+        name = output.expanduser().resolve().name
+        return [_TaskSpec(name, args.data, args.text_field, output)]
+    if args.data:
+        raise UserError(
+            "give --data (one prompt written to --output) or --task (one prompt per task, "
+            "each in --output/NAME), not both"
+        )
+    if args.eval_data:
+        raise UserError(
+            "--eval-data goes with --data; with --task each task is held out from its own data "
+            "(the bundled held-out part for examples:, else 10%)"
+        )
+    specs: list[_TaskSpec] = []
+    for item in args.task:
+        name, sep, source = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not source:
+            raise UserError(f"--task {item!r}: expected NAME=DATA or NAME=DATA:FIELD")
+        if name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+            raise UserError(f"--task {item!r}: {name!r} cannot be a folder name; choose another")
+        data, field = _data_and_field(source)
+        if any(s.name == name for s in specs):
+            raise UserError(f"--task {name!r} is given twice; each task needs its own name")
+        specs.append(_TaskSpec(name, data, field or args.text_field, output / name))
+    return specs
+
+
+def _data_and_field(source: str) -> tuple[str, str | None]:
+    """``DATA[:FIELD]``: the whole of ``source`` when it names data (a bundled set, an existing
+    path), else split at its last colon when what follows looks like a field name."""
+    from .data import EXAMPLE_PREFIX, EXAMPLES
+
+    if source.startswith(EXAMPLE_PREFIX):
+        parts = source[len(EXAMPLE_PREFIX) :].split(":")
+        if len(parts) >= 2 and parts[1] not in ("train", "heldout"):
+            return EXAMPLE_PREFIX + ":".join(parts[:-1]), parts[-1]
+        if len(parts) == 3:
+            return EXAMPLE_PREFIX + ":".join(parts[:2]), parts[2]
+        if parts[0] in EXAMPLES or len(parts) > 1:
+            return source, None
+    if Path(source).expanduser().exists():
+        return source, None
+    data, sep, field = source.rpartition(":")
+    if sep and data and field and "/" not in field and "\\" not in field:
+        return data, field
+    return source, None
 
 
 def _read_requests(path: str, names: list[str]) -> list[Any]:

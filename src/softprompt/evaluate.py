@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -84,10 +85,11 @@ def training_rows(
 
 
 def batch_loss(
-    spm: SoftPromptModel, rows: list[tuple[list[int], int]], skip_first: bool
-) -> tuple[torch.Tensor, int]:
+    spm: SoftPromptModel, rows: list[tuple[list[int], int]], skip_first: bool, per_row: bool = False
+) -> Any:
     """Summed cross-entropy over the text tokens of ``rows`` and how many tokens were scored.
 
+    With ``per_row``, one sum per row (a float32 tensor) and a list of per-row counts instead.
     ``skip_first`` leaves out each row's first text token (see the module docstring). Logits
     are computed only where a token is scored (``SoftPromptModel.scored_logits``), not at the
     virtual tokens, the padding or the last position.
@@ -108,8 +110,14 @@ def batch_loss(
         scored.to(device, non_blocking=True),
     )  # (N, V)
     wanted = targets[targets != -100].to(device, non_blocking=True)
-    total = F.cross_entropy(logits.float(), wanted, reduction="sum")
-    return total, int(wanted.numel())
+    if not per_row:
+        total = F.cross_entropy(logits.float(), wanted, reduction="sum")
+        return total, int(wanted.numel())
+    per_token = F.cross_entropy(logits.float(), wanted, reduction="none")
+    counts = (targets != -100).sum(dim=1)
+    row_of = torch.repeat_interleave(torch.arange(len(rows)), counts).to(device)
+    sums = per_token.new_zeros(len(rows)).index_add(0, row_of, per_token)
+    return sums, counts.tolist()
 
 
 @torch.no_grad()

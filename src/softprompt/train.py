@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -147,6 +147,16 @@ def trainable_summary(trainable: int, total: int) -> str:
     )
 
 
+@dataclass
+class Task:
+    """One prompt to train: its adapter name, starting rows, training and held-out texts."""
+
+    name: str
+    initial: torch.Tensor
+    texts: list[str]
+    eval_texts: list[str]
+
+
 def train(
     spm: SoftPromptModel,
     name: str,
@@ -163,6 +173,29 @@ def train(
 
     The rows kept at the end (loaded in ``spm`` under ``name``) are those of the best held-out
     evaluation (the loss log's ``best_step``), which may be the starting rows themselves.
+    ``train_tasks`` with one task; see it for the arguments.
+    """
+    task = Task(name=name, initial=initial, texts=texts, eval_texts=eval_texts)
+    return train_tasks(spm, [task], config, progress, checkpoints, resume, group)[0]
+
+
+def train_tasks(
+    spm: SoftPromptModel,
+    tasks: list[Task],
+    config: TrainConfig,
+    progress: bool = True,
+    checkpoints: Path | None = None,
+    resume: bool = False,
+    group: Group = SINGLE,
+) -> list[TrainResult]:
+    """Train one prompt per task in one run over ``spm``: rows of all tasks share batches.
+
+    Each step is one forward and backward over a batch drawn from all tasks' rows pooled; each
+    task's loss is the mean over its own tokens in the batch, so its gradient is the one a batch
+    of only its rows would give, whatever else shares the batch. A task with no row in a batch
+    is not stepped (AdamW skips it). Each task is evaluated on its own held-out texts and keeps
+    its own best rows; ``config.patience`` stops the run when no task has improved for that many
+    evaluations. One task is plain single-prompt training.
 
     Args:
         checkpoints: folder for this run's checkpoint (``checkpoint.checkpoint_dir``); None
@@ -171,6 +204,9 @@ def train(
         group: the data-parallel process group (``distributed``): each process trains on its
             share of every batch of ``batch_size`` x processes rows; only rank 0 writes.
 
+    Returns:
+        One result per task, in order; each task's adapter is left in ``spm`` with its best rows.
+
     Raises:
         UserError: ``resume`` without a usable checkpoint (see ``checkpoint.load``).
     """
@@ -178,27 +214,38 @@ def train(
 
     from . import checkpoint as ckpt
 
-    fingerprint = {
+    names = [t.name for t in tasks]
+    fingerprint: dict[str, Any] = {
         "config": config.fingerprint(),
-        "data": ckpt.texts_digest(texts, eval_texts),
+        "tasks": names,
+        "data": ckpt.texts_digest(*(group for t in tasks for group in (t.texts, t.eval_texts))),
         "model": spm.base.name,
         "hidden_size": spm.hidden_size,
         "vocab_size": spm.vocab_size,
-        "virtual_tokens": int(initial.shape[0]),
+        "virtual_tokens": [int(t.initial.shape[0]) for t in tasks],
         "processes": group.world,
     }
     state = ckpt.load(checkpoints, fingerprint) if resume and checkpoints is not None else None
     torch.manual_seed(config.seed)
     if config.compile:
         spm.compile()
-    start_rows = state["rows"] if state is not None else initial
-    param = spm.add_adapter(Adapter(name=name, weights=start_rows), trainable=True)
+    params = [
+        spm.add_adapter(
+            Adapter(name=t.name, weights=state["rows"][i] if state is not None else t.initial),
+            trainable=True,
+        )
+        for i, t in enumerate(tasks)
+    ]
     base_params = sum(p.numel() for p in spm.model.parameters())
-    result = TrainResult(
-        name=name, trainable_params=param.numel(), total_params=base_params + param.numel()
-    )
-    optimizer = torch.optim.AdamW([param], lr=config.lr, weight_decay=0.0)
-    rows, result.texts_cut = training_rows(spm, texts, name, config.max_length)
+    results = [
+        TrainResult(name=t.name, trainable_params=p.numel(), total_params=base_params + p.numel())
+        for t, p in zip(tasks, params, strict=True)
+    ]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    rows: list[tuple[list[int], int, int]] = []  # (ids, n_virtual, task)
+    for i, (t, res) in enumerate(zip(tasks, results, strict=True)):
+        task_rows, res.texts_cut = training_rows(spm, t.texts, t.name, config.max_length)
+        rows += [(ids, n_virtual, i) for ids, n_virtual in task_rows]
     global_batch = config.batch_size * group.world
     steps_per_epoch = (len(rows) + global_batch - 1) // global_batch
     total_steps = steps_per_epoch * config.epochs
@@ -206,23 +253,53 @@ def train(
         optimizer, lr_factor(config.schedule, config.warmup, total_steps)
     )
     order = random.Random(config.seed)
-    best = param.detach().clone()
-    best_loss = math.inf
-    since_best = 0
+    n_tasks = len(tasks)
+    best = [p.detach().clone() for p in params]
+    best_loss = [math.inf] * n_tasks
+    since_best = [0] * n_tasks
     step, first_epoch, skip = 0, 1, 0
     epoch_rng = order.getstate()
+    stepping = 0.0  # seconds spent in training steps (evaluations and checkpoints left out)
 
     def held_out(epoch: int) -> None:
-        nonlocal best, best_loss, since_best
-        res = evaluate(
-            spm, eval_texts, name, batch_size=config.eval_batch_size, max_length=config.max_length
-        )
-        result.evals.append({"epoch": epoch, "step": step, "loss": res.loss, "tokens": res.tokens})
-        if res.loss < best_loss:
-            best, best_loss, since_best = param.detach().clone(), res.loss, 0
-            result.best_step = step
+        for i, (t, res) in enumerate(zip(tasks, results, strict=True)):
+            ev = evaluate(
+                spm,
+                t.eval_texts,
+                t.name,
+                batch_size=config.eval_batch_size,
+                max_length=config.max_length,
+            )
+            res.evals.append(
+                {
+                    "epoch": epoch,
+                    "step": step,
+                    "loss": ev.loss,
+                    "tokens": ev.tokens,
+                    "train_seconds": round(stepping, 3),
+                }
+            )
+            if ev.loss < best_loss[i]:
+                best[i], best_loss[i], since_best[i] = params[i].detach().clone(), ev.loss, 0
+                res.best_step = step
+            else:
+                since_best[i] += 1
+
+    def show(epoch: int, key: str) -> None:
+        if n_tasks == 1:
+            value = (
+                results[0].evals[-1]["loss"] if key == "heldout" else results[0].steps[-1]["loss"]
+            )
+            bar.set_postfix({"epoch": epoch, key: f"{value:.3f}"})
+        elif key == "heldout":
+            bar.set_postfix(
+                {"epoch": epoch, key: "/".join(f"{r.evals[-1]['loss']:.3f}" for r in results)}
+            )
         else:
-            since_best += 1
+            bar.set_postfix(epoch=epoch)
+
+    def stalled() -> bool:
+        return bool(config.patience) and min(since_best) >= config.patience
 
     def save_checkpoint(epoch: int, done_in_epoch: int, rng: Any) -> None:
         if checkpoints is None or not group.main:
@@ -231,7 +308,7 @@ def train(
             checkpoints,
             {
                 "fingerprint": fingerprint,
-                "rows": param.detach().float().cpu(),
+                "rows": [p.detach().float().cpu() for p in params],
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "step": step,
@@ -239,23 +316,29 @@ def train(
                 "done_in_epoch": done_in_epoch,
                 "epoch_rng": _rng_to_lists(rng),
                 "torch_rng": torch.get_rng_state(),
-                "best": best.float().cpu(),
+                "best": [b.float().cpu() for b in best],
                 "best_loss": best_loss,
                 "since_best": since_best,
-                "result": {
-                    "steps": result.steps,
-                    "evals": result.evals,
-                    "seconds": result.seconds + time.perf_counter() - start,
-                    "samples": result.samples,
-                    "best_step": result.best_step,
-                    "base_checksum_before": result.base_checksum_before,
-                },
+                "stepping": stepping,
+                "results": [
+                    {
+                        "steps": res.steps,
+                        "evals": res.evals,
+                        "seconds": res.seconds + time.perf_counter() - start,
+                        "samples": res.samples,
+                        "best_step": res.best_step,
+                        "base_checksum_before": res.base_checksum_before,
+                    }
+                    for res in results
+                ],
             },
         )
 
     start = time.perf_counter()  # the checkpoints' clock; restarted below, after held_out(0)
     if state is None:
-        result.base_checksum_before = spm.base_checksum()
+        checksum = spm.base_checksum()
+        for res in results:
+            res.base_checksum_before = checksum
         held_out(0)
     else:
         optimizer.load_state_dict(state["optimizer"])
@@ -263,19 +346,21 @@ def train(
         step, first_epoch, skip = state["step"], state["epoch"], state["done_in_epoch"]
         epoch_rng = _rng_from_lists(state["epoch_rng"])
         torch.set_rng_state(state["torch_rng"])
-        best = state["best"].to(param)
-        best_loss, since_best = float(state["best_loss"]), int(state["since_best"])
-        saved = state["result"]
-        result.steps, result.evals = list(saved["steps"]), list(saved["evals"])
-        result.seconds, result.samples = float(saved["seconds"]), int(saved["samples"])
-        result.best_step = int(saved["best_step"])
-        result.base_checksum_before = saved["base_checksum_before"]
-        result.resumed_from = step
+        best = [b.to(p) for b, p in zip(state["best"], params, strict=True)]
+        best_loss = [float(v) for v in state["best_loss"]]
+        since_best = [int(v) for v in state["since_best"]]
+        stepping = float(state["stepping"])
+        for res, saved in zip(results, state["results"], strict=True):
+            res.steps, res.evals = list(saved["steps"]), list(saved["evals"])
+            res.seconds, res.samples = float(saved["seconds"]), int(saved["samples"])
+            res.best_step = int(saved["best_step"])
+            res.base_checksum_before = saved["base_checksum_before"]
+            res.resumed_from = step
     start = time.perf_counter()
     bar = tqdm(
         total=total_steps,
         initial=step,
-        desc=f"training {name}",
+        desc=f"training {'+'.join(names)}",
         unit="step",
         disable=not (progress and group.main),
         dynamic_ncols=True,
@@ -290,50 +375,84 @@ def train(
         for index, batch in enumerate(batches):
             if epoch == first_epoch and index < skip:
                 continue
+            began = time.perf_counter()
             mine = batch[group.rank :: group.world]
             if mine:
-                total, count = batch_loss(spm, mine, skip_first=False)
+                totals, counts = task_losses(spm, mine, n_tasks)
             else:  # a last batch smaller than the processes: this one only joins the sums
-                total, count = param.sum() * 0.0, 0
-            # The batch's scored tokens and loss over every process: each divides its summed
-            # loss by the whole batch's token count, so summed gradients are the whole batch's.
-            sums = dist_sum(group, torch.stack([total.detach().float(), total.new_tensor(count)]))
-            loss = total / sums[1].clamp(min=1)
+                totals = torch.stack([p.sum().float() * 0.0 for p in params])
+                counts = torch.zeros(n_tasks, device=totals.device)
+            # Each task's summed loss and scored tokens over every process: each process
+            # divides its sums by the whole batch's token counts, so summed gradients are the
+            # whole batch's.
+            sums = dist_sum(group, torch.cat([totals.detach().float(), counts])).cpu()
+            global_totals, global_counts = sums[:n_tasks], sums[n_tasks:]
+            loss = (totals / global_counts.to(totals).clamp(min=1)).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if group.active and param.grad is not None:
-                dist_sum(group, param.grad)
+            for i, p in enumerate(params):
+                if global_counts[i] == 0:
+                    p.grad = None  # not in this batch anywhere: AdamW leaves it alone
+                elif group.active:
+                    if p.grad is None:  # in the batch, but only in other processes' shares
+                        p.grad = torch.zeros_like(p)
+                    dist_sum(group, p.grad)
             optimizer.step()
             scheduler.step()
             step += 1
-            result.samples += len(batch)
-            value = float(sums[0] / sums[1].clamp(min=1))
-            result.steps.append({"step": step, "epoch": epoch, "loss": value})
+            stepping += time.perf_counter() - began
+            for i, res in enumerate(results):
+                if global_counts[i] > 0:
+                    value = float(global_totals[i] / global_counts[i])
+                    res.samples += sum(1 for row in batch if row[2] == i)
+                    res.steps.append({"step": step, "epoch": epoch, "loss": value})
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{value:.3f}")
+            show(epoch, "loss")
             if config.eval_every and step % config.eval_every == 0:
                 held_out(epoch)
-                bar.set_postfix(epoch=epoch, heldout=f"{result.evals[-1]['loss']:.3f}")
-                stop = bool(config.patience) and since_best >= config.patience
+                show(epoch, "heldout")
+                stop = stalled()
             if stop:
                 break
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 save_checkpoint(epoch, index + 1, epoch_rng)
         if not config.eval_every and not stop:
             held_out(epoch)
-            bar.set_postfix(epoch=epoch, heldout=f"{result.evals[-1]['loss']:.3f}")
-            stop = bool(config.patience) and since_best >= config.patience
+            show(epoch, "heldout")
+            stop = stalled()
         if stop:
-            result.stopped_early = True
+            for res in results:
+                res.stopped_early = True
             break
         save_checkpoint(epoch + 1, 0, order.getstate())
     bar.close()
-    result.seconds += time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    checksum = spm.base_checksum()
     with torch.no_grad():
-        param.copy_(best)
-    param.requires_grad_(False)
-    result.base_checksum_after = spm.base_checksum()
-    return result
+        for p, b in zip(params, best, strict=True):
+            p.copy_(b)
+            p.requires_grad_(False)
+    for res in results:
+        res.seconds += elapsed
+        res.base_checksum_after = checksum
+    return results
+
+
+def task_losses(
+    spm: SoftPromptModel, rows: list[tuple[list[int], int, int]], n_tasks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy per task over ``rows`` (``(ids, n_virtual, task)``) in one forward,
+    and each task's scored token count (float, on the same device)."""
+    if n_tasks == 1:
+        total, count = batch_loss(spm, [(ids, n) for ids, n, _ in rows], skip_first=False)
+        return total.reshape(1), total.new_tensor([float(count)])
+    per_row, counts = batch_loss(
+        spm, [(ids, n) for ids, n, _ in rows], skip_first=False, per_row=True
+    )
+    task = per_row.new_tensor([t for _, _, t in rows], dtype=torch.long)
+    totals = per_row.new_zeros(n_tasks).index_add(0, task, per_row)
+    token_counts = per_row.new_zeros(n_tasks).index_add(0, task, per_row.new_tensor(counts))
+    return totals, token_counts
 
 
 def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -363,9 +482,12 @@ def _rng_from_lists(saved: list[Any]) -> Any:
     return (version, tuple(internal), gauss)
 
 
+RowT = TypeVar("RowT", bound=tuple[Any, ...])
+
+
 def length_grouped_batches(
-    rows: list[tuple[list[int], int]], batch_size: int, rng: random.Random
-) -> list[list[tuple[list[int], int]]]:
+    rows: list[RowT], batch_size: int, rng: random.Random
+) -> list[list[RowT]]:
     """Shuffled batches of rows of similar length: less padding, so less wasted compute.
 
     Rows are shuffled, cut into windows of 8 batches, sorted by length inside each window, and the
