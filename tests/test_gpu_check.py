@@ -34,3 +34,25 @@ def test_gpu_check_runs_every_measurement_on_the_cpu():
     engine = next(r for r in records if r.get("what", "").startswith("serve: softprompt"))
     assert engine["identical_alone_vs_batched"] == "9/9"  # float32 on the CPU: exact
     assert engine["tok_s"] > 0 and engine["vs_hf_static"] > 0
+
+
+def test_gpu_cli_check_passes_on_the_cpu(tmp_path):
+    script = SCRIPT.parent / "gpu_cli_check.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--device", "cpu", "--out", str(tmp_path)]
+        + ["--requests", "6", "--new-tokens", "4"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["check"] for r in records] == [
+        "float32_batched_vs_alone",
+        "serve_started",
+        "serve_answers_equal_engine",
+        "serve_stopped_on_sigterm",
+        "train_tasks_on_device",
+        "task_adapters_load_on_cpu",
+    ], done.stderr[-2000:]
+    assert all(r["ok"] for r in records), records
+    assert done.returncode == 0

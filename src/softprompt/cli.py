@@ -135,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--virtual-tokens", type=int, default=8, help="default: %(default)s")
     train.add_argument(
+        "--method",
+        choices=["prompt", "prefix"],
+        default="prompt",
+        help="prompt: prompt tuning, rows of input embeddings (the guide's); prefix: prefix "
+        "tuning, keys and values at every layer, started from the model's own (--init as for "
+        "prompt; --init-from a prompt adapter deepens it) (default: %(default)s)",
+    )
+    train.add_argument(
         "--init",
         choices=["vocab", "text", "random", "file"],
         help="vocab: random vocabulary rows; text: rows of --init-text; random: "

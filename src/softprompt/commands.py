@@ -102,6 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     specs = _task_specs(args)
     config = TrainConfig(
         virtual_tokens=args.virtual_tokens,
+        method=args.method,
         init=args.init or ("file" if args.init_from else "vocab"),
         init_text=args.init_text,
         init_from=args.init_from,
@@ -161,10 +162,23 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         remove_checkpoint(checkpoints)
     start = None
+    source = None
     if config.init == "file":
-        start = load_adapter(config.init_from or "", allow_pickle=args.allow_pickle).weights
-        config.virtual_tokens = start.shape[0]
+        source = load_adapter(config.init_from or "", allow_pickle=args.allow_pickle)
+        if source.method == "prefix" and config.method == "prompt":
+            raise UserError(
+                f"--init-from {config.init_from} is a prefix (deep prompt) adapter; continue it "
+                "with --method prefix"
+            )
+        config.virtual_tokens = source.num_virtual_tokens
     spm = _load_model(args, group)
+    if config.method == "prefix":
+        shape = spm.prefix_shape  # refuses a model whose cache a prefix cannot fit
+        if source is not None and source.method == "prefix":
+            mismatch = shape.mismatch(source.config, source.token_dim)
+            if mismatch:
+                raise UserError(f"--init-from {config.init_from}: {mismatch}")
+            start = source.weights
     if args.max_length is None:
         from .evaluate import MAX_LENGTH_CAP, fitting_length
 
@@ -181,12 +195,25 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"data parallel over {group.world} processes: {config.batch_size} rows each, "
             f"{config.batch_size * group.world} a step"
         )
+    if source is not None and source.method == "prompt" and source.token_dim != spm.hidden_size:
+        raise UserError(
+            f"--init-from adapter has token_dim {source.token_dim}, the model has {spm.hidden_size}"
+        )
     if start is not None:
-        if start.shape[1] != spm.hidden_size:
-            raise UserError(
-                f"--init-from adapter has token_dim {start.shape[1]}, the model "
-                f"has {spm.hidden_size}"
-            )
+        pass
+    elif config.method == "prefix":
+        from .prefix import init_prefix
+
+        start = init_prefix(
+            spm.base,
+            config.virtual_tokens,
+            config.init,
+            config.init_text,
+            config.seed,
+            rows=source.weights if source is not None else None,
+        )
+    elif source is not None:
+        start = source.weights
     else:
         start = init_prompt(
             spm.base, config.virtual_tokens, config.init, config.init_text, config.seed
@@ -559,12 +586,46 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     spm = _load_model(args)
     spm.add_adapter(adapter)
+    from rich.console import Console
+    from rich.table import Table
+
+    if adapter.method == "prefix":
+        from .inspection import inspect_prefix
+
+        deep = inspect_prefix(spm, adapter)
+        if args.json:
+            print(json.dumps(deep.as_dict()))
+            return 0
+        table = Table(
+            title=f"{adapter.name}: prefix of {deep.virtual_tokens} virtual tokens; mean key and "
+            "value norms per layer, against the model's own for real tokens"
+        )
+        for column in (
+            "layer",
+            "keys",
+            "model's keys",
+            "ratio",
+            "values",
+            "model's values",
+            "ratio",
+        ):
+            table.add_column(column)
+        for layer in deep.layers:
+            table.add_row(
+                str(layer.layer),
+                f"{layer.key_norm:.2f}",
+                f"{layer.model_key_norm:.2f}",
+                f"{layer.key_norm / max(layer.model_key_norm, 1e-12):.2f}",
+                f"{layer.value_norm:.2f}",
+                f"{layer.model_value_norm:.2f}",
+                f"{layer.value_norm / max(layer.model_value_norm, 1e-12):.2f}",
+            )
+        Console().print(table)
+        return 0
     view = inspect_adapter(spm, adapter, args.top_k)
     if args.json:
         print(json.dumps(view.as_dict()))
         return 0
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(
         title=f"{adapter.name}: vocabulary row norms mean {view.vocab_norm_mean:.2f}, "

@@ -33,6 +33,11 @@ def prompt_embeds(model: Any, tokenizer: Any, adapter: Adapter | None, prompt: s
     text = embedding(torch.tensor(ids, device=weight.device))
     if adapter is None:
         return text
+    if adapter.method == "prefix":
+        raise ValueError(
+            f"{adapter.name} is a prefix (deep prompt) adapter: keys and values at every layer, "
+            "which prompt_embeds (input rows) cannot carry; serve it with softprompt"
+        )
     problem = hidden_size_mismatch(adapter, int(weight.shape[1]))
     if problem:
         raise ValueError(problem)

@@ -94,12 +94,16 @@ def batch_loss(
     are computed only where a token is scored (``SoftPromptModel.scored_logits``), not at the
     virtual tokens, the padding or the last position.
     """
+    # A prefix adapter's virtual tokens are keys/values, not inputs: no position before its
+    # first text token predicts it, so that token is never scored for such a row.
+    rows, prefixes = spm.row_prefixes(rows)
     batch = pad_left([ids for ids, _ in rows], spm.tokenizer.pad_token_id)
     labels = batch["input_ids"].clone()
     length = labels.shape[1]
     for i, (ids, n_virtual) in enumerate(rows):
         first_text = length - len(ids) + n_virtual
-        labels[i, : first_text + (1 if skip_first else 0)] = -100
+        skip = skip_first or prefixes[i] is not None
+        labels[i, : first_text + (1 if skip else 0)] = -100
     # Position t predicts token t + 1.
     targets = labels[:, 1:]
     scored = torch.zeros_like(labels, dtype=torch.bool)
@@ -108,6 +112,7 @@ def batch_loss(
     logits = spm.scored_logits(
         {k: v.to(device, non_blocking=True) for k, v in batch.items()},
         scored.to(device, non_blocking=True),
+        prefixes,
     )  # (N, V)
     wanted = targets[targets != -100].to(device, non_blocking=True)
     if not per_row:

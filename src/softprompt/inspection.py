@@ -73,3 +73,46 @@ def inspect_adapter(spm: SoftPromptModel, adapter: Adapter, top_k: int = 5) -> I
             )
         )
     return Inspection(adapter.name, mean, std, tokens)
+
+
+@dataclass
+class LayerNorms:
+    layer: int
+    key_norm: float
+    """Mean norm of the prefix's keys at this layer (one vector per head and virtual token)."""
+    model_key_norm: float
+    """Mean norm of the keys the model itself computes for real tokens at this layer."""
+    value_norm: float
+    model_value_norm: float
+
+
+@dataclass
+class PrefixInspection:
+    adapter: str
+    method: str
+    virtual_tokens: int
+    layers: list[LayerNorms]
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def inspect_prefix(spm: SoftPromptModel, adapter: Adapter, sample: int = 64) -> PrefixInspection:
+    """Per-layer key and value norms of a prefix adapter against the model's own for ``sample``
+    random vocabulary tokens in a row: a prefix far off that scale is one attention has never
+    met the like of (as with PEFT's N(0, 1) start)."""
+    from .prefix import model_kv, norms
+    from .prompt import init_prompt
+
+    shape = spm.prefix_shape
+    key_norms, value_norms = norms(adapter.weights.detach().cpu(), shape)
+    rows = init_prompt(spm.base, min(sample, spm.vocab_size), "vocab", seed=0)
+    keys, values = model_kv(spm.model, rows)
+    model_keys = [float(k.norm(dim=-1).mean()) for k in keys]
+    model_values = [float(v.norm(dim=-1).mean()) for v in values]
+    layers = [
+        LayerNorms(i, key_norms[i], model_keys[i], value_norms[i], model_values[i])
+        for i in range(shape.layers)
+    ]
+    return PrefixInspection(adapter.name, "prefix", adapter.num_virtual_tokens, layers)

@@ -47,6 +47,12 @@ class Adapter:
     def token_dim(self) -> int:
         return int(self.weights.shape[1])
 
+    @property
+    def method(self) -> str:
+        """``prompt`` (rows of input embeddings) or ``prefix`` (keys and values at every layer,
+        PEFT's PREFIX_TUNING; see ``prefix``)."""
+        return "prefix" if self.config.get("peft_type") == "PREFIX_TUNING" else "prompt"
+
 
 class SoftPromptModel:
     """A frozen base model with any number of soft prompts loaded side by side.
@@ -75,6 +81,7 @@ class SoftPromptModel:
         self._table_key: tuple[tuple[int, int], ...] = ()
         self._head_only: bool | None = None
         self._compiled: Any = None
+        self._prefix_shape: Any = None
 
     @property
     def vocab_size(self) -> int:
@@ -96,11 +103,17 @@ class SoftPromptModel:
         changes what every reader (generation, eval, inspect, report) sees.
 
         Raises:
-            UserError: the name is taken or the adapter was made for another hidden size.
+            UserError: the name is taken or the adapter was made for another hidden size (a
+                prefix adapter: for another layer count, head count or head size).
         """
         if adapter.name in self.adapters:
             raise UserError(f"an adapter named {adapter.name!r} is already loaded")
-        mismatch = hidden_size_mismatch(adapter, self.hidden_size)
+        if adapter.method == "prefix":
+            mismatch = self.prefix_shape.mismatch(adapter.config, adapter.token_dim)
+            if mismatch:
+                raise UserError(f"{adapter.name}: {mismatch}")
+        else:
+            mismatch = hidden_size_mismatch(adapter, self.hidden_size)
         if mismatch:
             raise UserError(mismatch)
         device = self.embedding.weight.device
@@ -148,7 +161,10 @@ class SoftPromptModel:
         parameters' version counters); rebuilt on every call only while a row is being trained,
         so gradients reach the parameters.
         """
-        params = [a.weights for a in self.adapters.values()]
+        params = [
+            a.weights if a.method == "prompt" else self._placeholders(a)
+            for a in self.adapters.values()
+        ]
         dtype = self.embedding.weight.dtype
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return torch.cat(params).to(dtype)
@@ -160,6 +176,44 @@ class SoftPromptModel:
                 self._table = self.embedding.weight.new_zeros(0, self.hidden_size)
             self._table_key = key
         return self._table
+
+    def _placeholders(self, adapter: Adapter) -> torch.Tensor:
+        """Zero rows standing for a prefix adapter's virtual ids in the prompt table: the ids
+        mark a row's adapter; ``row_prefixes`` takes them out before the model sees the row."""
+        return adapter.weights.new_zeros(adapter.num_virtual_tokens, self.hidden_size)
+
+    @property
+    def prefix_shape(self) -> Any:
+        """The model's ``prefix.PrefixShape`` (raises ``UserError`` for a model it cannot fit)."""
+        from .prefix import PrefixShape
+
+        if self._prefix_shape is None:
+            self._prefix_shape = PrefixShape.of(self.model)
+        return self._prefix_shape
+
+    def row_prefixes(
+        self, rows: list[tuple[list[int], int]]
+    ) -> tuple[list[tuple[list[int], int]], list[torch.Tensor | None]]:
+        """Rows with prefix adapters' virtual ids taken out, and each row's prefix (the live
+        parameter) or None. Rows of prompt adapters and of the base model are unchanged."""
+        if not any(a.method == "prefix" for a in self.adapters.values()):
+            return rows, [None] * len(rows)
+        owners: dict[int, Adapter] = {}
+        offset = self.vocab_size
+        for adapter in self.adapters.values():
+            owners[offset] = adapter
+            offset += adapter.num_virtual_tokens
+        out: list[tuple[list[int], int]] = []
+        prefixes: list[torch.Tensor | None] = []
+        for ids, n_virtual in rows:
+            owner = owners.get(ids[0]) if n_virtual else None
+            if owner is not None and owner.method == "prefix":
+                out.append((ids[n_virtual:], 0))
+                prefixes.append(owner.weights)
+            else:
+                out.append((ids, n_virtual))
+                prefixes.append(None)
+        return out, prefixes
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings ``(B, T, D)`` for token ids ``(B, T)``, virtual ids included.
@@ -194,7 +248,12 @@ class SoftPromptModel:
         """Run the base model on token ids that may hold virtual ids (through ``inputs_embeds``)."""
         return self.model(inputs_embeds=self.embed(input_ids), **kwargs)
 
-    def scored_logits(self, batch: dict[str, torch.Tensor], where: torch.Tensor) -> torch.Tensor:
+    def scored_logits(
+        self,
+        batch: dict[str, torch.Tensor],
+        where: torch.Tensor,
+        prefixes: list[torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
         """Logits ``(N, V)`` at the N positions where ``where`` ``(B, L)`` is True.
 
         The output layer runs on those positions only: in training most of a batch's positions
@@ -204,7 +263,15 @@ class SoftPromptModel:
         scaling), found by comparing both ways once, every logit is computed as before.
         """
         embeds = self.embed(batch["input_ids"])
-        rest = {k: v for k, v in batch.items() if k != "input_ids"}
+        rest: dict[str, Any] = {k: v for k, v in batch.items() if k != "input_ids"}
+        if prefixes is not None and any(p is not None for p in prefixes):
+            from .prefix import batch_past
+
+            cache, mask, lengths = batch_past(prefixes, self.prefix_shape, embeds.dtype)
+            rest["attention_mask"] = torch.cat([mask, rest["attention_mask"]], dim=1)
+            shift = torch.tensor(lengths, device=rest["position_ids"].device)[:, None]
+            rest["position_ids"] = rest["position_ids"] + shift  # text after its prefix
+            rest["past_key_values"] = cache
         if self._head_only_matches():
             body = self.model.base_model if self._compiled is None else self._compiled
             hidden = body(inputs_embeds=embeds, use_cache=False, **rest)
@@ -356,7 +423,7 @@ def write_adapter_files(folder: Path, weights: torch.Tensor, config: dict[str, A
 
 
 def load_adapter(path: str | Path, allow_pickle: bool = False, name: str | None = None) -> Adapter:
-    """Read a PEFT prompt-tuning (or P-tuning) adapter folder.
+    """Read a PEFT prompt-tuning, P-tuning or prefix-tuning adapter folder.
 
     Args:
         path: the folder holding ``adapter_config.json`` and the weights.
@@ -381,9 +448,10 @@ def load_adapter(path: str | Path, allow_pickle: bool = False, name: str | None 
     if not isinstance(config, dict):
         raise UserError(f"{config_path} is not a JSON object")
     peft_type = config.get("peft_type")
-    if peft_type not in ("PROMPT_TUNING", "P_TUNING"):
+    if peft_type not in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
         raise UserError(
-            f"{folder} is a {peft_type} adapter; softprompt loads PROMPT_TUNING and P_TUNING"
+            f"{folder} is a {peft_type} adapter; softprompt loads PROMPT_TUNING, P_TUNING and "
+            "PREFIX_TUNING"
         )
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         raise UserError(f"{folder} is for task {config.get('task_type')}, not CAUSAL_LM")
@@ -410,7 +478,18 @@ def load_adapter(path: str | Path, allow_pickle: bool = False, name: str | None 
             f"{folder}: config says {expected} virtual tokens but the weights have "
             f"{weights.shape[0]} rows"
         )
-    if token_dim is not None and token_dim != weights.shape[1]:
+    if peft_type == "PREFIX_TUNING":
+        layers = _config_int(config_path, config, "num_layers")
+        if (
+            layers is not None
+            and token_dim is not None
+            and weights.shape[1] != 2 * layers * token_dim
+        ):
+            raise UserError(
+                f"{folder}: a prefix of {layers} layers x 2 x token_dim {token_dim} needs "
+                f"{2 * layers * token_dim} columns; the weights have {weights.shape[1]}"
+            )
+    elif token_dim is not None and token_dim != weights.shape[1]:
         raise UserError(f"{folder}: config token_dim {token_dim} != weights' {weights.shape[1]}")
     return Adapter(name=name or folder.resolve().name, weights=weights.float(), config=config)
 

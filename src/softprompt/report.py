@@ -160,7 +160,13 @@ def build_report(
         "<h2>Adapters</h2>",
     ]
     for info in adapters:
-        parts.append(_adapter_section(spm, info, inspect_adapter(spm, spm.adapters[info.name])))
+        adapter = spm.adapters[info.name]
+        if adapter.method == "prefix":
+            from .inspection import inspect_prefix
+
+            parts.append(_adapter_section(spm, info, inspect_prefix(spm, adapter)))
+        else:
+            parts.append(_adapter_section(spm, info, inspect_adapter(spm, adapter)))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
@@ -358,6 +364,19 @@ def _adapter_section(spm: SoftPromptModel, info: AdapterInfo, view: Any) -> str:
             SimpleNamespace(name=info.name, steps=info.log["steps"], evals=info.log["evals"]), image
         )
         curve = f'<img alt="loss curve of {escape(info.name)}" src="{png_data_uri(image)}">'
+    if getattr(view, "method", "prompt") == "prefix":
+        layers = "".join(
+            f"<tr><td>{x.layer}</td><td>{x.key_norm:.2f}</td><td>{x.model_key_norm:.2f}</td>"
+            f"<td>{x.value_norm:.2f}</td><td>{x.model_value_norm:.2f}</td></tr>"
+            for x in view.layers
+        )
+        return (
+            f"<h3>{escape(info.name)}</h3><div class=pair><table>{table}</table>{curve}</div>"
+            "<h4>Inspect: mean key and value norms per layer, against the model's own for "
+            "real tokens</h4><table class=inspect><tr><th>layer</th><th>keys</th>"
+            "<th>model's keys</th><th>values</th><th>model's values</th></tr>"
+            f"{layers}</table>"
+        )
     rows = "".join(
         f"<tr><td>{t.index}</td><td>{t.norm:.2f}</td><td>{t.norm_z:+.1f}</td>"
         f"<td>{t.norm_percentile:.0f}</td><td>"

@@ -28,6 +28,7 @@ from .distributed import sum_ as dist_sum
 from .errors import UserError
 from .evaluate import batch_loss, evaluate, training_rows
 from .files import check_output, put_in_place, staging_dir
+from .prefix import METHODS
 from .prompt import Adapter, SoftPromptModel, adapter_config, write_adapter_files
 
 INITS = ("vocab", "text", "random", "file")
@@ -42,6 +43,8 @@ class TrainConfig:
 
     virtual_tokens: int = 8
     """Number of virtual tokens (rows of the prompt)."""
+    method: str = "prompt"
+    """prompt (prompt tuning: input rows) or prefix (prefix tuning: keys/values at every layer)."""
     init: str = "vocab"
     """vocab (random vocabulary rows), text (rows of --init-text), random (scale-matched), file."""
     init_text: str | None = None
@@ -72,6 +75,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.virtual_tokens < 1:
             raise UserError("--virtual-tokens must be at least 1")
+        if self.method not in METHODS:
+            raise UserError(f"--method must be one of {', '.join(METHODS)}")
         if self.init not in INITS:
             raise UserError(f"--init must be one of {', '.join(INITS)}")
         if self.init == "text" and not (self.init_text and self.init_text.strip()):
@@ -231,7 +236,11 @@ def train_tasks(
         spm.compile()
     params = [
         spm.add_adapter(
-            Adapter(name=t.name, weights=state["rows"][i] if state is not None else t.initial),
+            Adapter(
+                name=t.name,
+                weights=state["rows"][i] if state is not None else t.initial,
+                config=_method_config(spm, config, int(t.initial.shape[0])),
+            ),
             trainable=True,
         )
         for i, t in enumerate(tasks)
@@ -455,6 +464,16 @@ def task_losses(
     return totals, token_counts
 
 
+def _method_config(spm: SoftPromptModel, config: TrainConfig, n: int) -> dict[str, Any]:
+    """The PEFT config an adapter of ``config.method`` carries (empty for prompt tuning, whose
+    file config is written at save time)."""
+    if config.method == "prompt":
+        return {}
+    from .prefix import peft_config
+
+    return peft_config(n, spm.prefix_shape, spm.base.name)
+
+
 def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     """The learning rate's multiplier at each step: linear warm-up, then the schedule."""
 
@@ -527,8 +546,10 @@ def save_trained(
     """
     weights = spm.adapter_weights(name)
     adapter = Adapter(name=name, weights=weights)
-    peft_config = adapter_config(
-        adapter, spm.base.name, init=config.init, init_text=config.init_text
+    peft_config = (
+        adapter_config(adapter, spm.base.name, init=config.init, init_text=config.init_text)
+        if config.method == "prompt"
+        else _method_config(spm, config, adapter.num_virtual_tokens)
     )
     loss_log = {
         "steps": result.steps,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..device import out_of_memory
+from ..errors import UserError
 from ..prompt import Adapter, hidden_size_mismatch
 from .detokenize import Detokenizer
 from .registry import AdapterRegistry
@@ -221,7 +222,13 @@ class Engine:
         return self.registry.names()
 
     def _check_adapter(self, adapter: Adapter) -> None:
-        mismatch = hidden_size_mismatch(adapter, self.runner.hidden_size)
+        if adapter.method == "prefix":
+            try:
+                mismatch = self.runner.prefix_shape.mismatch(adapter.config, adapter.token_dim)
+            except UserError as exc:
+                raise RequestError(str(exc)) from exc
+        else:
+            mismatch = hidden_size_mismatch(adapter, self.runner.hidden_size)
         if mismatch:
             raise RequestError(mismatch)
         if adapter.num_virtual_tokens >= self.runner.max_length:

@@ -55,6 +55,7 @@ class ModelRunner:
             self.model = packed_model(model, full_batch)
         else:
             self.model = model
+        self.base = model
         config = model.config.get_text_config()
         embedding = model.get_input_embeddings()
         self.embedding = embedding
@@ -123,9 +124,17 @@ class ModelRunner:
     def prefixes(self, adapters: list[Adapter]) -> list[Prefix]:
         """Keys/values of each adapter's virtual tokens at positions 0..n-1, for every layer.
 
-        All adapters run in one forward, rows right-aligned to the longest (a prefix depends on
-        its own rows only: padding is masked out).
+        All prompt adapters run in one forward, rows right-aligned to the longest (a prefix
+        depends on its own rows only: padding is masked out). A prefix adapter (deep prompt)
+        already is its keys/values: they are only laid out per layer.
         """
+        deep = [a for a in adapters if a.method == "prefix"]
+        if deep:
+            shallow = iter(self.prefixes([a for a in adapters if a.method != "prefix"]))
+            stored = iter([self.stored_prefix(a) for a in deep])
+            return [next(stored) if a.method == "prefix" else next(shallow) for a in adapters]
+        if not adapters:
+            return []
         rows = []
         for adapter in adapters:
             weights = adapter.weights.detach().to(device=self.device, dtype=self.dtype)
@@ -150,6 +159,23 @@ class ModelRunner:
             )
             for j, n in enumerate(lengths)
         ]
+
+    def stored_prefix(self, adapter: Adapter) -> Prefix:
+        """A prefix adapter's keys/values, per layer ``(H, n, Dh)``, in the cache's dtype."""
+        from ..prefix import split
+
+        weights = adapter.weights.detach()
+        if not bool(torch.isfinite(weights).all()):
+            raise RequestError(f"adapter {adapter.name!r} has NaN or infinite values")
+        keys, values = split(weights.to(device=self.device, dtype=self.dtype), self.prefix_shape)
+        return Prefix(keys=list(keys.contiguous()), values=list(values.contiguous()))
+
+    @property
+    def prefix_shape(self) -> Any:
+        """The model's ``prefix.PrefixShape`` (``UserError`` if prefixes cannot fit it)."""
+        from ..prefix import PrefixShape
+
+        return PrefixShape.of(self.base)
 
     def prefix(self, adapter: Adapter) -> Prefix:
         """The prefix of one adapter (see ``prefixes``)."""
