@@ -3,8 +3,9 @@
 On a random-init model of the embedded model's config saved to a folder (no weights can be
 downloaded there), with a word-level tokenizer (``gpu_check.tokenizer_for``):
 
-  1. float32 on the GPU: the engine's greedy completions of mixed requests (4 adapters and the
-     base model) all at once vs each alone: how many are identical (float32 should make it all);
+  1. float32 on the GPU: the engine's greedy completions of mixed requests (4 prompt adapters,
+     a prefix adapter and the base model) all at once vs each alone: how many are identical
+     (float32 should make it all);
   2. ``softprompt serve --device cuda --dtype float32`` in its own process, answering the official
      ``openai`` client: 24 requests from concurrent threads (one streamed), each compared with the
      engine's answer in step 1; then SIGTERM, and the exit status;
@@ -91,10 +92,21 @@ def main() -> int:
     tokenizer.save_pretrained(model_dir)
     rows = adapter_rows(model, 4, 8)
     for name, weights in rows.items():
+        (adapters_dir / name).mkdir(parents=True, exist_ok=True)
         write_adapter_files(
             adapters_dir / name, weights, adapter_config(Adapter(name, weights), str(model_dir))
         )
+    # One deep prompt (prefix tuning) among them, started from the model's own keys/values.
+    from types import SimpleNamespace
+
+    from softprompt.prefix import PrefixShape, init_prefix, peft_config
+
+    deep = init_prefix(SimpleNamespace(model=model, tokenizer=tokenizer), 6, "vocab", seed=5)
+    deep_config = peft_config(6, PrefixShape.of(model), str(model_dir))
+    (adapters_dir / "deep").mkdir(parents=True, exist_ok=True)
+    write_adapter_files(adapters_dir / "deep", deep, deep_config)
     prompts, targets = workload(spec["vocab_size"], args.requests, len(rows))
+    targets = ["deep" if i % 6 == 5 else t for i, t in enumerate(targets)]
     texts = [" ".join(f"t{i}" for i in p) for p in prompts]
 
     # 1. float32 on the device: batched vs alone.
@@ -102,6 +114,7 @@ def main() -> int:
     engine = Engine(model, tokenizer, EngineConfig(max_batch_size=len(prompts)))
     for name, weights in rows.items():
         engine.add_adapter(name, Adapter(name, weights))
+    engine.add_adapter("deep", Adapter("deep", deep, deep_config))
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     batched = engine.generate(texts, targets, params)
     alone = [engine.generate([t], [a], params)[0] for t, a in zip(texts, targets, strict=True)]
@@ -158,7 +171,7 @@ def main() -> int:
         except openai.APIConnectionError:
             time.sleep(0.5)
     ok &= emit("serve_started", bool(models), models=models, seconds=time.monotonic() - started)
-    base = next((m for m in models if m not in rows), "")
+    base = next((m for m in models if m not in rows and m != "deep"), "")
     if models:
 
         def ask(i: int) -> str:
