@@ -10,6 +10,7 @@ Everything else follows the tensors it works with (``weight.device``, ``logits.d
 
 from __future__ import annotations
 
+import argparse
 import ast
 from pathlib import Path
 
@@ -23,6 +24,7 @@ ALLOWED = {
     ("prompt.py", "base_checksum"): "hashes the weights' bytes",
     ("prompt.py", "write_adapter_files"): "safetensors files hold CPU tensors",
     ("prompt.py", "init_prompt"): "initial rows are float32 on the CPU on every device",
+    ("prefix.py", "model_kv"): "a prefix's start is float32 on the CPU, as init_prompt's rows",
     ("prompt.py", "_read_weights"): "a pickled adapter loads to the CPU, then follows the model",
     ("embeds.py", "to_bytes"): "torch.save of a tensor for another process",
     ("train.py", "save_checkpoint"): "a checkpoint's rows are saved from the CPU",
@@ -192,3 +194,17 @@ def test_bfloat16_on_a_gpu_without_it_is_one_clear_error(monkeypatch):
         resolve_dtype("bfloat16", gpu)
     assert resolve_dtype("auto", gpu) == torch.float32
     assert resolve_dtype("float32", gpu) == torch.float32
+
+
+def test_a_single_process_run_on_a_bare_cuda_device_loads(monkeypatch):
+    # `softprompt train --device cuda` (no index, one process) once called
+    # torch.cuda.set_device("cuda"), which PyTorch refuses; caught on an H200.
+    from softprompt import commands, device, models
+    from softprompt.distributed import launched
+
+    monkeypatch.setattr(device, "resolve", lambda d, t: (torch.device("cuda"), torch.float32))
+    loaded = []
+    monkeypatch.setattr(models, "load_base_model", lambda *a, **k: loaded.append(k) or "base")
+    args = argparse.Namespace(model=None, device="cuda", dtype="auto")
+    assert commands._load_base(args, launched()) == "base"
+    assert loaded[0]["device"] == torch.device("cuda")

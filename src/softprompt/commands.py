@@ -38,7 +38,7 @@ def _load_base(args: argparse.Namespace, group: Any = None) -> Any:
     device, dtype = resolve(getattr(args, "device", "auto"), getattr(args, "dtype", "auto"))
     if group is not None:
         device = device_for(group, device)
-        if device.type == "cuda":
+        if device.type == "cuda" and device.index is not None:  # a process of a group
             import torch
 
             torch.cuda.set_device(device)

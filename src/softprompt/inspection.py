@@ -106,7 +106,7 @@ def inspect_prefix(spm: SoftPromptModel, adapter: Adapter, sample: int = 64) -> 
     from .prompt import init_prompt
 
     shape = spm.prefix_shape
-    key_norms, value_norms = norms(adapter.weights.detach().cpu(), shape)
+    key_norms, value_norms = norms(adapter.weights.detach(), shape)
     rows = init_prompt(spm.base, min(sample, spm.vocab_size), "vocab", seed=0)
     keys, values = model_kv(spm.model, rows)
     model_keys = [float(k.norm(dim=-1).mean()) for k in keys]

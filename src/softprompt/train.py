@@ -394,9 +394,10 @@ def train_tasks(
             # Each task's summed loss and scored tokens over every process: each process
             # divides its sums by the whole batch's token counts, so summed gradients are the
             # whole batch's.
-            sums = dist_sum(group, torch.cat([totals.detach().float(), counts])).cpu()
-            global_totals, global_counts = sums[:n_tasks], sums[n_tasks:]
-            loss = (totals / global_counts.to(totals).clamp(min=1)).sum()
+            sums = dist_sum(group, torch.cat([totals.detach().float(), counts]))
+            loss = (totals / sums[n_tasks:].clamp(min=1)).sum()
+            host = sums.tolist()
+            global_totals, global_counts = host[:n_tasks], host[n_tasks:]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for i, p in enumerate(params):
