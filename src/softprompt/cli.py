@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="adapter folder to continue from (implies --init file)",
     )
     train.add_argument("--epochs", type=int, default=5, help="default: %(default)s")
-    train.add_argument("--lr", type=float, default=3e-2, help="default: %(default)s")
+    train.add_argument(
+        "--lr", type=float, help="learning rate (default: 0.03; 0.01 with --method prefix)"
+    )
     train.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
     train.add_argument(
         "--max-length",

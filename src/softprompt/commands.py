@@ -107,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         init_text=args.init_text,
         init_from=args.init_from,
         epochs=args.epochs,
-        lr=args.lr,
+        lr=args.lr if args.lr is not None else (1e-2 if args.method == "prefix" else 3e-2),
         batch_size=args.batch_size,
         max_length=64 if args.max_length is None else args.max_length,  # None: from the data
         seed=args.seed,
