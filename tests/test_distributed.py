@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -87,3 +88,32 @@ def test_two_processes_train_what_one_does_and_survive_losing_one(
     for a, b in zip(log_one["evals"], log_two["evals"], strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-4
     assert not checkpoint_dir(two).exists()
+
+
+def test_accelerate_launch_trains_what_one_process_does(tiny_model_dir, tmp_path, word_data):
+    # accelerate's --multi_gpu launcher is torchrun's; with no GPU the processes use gloo.
+    # (accelerate's --cpu flag starts one process, not several.)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    train_file, held_file = word_data(64, 4, ["be kind every day", "hope and courage"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    common = [
+        "train", "--model", str(tiny_model_dir), "--device", "cpu", "--data", str(train_file),
+        "--eval-data", str(held_file), "--epochs", "2", "--json",
+    ]  # fmt: skip
+    launch = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", "0", "-m", "softprompt"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    done = subprocess.run(
+        [*launch, *common, "--batch-size", "2", "--output", str(two)],
+        env=env, timeout=300, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "data parallel over 2 processes" in done.stdout
+    subprocess.run(
+        [sys.executable, "-m", "softprompt", *common, "--batch-size", "4", "--output", str(one)],
+        env=env, timeout=300, check=True, capture_output=True,
+    )  # fmt: skip
+    mine, theirs = load_adapter(two).weights, load_adapter(one).weights
+    assert torch.allclose(mine, theirs, atol=1e-4), float((mine - theirs).abs().max())
+    assert json.loads((two / "training_config.json").read_text())["processes"] == 2
