@@ -92,6 +92,12 @@ def test_a_batch_mixing_prefix_prompt_and_base_rows_scores_each_as_alone(spm):
     torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
 
 
+def test_a_model_whose_layers_mix_attention_kinds_is_refused(spm):
+    spm.model.config.layer_types = ["full_attention", "sliding_attention"]
+    with pytest.raises(UserError, match="mixes attention kinds"):
+        PrefixShape.of(spm.model)
+
+
 def test_a_prefix_for_another_model_shape_is_refused(spm):
     shape = PrefixShape.of(spm.model)
     wrong = Adapter("wrong", torch.zeros(4, shape.width * 2), peft_config(4, shape, "x"))
@@ -179,6 +185,27 @@ def test_train_method_prefix_saves_what_peft_loads(tiny_model_dir, tmp_path, cli
     # Its start scores as the prompt adapter does (but for the first text token: eval skips it).
     shallow_loss = json.loads((shallow / "loss_log.json").read_text())["evals"]
     assert before == pytest.approx(min(e["loss"] for e in shallow_loss), rel=1e-4)
+
+    # compare, inspect and report take a prefix adapter beside a prompt adapter.
+    both = ["--model", str(tiny_model_dir), "--adapter", str(out), "--adapter", str(shallow)]
+    proc = cli_main("compare", *both, "--prompt", "be kind", "--max-new-tokens", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert {c["adapter"] for c in json.loads(proc.stdout)[0]["completions"]} >= {"deep", "shallow"}
+    proc = cli_main("inspect", "--model", str(tiny_model_dir), str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    layers = json.loads(proc.stdout)["layers"]
+    assert [x["layer"] for x in layers] == [0, 1]
+    assert all(x["key_norm"] > 0 and x["model_value_norm"] > 0 for x in layers)
+    report = tmp_path / "report.html"
+    proc = cli_main("report", *both, "--data", str(held_file), "--prompt", "be kind",
+                    "--max-new-tokens", "3", "--output", str(report))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    page = report.read_text()
+    assert "key and value norms per layer" in page and "nearest vocabulary tokens" in page
+    # vLLM's prompt_embeds cannot carry a prefix: refused before any model loads.
+    proc = cli_main("embeds", "--model", str(tmp_path / "none"), "--adapter", str(out),
+                    "--prompt", "be kind", "--base64")  # fmt: skip
+    assert proc.returncode == 2 and "prefix" in proc.stderr
 
     # A prefix adapter cannot start a prompt.
     refused = cli_main("train", *common, "--init-from", str(out), "--output", str(tmp_path / "x"))

@@ -701,6 +701,11 @@ def cmd_embeds(args: argparse.Namespace) -> int:
     if output is not None and not output.parent.is_dir():
         raise UserError(f"folder {output.parent} does not exist")
     adapters = _read_adapters([args.adapter], args.allow_pickle) if args.adapter else [None]
+    if adapters[0] is not None and adapters[0].method == "prefix":
+        raise UserError(
+            f"{args.adapter} is a prefix (deep prompt) adapter: keys and values at every layer, "
+            "which prompt_embeds (input rows) cannot carry; serve it with softprompt"
+        )
     _quiet()
     from .embeds import prompt_embeds, to_base64, to_bytes
     from .files import write_bytes
