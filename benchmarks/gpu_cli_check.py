@@ -34,17 +34,13 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_check import CONFIGS, adapter_rows, build_model, tokenizer_for, workload  # noqa: E402
-
-TINY = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    tie_word_embeddings=True,
+from gpu_check import (  # noqa: E402
+    CONFIGS,
+    TINY,
+    adapter_rows,
+    build_model,
+    tokenizer_for,
+    workload,
 )
 
 
