@@ -161,7 +161,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "add --resume to continue it, or --overwrite to start over"
             )
         remove_checkpoint(checkpoints)
-    start = None
     source = None
     if config.init == "file":
         source = load_adapter(config.init_from or "", allow_pickle=args.allow_pickle)
@@ -178,7 +177,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             mismatch = shape.mismatch(source.config, source.token_dim)
             if mismatch:
                 raise UserError(f"--init-from {config.init_from}: {mismatch}")
-            start = source.weights
     if args.max_length is None:
         from .evaluate import MAX_LENGTH_CAP, fitting_length
 
@@ -199,8 +197,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(
             f"--init-from adapter has token_dim {source.token_dim}, the model has {spm.hidden_size}"
         )
-    if start is not None:
-        pass
+    if source is not None and source.method == config.method:
+        start = source.weights  # continue the adapter as it is
     elif config.method == "prefix":
         from .prefix import init_prefix
 
@@ -210,10 +208,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             config.init,
             config.init_text,
             config.seed,
-            rows=source.weights if source is not None else None,
+            rows=source.weights if source is not None else None,  # deepen a prompt adapter
         )
-    elif source is not None:
-        start = source.weights
     else:
         start = init_prompt(
             spm.base, config.virtual_tokens, config.init, config.init_text, config.seed
