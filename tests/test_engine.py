@@ -452,6 +452,28 @@ def test_a_tiny_temperature_or_top_p_samples_the_greedy_token(spm):
         assert sampled.token_ids == greedy.token_ids
 
 
+@pytest.mark.parametrize("vocab", [7, 256, 1000, 1024, 49152, 50257])
+def test_greedy_tokens_equal_argmax_with_ties_nan_and_infinities(vocab):
+    """The CPU's chunked greedy pick is ``argmax`` exactly: the first of tied maxima, NaN first."""
+    from softprompt.engine.sampling import greedy_tokens
+
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(12, vocab, generator=generator)
+    last = vocab - 1
+    logits[1, [last, 0]] = 9.0  # tie across the ends: the first wins
+    logits[2, [last // 2, last // 2 + 1, last]] = 9.0  # ties in one chunk and the next
+    logits[3] = float("-inf")  # nothing allowed: index 0, as argmax gives
+    logits[4, last // 3] = float("nan")
+    logits[5, [last, last // 5]] = float("nan")  # the first NaN, not the last
+    logits[6, last] = 50.0  # the max in the last (maybe partial) chunk
+    logits[7] = 1.0  # all equal
+    logits[8, [0, last]] = float("inf")
+    chosen = greedy_tokens(logits)
+    assert chosen.tolist() == logits.argmax(dim=-1).tolist()
+    strided = torch.randn(5, 2 * vocab, generator=generator)[:, ::2]  # a non-contiguous view
+    assert greedy_tokens(strided).tolist() == strided.argmax(dim=-1).tolist()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
