@@ -5,13 +5,14 @@ The same requests (default 64, spread over 8 adapters of 20 virtual tokens and t
 
   (a) PEFT as the guide does it: ``set_adapter``, then ``generate`` per request;
   (b) PEFT grouped by adapter: one batched ``generate`` per adapter;
-  (c) this engine, every request submitted at once, timed as (f) is: one engine warmed up on two
-      requests, best of two runs (the first, which computes most adapters' prefixes, reported too);
+  (c) this engine, every request submitted at once;
   (d) the base model alone, no adapters: one static batched transformers ``generate`` (ceiling);
   (e) this engine under arriving load (Poisson arrivals), continuous vs static batching:
       throughput, time to first token and time per output token;
   (f) vLLM's CPU build on the same mixed requests as ``prompt_embeds`` (adapter rows, then the
       prompt's token embeddings) and base-model token ids, when its venv exists (see --vllm-python).
+      (c) and (f) are timed alike (one warmed-up engine each, --rounds runs of every request) and
+      alternate, run by run, so that both meet the same machine.
 
 Then prefix reuse (prefill of requests whose adapter has 100 virtual tokens, with the prefix
 cached vs computed with the text) and memory (resident adapters: 1 and 100).
@@ -126,42 +127,6 @@ def run_peft(spm, folders, requests, new_tokens: int, one_by_one: int) -> tuple[
     return a, b
 
 
-def run_engine_all(
-    spm, requests, new_tokens: int, batch: int, way: str = "c_engine_all_at_once"
-) -> tuple[dict, list[list[int]]]:
-    """Timed the way the vLLM peer is: one engine, warmed up on the first two requests, then the
-    best of two runs. The first run pays what a new server pays once (the other adapters'
-    prefixes, MKL's full-batch packing, the cache growing to the full batch); the second runs
-    as a server that is up. Both are reported."""
-    from softprompt.engine import Engine, EngineConfig, SamplingParams
-
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    engine = Engine(spm.model, spm.tokenizer, EngineConfig(max_batch_size=batch))
-    for name, adapter in spm.adapters.items():
-        engine.add_adapter(name, adapter)
-    warm = requests[:2]
-    engine.generate([p for p, _ in warm], [a for _, a in warm], SamplingParams(max_new_tokens=2))
-    runs, done = [], []
-    for _ in range(2):
-        start = time.perf_counter()
-        done = engine.generate([p for p, _ in requests], [a for _, a in requests], params)
-        runs.append(time.perf_counter() - start)
-    seconds = min(runs)
-    tokens = len(requests) * new_tokens
-    record = emit(
-        {
-            "way": way,
-            "requests": len(requests),
-            "seconds": round(seconds, 2),
-            "tok_s": round(tokens / seconds, 1),
-            "runs_seconds": [round(r, 2) for r in runs],
-            "first_run_tok_s": round(tokens / runs[0], 1),
-            "best_of": 2,
-        }
-    )
-    return record, [c.token_ids for c in done]
-
-
 def run_base_static(spm, requests, new_tokens: int) -> dict:
     tok = spm.tokenizer
     hf_generate(spm.model, tok, [requests[0][0]], 2)
@@ -234,39 +199,142 @@ def run_arrivals(spm, requests, new_tokens: int, batch: int, rate: float, policy
     )
 
 
-def run_vllm(spm, requests, new_tokens: int, python: str, model_dir: Path) -> dict | None:
+def start_vllm(spm, requests, new_tokens: int, python: str, model_dir: Path, tmp: Path):
+    """vLLM's peer process, warmed up and waiting for "run" lines; None (and a record saying
+    why) when its venv is missing or it fails to start."""
     if not Path(python).exists():
         emit(
-            {"way": "f_vllm_cpu", "skipped": f"no vLLM venv at {python} (see benchmarks/README.md)"}
+            {
+                "way": "f_vllm_cpu",
+                "skipped": f"no vLLM venv at {python} (README.md: Benchmarks, serving engine)",
+            }
         )
         return None
     tok = spm.tokenizer
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = Path(tmp) / "requests.pt"
-        torch.save(
+    spec = tmp / "requests.pt"
+    torch.save(
+        {
+            "model": str(model_dir),
+            "new_tokens": new_tokens,
+            "requests": [
+                {
+                    "ids": tok(p)["input_ids"],
+                    "rows": None if a is None else spm.adapters[a].weights.detach().clone(),
+                }
+                for p, a in requests
+            ],
+        },
+        spec,
+    )
+    env = dict(
+        os.environ,
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        VLLM_LOGGING_LEVEL="WARNING",
+        VLLM_NO_USAGE_STATS="1",  # no background thread gathering usage data during the runs
+    )
+    log = (tmp / "vllm.log").open("w")
+    peer = subprocess.Popen(
+        [python, str(PEER), str(spec)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env=env,
+    )
+    ready = _peer_record(peer, "ready")
+    if ready is None:
+        peer.kill()
+        tail = (tmp / "vllm.log").read_text().strip().splitlines()[-1:]
+        emit({"way": "f_vllm_cpu", "failed": tail})
+        return None
+    peer.version = ready.get("vllm")  # type: ignore[attr-defined]
+    return peer
+
+
+def _peer_record(peer: subprocess.Popen, key: str) -> dict | None:
+    """The peer's next JSON line holding ``key`` (None if it ended first)."""
+    assert peer.stdout is not None
+    for line in peer.stdout:
+        if line.startswith("{"):
+            record = json.loads(line)
+            if key in record:
+                return record
+    return None
+
+
+def run_side_by_side(
+    spm, requests, new_tokens: int, batch: int, rounds: int, peer: subprocess.Popen | None
+) -> tuple[dict, dict | None]:
+    """(c) and (f), alternating: each round runs every request once through the engine and once
+    through vLLM, in turn (c then f, then f then c, ...), so both meet the same machine (its
+    speed drifts by up to 1.5x over minutes). Timed the same way on both sides: one engine (one
+    LLM) warmed up on the first two requests, then ``rounds`` runs. The engine's first run pays
+    what a new server pays once (most adapters' prefixes, MKL's full-batch packing, the cache
+    growing to the full batch)."""
+    from softprompt.engine import Engine, EngineConfig, SamplingParams
+
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    engine = Engine(spm.model, spm.tokenizer, EngineConfig(max_batch_size=batch))
+    for name, adapter in spm.adapters.items():
+        engine.add_adapter(name, adapter)
+    warm = requests[:2]
+    engine.generate([p for p, _ in warm], [a for _, a in warm], SamplingParams(max_new_tokens=2))
+
+    def ours() -> float:
+        start = time.perf_counter()
+        engine.generate([p for p, _ in requests], [a for _, a in requests], params)
+        return time.perf_counter() - start
+
+    def theirs() -> float | None:
+        assert peer is not None and peer.stdin is not None
+        peer.stdin.write("run\n")
+        peer.stdin.flush()
+        record = _peer_record(peer, "seconds")
+        return None if record is None else record["seconds"]
+
+    c_runs: list[float] = []
+    f_runs: list[float] = []
+    for index in range(rounds):
+        order = ("c", "f") if index % 2 == 0 else ("f", "c")
+        for way in order:
+            if way == "c":
+                c_runs.append(ours())
+            elif peer is not None:
+                seconds = theirs()
+                if seconds is None:
+                    peer = None
+                    emit({"way": "f_vllm_cpu", "failed": "the vLLM peer ended early"})
+                else:
+                    f_runs.append(seconds)
+    tokens = len(requests) * new_tokens
+
+    def record(way: str, runs: list[float], **extra) -> dict:
+        return emit(
             {
-                "model": str(model_dir),
-                "new_tokens": new_tokens,
-                "requests": [
-                    {
-                        "ids": tok(p)["input_ids"],
-                        "rows": None if a is None else spm.adapters[a].weights.detach().clone(),
-                    }
-                    for p, a in requests
-                ],
-            },
-            spec,
+                "way": way,
+                "requests": len(requests),
+                "seconds": round(min(runs), 2),
+                "tok_s": round(tokens / min(runs), 1),
+                "runs_tok_s": [round(tokens / r, 1) for r in runs],
+                "best_of": len(runs),
+                **extra,
+            }
         )
-        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="WARNING")
-        proc = subprocess.run(
-            [python, str(PEER), str(spec)], capture_output=True, text=True, env=env, timeout=1800
-        )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return emit({"way": "f_vllm_cpu", "failed": proc.stderr.strip().splitlines()[-1:]})
-    record = json.loads(lines[-1])
-    record["way"] = "f_vllm_cpu_prompt_embeds"
-    return emit(record)
+
+    c = record("c_engine_all_at_once", c_runs)
+    if not f_runs or len(f_runs) != len(c_runs):
+        return c, None
+    per_round = [
+        round(theirs_s / ours_s, 2) for ours_s, theirs_s in zip(c_runs, f_runs, strict=True)
+    ]
+    f = record(
+        "f_vllm_cpu_prompt_embeds",
+        f_runs,
+        vllm=getattr(peer, "version", None),
+        c_over_f_per_round=per_round,
+        c_over_f_median=statistics.median(per_round),
+    )
+    return c, f
 
 
 def run_prefix_reuse(spm, count: int = 32, virtual: int = 100) -> dict:
@@ -381,6 +449,9 @@ def main() -> None:
         default=0.9,
         help="(e) arrival rate as a fraction of (c)'s requests per second",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="(c) and (f) runs, alternating (best is reported)"
+    )
     parser.add_argument("--vllm-python", default=str(HERE.parent / ".venv-vllm" / "bin" / "python"))
     parser.add_argument(
         "--skip", action="append", default=[], choices=list("abcdef") + ["prefix", "memory"]
@@ -429,7 +500,20 @@ def main() -> None:
         results["a"], results["b"] = run_peft(
             spm, folders, requests, args.new_tokens, args.peft_one_by_one
         )
-    results["c"], engine_ids = run_engine_all(spm, requests, args.new_tokens, args.batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        peer = None
+        if "f" not in args.skip:
+            peer = start_vllm(
+                spm, requests, args.new_tokens, args.vllm_python, model_dir, Path(tmp)
+            )
+        try:
+            results["c"], results["f"] = run_side_by_side(
+                spm, requests, args.new_tokens, args.batch_size, args.rounds, peer
+            )
+        finally:
+            if peer is not None:
+                peer.stdin.close()  # type: ignore[union-attr]
+                peer.wait(timeout=120)
     if "d" not in args.skip:
         results["d"] = run_base_static(spm, requests, args.new_tokens)
     if "e" not in args.skip:
@@ -442,14 +526,6 @@ def main() -> None:
                 args.batch_size,
                 args.arrival_load * capacity,
                 policy,
-            )
-    if "f" not in args.skip:
-        results["f"] = run_vllm(spm, requests, args.new_tokens, args.vllm_python, model_dir)
-        if results["f"] and "tok_s" in results["f"]:
-            # (c) again, right after (f): the machine's speed drifts over minutes, so (f) is
-            # bracketed by a run of (c) on each side.
-            results["c_after_f"], _ = run_engine_all(
-                spm, requests, args.new_tokens, args.batch_size, way="c_engine_again_after_f"
             )
     if "prefix" not in args.skip:
         results["prefix"] = run_prefix_reuse(spm)
@@ -468,12 +544,7 @@ def main() -> None:
                 "c_over_b": ratio("c", "b"),
                 "c_over_d": ratio("c", "d"),
                 "c_over_f": ratio("c", "f"),
-                "c_after_f_over_f": ratio("c_after_f", "f"),
-                "c_first_run_over_f": (
-                    round(results["c"]["first_run_tok_s"] / results["f"]["tok_s"], 2)
-                    if results.get("f") and "tok_s" in results["f"]
-                    else None
-                ),
+                "c_over_f_median_of_rounds": (results.get("f") or {}).get("c_over_f_median"),
                 "continuous_over_static_under_arrivals": ratio("e_continuous", "e_static"),
             }
         }

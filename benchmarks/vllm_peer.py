@@ -6,7 +6,9 @@ Runs in vLLM's own venv (it pins its own torch and transformers), not the projec
     .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec  # their ops fail to load
 bench_engine.py writes the requests (token ids, and each adapter's rows) to a file and runs this
 script on it. A request with an adapter goes in as ``prompt_embeds`` (the adapter's rows, then the
-prompt's token embeddings); a base-model request as token ids. Prints one JSON line.
+prompt's token embeddings); a base-model request as token ids. After a warm-up it prints
+``{"ready": ...}``, then runs every request once, timed, for each line it reads on stdin,
+printing ``{"seconds": ...}`` each time; it ends at end of input.
 """
 
 from __future__ import annotations
@@ -45,25 +47,17 @@ def main(spec_path: str) -> None:
     )
     params = SamplingParams(max_tokens=spec["new_tokens"], ignore_eos=True, temperature=0)
     llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
-    runs = []
-    for _ in range(2):
+    say({"ready": True, "vllm": __import__("vllm").__version__, "requests": len(prompts)})
+    # One timed run of every request per line read; bench_engine.py alternates these with the
+    # engine's runs, so both see the same machine (its speed drifts over minutes).
+    for _ in sys.stdin:
         start = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
-        runs.append(time.perf_counter() - start)
-    best = min(runs)
-    count = len(prompts)
-    print(
-        json.dumps(
-            {
-                "requests": count,
-                "seconds": round(best, 2),
-                "tok_s": round(count * spec["new_tokens"] / best, 1),
-                "vllm": __import__("vllm").__version__,
-                "runs_seconds": [round(r, 2) for r in runs],
-                "best_of": 2,
-            }
-        )
-    )
+        say({"seconds": time.perf_counter() - start})
+
+
+def say(record: dict) -> None:
+    print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":
