@@ -199,9 +199,59 @@ def run_arrivals(spm, requests, new_tokens: int, batch: int, rate: float, policy
     )
 
 
-def start_vllm(spm, requests, new_tokens: int, python: str, model_dir: Path, tmp: Path):
-    """vLLM's peer process, warmed up and waiting for "run" lines; None (and a record saying
-    why) when its venv is missing or it fails to start."""
+class VllmPeer:
+    """vLLM's peer process (``vllm_peer.py``), warmed up; ``run()`` times one run of every
+    request there. Its stderr goes to ``log``."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log.open("w")
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+        )
+        ready = self._next("ready")
+        self.version = ready.get("vllm") if ready else None
+        self.alive = ready is not None
+
+    def _next(self, key: str) -> dict | None:
+        """The peer's next JSON line holding ``key`` (None if it ended first)."""
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith("{"):
+                record = json.loads(line)
+                if key in record:
+                    return record
+        return None
+
+    def run(self) -> float | None:
+        """Seconds for one run of every request (None, and no longer alive, if it ended)."""
+        assert self.process.stdin is not None
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        record = self._next("seconds")
+        self.alive = record is not None
+        return None if record is None else record["seconds"]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()  # end of input: the peer returns
+            try:
+                self.process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.log.close()
+
+
+def start_vllm(
+    spm, requests, new_tokens: int, python: str, model_dir: Path, tmp: Path
+) -> VllmPeer | None:
+    """vLLM's peer, warmed up; None (and a record saying why) when its venv is missing or it
+    fails to start."""
     if not Path(python).exists():
         emit(
             {
@@ -232,38 +282,17 @@ def start_vllm(spm, requests, new_tokens: int, python: str, model_dir: Path, tmp
         VLLM_LOGGING_LEVEL="WARNING",
         VLLM_NO_USAGE_STATS="1",  # no background thread gathering usage data during the runs
     )
-    log = (tmp / "vllm.log").open("w")
-    peer = subprocess.Popen(
-        [python, str(PEER), str(spec)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-        env=env,
-    )
-    ready = _peer_record(peer, "ready")
-    if ready is None:
-        peer.kill()
+    peer = VllmPeer([python, str(PEER), str(spec)], env, tmp / "vllm.log")
+    if not peer.alive:
+        peer.close()
         tail = (tmp / "vllm.log").read_text().strip().splitlines()[-1:]
         emit({"way": "f_vllm_cpu", "failed": tail})
         return None
-    peer.version = ready.get("vllm")  # type: ignore[attr-defined]
     return peer
 
 
-def _peer_record(peer: subprocess.Popen, key: str) -> dict | None:
-    """The peer's next JSON line holding ``key`` (None if it ended first)."""
-    assert peer.stdout is not None
-    for line in peer.stdout:
-        if line.startswith("{"):
-            record = json.loads(line)
-            if key in record:
-                return record
-    return None
-
-
 def run_side_by_side(
-    spm, requests, new_tokens: int, batch: int, rounds: int, peer: subprocess.Popen | None
+    spm, requests, new_tokens: int, batch: int, rounds: int, peer: VllmPeer | None
 ) -> tuple[dict, dict | None]:
     """(c) and (f), alternating: each round runs every request once through the engine and once
     through vLLM, in turn (c then f, then f then c, ...), so both meet the same machine (its
@@ -285,13 +314,6 @@ def run_side_by_side(
         engine.generate([p for p, _ in requests], [a for _, a in requests], params)
         return time.perf_counter() - start
 
-    def theirs() -> float | None:
-        assert peer is not None and peer.stdin is not None
-        peer.stdin.write("run\n")
-        peer.stdin.flush()
-        record = _peer_record(peer, "seconds")
-        return None if record is None else record["seconds"]
-
     c_runs: list[float] = []
     f_runs: list[float] = []
     for index in range(rounds):
@@ -299,10 +321,9 @@ def run_side_by_side(
         for way in order:
             if way == "c":
                 c_runs.append(ours())
-            elif peer is not None:
-                seconds = theirs()
+            elif peer is not None and peer.alive:
+                seconds = peer.run()
                 if seconds is None:
-                    peer = None
                     emit({"way": "f_vllm_cpu", "failed": "the vLLM peer ended early"})
                 else:
                     f_runs.append(seconds)
@@ -330,7 +351,7 @@ def run_side_by_side(
     f = record(
         "f_vllm_cpu_prompt_embeds",
         f_runs,
-        vllm=getattr(peer, "version", None),
+        vllm=peer.version if peer is not None else None,
         c_over_f_per_round=per_round,
         c_over_f_median=statistics.median(per_round),
     )
@@ -512,8 +533,7 @@ def main() -> None:
             )
         finally:
             if peer is not None:
-                peer.stdin.close()  # type: ignore[union-attr]
-                peer.wait(timeout=120)
+                peer.close()
     if "d" not in args.skip:
         results["d"] = run_base_static(spm, requests, args.new_tokens)
     if "e" not in args.skip:
