@@ -7,6 +7,7 @@ on the untouched base model with the adapter's rows prepended through ``inputs_e
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 
 import pytest
@@ -88,7 +89,7 @@ def _reference(model, pad_id: int, eos_id: int, rows, penalty: float, max_new_to
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.5])
-@pytest.mark.parametrize("packed", ["no", "onednn", "onednn+mkl", "fixed-shape"])
+@pytest.mark.parametrize("packed", ["no", "onednn", "onednn+mkl", "fixed-shape", "torch-decode"])
 def test_matches_reference_generate_on_a_mixed_batch(tiny_model_dir, penalty, packed):
     from softprompt.models import load_base_model
 
@@ -100,18 +101,23 @@ def test_matches_reference_generate_on_a_mixed_batch(tiny_model_dir, penalty, pa
     # path when its weights are packed for that size.
     # fixed-shape: the GPU's decode step (whole-cache attention, tensor-indexed writes, batch
     # rounded up to a bucket), run eagerly; 20 slots for 18 cases round 18 rows up to 20.
+    # torch-decode: the lean forward's decode steps on PyTorch's kernels, not the fused C ones
+    # (which every other packed case runs where a C compiler is found).
     config = EngineConfig(
         max_batch_size=len(cases) + (2 if packed == "fixed-shape" else 0),
         packed_weights=packed != "no",
-        full_batch_pack=packed == "onednn+mkl",
+        full_batch_pack=packed in ("onednn+mkl", "torch-decode"),
         graphs=packed == "fixed-shape",
+        cpu_kernels=False if packed == "torch-decode" else None,
     )
     engine = Engine(served.model, served.tokenizer, config)
     assert (engine.runner.graphed is not None) == (packed == "fixed-shape")
     lean = engine.runner.lean
     assert (lean is not None) == (packed != "no")
+    if lean is not None and packed != "fixed-shape" and shutil.which("cc"):
+        assert (lean.kernels is not None) == (packed != "torch-decode")
     if lean is not None:
-        mkl = config.max_batch_size if packed == "onednn+mkl" else None
+        mkl = config.max_batch_size if packed in ("onednn+mkl", "torch-decode") else None
         assert lean.lm_head.full_batch == mkl
         assert lean.lm_head.batch_packed is None  # no MKL copy before a full batch needs it
     raw = _raw(16)
@@ -128,7 +134,8 @@ def test_matches_reference_generate_on_a_mixed_batch(tiny_model_dir, penalty, pa
     params = SamplingParams(max_new_tokens=10, repetition_penalty=penalty)
     ours = engine.generate([p for p, _ in cases], [a for _, a in cases], params)
     assert [c.token_ids for c in ours] == reference
-    if packed == "onednn+mkl":  # the full batches did run on MKL's copy, made when first needed
+    if packed in ("onednn+mkl", "torch-decode"):
+        # The full batches did run on MKL's copy, made when first needed.
         assert lean is not None and lean.lm_head.batch_packed is not None
     assert len({tuple(c) for c in reference}) > 6  # adapters and prompts do change the outputs
     assert max(len(c) for c in reference) == 10

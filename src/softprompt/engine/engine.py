@@ -59,6 +59,10 @@ class EngineConfig:
     full_batch_pack: bool = True
     """With packed weights, a second copy packed for MKL at ``max_batch_size`` rows: a full
     decode batch (a loaded server's) runs about 15% faster, for one more copy of the weights."""
+    cpu_kernels: bool | None = None
+    """With the lean forward on the CPU, decode steps run the fused C kernels of
+    ``cpu_kernels.py`` (attention over the slot cache, RMSNorm, SwiGLU), compiled on first use
+    (None: when a C compiler is found and ``$SOFTPROMPT_CPU_KERNELS`` is not 0)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -172,6 +176,7 @@ class Engine:
             full_batch,
             graphs=self.config.graphs,
             max_batch=self.config.max_batch_size,
+            cpu_kernels=self.config.cpu_kernels,
         )
         self.registry = AdapterRegistry(
             self.runner.prefixes, self._check_adapter, self.config.max_resident_adapters

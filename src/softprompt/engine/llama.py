@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .cpu_kernels import CpuKernels
 from .kv_cache import SlotCache
 from .packed import PackedLinear
 
@@ -145,9 +146,17 @@ def _normalise(h: torch.Tensor, eps: float) -> torch.Tensor:
 class LeanLlama:
     """``forward(cache, embeds, positions, mask)`` → last-position logits, like the model would."""
 
-    def __init__(self, model: Any, full_batch: int | None = None, packed: bool = True) -> None:
+    def __init__(
+        self,
+        model: Any,
+        full_batch: int | None = None,
+        packed: bool = True,
+        kernels: CpuKernels | None = None,
+    ) -> None:
         config = model.config
         self.packed = packed
+        self.kernels = kernels
+        """The fused CPU kernels for decode steps (``cpu_kernels.py``), or None."""
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
@@ -165,11 +174,26 @@ class LeanLlama:
         packed = [self.lm_head] + [p for x in self.layers for p in (x.qkv, x.o, x.gate_up, x.down)]
         return sum(p.nbytes() for p in packed)
 
+    def fused(self, embeds: torch.Tensor) -> bool:
+        """Whether a forward of ``embeds`` (B, q, D) runs on the fused CPU kernels (a decode
+        step, one new token per row, with the kernels loaded); it then needs no mask."""
+        return self.kernels is not None and embeds.shape[1] == 1
+
     @torch.no_grad()
     def forward(
-        self, cache: SlotCache, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+        self,
+        cache: SlotCache,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """embeds (B, q, D), positions (B, q), mask (B, 1, q, kv) bool → logits (B, V)."""
+        """embeds (B, q, D), positions (B, q), mask (B, 1, q, kv) bool → logits (B, V).
+
+        The mask may be None for a ``fused`` forward (the kernels read the cache's ``valid``)."""
+        if self.kernels is not None and embeds.shape[1] == 1:
+            return self._fused_decode(self.kernels, cache, embeds, positions)
+        if mask is None:
+            raise ValueError("a forward off the fused kernels needs its attention mask")
         attend = _Attention(mask, self.heads, self.kv_heads, self.head_dim, embeds.shape[1])
         h = self.layers_forward(embeds, positions, cache.slot_layers, attend)
         return self.lm_head(_normalise(h[:, -1], self.eps))
@@ -205,6 +229,41 @@ class LeanLlama:
             gate, up = layer.gate_up(_normalise(h, self.eps)).chunk(2, dim=-1)
             h = h + layer.down(F.silu(gate) * up)
         return h
+
+    def _fused_decode(
+        self, kernels: CpuKernels, cache: SlotCache, embeds: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """A decode step on the fused CPU kernels: the same arithmetic as ``layers_forward``
+        (up to float rounding) in about half the passes over memory. Each layer's attention
+        writes the new key/value into the cache itself and reads each row's valid columns only;
+        the residual adds ride along with the normalisations."""
+        rows, end = cache.rows, cache.end
+        batch, dim = embeds.shape[0], self.head_dim
+        cos, sin = self.rotary(embeds, positions)  # (B, 1, Dh)
+        half = dim // 2
+        cos = cos[:, 0].contiguous()
+        sin = torch.cat((-sin[:, 0, :half], sin[:, 0, half:]), dim=-1)
+        valid = cache.valid[rows]
+        h = embeds[:, 0].clone(memory_format=torch.contiguous_format)  # updated in place
+        x = kernels.add_normalise(h, None, self.eps)
+        attention = h.new_empty(batch, self.heads * dim)
+        for index, layer in enumerate(self.layers):
+            kernels.decode_attention(
+                layer.qkv(x),
+                cos,
+                sin,
+                cache.keys[index][rows],
+                cache.values[index][rows],
+                valid,
+                end,
+                self.heads,
+                layer.scaling,
+                out=attention,
+            )
+            kernels.add_normalise(h, layer.o(attention), self.eps, out=x)
+            activation = kernels.silu_mul(layer.gate_up(x))
+            kernels.add_normalise(h, layer.down(activation), self.eps, out=x)
+        return self.lm_head(x)  # x: the final norm of h, as ``logits`` takes it
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Last hidden states (B, D) → logits (B, V)."""

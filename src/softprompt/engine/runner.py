@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..prompt import Adapter
+from .cpu_kernels import load as load_cpu_kernels
 from .graphs import GraphedDecode
 from .kv_cache import SlotCache
 from .llama import LeanLlama, supports
@@ -31,6 +32,8 @@ class ModelRunner:
     graphs: run decode steps of fixed shape (``graphs.py``), recorded as CUDA graphs on a GPU
         (``None``: on a GPU, where the lean forward applies); on the CPU they run eagerly.
     max_batch: rows of the largest decode step (for ``graphs``).
+    cpu_kernels: decode steps of the lean forward on the CPU run the fused C kernels of
+        ``cpu_kernels.py`` (``None``: where they build; ``True`` fails if they do not).
     """
 
     def __init__(
@@ -40,6 +43,7 @@ class ModelRunner:
         full_batch: int | None = None,
         graphs: bool | None = None,
         max_batch: int = 32,
+        cpu_kernels: bool | None = None,
     ):
         if pack is None:
             pack = can_pack(model)
@@ -47,7 +51,14 @@ class ModelRunner:
         on_gpu = model.get_input_embeddings().weight.device.type == "cuda"
         self.lean = None
         if supports(model) and (self.packed or on_gpu):
-            self.lean = LeanLlama(model, full_batch if self.packed else None, packed=self.packed)
+            kernels = None
+            if self.packed and cpu_kernels is not False:
+                kernels = load_cpu_kernels()
+                if kernels is None and cpu_kernels:
+                    raise RuntimeError("the fused CPU kernels were asked for but did not build")
+            self.lean = LeanLlama(
+                model, full_batch if self.packed else None, packed=self.packed, kernels=kernels
+            )
         self.graphed = None
         if (on_gpu if graphs is None else graphs) and self.lean is not None:
             self.graphed = GraphedDecode(self.lean, max_batch, capture=on_gpu)
@@ -103,9 +114,12 @@ class ModelRunner:
         cache.rows = rows
         cache.mark(rows, new_valid)
         try:
-            mask = cache.mask(rows, embeds.shape[1])
-            if self.lean is not None:
-                logits = self.lean.forward(cache, embeds, positions, mask)
+            lean = self.lean
+            # The fused decode kernels read the cache's valid columns themselves.
+            fused = lean is not None and lean.fused(embeds)
+            mask = None if fused else cache.mask(rows, embeds.shape[1])
+            if lean is not None:
+                logits = lean.forward(cache, embeds, positions, mask)
             else:
                 out = self.model(
                     inputs_embeds=embeds,

@@ -1,0 +1,303 @@
+/* Fused CPU kernels for the engine's float32 decode step (see cpu_kernels.py).
+ *
+ * A decode step of a small model on a CPU spends a third of its time outside the matrix
+ * products: attention over the slot cache as two batched products, a separate strided write of
+ * the new key, rotary embeddings and RMSNorm as chains of small elementwise operations. Each
+ * kernel here does one of those in a single pass over its data, for all rows at once, on
+ * PyTorch's own OpenMP threads (the library links the libgomp PyTorch has already loaded).
+ *
+ * Plain C, no PyTorch headers: it compiles in about a second. Loops are written so that the
+ * compiler vectorises them (no calls, no branches in the inner loops); exp is computed here for
+ * the same reason.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* e^x in float32 to about 1 ulp, branch-free so that loops calling it vectorise: x = n ln2 + r
+ * with |r| <= ln2 / 2 (ln2 split in two parts so that n ln2 is exact), a degree-6 polynomial for
+ * e^r, and 2^n put straight into the exponent bits. Inputs are clamped to where 2^n is a normal
+ * float; callers never rely on the result below e^-87 (masked columns are skipped instead). */
+static inline float sp_exp(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    float n = x * 1.44269504088896341f;
+    n = (n + 12582912.0f) - 12582912.0f; /* round to nearest integer, 2^23 + 2^22 trick */
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* x * cos + rotate_half(x) * sin for one head of `dim` values; `sin` carries the sign of
+ * rotate_half (its first half negated), so the rotation is x[d +- dim/2] * sin[d]. */
+static inline void sp_rotate(const float *restrict x, const float *restrict cos,
+                             const float *restrict sin, float factor, int64_t dim,
+                             float *restrict out) {
+    const int64_t half = dim / 2;
+    for (int64_t d = 0; d < half; ++d)
+        out[d] = (x[d] * cos[d] + x[d + half] * sin[d]) * factor;
+    for (int64_t d = half; d < dim; ++d)
+        out[d] = (x[d] * cos[d] + x[d - half] * sin[d]) * factor;
+}
+
+/* The first valid column of a row (columns before it are never read), at most `end`. */
+static inline int64_t sp_first_valid(const uint8_t *ok, int64_t end) {
+    int64_t first = 0;
+    while (first < end && !ok[first])
+        ++first;
+    return first;
+}
+
+/* Ask for one (row, head) pair's keys and values in columns first..end to be brought into the
+ * cache ahead of use: the key rows are `dim` short runs far apart, which the hardware
+ * prefetchers do not follow in time. */
+static inline void sp_prefetch(const float *k_cache, int64_t ks_dim, const float *v_cache,
+                               int64_t vs_col, int64_t first, int64_t end, int64_t dim) {
+    const int64_t line = 64 / (int64_t)sizeof(float);
+    for (int64_t d = 0; d < dim; ++d) {
+        const float *k_row = k_cache + d * ks_dim;
+        for (int64_t j = first; j <= end; j += line)
+            __builtin_prefetch(k_row + j, 0, 3);
+        __builtin_prefetch(k_row + end, 0, 3);
+    }
+    const float *v_first = v_cache + first * vs_col, *v_end = v_cache + end * vs_col + dim;
+    for (const float *v = v_first; v < v_end; v += line)
+        __builtin_prefetch(v, 0, 3);
+}
+
+/* scores[g * n + l] = q_g . k_l for the `width` key columns starting at `k` (width 16 or 32). */
+static inline __attribute__((always_inline)) void
+sp_scores_block(const float *restrict q, const float *restrict k, int64_t ks_dim,
+                const int64_t groups, const int64_t dim, const int64_t width,
+                float *restrict scores, int64_t n) {
+    float a[groups][width];
+    for (int64_t g = 0; g < groups; ++g)
+        for (int64_t l = 0; l < width; ++l)
+            a[g][l] = 0.0f;
+    for (int64_t d = 0; d < dim; ++d) {
+        const float *restrict k_row = k + d * ks_dim;
+        for (int64_t g = 0; g < groups; ++g)
+            for (int64_t l = 0; l < width; ++l)
+                a[g][l] += q[g * dim + d] * k_row[l];
+    }
+    for (int64_t g = 0; g < groups; ++g)
+        for (int64_t l = 0; l < width; ++l)
+            scores[g * n + l] = a[g][l];
+}
+
+/* Attention of one (row, key/value head) pair: see sp_decode_attention. `groups` and `dim` are
+ * compile-time constants in the common cases (the function is inlined into a dispatch on
+ * them), so the per-column accumulators below stay in vector registers. */
+static inline __attribute__((always_inline)) void
+sp_attend_one(const float *restrict row, const float *restrict cos, const float *restrict sin,
+              float *restrict k_cache, int64_t ks_dim, float *restrict v_cache, int64_t vs_col,
+              const uint8_t *restrict ok, int64_t end, float scaling, int64_t h,
+              int64_t heads, int64_t kv_heads, const int64_t groups, const int64_t dim,
+              float *restrict scores, float *restrict out) {
+    float q[groups * dim], key[dim], acc[groups * dim], total[groups];
+    sp_rotate(row + (heads + h) * dim, cos, sin, 1.0f, dim, key);
+    for (int64_t d = 0; d < dim; ++d)
+        k_cache[d * ks_dim + end] = key[d];
+    memcpy(v_cache + end * vs_col, row + (heads + kv_heads + h) * dim,
+           sizeof(float) * (size_t)dim);
+    for (int64_t g = 0; g < groups; ++g)
+        sp_rotate(row + (h * groups + g) * dim, cos, sin, scaling, dim, q + g * dim);
+
+    const int64_t first = sp_first_valid(ok, end);
+    const int64_t n = end + 1 - first;
+    const uint8_t *restrict okn = ok + first;
+    const float *restrict k_first = k_cache + first;
+
+    /* scores[g, j] = q_g . k_j: 32 columns at a time for every group at once (independent
+     * accumulators in vector registers), then 16; the last partial block is computed as the
+     * 16 columns ending at n, overlapping the previous ones (the same values again). */
+    enum { W = 16 };
+    int64_t j0 = 0;
+    for (; j0 + 2 * W <= n; j0 += 2 * W)
+        sp_scores_block(q, k_first + j0, ks_dim, groups, dim, 2 * W, scores + j0, n);
+    for (; j0 + W <= n; j0 += W)
+        sp_scores_block(q, k_first + j0, ks_dim, groups, dim, W, scores + j0, n);
+    if (j0 < n && n >= W)
+        sp_scores_block(q, k_first + n - W, ks_dim, groups, dim, W, scores + n - W, n);
+    else
+        for (; j0 < n; ++j0)
+            for (int64_t g = 0; g < groups; ++g) {
+                float a = 0.0f;
+                for (int64_t d = 0; d < dim; ++d)
+                    a += q[g * dim + d] * k_first[d * ks_dim + j0];
+                scores[g * n + j0] = a;
+            }
+
+    /* Softmax over the valid columns; masked ones get weight exactly 0. Maxima and sums in
+     * sixteen lanes (vectorised without reassociating a single running value). */
+    for (int64_t g = 0; g < groups; ++g) {
+        float *restrict sg = scores + g * n;
+        float lane[W];
+        for (int64_t l = 0; l < W; ++l)
+            lane[l] = -INFINITY;
+        int64_t j = 0;
+        for (; j + W <= n; j += W)
+            for (int64_t l = 0; l < W; ++l) {
+                const float x = okn[j + l] || j + l == n - 1 ? sg[j + l] : -INFINITY;
+                lane[l] = x > lane[l] ? x : lane[l];
+            }
+        for (int64_t l = 0; j + l < n; ++l) {
+            const float x = okn[j + l] || j + l == n - 1 ? sg[j + l] : -INFINITY;
+            lane[l] = x > lane[l] ? x : lane[l];
+        }
+        float top = -INFINITY;
+        for (int64_t l = 0; l < W; ++l)
+            top = lane[l] > top ? lane[l] : top;
+        for (j = 0; j < n; ++j) {
+            const float e = sp_exp(sg[j] - top);
+            sg[j] = okn[j] || j == n - 1 ? e : 0.0f;
+        }
+        for (int64_t l = 0; l < W; ++l)
+            lane[l] = 0.0f;
+        for (j = 0; j + W <= n; j += W)
+            for (int64_t l = 0; l < W; ++l)
+                lane[l] += sg[j + l];
+        for (int64_t l = 0; j + l < n; ++l)
+            lane[l] += sg[j + l];
+        float sum = 0.0f;
+        for (int64_t l = 0; l < W; ++l)
+            sum += lane[l];
+        total[g] = sum;
+    }
+
+    /* out_g = sum_j w_gj v_j / total_g, each value row read once for every group. */
+    for (int64_t i = 0; i < groups * dim; ++i)
+        acc[i] = 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+        const float *restrict v_row = v_cache + (first + j) * vs_col;
+        for (int64_t g = 0; g < groups; ++g) {
+            const float w = scores[g * n + j];
+            for (int64_t d = 0; d < dim; ++d)
+                acc[g * dim + d] += w * v_row[d];
+        }
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+        const float inverse = 1.0f / total[g];
+        float *restrict o = out + (h * groups + g) * dim;
+        for (int64_t d = 0; d < dim; ++d)
+            o[d] = acc[g * dim + d] * inverse;
+    }
+}
+
+/* One decode step of grouped-query attention for `batch` rows over their cache slots.
+ *
+ * qkv: (batch, (heads + 2 kv_heads) * dim), the fused q/k/v projection of the new token, before
+ *   rotary embeddings. cos, sin: (batch, dim) for each row's position (sin signed, above).
+ * keys: row b's key for head h, cache column c, component d is at
+ *   keys[b * ks_slot + h * ks_head + d * ks_dim + c] (keys stored transposed, columns
+ *   contiguous); values: values[b * vs_slot + h * vs_head + c * vs_col + d].
+ * valid: valid[b * valid_stride + c] != 0 where row b holds a real key/value in column c.
+ * The rotated key and the value of the new token are written at column `end`; each query head
+ * then attends to the valid columns of its row before `end`, and to `end` itself (a new token
+ * always sees itself, as the engine's attention mask has it).
+ * out: (batch, heads * dim).
+ */
+void sp_decode_attention(const float *restrict qkv, int64_t batch, int64_t heads,
+                         int64_t kv_heads, int64_t dim, const float *restrict cos,
+                         const float *restrict sin, float *restrict keys, int64_t ks_slot,
+                         int64_t ks_head, int64_t ks_dim, float *restrict values,
+                         int64_t vs_slot, int64_t vs_head, int64_t vs_col,
+                         const uint8_t *restrict valid, int64_t valid_stride, int64_t end,
+                         float scaling, float *restrict out, int threads) {
+    const int64_t groups = heads / kv_heads;
+    const int64_t width = (heads + 2 * kv_heads) * dim;
+    const int64_t items = batch * kv_heads;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(groups * (end + 1)));
+        /* Contiguous shares, so that each thread knows its next pair and prefetches it. */
+        const int64_t count = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t begin = items * me / count, stop = items * (me + 1) / count;
+        for (int64_t item = begin; item < stop; ++item) {
+            const int64_t b = item / kv_heads, h = item % kv_heads;
+            if (item + 1 < stop) {
+                const int64_t nb = (item + 1) / kv_heads, nh = (item + 1) % kv_heads;
+                sp_prefetch(keys + nb * ks_slot + nh * ks_head, ks_dim,
+                            values + nb * vs_slot + nh * vs_head, vs_col,
+                            sp_first_valid(valid + nb * valid_stride, end), end, dim);
+            }
+            const float *row = qkv + b * width;
+            const float *c = cos + b * dim, *s = sin + b * dim;
+            const uint8_t *ok = valid + b * valid_stride;
+            float *k_cache = keys + b * ks_slot + h * ks_head;
+            float *v_cache = values + b * vs_slot + h * vs_head;
+            float *o = out + b * heads * dim;
+#define SP_ATTEND(G, D)                                                                        \
+    sp_attend_one(row, c, s, k_cache, ks_dim, v_cache, vs_col, ok, end, scaling, h, heads,     \
+                  kv_heads, G, D, scores, o)
+            if (dim == 64 && groups == 3)
+                SP_ATTEND(3, 64);
+            else if (dim == 64 && groups == 4)
+                SP_ATTEND(4, 64);
+            else if (dim == 64 && groups == 1)
+                SP_ATTEND(1, 64);
+            else if (dim == 128 && groups == 4)
+                SP_ATTEND(4, 128);
+            else
+                SP_ATTEND(groups, dim);
+#undef SP_ATTEND
+        }
+        free(scores);
+    }
+}
+
+/* RMS normalisation without a weight (it is folded into the next linear), optionally after a
+ * residual add: h += delta (when delta is not NULL), then out = h / sqrt(mean(h^2) + eps).
+ * h, delta, out: (rows, dim), contiguous. */
+void sp_add_normalise(float *restrict h, const float *restrict delta, float *restrict out,
+                      int64_t rows, int64_t dim, float eps, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        float *x = h + r * dim;
+        if (delta != NULL) {
+            const float *y = delta + r * dim;
+            for (int64_t i = 0; i < dim; ++i)
+                x[i] += y[i];
+        }
+        /* Sixteen partial sums: a vectorised reduction without reassociation flags. */
+        float part[16] = {0};
+        int64_t i = 0;
+        for (; i + 16 <= dim; i += 16)
+            for (int64_t l = 0; l < 16; ++l)
+                part[l] += x[i + l] * x[i + l];
+        for (; i < dim; ++i)
+            part[0] += x[i] * x[i];
+        float squares = 0.0f;
+        for (int64_t l = 0; l < 16; ++l)
+            squares += part[l];
+        const float scale = 1.0f / sqrtf(squares / (float)dim + eps);
+        float *o = out + r * dim;
+        for (int64_t j = 0; j < dim; ++j)
+            o[j] = x[j] * scale;
+    }
+}
+
+/* SwiGLU's activation: out[r, i] = silu(gate[r, i]) * up[r, i], where each row of gate_up
+ * (rows, 2 * width) holds the gate then the up projection. out: (rows, width). */
+void sp_silu_mul(const float *restrict gate_up, float *restrict out, int64_t rows,
+                 int64_t width, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *g = gate_up + r * 2 * width, *u = g + width;
+        float *o = out + r * width;
+        for (int64_t i = 0; i < width; ++i)
+            o[i] = g[i] / (1.0f + sp_exp(-g[i])) * u[i];
+    }
+}

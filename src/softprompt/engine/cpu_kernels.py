@@ -1,0 +1,224 @@
+"""The fused CPU kernels of ``cpu_kernels.c``, compiled on first use and called through ctypes.
+
+PyTorch has no CPU kernel for what a decode step over the slot cache needs in one pass:
+grouped-query attention of one new token per row over that row's valid cache columns, with the
+rotary embedding and the cache write of the new key/value folded in. Its batched products read
+every row's whole window and the transposed key write is a slow strided copy; RMSNorm and SwiGLU
+are chains of small elementwise kernels. Measured on this project's 2-core machine (embedded
+model, 64 rows): see the README's engine benchmark.
+
+The C file compiles with the system's C compiler (``$CC``, else ``cc``) in about a second, for
+this CPU (``-march=native``), into the softprompt cache (``$SOFTPROMPT_CACHE/kernels``), named by
+a hash of the source, the compiler and the CPU, so a changed file, compiler or machine gets its
+own build. Without a compiler, or with ``SOFTPROMPT_CPU_KERNELS=0``, ``load()`` gives ``None`` and
+the engine runs PyTorch's kernels instead (same results up to float rounding).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+ENV = "SOFTPROMPT_CPU_KERNELS"
+
+_i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+
+
+class CpuKernels:
+    """The compiled library; every method takes float32 CPU tensors and checks their layout."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        self.path = path
+        self._attention = lib.sp_decode_attention
+        self._attention.restype = None
+        self._attention.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr]
+        self._attention.argtypes += [_ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64]
+        self._attention.argtypes += [_ptr, _i64, _i64, _f32, _ptr, _int]
+        self._normalise = lib.sp_add_normalise
+        self._normalise.restype = None
+        self._normalise.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _f32, _int]
+        self._silu_mul = lib.sp_silu_mul
+        self._silu_mul.restype = None
+        self._silu_mul.argtypes = [_ptr, _ptr, _i64, _i64, _int]
+
+    def decode_attention(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        valid: torch.Tensor,
+        end: int,
+        heads: int,
+        scaling: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One decode step's attention, writing the new key/value at cache column ``end``.
+
+        qkv (B, (H + 2 KV)·Dh): the fused projection of each row's new token, before rotary.
+        cos, sin (B, Dh): rotary factors at each row's position, ``sin``'s first half negated.
+        keys, values (B, KV, C, Dh): the rows' cache slots (keys stored transposed: stride 1
+        along C). valid (B, C) bool: which columns before ``end`` hold real tokens (a new token
+        always sees itself at ``end``).
+        Returns (B, H·Dh), written into ``out`` when given (contiguous, that shape).
+        """
+        batch, kv_heads, capacity, dim = keys.shape
+        _check(qkv, cos, sin)
+        if not (0 <= end < capacity) or keys.stride(2) != 1 or values.stride(3) != 1:
+            raise ValueError("decode_attention: cache column out of range or unexpected layout")
+        if qkv.shape != (batch, (heads + 2 * kv_heads) * dim) or valid.stride(1) != 1:
+            raise ValueError("decode_attention: qkv or valid has the wrong shape")
+        if valid.dtype != torch.bool or values.shape != keys.shape or heads % kv_heads:
+            raise ValueError("decode_attention: valid must be bool, values shaped like keys")
+        out = _output(out, qkv, (batch, heads * dim))
+        self._attention(
+            qkv.data_ptr(),
+            batch,
+            heads,
+            kv_heads,
+            dim,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            keys.data_ptr(),
+            keys.stride(0),
+            keys.stride(1),
+            keys.stride(3),
+            values.data_ptr(),
+            values.stride(0),
+            values.stride(1),
+            values.stride(2),
+            valid.data_ptr(),
+            valid.stride(0),
+            end,
+            scaling,
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return out
+
+    def add_normalise(
+        self,
+        h: torch.Tensor,
+        delta: torch.Tensor | None,
+        eps: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``h += delta`` in place (when given), then ``h * rsqrt(mean(h²) + eps)`` per row
+        (into ``out`` when given)."""
+        _check(h, *(() if delta is None else (delta,)))
+        if delta is not None and delta.shape != h.shape:
+            raise ValueError("add_normalise: h and delta differ in shape")
+        out = _output(out, h, h.shape)
+        rows, dim = h.shape
+        pointer = None if delta is None else delta.data_ptr()
+        self._normalise(
+            h.data_ptr(), pointer, out.data_ptr(), rows, dim, eps, torch.get_num_threads()
+        )
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 2W) holding gate then up → ``silu(gate) * up`` (B, W), into ``out`` if given."""
+        _check(gate_up)
+        rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+        out = _output(out, gate_up, (rows, width))
+        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width, torch.get_num_threads())
+        return out
+
+
+def _output(out: torch.Tensor | None, like: torch.Tensor, shape: Any) -> torch.Tensor:
+    if out is None:
+        return like.new_empty(shape)
+    _check(out)
+    if out.shape != shape:
+        raise ValueError(f"output buffer is {tuple(out.shape)}, expected {tuple(shape)}")
+    return out
+
+
+def _check(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError("CPU kernels take contiguous float32 CPU tensors")
+        if t.dim() != 2:
+            raise ValueError("CPU kernels take (rows, features) tensors")
+
+
+@functools.cache
+def load() -> CpuKernels | None:
+    """The kernels for this CPU, compiled on first use; ``None`` where they cannot be."""
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.info("no C compiler found: the engine runs PyTorch's CPU kernels")
+        return None
+    try:
+        return CpuKernels(_build(compiler))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("the fused CPU kernels did not build (%s); using PyTorch's", exc)
+        return None
+
+
+def _build(compiler: str) -> Path:
+    from ..models import cache_dir
+
+    source = SOURCE.read_bytes()
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, check=True, timeout=30
+    ).stdout
+    key = hashlib.sha256(source + version + _cpu_signature().encode()).hexdigest()[:16]
+    folder = cache_dir() / "kernels"
+    target = folder / f"cpu_kernels-{key}.so"
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed into place: processes building at once each finish
+    # their own file, and no process ever loads a half-written one.
+    handle, scratch = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(handle)
+    try:
+        flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
+        if platform.machine() in ("x86_64", "AMD64"):
+            # Full-width AVX-512 where the CPU has it (GCC defaults to 256-bit vectors there).
+            flags.append("-mprefer-vector-width=512")
+        done = subprocess.run(
+            [compiler, *flags, str(SOURCE), "-o", scratch, "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if done.returncode != 0:
+            raise OSError(done.stderr.strip().splitlines()[-1] if done.stderr else "failed")
+        os.replace(scratch, target)
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+    return target
+
+
+def _cpu_signature() -> str:
+    """What the compiled code depends on: the machine and its instruction-set flags."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()} {flags}"

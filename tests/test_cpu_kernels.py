@@ -1,0 +1,156 @@
+"""The fused CPU decode kernels (``engine/cpu_kernels.c``) against PyTorch's arithmetic.
+
+Each kernel is checked against the PyTorch path it replaces, on the shapes it specialises for
+(the embedded model's 9 query heads over 3 key/value heads of 64) and on a generic shape, with
+rows of every length (shorter than one vector block, exact blocks, partial blocks), holes in the
+valid columns, and rows not starting at slot 0.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from softprompt.engine import cpu_kernels
+from softprompt.engine.kv_cache import SlotCache
+from softprompt.engine.llama import _Attention, _normalise
+
+
+@pytest.fixture(scope="module")
+def kernels() -> cpu_kernels.CpuKernels:
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine: the engine runs PyTorch's kernels")
+    loaded = cpu_kernels.load()
+    assert loaded is not None, "a C compiler is here but the kernels did not build"
+    return loaded
+
+
+def _rotary(positions: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inverse = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
+    angles = positions.float()[:, None] * inverse[None]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "end"),
+    [(9, 3, 64, 100), (9, 3, 64, 64), (6, 2, 24, 37), (4, 4, 64, 5)],
+)
+def test_decode_attention_equals_the_torch_path(kernels, heads, kv_heads, dim, end):
+    generator = torch.Generator().manual_seed(end)
+    slots, batch, capacity = 12, 10, end + 3
+    cache = SlotCache(1, kv_heads, dim, slots, capacity, dtype=torch.float32, device="cpu")
+    for buffer in (cache.keys[0], cache.values[0]):
+        buffer.copy_(torch.randn(buffer.shape, generator=generator))
+    # Row lengths from 1 to all columns (inside a vector block, exact blocks, partial ones),
+    # some with a hole (a padded gap between a prefix and the text).
+    lengths = [1, 2, 15, 16, 17, 32, 33, end, end - 1, max(end // 2, 1)][:batch]
+    for row, length in enumerate(lengths, start=1):
+        cache.valid[row, end - length : end] = True
+        if length > 6:
+            cache.valid[row, end - length + 2 : end - length + 4] = False
+    rows = slice(1, 1 + batch)
+    cache.valid[rows, end] = True
+    cache.valid[3, end] = False  # a new token marked invalid (padding) still sees itself
+    cache.end, cache.rows = end, rows
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, generator=generator)
+    cos, sin = _rotary(torch.randint(0, 500, (batch,), generator=generator), dim)
+    half = dim // 2
+    signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+    scaling = dim**-0.5
+
+    # The PyTorch path (LeanLlama.layers_forward's arithmetic): rotate, write, attend.
+    keys, values = cache.keys[0].clone(), cache.values[0].clone()
+    split = qkv.view(batch, 1, heads + 2 * kv_heads, dim)
+    qk = split[:, :, : heads + kv_heads]
+    qk = torch.addcmul(qk * cos[:, None, None], qk.roll(half, dims=-1), signed[:, None, None])
+    keys[rows, :, end : end + 1] = qk[:, :, heads:].transpose(1, 2)
+    values[rows, :, end : end + 1] = split[:, :, heads + kv_heads :].transpose(1, 2)
+    mask = cache.mask(rows, 1)
+    attend = _Attention(mask, heads, kv_heads, dim, 1)
+    q = qk[:, :, :heads].transpose(1, 2)
+    expected = attend(q, keys[rows, :, : end + 1], values[rows, :, : end + 1], scaling)[:, 0]
+
+    valid_before = cache.valid.clone()
+    got = kernels.decode_attention(
+        qkv,
+        cos,
+        signed,
+        cache.keys[0][rows],
+        cache.values[0][rows],
+        cache.valid[rows],
+        end,
+        heads,
+        scaling,
+    )
+    assert got.shape == (batch, heads * dim)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # The new keys and values are in the cache, and nothing else changed.
+    torch.testing.assert_close(cache.keys[0], keys, rtol=1e-6, atol=1e-6)
+    assert torch.equal(cache.values[0], values)
+    assert torch.equal(cache.valid, valid_before)
+    assert torch.equal(cache.keys[0][0], keys[0]) and torch.equal(cache.keys[0][-1], keys[-1])
+
+
+def test_decode_attention_refuses_a_column_past_the_cache(kernels):
+    cache = SlotCache(1, 1, 8, 2, 4, dtype=torch.float32, device="cpu")
+    qkv, cos = torch.zeros(2, 24), torch.ones(2, 8)
+    with pytest.raises(ValueError, match="out of range"):
+        kernels.decode_attention(
+            qkv, cos, cos, cache.keys[0], cache.values[0], cache.valid, 4, 1, 1.0
+        )
+    with pytest.raises(ValueError, match="float32"):
+        kernels.decode_attention(
+            qkv.double(), cos, cos, cache.keys[0], cache.values[0], cache.valid, 3, 1, 1.0
+        )
+
+
+@pytest.mark.parametrize("width", [576, 37])
+def test_add_normalise_equals_residual_add_then_rms_norm(kernels, width):
+    generator = torch.Generator().manual_seed(width)
+    h = torch.randn(64, width, generator=generator) * 3
+    delta = torch.randn(64, width, generator=generator)
+    expected_h = h + delta
+    expected = _normalise(expected_h, 1e-5)
+    out = torch.full_like(h, float("nan"))
+    got = kernels.add_normalise(h, delta, 1e-5, out=out)
+    assert got is out
+    assert torch.equal(h, expected_h)  # the residual stream is updated in place
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    alone = kernels.add_normalise(h.clone(), None, 1e-5)
+    torch.testing.assert_close(alone, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_silu_mul_equals_swiglu_across_the_float_range(kernels):
+    generator = torch.Generator().manual_seed(0)
+    gate = torch.randn(64, 1536, generator=generator) * 8
+    gate[0, :6] = torch.tensor([-200.0, -88.0, -30.0, 0.0, 30.0, 200.0])
+    up = torch.randn(64, 1536, generator=generator)
+    got = kernels.silu_mul(torch.cat((gate, up), dim=-1))
+    torch.testing.assert_close(got, F.silu(gate) * up, rtol=2e-6, atol=1e-30)
+    nan = kernels.silu_mul(torch.tensor([[float("nan"), 1.0]]))
+    assert torch.isnan(nan).all()
+
+
+def test_load_builds_once_into_the_cache_and_falls_back_without_a_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path))
+    cpu_kernels.load.cache_clear()
+    try:
+        if shutil.which("cc") or shutil.which("gcc"):
+            assert cpu_kernels.load() is not None
+            built = list((tmp_path / "kernels").iterdir())
+            assert [p.suffix for p in built] == [".so"]  # no scratch file left behind
+        cpu_kernels.load.cache_clear()
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "elsewhere"))
+        assert cpu_kernels.load() is None
+        cpu_kernels.load.cache_clear()
+        monkeypatch.delenv("CC")
+        monkeypatch.setenv("SOFTPROMPT_CPU_KERNELS", "0")
+        assert cpu_kernels.load() is None
+        assert not (tmp_path / "elsewhere" / "kernels").exists()
+    finally:
+        cpu_kernels.load.cache_clear()
