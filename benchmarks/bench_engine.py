@@ -292,41 +292,64 @@ def start_vllm(
 
 
 def run_side_by_side(
-    spm, requests, new_tokens: int, batch: int, rounds: int, peer: VllmPeer | None
-) -> tuple[dict, dict | None]:
+    spm,
+    requests,
+    new_tokens: int,
+    batch: int,
+    rounds: int,
+    peer: VllmPeer | None,
+    torch_decode: bool = False,
+) -> tuple[dict, dict | None, dict | None]:
     """(c) and (f), alternating: each round runs every request once through the engine and once
     through vLLM, in turn (c then f, then f then c, ...), so both meet the same machine (its
     speed drifts by up to 1.5x over minutes). Timed the same way on both sides: one engine (one
     LLM) warmed up on the first two requests, then ``rounds`` runs. The engine's first run pays
     what a new server pays once (most adapters' prefixes, MKL's full-batch packing, the cache
-    growing to the full batch)."""
+    growing to the full batch).
+
+    ``torch_decode``: a third participant in every round, the same engine with its decode steps
+    on PyTorch's kernels instead of the fused C ones (``cpu_kernels.py``): what they gain."""
     from softprompt.engine import Engine, EngineConfig, SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    engine = Engine(spm.model, spm.tokenizer, EngineConfig(max_batch_size=batch))
-    for name, adapter in spm.adapters.items():
-        engine.add_adapter(name, adapter)
-    warm = requests[:2]
-    engine.generate([p for p, _ in warm], [a for _, a in warm], SamplingParams(max_new_tokens=2))
 
-    def ours() -> float:
-        start = time.perf_counter()
-        engine.generate([p for p, _ in requests], [a for _, a in requests], params)
-        return time.perf_counter() - start
+    def engine_run(cpu_kernels: bool | None):
+        config = EngineConfig(max_batch_size=batch, cpu_kernels=cpu_kernels)
+        engine = Engine(spm.model, spm.tokenizer, config)
+        for name, adapter in spm.adapters.items():
+            engine.add_adapter(name, adapter)
+        warm = requests[:2]
+        engine.generate(
+            [p for p, _ in warm], [a for _, a in warm], SamplingParams(max_new_tokens=2)
+        )
 
-    c_runs: list[float] = []
-    f_runs: list[float] = []
+        def run() -> float | None:
+            start = time.perf_counter()
+            engine.generate([p for p, _ in requests], [a for _, a in requests], params)
+            return time.perf_counter() - start
+
+        return run
+
+    def vllm_run() -> float | None:
+        if peer is None or not peer.alive:
+            return None
+        seconds = peer.run()
+        if seconds is None:
+            emit({"way": "f_vllm_cpu", "failed": "the vLLM peer ended early"})
+        return seconds
+
+    ways = {"c": engine_run(None), "f": vllm_run}
+    if torch_decode:
+        ways["c_torch"] = engine_run(False)
+    runs: dict[str, list[float]] = {way: [] for way in ways}
+    names = list(ways)
     for index in range(rounds):
-        order = ("c", "f") if index % 2 == 0 else ("f", "c")
-        for way in order:
-            if way == "c":
-                c_runs.append(ours())
-            elif peer is not None and peer.alive:
-                seconds = peer.run()
-                if seconds is None:
-                    emit({"way": "f_vllm_cpu", "failed": "the vLLM peer ended early"})
-                else:
-                    f_runs.append(seconds)
+        # Each round in another order: c f [t], then f [t] c, ...
+        shift = index % len(names)
+        for way in names[shift:] + names[:shift]:
+            seconds = ways[way]()
+            if seconds is not None:
+                runs[way].append(seconds)
     tokens = len(requests) * new_tokens
 
     def record(way: str, runs: list[float], **extra) -> dict:
@@ -342,20 +365,31 @@ def run_side_by_side(
             }
         )
 
-    c = record("c_engine_all_at_once", c_runs)
-    if not f_runs or len(f_runs) != len(c_runs):
-        return c, None
-    per_round = [
-        round(theirs_s / ours_s, 2) for ours_s, theirs_s in zip(c_runs, f_runs, strict=True)
-    ]
+    def per_round(theirs: list[float]) -> dict:
+        ratios = [round(t / o, 2) for o, t in zip(runs["c"], theirs, strict=True)]
+        return {"per_round": ratios, "median": statistics.median(ratios)}
+
+    c = record("c_engine_all_at_once", runs["c"])
+    torch_record = None
+    if torch_decode and len(runs["c_torch"]) == len(runs["c"]):
+        ratios = per_round(runs["c_torch"])
+        torch_record = record(
+            "c_engine_torch_decode",
+            runs["c_torch"],
+            fused_over_torch_per_round=ratios["per_round"],
+            fused_over_torch_median=ratios["median"],
+        )
+    if not runs["f"] or len(runs["f"]) != len(runs["c"]):
+        return c, None, torch_record
+    ratios = per_round(runs["f"])
     f = record(
         "f_vllm_cpu_prompt_embeds",
-        f_runs,
+        runs["f"],
         vllm=peer.version if peer is not None else None,
-        c_over_f_per_round=per_round,
-        c_over_f_median=statistics.median(per_round),
+        c_over_f_per_round=ratios["per_round"],
+        c_over_f_median=ratios["median"],
     )
-    return c, f
+    return c, f, torch_record
 
 
 def run_prefix_reuse(spm, count: int = 32, virtual: int = 100) -> dict:
@@ -473,6 +507,11 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="(c) and (f) runs, alternating (best is reported)"
     )
+    parser.add_argument(
+        "--torch-decode",
+        action="store_true",
+        help="also run (c) with decode steps on PyTorch's kernels, in every round beside (c)",
+    )
     parser.add_argument("--vllm-python", default=str(HERE.parent / ".venv-vllm" / "bin" / "python"))
     parser.add_argument(
         "--skip", action="append", default=[], choices=list("abcdef") + ["prefix", "memory"]
@@ -528,8 +567,14 @@ def main() -> None:
                 spm, requests, args.new_tokens, args.vllm_python, model_dir, Path(tmp)
             )
         try:
-            results["c"], results["f"] = run_side_by_side(
-                spm, requests, args.new_tokens, args.batch_size, args.rounds, peer
+            results["c"], results["f"], results["c_torch"] = run_side_by_side(
+                spm,
+                requests,
+                args.new_tokens,
+                args.batch_size,
+                args.rounds,
+                peer,
+                args.torch_decode,
             )
         finally:
             if peer is not None:
@@ -565,6 +610,9 @@ def main() -> None:
                 "c_over_d": ratio("c", "d"),
                 "c_over_f": ratio("c", "f"),
                 "c_over_f_median_of_rounds": (results.get("f") or {}).get("c_over_f_median"),
+                "fused_over_torch_decode_median_of_rounds": (results.get("c_torch") or {}).get(
+                    "fused_over_torch_median"
+                ),
                 "continuous_over_static_under_arrivals": ratio("e_continuous", "e_static"),
             }
         }

@@ -82,8 +82,12 @@ class CpuKernels:
         _check(qkv, cos, sin)
         if not (0 <= end < capacity) or keys.stride(2) != 1 or values.stride(3) != 1:
             raise ValueError("decode_attention: cache column out of range or unexpected layout")
-        if qkv.shape != (batch, (heads + 2 * kv_heads) * dim) or valid.stride(1) != 1:
-            raise ValueError("decode_attention: qkv or valid has the wrong shape")
+        if qkv.shape != (batch, (heads + 2 * kv_heads) * dim) or cos.shape != (batch, dim):
+            raise ValueError("decode_attention: qkv or cos has the wrong shape")
+        if sin.shape != cos.shape or valid.shape[0] != batch or valid.shape[1] <= end:
+            raise ValueError("decode_attention: sin or valid has the wrong shape")
+        if valid.stride(1) != 1:
+            raise ValueError("decode_attention: valid's columns must be contiguous")
         if valid.dtype != torch.bool or values.shape != keys.shape or heads % kv_heads:
             raise ValueError("decode_attention: valid must be bool, values shaped like keys")
         out = _output(out, qkv, (batch, heads * dim))
