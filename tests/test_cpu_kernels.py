@@ -75,6 +75,19 @@ def test_decode_attention_equals_the_torch_path(kernels, heads, kv_heads, dim, e
     expected = attend(q, keys[rows, :, : end + 1], values[rows, :, : end + 1], scaling)[:, 0]
 
     valid_before = cache.valid.clone()
+    # The per-step form the engine uses (checked once, then addressed by layer and row offset),
+    # on a copy of the cache: the same numbers, the same writes.
+    twin = SlotCache(1, kv_heads, dim, slots, capacity, dtype=torch.float32, device="cpu")
+    twin.keys[0].copy_(cache.keys[0])
+    twin.values[0].copy_(cache.values[0])
+    twin.valid.copy_(cache.valid)
+    step = cpu_kernels.DecodeStep(
+        kernels, twin.keys, twin.values, twin.valid, rows, end, cos, signed, heads
+    )
+    stepped = torch.empty(batch, heads * dim)
+    step.attention(0, qkv, scaling, out=stepped)
+    with pytest.raises(ValueError, match="expected a contiguous float32"):
+        step.attention(0, qkv[:, :-1], scaling, out=stepped)
     got = kernels.decode_attention(
         qkv,
         cos,
@@ -93,6 +106,8 @@ def test_decode_attention_equals_the_torch_path(kernels, heads, kv_heads, dim, e
     assert torch.equal(cache.values[0], values)
     assert torch.equal(cache.valid, valid_before)
     assert torch.equal(cache.keys[0][0], keys[0]) and torch.equal(cache.keys[0][-1], keys[-1])
+    assert torch.equal(stepped, got)
+    assert torch.equal(twin.keys[0], cache.keys[0]) and torch.equal(twin.values[0], cache.values[0])
 
 
 def test_decode_attention_refuses_a_column_past_the_cache(kernels):
@@ -122,6 +137,8 @@ def test_add_normalise_equals_residual_add_then_rms_norm(kernels, width):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     alone = kernels.add_normalise(h.clone(), None, 1e-5)
     torch.testing.assert_close(alone, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="output buffer"):
+        kernels.add_normalise(h, delta, 1e-5, out=torch.empty(64, width + 1))
 
 
 def test_silu_mul_equals_swiglu_across_the_float_range(kernels):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .cpu_kernels import CpuKernels
+from .cpu_kernels import CpuKernels, DecodeStep
 from .kv_cache import SlotCache
 from .packed import PackedLinear
 
@@ -243,26 +243,22 @@ class LeanLlama:
         half = dim // 2
         cos = cos[:, 0].contiguous()
         sin = torch.cat((-sin[:, 0, :half], sin[:, 0, half:]), dim=-1)
-        valid = cache.valid[rows]
+        step = DecodeStep(
+            kernels, cache.keys, cache.values, cache.valid, rows, end, cos, sin, self.heads
+        )
         h = embeds[:, 0].clone(memory_format=torch.contiguous_format)  # updated in place
-        x = kernels.add_normalise(h, None, self.eps)
+        x = torch.empty_like(h)
+        step.add_normalise(h, None, self.eps, out=x)
         attention = h.new_empty(batch, self.heads * dim)
+        activation: torch.Tensor | None = None
         for index, layer in enumerate(self.layers):
-            kernels.decode_attention(
-                layer.qkv(x),
-                cos,
-                sin,
-                cache.keys[index][rows],
-                cache.values[index][rows],
-                valid,
-                end,
-                self.heads,
-                layer.scaling,
-                out=attention,
-            )
-            kernels.add_normalise(h, layer.o(attention), self.eps, out=x)
-            activation = kernels.silu_mul(layer.gate_up(x))
-            kernels.add_normalise(h, layer.down(activation), self.eps, out=x)
+            step.attention(index, layer.qkv(x), layer.scaling, out=attention)
+            step.add_normalise(h, layer.o(attention), self.eps, out=x)
+            gate_up = layer.gate_up(x)
+            if activation is None:
+                activation = gate_up.new_empty(batch, gate_up.shape[1] // 2)
+            step.silu_mul(gate_up, out=activation)
+            step.add_normalise(h, layer.down(activation), self.eps, out=x)
         return self.lm_head(x)  # x: the final norm of h, as ``logits`` takes it
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
