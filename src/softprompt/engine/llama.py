@@ -6,7 +6,9 @@ This forward does the same arithmetic with fewer operations: the q/k/v projectio
 gate/up projections each become one matrix product on weights packed for oneDNN (``packed.py``),
 RMSNorm is one fused call, and a one-token decode step computes attention with two batched
 products instead of a general attention kernel. Rotary embeddings come from the model's own
-rotary module, so every rope variant it supports is respected.
+rotary module, so every rope variant it supports is respected. On the CPU, when the fused C
+kernels of ``cpu_kernels.py`` are loaded, a decode step runs its attention, normalisations and
+SwiGLU on them instead (``_fused_decode``); prefill always runs the PyTorch path here.
 
 Used for ``model_type == "llama"``: on the CPU in float32 with packed weights, and on a GPU in
 any floating dtype with plain fused weights (and there its decode step is captured as a CUDA
@@ -234,7 +236,7 @@ class LeanLlama:
         self, kernels: CpuKernels, cache: SlotCache, embeds: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
         """A decode step on the fused CPU kernels: the same arithmetic as ``layers_forward``
-        (up to float rounding) in about half the passes over memory. Each layer's attention
+        (up to float rounding) in fewer passes over memory. Each layer's attention
         writes the new key/value into the cache itself and reads each row's valid columns only;
         the residual adds ride along with the normalisations."""
         rows, end = cache.rows, cache.end

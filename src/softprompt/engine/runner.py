@@ -55,7 +55,10 @@ class ModelRunner:
             if self.packed and cpu_kernels is not False:
                 kernels = load_cpu_kernels()
                 if kernels is None and cpu_kernels:
-                    raise RuntimeError("the fused CPU kernels were asked for but did not build")
+                    raise RuntimeError(
+                        "the fused CPU kernels were asked for but are not available (no C "
+                        "compiler, a failed build, or SOFTPROMPT_CPU_KERNELS=0)"
+                    )
             self.lean = LeanLlama(
                 model, full_batch if self.packed else None, packed=self.packed, kernels=kernels
             )
