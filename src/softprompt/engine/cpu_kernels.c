@@ -60,9 +60,9 @@ static inline int64_t sp_first_valid(const uint8_t *ok, int64_t end) {
     return first;
 }
 
-/* Ask for one (row, head) pair's keys and values in columns first..end to be brought into the
- * cache ahead of use: the key rows are `dim` short runs far apart, which the hardware
- * prefetchers do not follow in time. */
+/* Ask for the next (row, head) pair's keys and values in columns first..end to be brought into
+ * the cache while the current pair computes (its key rows are `dim` short runs, one per
+ * component, a cache row apart). */
 static inline void sp_prefetch(const float *k_cache, int64_t ks_dim, const float *v_cache,
                                int64_t vs_col, int64_t first, int64_t end, int64_t dim) {
     const int64_t line = 64 / (int64_t)sizeof(float);
