@@ -9,9 +9,9 @@ model, 64 rows): see the README's engine benchmark.
 
 The C file compiles with the system's C compiler (``$CC``, else ``cc``) in about a second, for
 this CPU (``-march=native``), into the softprompt cache (``$SOFTPROMPT_CACHE/kernels``), named by
-a hash of the source, the compiler and the CPU, so a changed file, compiler or machine gets its
-own build. Without a compiler, or with ``SOFTPROMPT_CPU_KERNELS=0``, ``load()`` gives ``None`` and
-the engine runs PyTorch's kernels instead (same results up to float rounding).
+a hash of the source, the compiler, its flags and the CPU, so a change to any of them gets its
+own build. Without a compiler, or with ``SOFTPROMPT_CPU_KERNELS=0``, ``load()`` gives ``None``
+and the engine runs PyTorch's kernels instead (same results up to float rounding).
 """
 
 from __future__ import annotations
@@ -307,7 +307,12 @@ def _build(compiler: str) -> Path:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, check=True, timeout=30
     ).stdout
-    key = hashlib.sha256(source + version + _cpu_signature().encode()).hexdigest()[:16]
+    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        # Full-width AVX-512 where the CPU has it (GCC defaults to 256-bit vectors there).
+        flags.append("-mprefer-vector-width=512")
+    signature = " ".join(flags) + _cpu_signature()
+    key = hashlib.sha256(source + version + signature.encode()).hexdigest()[:16]
     folder = cache_dir() / "kernels"
     target = folder / f"cpu_kernels-{key}.so"
     if target.is_file():
@@ -318,10 +323,6 @@ def _build(compiler: str) -> Path:
     handle, scratch = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(handle)
     try:
-        flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
-        if platform.machine() in ("x86_64", "AMD64"):
-            # Full-width AVX-512 where the CPU has it (GCC defaults to 256-bit vectors there).
-            flags.append("-mprefer-vector-width=512")
         done = subprocess.run(
             [compiler, *flags, str(SOURCE), "-o", scratch, "-lm"],
             capture_output=True,
