@@ -79,32 +79,10 @@ class CpuKernels:
         Returns (B, H·Dh), written into ``out`` when given (contiguous, that shape).
         """
         _check(qkv)
-        batch, kv_heads, _, dim = keys.shape
-        _check_attention(qkv.shape, cos, sin, keys, values, valid, end, heads)
+        batch, _, _, dim = keys.shape
+        step = DecodeStep(self, [keys], [values], valid, slice(0, batch), end, cos, sin, heads)
         out = _output(out, qkv, (batch, heads * dim))
-        self._attention(
-            qkv.data_ptr(),
-            batch,
-            heads,
-            kv_heads,
-            dim,
-            cos.data_ptr(),
-            sin.data_ptr(),
-            keys.data_ptr(),
-            keys.stride(0),
-            keys.stride(1),
-            keys.stride(3),
-            values.data_ptr(),
-            values.stride(0),
-            values.stride(1),
-            values.stride(2),
-            valid.data_ptr(),
-            valid.stride(0),
-            end,
-            scaling,
-            out.data_ptr(),
-            torch.get_num_threads(),
-        )
+        step.attention(0, qkv, scaling, out=out)
         return out
 
     def add_normalise(
