@@ -137,7 +137,8 @@ class DecodeStep:
     ) -> None:
         keys, values = cache_keys[0][rows], cache_values[0][rows]
         batch, kv_heads, capacity, dim = keys.shape
-        # The full checks, once, on layer 0's slots; every layer's buffers are alike.
+        # Every layer's buffers must share layer 0's layout (the kernel is handed only offsets
+        # and layer 0's strides); the full checks below then run on layer 0's slots.
         for k, v in zip(cache_keys, cache_values, strict=True):
             if k.shape != cache_keys[0].shape or k.stride() != cache_keys[0].stride():
                 raise ValueError("decode step: the cache's layers differ in layout")
