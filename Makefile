@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck install clean
+.PHONY: demo test lint typecheck install browser clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,17 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) lint typecheck
+# The page tests drive Debian's Chromium headless: install it when missing and we may (root, or
+# sudo without a password); otherwise say in one line what to install.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then SUDO=; \
+	  elif command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	  else echo "make test needs Chromium for its page tests: install it (Debian/Ubuntu: apt-get install chromium) and run make test again" >&2; exit 2; fi; \
+	  echo "installing Debian's chromium for the page tests" >&2; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+
+test: $(STAMP) lint typecheck browser
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -48,7 +48,9 @@ def test_serve_prints_where_it_serves_and_answers(tiny_model_dir, adapter_dir):
         assert "serving 2 models at http://127.0.0.1:" in text and "kind" in text
         url = lines[-1].split("playground at ")[1].strip().rstrip("/")
         models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
-        assert {m["id"] for m in models["data"]} == {str(tiny_model_dir), "kind"}
+        # The base model is named after its folder, never by its path on the server.
+        assert {m["id"] for m in models["data"]} == {tiny_model_dir.name, "kind"}
+        assert str(tiny_model_dir) not in httpx.get(url + "/openapi.json").text
         assert httpx.get(url + "/v1/models").status_code == 401  # the key came from the env
         assert "softprompt playground" in httpx.get(url + "/").text
     finally:
@@ -69,7 +71,7 @@ def test_serve_bad_inputs(tiny_model_dir, adapter_dir, tmp_path, cli_main):
     for args, needle in (
         (["--poll-seconds", "-1"], "--poll-seconds"),
         (["--max-body-bytes", "10"], "--max-body-bytes"),
-        (["--max-batch-size", "0"], "max_batch_size"),
+        (["--max-batch-size", "0"], "--max-batch-size must be at least 1"),
     ):
         proc = cli_main("serve", "--adapters", str(adapter_dir), "--port", "0", *args)
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr

@@ -156,7 +156,11 @@ def test_adapters_added_and_removed_without_a_restart(served, client):
     url, _, folder, engine = served
     hidden = engine.runner.hidden_size
     _write_adapter(folder / "fresh", "fresh", hidden, seed=99)
-    assert "fresh" in {m.id for m in client.models.list().data}
+    # Listed (and served) at the next scan: the watcher's, or a request's once a second at most.
+    deadline = time.monotonic() + 10
+    while "fresh" not in {m.id for m in client.models.list().data}:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     text = client.completions.create(model="fresh", prompt="be kind", max_tokens=4, temperature=0)
     assert text.choices[0].text == _solo(engine, "be kind", "fresh", max_new_tokens=4)
     # A request running on it when the folder goes finishes; new ones get 404.

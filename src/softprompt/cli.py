@@ -348,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--api-key",
         default=os.environ.get("SOFTPROMPT_API_KEY"),
-        help="require Authorization: Bearer KEY on /v1 (default: $SOFTPROMPT_API_KEY, or none)",
+        help="require Authorization: Bearer KEY on /v1 (default: $SOFTPROMPT_API_KEY, or none). "
+        "A key given here shows in the process list: set SOFTPROMPT_API_KEY instead. With no key "
+        "on a loopback address, only requests naming a loopback Host are answered",
     )
     srv.add_argument(
         "--max-batch-size",
@@ -373,6 +375,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1 << 20,
         help="larger request bodies are refused (default: %(default)s)",
+    )
+    srv.add_argument(
+        "--max-queue",
+        type=int,
+        help="requests waiting for a place in the batch at most; beyond it, 429 with "
+        "Retry-After, and one request (prompts x n) may not ask for more (default: 4 x "
+        "--max-batch-size)",
+    )
+    srv.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM or Ctrl-C, how long running requests may finish (new ones get 503); "
+        'the rest end with finish_reason "abort" (default: %(default)s)',
     )
     srv.set_defaults(func=commands.cmd_serve)
 

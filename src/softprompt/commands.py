@@ -685,6 +685,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.max_tokens_cap,
         args.poll_seconds,
         args.max_body_bytes,
+        max_queue=args.max_queue,
+        drain_seconds=args.drain_seconds,
     )
 
 

@@ -26,14 +26,33 @@ from ..prompt import Adapter, hidden_size_mismatch
 from .detokenize import Detokenizer
 from .registry import AdapterRegistry
 from .runner import ModelRunner
-from .sampling import RequestError, SamplingParams, make_generator, pick_tokens, seen_mask
+from .sampling import (
+    FAILED,
+    RequestError,
+    SamplingParams,
+    make_generator,
+    pick_tokens,
+    seen_mask,
+)
 from .scheduler import Scheduler
 from .sequence import Completion, Output, Sequence, Status
+from .stops import StopMatcher
 
 if TYPE_CHECKING:
     from ..prompt import SoftPromptModel
 
 log = logging.getLogger(__name__)
+
+Sink = Callable[[Output], None]
+"""Where a request's outputs go, called from the engine's thread."""
+
+
+class QueueFull(RequestError):
+    """The engine's queue has no room for the request now; it may be retried later."""
+
+
+class ShuttingDown(RequestError):
+    """The engine is draining or stopped and takes no new requests."""
 
 
 @dataclass
@@ -48,6 +67,11 @@ class EngineConfig:
     """Requests asking for more new tokens are refused."""
     max_resident_adapters: int = 64
     """Adapter prefixes kept in memory at most; the least recently used idle one goes first."""
+    max_queue: int | None = None
+    """Requests waiting for a slot at most (None: no bound, for offline batches; the server sets
+    one); a submission beyond it is refused with ``QueueFull``. A waiting request holds at most
+    the model's context in token ids and its capped stop strings, so this bounds the queue's
+    memory."""
     policy: str = "continuous"
     """``continuous`` (join between steps) or ``static`` (a new batch when the last one ends)."""
     packed_weights: bool | None = None
@@ -73,6 +97,8 @@ class EngineConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_queue is not None and self.max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
 
 
 @dataclass
@@ -194,7 +220,8 @@ class Engine:
         self.eos = eos_ids(model, tokenizer)
         self.detokenizer = Detokenizer(tokenizer)
         self.stats = EngineStats()
-        self._leases: dict[str, Any] = {}
+        self._leases: dict[str, tuple[Sequence, Any]] = {}
+        """Each unfinished request's hold on its adapter, taken at submission."""
         self._handles: dict[str, RequestHandle] = {}
         self._incoming: list[Sequence] = []
         self._cancels: set[str] = set()
@@ -204,6 +231,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._looping = False
+        self._drain_until: float | None = None
+        self.failure: str | None = None
+        """Why the step loop died, if it did (the server's health check reads it)."""
 
     @classmethod
     def from_softprompt(cls, spm: SoftPromptModel, config: EngineConfig | None = None) -> Engine:
@@ -258,7 +288,70 @@ class Engine:
             RequestError: the request cannot run (unknown adapter, empty or too long prompt,
                 too many new tokens, a token id outside the vocabulary).
         """
-        params = params or SamplingParams()
+        return self.submit_many([(prompt, adapter, params, sink)])[0]
+
+    def submit_many(
+        self,
+        requests: list[tuple[str | list[int], str | None, SamplingParams | None, Sink | None]],
+    ) -> list[RequestHandle]:
+        """Queue several requests ``(prompt, adapter, params, sink)`` together, or none of them.
+
+        Raises:
+            RequestError: one request cannot run (nothing is queued).
+            QueueFull: the queue has no room for all of them now.
+            ShuttingDown: the engine takes no new requests.
+        """
+        seqs = [self._check_request(p, a, s or SamplingParams()) for p, a, s, _ in requests]
+        max_queue = self.config.max_queue
+        if max_queue is not None and len(seqs) > max_queue:
+            raise RequestError(
+                f"{len(seqs)} sequences in one request is above this engine's queue of {max_queue}",
+                field="n",
+            )
+        leases: list[Any] = []
+        try:
+            for seq in seqs:
+                # The adapter is held from now on: removing it lets its queued requests finish.
+                leases.append(self.registry.claim(seq.adapter) if seq.adapter else None)
+            with self._lock:
+                if self._stopping or self._drain_until is not None:
+                    raise ShuttingDown("the server is shutting down and takes no new requests")
+                waiting = len(self._incoming) + len(self.scheduler.waiting)
+                if max_queue is not None and waiting + len(seqs) > max_queue:
+                    raise QueueFull(
+                        f"the queue is full ({waiting} of {max_queue} places taken); retry later"
+                    )
+                handles = self._enqueue(seqs, leases, [r[3] for r in requests])
+        except BaseException:
+            for lease in leases:
+                if lease is not None:
+                    self.registry.release(lease)
+            raise
+        self._wake.set()
+        return handles
+
+    def _enqueue(
+        self,
+        seqs: list[Sequence],
+        leases: list[Any],
+        sinks: list[Sink | None],
+    ) -> list[RequestHandle]:
+        """Hand checked requests to the step loop (the lock held)."""
+        handles = []
+        for seq, lease, sink in zip(seqs, leases, sinks, strict=True):
+            handle = RequestHandle(self, seq, sink)
+            handles.append(handle)
+            if lease is not None:
+                self._leases[seq.request_id] = (seq, lease)
+            self._handles[seq.request_id] = handle
+            self._incoming.append(seq)
+            self.stats.requests += 1
+        return handles
+
+    def _check_request(
+        self, prompt: str | list[int], adapter: str | None, params: SamplingParams
+    ) -> Sequence:
+        """The request as a sequence, or ``RequestError`` saying why it cannot run."""
         ids = self._prompt_ids(prompt)
         virtual = 0
         if adapter is not None:
@@ -281,13 +374,9 @@ class Engine:
                 field="prompt",
             )
         seq = Sequence(ids, adapter, params)
-        handle = RequestHandle(self, seq, sink)
-        with self._lock:
-            self._handles[seq.request_id] = handle
-            self._incoming.append(seq)
-            self.stats.requests += 1
-        self._wake.set()
-        return handle
+        if params.stop:
+            seq.stops = StopMatcher(params.stop)
+        return seq
 
     def generate(
         self,
@@ -394,6 +483,19 @@ class Engine:
         self._looping = True
         self._loop()
 
+    def drain(self, seconds: float) -> None:
+        """Take no new requests; let the loop finish the accepted ones for up to ``seconds``,
+        then end the rest with reason ``abort`` and stop.
+
+        Safe in a signal handler: it takes no lock, not even the wake-up event's (the
+        interrupted thread may hold one); an idle loop notices within its 0.5 s wait."""
+        if self._drain_until is None:
+            self._drain_until = time.monotonic() + max(0.0, seconds)
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_until is not None
+
     def stop(self) -> None:
         """Stop the loop after its current step (and join the background thread)."""
         self._stopping = True
@@ -405,12 +507,31 @@ class Engine:
     def _loop(self) -> None:
         try:
             self._steps_until_stopped()
+        except BaseException as exc:
+            # The loop itself died (not one step: those are caught below). Nothing will step
+            # again: say so to whoever checks health, and end every request instead of leaving
+            # its client waiting.
+            self.failure = f"the engine's step loop died: {exc!r}"
+            log.exception("the engine's step loop died")
+            with self._lock:
+                self._stopping = True
+            try:
+                self._abort_all("error", "the engine stopped (see the server log)")
+            except Exception:  # noqa: BLE001 - the original failure is what matters
+                log.exception("could not end the requests after the loop died")
+            raise
         finally:
             self._looping = False
 
     def _steps_until_stopped(self) -> None:
         while not self._stopping:
             self._wake.clear()  # before looking: a submit from now on is not missed
+            if self._drain_until is not None:
+                if not self.has_work():
+                    break
+                if time.monotonic() >= self._drain_until:
+                    self._abort_all("abort", "the server shut down before this request finished")
+                    break
             if not self.has_work():
                 self._wake.wait(timeout=0.5)
                 continue
@@ -418,7 +539,7 @@ class Engine:
                 self.step()
             except Exception:  # a bug: fail what is running rather than hang every client
                 log.exception("engine step failed; failing the running requests")
-                self._fail_everything("internal engine error (see the server log)")
+                self._abort_all("error", "internal engine error (see the server log)")
 
     # One step -----------------------------------------------------------------------------
 
@@ -454,18 +575,19 @@ class Engine:
     def _prefill(self, joined: list[Sequence]) -> None:
         started = time.perf_counter()
         ready: list[tuple[Sequence, Any]] = []
-        self.registry.warm(seq.adapter for seq in joined if seq.adapter is not None)
-        for seq in joined:
+        held = [self._leases.get(seq.request_id, (seq, None))[1] for seq in joined]
+        self.registry.warm(lease for lease in held if lease is not None)
+        for seq, lease in zip(joined, held, strict=True):
             try:
-                lease = self.registry.acquire(seq.adapter) if seq.adapter is not None else None
-            except RequestError as exc:
-                self._finish(seq, "error", str(exc))
+                if lease is not None:
+                    self.registry.prepare(lease)
+                    seq.prefix_length = lease.prefix.length if lease.prefix is not None else 0
+                if seq.params.temperature > 0:
+                    seq.generator = make_generator(seq.params.seed, self.runner.device)
+            except Exception as exc:  # noqa: BLE001 - this request's alone
+                message = str(exc) if isinstance(exc, RequestError) else self._failure(exc)
+                self._finish(seq, "error", message)
                 continue
-            if lease is not None:
-                self._leases[seq.request_id] = lease
-                seq.prefix_length = lease.prefix.length if lease.prefix is not None else 0
-            if seq.params.temperature > 0:
-                seq.generator = make_generator(seq.params.seed, self.runner.device)
             ready.append((seq, lease))
         if not ready:
             return
@@ -541,14 +663,18 @@ class Engine:
     def _accept(self, seqs: list[Sequence], slots: list[int], logits: torch.Tensor) -> None:
         """Choose each row's next token and hand out what it adds."""
         index = torch.tensor(slots).to(logits.device)
-        tokens = pick_tokens(
-            logits,
-            [s.params for s in seqs],
-            lambda: self.seen[index],
-            [len(s.output_ids) for s in seqs],
-            self.eos,
-            [s.generator for s in seqs],  # type: ignore[misc]
-        )
+        try:
+            tokens = pick_tokens(
+                logits,
+                [s.params for s in seqs],
+                lambda: self.seen[index],
+                [len(s.output_ids) for s in seqs],
+                self.eos,
+                [s.generator for s in seqs],  # type: ignore[misc]
+            )
+        except Exception:  # noqa: BLE001 - row by row, failing only the rows that fail
+            log.exception("choosing the next tokens of %d rows failed; row by row", len(seqs))
+            tokens = self._pick_one_by_one(seqs, index, logits)
         penalised = [j for j, s in enumerate(seqs) if s.params.repetition_penalty != 1]
         if len(penalised) == len(seqs):
             self.seen[index, tokens] = True
@@ -560,25 +686,77 @@ class Engine:
         for seq, token in zip(seqs, tokens.tolist(), strict=True):
             if seq.first_token_at is None:
                 seq.first_token_at = now
-            if token in self.eos and not seq.params.ignore_eos:
+            if token == FAILED:
+                self._finish(
+                    seq,
+                    "error",
+                    "sampling failed: this request's next-token probabilities are not finite",
+                )
+            elif token in self.eos and not seq.params.ignore_eos:
                 self._finish(seq, "stop")
             else:
                 seq.output_ids.append(token)
                 going.append(seq)
         self.stats.generated_tokens += len(going)
-        for seq, text in zip(going, self.detokenizer.texts(going), strict=True):
-            self._advance(seq, text)
+        try:
+            texts = self.detokenizer.texts(going)
+        except Exception:  # noqa: BLE001 - detokenize row by row to fail only the bad rows
+            texts = []
+            for seq in going:
+                try:
+                    texts.append(self.detokenizer.texts([seq])[0])
+                except Exception as exc:  # noqa: BLE001
+                    texts.append("")
+                    self._finish(seq, "error", f"cannot decode the output: {exc}")
+        for seq, text in zip(going, texts, strict=True):
+            if seq.finished:
+                continue
+            try:
+                self._advance(seq, text)
+            except Exception as exc:  # noqa: BLE001 - this request's alone
+                log.exception("request %s failed after sampling", seq.request_id)
+                self._finish(seq, "error", f"internal error on this request: {exc}")
+
+    def _pick_one_by_one(
+        self, seqs: list[Sequence], index: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """``pick_tokens`` row by row; a row that raises gets ``FAILED``."""
+        tokens = []
+        for j, seq in enumerate(seqs):
+            row = index[j : j + 1]
+
+            def seen(row: torch.Tensor = row) -> torch.Tensor:
+                return self.seen[row]
+
+            try:
+                tokens.append(
+                    int(
+                        pick_tokens(
+                            logits[j : j + 1],
+                            [seq.params],
+                            seen,
+                            [len(seq.output_ids)],
+                            self.eos,
+                            [seq.generator],  # type: ignore[list-item]
+                        )[0]
+                    )
+                )
+            except Exception:  # noqa: BLE001
+                log.exception("request %s failed choosing its next token", seq.request_id)
+                tokens.append(FAILED)
+        return torch.tensor(tokens)
 
     def _advance(self, seq: Sequence, text: str) -> None:
         """Hand out what the newest token of ``seq`` adds to its ``text``, or finish it."""
         params = seq.params
         token = seq.output_ids[-1]
         reason = None
-        if params.stop:
-            start = max(0, seq.emitted - max(len(s) for s in params.stop))
-            hits = [i for s in params.stop if (i := text.find(s, start)) >= 0]
-            if hits:
-                text, reason = text[: min(hits)], "stop"
+        hold = 0
+        if seq.stops is not None:
+            # Only the text before a trailing incomplete character is final.
+            cut, hold = seq.stops.feed(text, len(text.rstrip("\ufffd")))
+            if cut is not None:
+                text, reason = text[:cut], "stop"
         if reason is None and (
             len(seq.output_ids) >= params.max_new_tokens or seq.length >= self.runner.max_length
         ):
@@ -587,7 +765,7 @@ class Engine:
         if reason is not None:
             self._finish(seq, reason, new_ids=[token])
             return
-        safe = len(text) - _held_back(text, params.stop)
+        safe = len(text) - max(hold, len(text) - len(text.rstrip("\ufffd")))
         delta = text[seq.emitted : safe] if safe > seq.emitted else ""
         seq.emitted = max(seq.emitted, safe)
         self._emit(seq, Output(seq.request_id, [token], delta))
@@ -613,9 +791,11 @@ class Engine:
         for source, target in self.scheduler.remove_finished():
             self.cache.move(source, target)
             self.seen[target] = self.seen[source]
-        running = {s.request_id for s in self.scheduler.running}
-        for request_id in [r for r in self._leases if r not in running]:
-            self.registry.release(self._leases.pop(request_id))
+        with self._lock:  # submissions add leases from other threads
+            ended = [r for r, (seq, _) in self._leases.items() if seq.finished]
+            done = [self._leases.pop(r) for r in ended]
+        for _, lease in done:
+            self.registry.release(lease)
         if not self.scheduler.running:
             self.cache.reset()
 
@@ -630,12 +810,15 @@ class Engine:
             )
         return f"the model failed on this request: {exc}"
 
-    def _fail_everything(self, message: str) -> None:
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            if not seq.finished:
-                self._finish(seq, "error", message)
-        self.scheduler.waiting.clear()
-        self._leave()
+    def _abort_all(self, reason: str, message: str) -> None:
+        """End every request the engine holds (running, waiting, just submitted)."""
+        with self._step_lock:
+            self._take_incoming()
+            for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                if not seq.finished:
+                    self._finish(seq, reason, message)
+            self.scheduler.waiting.clear()
+            self._leave()
 
     def memory(self) -> dict[str, int]:
         """Bytes held: the model's parameters (shared with the caller's model), the packed copy
@@ -673,17 +856,3 @@ class Engine:
 def _post(loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue[Output], out: Output) -> None:
     """Hand ``out`` to an asyncio queue from the engine's thread."""
     loop.call_soon_threadsafe(outputs.put_nowait, out)
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Characters at the end of ``text`` not to hand out yet: a possible start of a stop string,
-    or an incomplete character (the tokenizer shows a partial UTF-8 sequence as U+FFFD)."""
-    hold = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), 0, -1):
-            if stop.startswith(text[-size:]):
-                hold = max(hold, size)
-                break
-    if text.endswith("\ufffd"):
-        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
-    return hold

@@ -4,8 +4,9 @@ To the model runner an adapter is a KV prefix: the keys/values its virtual token
 positions 0..n-1, the same for every request, so they are computed once and reused. A resident
 adapter costs its rows and that prefix; the base model is shared. At most ``max_resident``
 adapters stay resident: the least recently used one that no running request holds is dropped
-first (an adapter read from a folder is read again when next needed). A running request pins its
-adapter, so it is never freed under it, even when the adapter is removed meanwhile.
+first (an adapter read from a folder is read again when next needed). A request pins its adapter
+from submission (``claim``) to its end, so it is never freed under it, even when the adapter is
+removed while the request waits or runs: it finishes on the version it was submitted with.
 """
 
 from __future__ import annotations
@@ -141,35 +142,57 @@ class AdapterRegistry:
                 total += entry.adapter.weights.numel() * entry.adapter.weights.element_size()
         return total
 
-    def acquire(self, name: str) -> Lease:
-        """Pin ``name`` for a request; the lease's ``prefix`` is computed if it was not resident.
+    def claim(self, name: str) -> Lease:
+        """Pin ``name`` for a request from its submission; its rows are read now if they are not
+        in memory, so a later removal of the adapter (or its folder) cannot fail the request.
+        ``prepare`` computes the prefix when the request runs; ``release`` ends the hold.
 
         Raises:
-            RequestError: no such adapter, or it cannot be read or run any more.
+            RequestError: no such adapter, or it cannot be read any more.
         """
         with self._lock:
             entry = self._entries.get(name)
             if entry is None:
-                raise RequestError(f"unknown adapter {name!r}")
+                raise RequestError(f"unknown adapter {name!r}", field="adapter")
             entry.pins += 1
-        try:
-            self._ensure(entry)
-        except BaseException:
-            self.release(entry)
-            raise
-        with self._lock:
-            if not entry.removed:
-                self._resident[name] = entry
-                self._resident.move_to_end(name)
-            self._evict()
+            try:
+                if entry.adapter is None:
+                    assert entry.path is not None
+                    entry.adapter = self._read(entry.name, entry.path)
+            except BaseException:
+                entry.pins -= 1
+                raise
         return entry
 
-    def warm(self, names: Iterable[str]) -> None:
-        """Compute in one batched run the prefixes that ``names`` lack, for the ``acquire`` calls
-        that follow (joining requests of several new adapters then cost one forward, not one
-        each). Any failure is left for ``acquire`` to meet, one adapter at a time."""
+    def acquire(self, name: str) -> Lease:
+        """``claim`` and ``prepare`` at once: a held adapter with its prefix computed."""
+        lease = self.claim(name)
+        try:
+            self.prepare(lease)
+        except BaseException:
+            self.release(lease)
+            raise
+        return lease
+
+    def prepare(self, lease: Lease) -> None:
+        """Compute a claimed adapter's prefix if it is missing or stale, and mark it resident.
+
+        Raises:
+            RequestError: the adapter cannot run on this model.
+        """
+        self._ensure(lease)
         with self._lock:
-            entries = [self._entries[n] for n in dict.fromkeys(names) if n in self._entries]
+            if not lease.removed:
+                self._resident[lease.name] = lease
+                self._resident.move_to_end(lease.name)
+            self._evict()
+
+    def warm(self, leases: Iterable[Lease]) -> None:
+        """Compute in one batched run the prefixes that ``leases`` lack, for the ``prepare``
+        calls that follow (joining requests of several new adapters then cost one forward, not
+        one each). Any failure is left for ``prepare`` to meet, one adapter at a time."""
+        with self._lock:
+            entries = list({id(lease): lease for lease in leases}.values())
         todo: list[tuple[Lease, Adapter, int]] = []
         for entry in entries:
             try:
@@ -195,6 +218,12 @@ class AdapterRegistry:
                 if self._resident.get(lease.name) is lease:
                     del self._resident[lease.name]
                 lease.prefix = None
+            if (
+                lease.pins == 0
+                and lease.path is not None
+                and self._resident.get(lease.name) is not lease
+            ):
+                lease.adapter = None  # claimed but never run: its rows are read again if needed
             self._evict()
 
     def pinned(self, name: str) -> int:

@@ -15,6 +15,13 @@ import torch
 
 from ..errors import UserError
 
+SEED_RANGE = (-(2**63), 2**63 - 1)
+"""Seeds a request may give: a signed 64-bit integer, what ``torch.Generator`` takes."""
+MAX_STOP_CHARS = 256
+"""Characters in one stop string at most."""
+FAILED = -1
+"""``pick_tokens``' token for a row whose sampling failed (NaN probabilities, say)."""
+
 
 class RequestError(UserError):
     """A request that cannot run as given (it fails alone; the engine serves everyone else).
@@ -89,7 +96,17 @@ class SamplingParams:
                 all(isinstance(s, str) and s for s in self.stop),
                 "strings must be non-empty text",
             ),
-            ("seed", self.seed is None or _is_int(self.seed), "must be an integer"),
+            (
+                "stop",
+                all(len(s) <= MAX_STOP_CHARS for s in self.stop),
+                f"strings must be at most {MAX_STOP_CHARS} characters",
+            ),
+            (
+                "seed",
+                self.seed is None
+                or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
+                f"must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}",
+            ),
         ]
         for name, ok, problem in checks:
             if not ok:
@@ -173,6 +190,9 @@ def pick_tokens(
         produced: new tokens each row has made so far (for ``min_new_tokens``).
         eos: token ids that end a completion.
         generators: one per row; only sampled rows draw from theirs.
+
+    A sampled row whose probabilities cannot be sampled (NaN or infinite logits) gets
+    ``FAILED`` instead of a token: it fails alone, the other rows go on.
     """
     device = logits.device
     if any(p.repetition_penalty != 1 for p in params):
@@ -202,6 +222,10 @@ def pick_tokens(
     drop[:, 0] = False  # even when top_p is 0 in float32
     sorted_probs = sorted_probs.masked_fill(drop, 0)
     for j, i in enumerate(sampled):
-        choice = torch.multinomial(sorted_probs[j], 1, generator=generators[i])
+        try:
+            choice = torch.multinomial(sorted_probs[j], 1, generator=generators[i])
+        except RuntimeError:  # "probability tensor contains either inf, nan or element < 0"
+            tokens[i] = FAILED
+            continue
         tokens[i] = order[j, choice[0]]
     return tokens

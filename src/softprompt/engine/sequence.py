@@ -82,6 +82,8 @@ class Sequence:
     error: str | None = None
     prefix_length: int = 0
     generator: torch.Generator | None = None
+    stops: Any = None
+    """The request's ``StopMatcher`` (when it has stop strings): how far the text was read."""
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ class AdapterFolder:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._scanned_at = -float("inf")
 
     def names(self) -> list[str]:
         with self._lock:
@@ -70,9 +72,15 @@ class AdapterFolder:
                 found[entry.name] = entry
         return found
 
-    def scan(self) -> None:
-        """Bring the engine's adapters in line with the folder now."""
+    def scan(self, unless_within: float = 0.0) -> None:
+        """Bring the engine's adapters in line with the folder now; with ``unless_within``,
+        only if the last scan is older than that many seconds (requests for unknown models
+        cannot make the server list the folder more often than that)."""
         with self._lock:
+            now = time.monotonic()
+            if now - self._scanned_at < unless_within:
+                return
+            self._scanned_at = now
             found = self._candidates()
             for name in [n for n in self._served if n not in found]:
                 self._drop(name)

@@ -24,9 +24,11 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine, RequestError, SamplingParams
+from ..engine.engine import QueueFull, ShuttingDown
 from ..engine.sequence import Output
 from .adapters import AdapterFolder
 from .metrics import Metrics
@@ -45,6 +47,9 @@ from .protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+CHAT_MAX_TOKENS = 256
+"""Chat's default ``max_tokens`` (lowered to the server's cap when that is lower)."""
 
 # Engine parameter names as a client knows them.
 PARAM_NAMES = {
@@ -73,6 +78,14 @@ class ServerConfig:
     """How often the adapters folder is scanned for added, changed and removed adapters."""
     max_body_bytes: int = 1 << 20
     """Request bodies above this are refused (413)."""
+    allowed_hosts: frozenset[str] | None = None
+    """When set, requests whose ``Host`` names another host are refused (400): ``serve`` sets
+    the loopback names when it binds to loopback with no API key, so a web page on another
+    site cannot reach it through DNS rebinding."""
+    rescan_seconds: float = 1.0
+    """A request for an unknown model rescans the adapters folder at most this often."""
+    retry_after_seconds: int = 1
+    """What a 429 (queue full) asks the client to wait before retrying."""
 
 
 class APIError(Exception):
@@ -85,6 +98,7 @@ class APIError(Exception):
         kind: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = (
@@ -94,8 +108,11 @@ class APIError(Exception):
             param,
             code,
         )
+        self.retry_after = retry_after
 
     def response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
+        if self.retry_after is not None:
+            headers = {**(headers or {}), "Retry-After": str(self.retry_after)}
         body = {
             "error": {
                 "message": self.message,
@@ -131,18 +148,24 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "missing or wrong API key"),
         (404, "unknown model"),
         (413, "request body too large"),
+        (429, "the queue is full; retry after Retry-After seconds"),
+        (503, "the server is shutting down"),
     )
 }
 
 
 class BodyLimit:
-    """ASGI middleware refusing request bodies above ``limit`` bytes, declared or streamed."""
+    """ASGI middleware refusing request bodies above ``limit`` bytes, declared or streamed.
+
+    The body is read here, up to the limit, and handed on whole: a chunked body that grows past
+    the limit is answered 413 before the app sees any of it (memory held: ``limit`` at most).
+    """
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
@@ -151,25 +174,61 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await too_big.response()(scope, receive, send)
             return
-        seen = 0
-
-        async def limited() -> dict:
-            nonlocal seen
+        parts, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":  # the client left
+                return
+            part = message.get("body", b"")
+            seen += len(part)
+            if seen > self.limit:
+                await too_big.response()(scope, receive, send)
+                return
+            parts.append(part)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(parts)
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await too_big.response()(scope, receive, send)
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # from here on: the disconnect, when it comes
+
+        await self.app(scope, replay, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class HostCheck:
+    """ASGI middleware answering 400 to requests whose ``Host`` header names a host outside
+    ``allowed`` (the port is ignored; IPv6 literals in brackets are understood)."""
+
+    def __init__(self, app: Any, allowed: frozenset[str]) -> None:
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            host = _hostname(headers.get(b"host", b"").decode("latin-1"))
+            if host not in self.allowed:
+                error = APIError(
+                    400,
+                    f"Host {host!r} is not served here (this server answers only to "
+                    f"{', '.join(sorted(self.allowed))}; set an API key to serve other names)",
+                    code="host_not_allowed",
+                )
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _hostname(header: str) -> str:
+    """The host of a ``Host`` header value, without its port, lower case."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) -> FastAPI:
@@ -193,6 +252,8 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
         responses=ERRORS,  # type: ignore[arg-type]
     )
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)  # type: ignore[arg-type]
+    if config.allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=config.allowed_hosts)  # type: ignore[arg-type]
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.adapters = folder
@@ -285,20 +346,30 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
     def served() -> list[str]:
         return folder.names() if folder is not None else []
 
-    def resolve(model: str) -> str | None:
+    async def resolve(model: str) -> str | None:
         """The adapter for ``model`` (None: the base model); 404 when nothing has that name."""
         if model == config.model_name:
             return None
         if model not in served() and folder is not None:
-            folder.scan()  # a folder added a moment ago is served at once
+            # A folder added a moment ago is served at once; the scan runs off the event loop,
+            # at most once per ``rescan_seconds`` however many unknown names are asked for.
+            await run_in_threadpool(folder.scan, config.rescan_seconds)
         if model in served():
             return model
         raise APIError(
             404, f"the model {model!r} does not exist", param="model", code="model_not_found"
         )
 
-    @app.get("/health", summary="liveness: 200 while the server runs")
+    @app.get(
+        "/health",
+        summary="200 while the server serves; 503 while it shuts down or if its engine died",
+        responses={503: {"model": ErrorResponse, "description": "not serving"}},
+    )
     async def health() -> dict[str, str]:
+        if engine.failure is not None:
+            raise APIError(503, engine.failure, "server_error", code="engine_dead")
+        if engine.draining:
+            raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
         return {"status": "ok"}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
@@ -314,7 +385,7 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(authorize)])
     async def models() -> ModelList:
         if folder is not None:
-            folder.scan()
+            await run_in_threadpool(folder.scan, config.rescan_seconds)
         cards = [ModelCard(id=config.model_name, created=started)]
         for name in served():
             try:
@@ -335,10 +406,9 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
     )
     async def completions(body: CompletionRequest, request: Request) -> Any:
         prompts = _prompts(body.prompt)
-        job = _Job(
-            engine, metrics, "completions", body, resolve(body.model), prompts, 16, outputs()
-        )
-        await job.submit()
+        adapter = await resolve(body.model)
+        job = _Job(engine, metrics, "completions", body, adapter, prompts, 16, outputs())
+        await job.submit(config.retry_after_seconds)
         if body.stream:
             return _sse(job.completion_chunks(request))
         await job.wait(request)
@@ -358,12 +428,14 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
         summary="chat with the base model's chat template (the adapter's virtual tokens first)",
     )
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-        adapter = resolve(body.model)
+        adapter = await resolve(body.model)
         prompt = _chat_prompt(engine, body)
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
-        job = _Job(engine, metrics, "chat", body, adapter, [prompt], 256, outputs())
-        await job.submit()
+        # Chat's default length, under the server's cap (a chat without max_tokens still runs).
+        default = min(CHAT_MAX_TOKENS, engine.config.max_new_tokens_cap)
+        job = _Job(engine, metrics, "chat", body, adapter, [prompt], default, outputs())
+        await job.submit(config.retry_after_seconds)
         if body.stream:
             return _sse(job.chat_chunks(request))
         await job.wait(request)
@@ -491,7 +563,8 @@ class _Job:
         self.created = int(time.time())
         self.choices = [_Choice() for _ in range(len(prompts) * body.n)]
         self.handles: list[Any] = []
-        self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, Output | None]] = asyncio.Queue()
+        """Each choice's outputs; ``(-1, None)`` when the client has gone."""
         self.prompt_tokens = 0
         self.submitted = 0.0
         self.first_token = False
@@ -514,28 +587,34 @@ class _Job:
         except RequestError as exc:
             raise _bad_request(exc) from exc
 
-    async def submit(self) -> None:
-        """Queue every choice with the engine, or none of them (400 on the first refusal)."""
+    async def submit(self, retry_after: int = 1) -> None:
+        """Queue every choice with the engine, or none of them: 400 when one cannot run, 429
+        when the queue has no room for all of them, 503 while shutting down."""
         self.submitted = time.perf_counter()
+        n = self.body.n
+        requests: list[tuple[Any, str | None, SamplingParams | None, Any]] = [
+            (
+                self.prompts[index // n],
+                self.adapter,
+                self._params(index),
+                self.outputs.sink(self.queue, index),
+            )
+            for index in range(len(self.choices))
+        ]
         try:
-            for index in range(len(self.choices)):
-                prompt = self.prompts[index // self.body.n]
-                handle = self.engine.submit(
-                    prompt,
-                    self.adapter,
-                    self._params(index),
-                    sink=self.outputs.sink(self.queue, index),
-                )
-                self.handles.append(handle)
-                if index % self.body.n == 0:
-                    self.prompt_tokens += len(handle.seq.prompt_ids)
+            self.handles = self.engine.submit_many(requests)
+        except QueueFull as exc:
+            self.metrics.request(self.endpoint, 429)
+            raise APIError(
+                429, str(exc), "rate_limit_error", code="queue_full", retry_after=retry_after
+            ) from exc
+        except ShuttingDown as exc:
+            self.metrics.request(self.endpoint, 503)
+            raise APIError(503, str(exc), "server_error", code="shutting_down") from exc
         except RequestError as exc:
-            self.cancel()
             self.metrics.request(self.endpoint, 400)
             raise _bad_request(exc) from exc
-        except APIError:
-            self.cancel()
-            raise
+        self.prompt_tokens = sum(len(h.seq.prompt_ids) for h in self.handles[::n])
 
     def cancel(self) -> None:
         for handle in self.handles:
@@ -554,9 +633,22 @@ class _Job:
                 continue
             while not self.queue.empty():
                 items.append(self.queue.get_nowait())
-            for index, out in items:
+            got = [(index, out) for index, out in items if out is not None]
+            if len(got) < len(items):  # _watch: the client has gone
+                self.cancel()
+                return None
+            for index, out in got:
                 self._record(index, out)
-            return items
+            return got
+
+    async def _watch(self, request: Request) -> None:
+        """Wait for the client to leave (its body is read already, so the next message is the
+        disconnect), then wake ``_next`` at once, between two engine steps."""
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                self.queue.put_nowait((-1, None))
+                return
 
     def _record(self, index: int, out: Output) -> None:
         choice = self.choices[index]
@@ -566,20 +658,25 @@ class _Job:
             self.first_token = True
             self.metrics.first_token(time.perf_counter() - self.submitted)
         if out.finished:
-            choice.reason = "length" if out.finish_reason == "length" else "stop"
+            # "abort": the server shut down first (what vLLM says); the rest are ends of text.
+            reason = out.finish_reason
+            choice.reason = reason if reason in ("length", "abort") else "stop"
             choice.error = out.error if out.finish_reason == "error" else None
             self.open -= 1
 
     async def wait(self, request: Request) -> None:
-        """Collect every choice to its end; a client that leaves cancels them."""
+        """Collect every choice to its end; a client that leaves cancels them at once."""
+        watcher = asyncio.create_task(self._watch(request))
         try:
             while self.open:
-                if await self._next(request) is None:
+                if await self._next(None) is None:
                     self.metrics.request(self.endpoint, 499)
                     return
         except asyncio.CancelledError:
             self.cancel()
             raise
+        finally:
+            watcher.cancel()
         self._fail_on_error()
         self.metrics.request(self.endpoint, 200)
 

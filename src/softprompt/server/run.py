@@ -3,7 +3,9 @@ benchmarks."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
@@ -76,6 +78,27 @@ class ServerThread:
             close()
 
 
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a bind address or name) is this machine's loopback interface."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_name(model: str | None, recorded: str) -> str:
+    """The base model's name in the API: its Hub id, or a local folder's own name (never its
+    path on this machine, which unauthenticated clients would see in /v1/models)."""
+    if model is not None and os.path.exists(model):
+        return Path(model).resolve().name or recorded
+    return recorded
+
+
 def serve(
     model: str | None,
     device: str,
@@ -88,8 +111,16 @@ def serve(
     max_tokens_cap: int,
     poll_seconds: float,
     max_body_bytes: int,
+    max_queue: int | None = None,
+    drain_seconds: float = 30.0,
 ) -> int:
-    """``softprompt serve``: load the model, serve until interrupted."""
+    """``softprompt serve``: load the model, serve until SIGTERM or Ctrl-C.
+
+    The first SIGTERM or Ctrl-C drains: new requests get 503, accepted ones run for up to
+    ``drain_seconds`` and the rest end with ``finish_reason`` "abort"; then the process exits
+    with 0. If the engine's step loop dies, the process exits with 1 (``/health`` says 503 until
+    then).
+    """
     folder = Path(adapters)
     if not folder.is_dir():
         raise UserError(f"adapters folder {adapters} does not exist (make it, even empty)")
@@ -97,6 +128,10 @@ def serve(
         raise UserError("--poll-seconds must be 0 (no watching) or more")
     if max_body_bytes < 1024:
         raise UserError("--max-body-bytes must be at least 1024")
+    if drain_seconds < 0:
+        raise UserError("--drain-seconds must be 0 or more")
+    if max_queue is None:
+        max_queue = 4 * max_batch_size
     sock = bind(host, port)  # before loading the model: a busy port fails at once
     import uvicorn
 
@@ -106,25 +141,30 @@ def serve(
     from .app import ServerConfig, create_app
 
     try:
-        config = EngineConfig(max_batch_size=max_batch_size, max_new_tokens_cap=max_tokens_cap)
+        config = EngineConfig(
+            max_batch_size=max_batch_size, max_new_tokens_cap=max_tokens_cap, max_queue=max_queue
+        )
     except ValueError as exc:
-        raise UserError(str(exc)) from exc
+        raise UserError("--" + str(exc).replace("_", "-", 2)) from exc
     where, precision = resolve(device, dtype)
     base = load_base_model(model, dtype=precision, device=where)
     engine = Engine(base.model, base.tokenizer, config)
+    bound = sock.getsockname()[0]
     app = create_app(
         engine,
         ServerConfig(
-            model_name=base.name,
+            model_name=api_name(model, base.name),
             adapters_dir=folder,
             api_key=api_key,
             poll_seconds=poll_seconds,
             max_body_bytes=max_body_bytes,
+            # No key on a loopback address: answer only to loopback names (DNS rebinding).
+            allowed_hosts=LOOPBACK_NAMES | {bound} if not api_key and is_loopback(bound) else None,
         ),
         start_engine=False,
     )
     url = url_of(sock)
-    names = [base.name, *app.state.adapters.names()]
+    names = [api_name(model, base.name), *app.state.adapters.names()]
     print(f"softprompt: serving {len(names)} models at {url}/v1", file=sys.stderr)
     for name in names:
         print(f"  {name}", file=sys.stderr)
@@ -133,24 +173,35 @@ def serve(
     if api_key:
         print("softprompt: /v1 requests need Authorization: Bearer <key>", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="softprompt: %(message)s")
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="info", lifespan="off", timeout_graceful_shutdown=5)
+    )
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="softprompt-http")
 
     def shut_down(*_: object) -> None:
-        # The first Ctrl-C or SIGTERM stops gracefully; a second Ctrl-C interrupts at once.
+        # The first Ctrl-C or SIGTERM drains; a second Ctrl-C interrupts at once.
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("softprompt: shutting down", file=sys.stderr)
-        engine.stop()
+        print(
+            f"softprompt: shutting down: new requests get 503; running ones have "
+            f"{drain_seconds:g} s to finish",
+            file=sys.stderr,
+        )
+        engine.drain(drain_seconds)
 
     signal.signal(signal.SIGINT, shut_down)
     signal.signal(signal.SIGTERM, shut_down)
     http.start()
+    status = 0
     try:
         # The engine steps in the main thread: torch's CPU kernels run faster there (Engine.run).
+        # It returns once a drain has ended every request.
         engine.run()
+    except Exception:  # noqa: BLE001 - logged by the engine; the process must not look healthy
+        print(f"softprompt: {engine.failure}; exiting", file=sys.stderr)
+        status = 1
     finally:
         server.should_exit = True
         http.join(timeout=30)
         app.state.close()
         sock.close()
-    return 0
+    return status
