@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -57,6 +58,71 @@ def test_serve_prints_where_it_serves_and_answers(tiny_model_dir, adapter_dir):
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
     assert code == 0  # SIGTERM (like the first Ctrl-C) stops gracefully
+
+
+def _start(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``softprompt serve ARGS`` on a free port: the process and its base URL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "softprompt.cli", "serve", "--port", "0", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    while not lines or "playground at" not in lines[-1]:
+        line = proc.stderr.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    return proc, lines[-1].split("playground at ")[1].strip().rstrip("/")
+
+
+def test_sigterm_drains_then_aborts_what_is_still_running_and_exits_0(
+    tiny_model_dir, adapter_dir, tmp_path
+):
+    """A request in flight at SIGTERM: new requests get 503 at once, /health 503; after
+    --drain-seconds the request ends with finish_reason "abort" and the process exits 0."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.max_position_embeddings = 20_000  # room for a request that outlives the drain
+    long_context = tmp_path / "long-context"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(long_context)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(long_context)
+    args = ["--model", str(long_context), "--adapters", str(adapter_dir)]
+    proc, url = _start([*args, "--max-tokens-cap", "19000", "--drain-seconds", "1"])
+    try:
+        # No API key on loopback: a page on another site reaching it by DNS rebinding is refused.
+        evil = httpx.get(url + "/v1/models", headers={"Host": "evil.example"})
+        assert evil.status_code == 400
+        body = {
+            "model": "kind",
+            "prompt": "be kind",
+            "max_tokens": 19_000,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        with httpx.Client(base_url=url, timeout=30) as http:
+            with http.stream("POST", "/v1/completions", json=body) as stream:
+                lines = stream.iter_lines()
+                next(line for line in lines if line.startswith("data: {"))
+                started = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+                assert http.get("/health").status_code == 503
+                refused = http.post("/v1/completions", json={"model": "kind", "prompt": "hope"})
+                assert refused.status_code == 503
+                rest = [line for line in lines if line.startswith("data: ")]
+                ended = time.monotonic() - started
+        assert rest[-1] == "data: [DONE]" and '"finish_reason":"abort"' in rest[-2]
+        assert 0.9 < ended < 10
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0
 
 
 def test_serve_bad_inputs(tiny_model_dir, adapter_dir, tmp_path, cli_main):
