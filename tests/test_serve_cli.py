@@ -104,18 +104,20 @@ def test_sigterm_drains_then_aborts_what_is_still_running_and_exits_0(
             "ignore_eos": True,
             "stream": True,
         }
-        with httpx.Client(base_url=url, timeout=30) as http:
-            with http.stream("POST", "/v1/completions", json=body) as stream:
-                lines = stream.iter_lines()
-                next(line for line in lines if line.startswith("data: {"))
-                started = time.monotonic()
-                proc.send_signal(signal.SIGTERM)
-                time.sleep(0.3)
-                assert http.get("/health").status_code == 503
-                refused = http.post("/v1/completions", json={"model": "kind", "prompt": "hope"})
-                assert refused.status_code == 503
-                rest = [line for line in lines if line.startswith("data: ")]
-                ended = time.monotonic() - started
+        with (
+            httpx.Client(base_url=url, timeout=30) as http,
+            http.stream("POST", "/v1/completions", json=body) as stream,
+        ):
+            lines = stream.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            assert http.get("/health").status_code == 503
+            refused = http.post("/v1/completions", json={"model": "kind", "prompt": "hope"})
+            assert refused.status_code == 503
+            rest = [line for line in lines if line.startswith("data: ")]
+            ended = time.monotonic() - started
         assert rest[-1] == "data: [DONE]" and '"finish_reason":"abort"' in rest[-2]
         assert 0.9 < ended < 10
         code = proc.wait(timeout=30)

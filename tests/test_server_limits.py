@@ -10,11 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_server import CHAT_TEMPLATE, _slow_decode, _write_adapter
 
 from softprompt.engine import Engine, EngineConfig
 from softprompt.server.app import ServerConfig, create_app
 from softprompt.server.run import LOOPBACK_NAMES, ServerThread
+from test_server import CHAT_TEMPLATE, _slow_decode, _write_adapter
 
 CAP = 64  # below chat's default of 256
 QUEUE = 4
@@ -71,15 +71,17 @@ def test_a_seed_beyond_64_bits_is_refused_and_nobody_else_fails(small):
     url, _, engine = small
     slow = _slow_decode(engine)
     try:
-        with httpx.Client(base_url=url, timeout=30) as http:
-            with http.stream("POST", "/v1/completions", json=_long(stream=True)) as running:
-                lines = running.iter_lines()
-                next(line for line in lines if line.startswith("data: {"))
-                bad = http.post(
-                    "/v1/completions",
-                    json={"model": "tiny", "prompt": "hope", "temperature": 1, "seed": 2**64},
-                )
-                rest = [line for line in lines if line.startswith("data: ")]
+        with (
+            httpx.Client(base_url=url, timeout=30) as http,
+            http.stream("POST", "/v1/completions", json=_long(stream=True)) as running,
+        ):
+            lines = running.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            bad = http.post(
+                "/v1/completions",
+                json={"model": "tiny", "prompt": "hope", "temperature": 1, "seed": 2**64},
+            )
+            rest = [line for line in lines if line.startswith("data: ")]
     finally:
         slow.undo()
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "seed"
