@@ -236,3 +236,27 @@ def test_unwritable_model_cache_is_one_line(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "cannot write the model cache" in lines[0], err
     assert "SOFTPROMPT_CACHE" in lines[0]
+
+
+def test_two_identical_trainings_with_two_threads_write_the_same_files(tmp_path):
+    """Same seed, same data, two processes of two threads each: the same prompt, bit for bit,
+    and the same step losses (before, the prompt table's gradient was summed by racing
+    threads and two such runs drifted apart from their second step)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        args = ["--data", "examples:quotes", "--max-samples", "24", "--epochs", "1"]
+        args += ["--batch-size", "4", "--seed", "7", "--virtual-tokens", "8"]
+        subprocess.run(
+            [sys.executable, "-m", "softprompt.cli", "train", *args, "--output", str(out)],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=900,
+        )
+        runs.append(out)
+    first, second = (json.loads((r / "loss_log.json").read_text())["steps"] for r in runs)
+    assert [s["loss"] for s in first] == [s["loss"] for s in second]
+    weights = [(r / "adapter_model.safetensors").read_bytes() for r in runs]
+    assert weights[0] == weights[1]

@@ -209,3 +209,22 @@ def test_pickle_loads_only_when_allowed(tmp_path):
     (folder / "adapter_model.safetensors").unlink()
     torch.save({"prompt_embeddings": rows}, folder / "adapter_model.bin")
     assert torch.equal(load_adapter(folder, allow_pickle=True).weights, rows)
+
+
+def test_the_prompt_tables_gradient_is_the_same_every_time(spm):
+    """Many rows reading few virtual tokens, on two threads: the gradient reaching the table
+    is summed in the same order every time (advanced indexing's backward was not)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        table = spm.add_adapter(Adapter("a", torch.randn(8, spm.hidden_size)), trainable=True)
+        vocab = spm.vocab_size
+        ids = torch.randint(vocab, vocab + 8, (64, 256), generator=torch.Generator().manual_seed(0))
+        upstream = torch.randn(64, 256, spm.hidden_size, generator=torch.Generator().manual_seed(1))
+        grads = []
+        for _ in range(20):
+            (grad,) = torch.autograd.grad((spm.embed(ids) * upstream).sum(), table)
+            grads.append(grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(g, grads[0]) for g in grads)

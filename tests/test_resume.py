@@ -220,3 +220,54 @@ def test_sigterm_stops_training_with_one_line_naming_the_checkpoint(
 def untimed(evals: list[dict]) -> list[dict]:
     """Evaluation records without their clock readings (which no two runs share)."""
     return [{k: v for k, v in e.items() if k != "train_seconds"} for e in evals]
+
+
+def test_resume_continues_an_interrupted_overwrite_and_refuses_other_arithmetic(
+    tiny_model_dir, tmp_path, cli_main, word_data, monkeypatch
+):
+    """A run started with --overwrite over an existing adapter and stopped before its save can
+    be resumed (the checkpoint describes it); another --dtype, or a checkpoint from a version
+    with other settings, is refused in one line."""
+    from softprompt import checkpoint, train
+
+    train_file, held_file = word_data(240, 3, TEXTS[:6])
+    out = tmp_path / "run"
+    base = [
+        "train", "--model", str(tiny_model_dir), "--device", "cpu", "--data", str(train_file),
+        "--eval-data", str(held_file), "--epochs", "1", "--batch-size", "8",
+        "--checkpoint-every", "5", "--output", str(out), "--json",
+    ]  # fmt: skip
+    assert cli_main(*base).returncode == 0
+    before = load_adapter(out).weights
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "remove", lambda path: None)
+        patch.setattr(train, "save_trained", interrupted)
+        stopped = cli_main(*base, "--overwrite", "--lr", "0.2")
+    assert stopped.returncode == 130 and (checkpoint_dir(out) / STATE_FILE).is_file()
+    assert torch.equal(load_adapter(out).weights, before)  # the old adapter is still there
+
+    def refused(*extra: str) -> str:
+        done = cli_main(*base, "--lr", "0.2", *extra)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        return done.stderr
+
+    assert "its --dtype is 'float32', this run's is 'bfloat16'" in refused(
+        "--resume", "--dtype", "bfloat16"
+    )
+    state_file = checkpoint_dir(out) / STATE_FILE
+    saved = state_file.read_bytes()
+    state = torch.load(state_file, weights_only=True)
+    state["fingerprint"]["config"]["a_setting_from_a_newer_version"] = 1
+    torch.save(state, state_file)
+    assert "another softprompt version" in refused("--resume")
+    state_file.write_bytes(saved)
+
+    done = cli_main(*base, "--lr", "0.2", "--resume")
+    assert done.returncode == 0, done.stderr
+    assert not torch.equal(load_adapter(out).weights, before)
+    assert json.loads((out / "training_config.json").read_text())["lr"] == 0.2
+    assert not checkpoint_dir(out).exists()

@@ -25,6 +25,8 @@ from .errors import UserError
 
 STATE_FILE = "state.pt"
 FORMAT = 1
+FLAGS = {"dtype": "--dtype", "device": "--device", "model": "--model"}
+"""The flag that sets each fingerprint entry, named when a resume is refused."""
 
 
 def checkpoint_dir(output: str | Path) -> Path:
@@ -92,11 +94,11 @@ def load(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
         if old == value:
             continue
         if key == "config" and isinstance(old, dict):
-            field = next(f for f in value if old.get(f) != value[f])
-            flag = "--" + field.replace("_", "-")
-            why = f"its {flag} is {old.get(field)!r}, this run's is {value[field]!r}"
+            why = _config_difference(old, value)
         elif key == "data":
             why = "it was made on other texts (training or held-out) than this run's"
+        elif key in FLAGS:
+            why = f"its {FLAGS[key]} is {old!r}, this run's is {value!r}"
         else:
             why = f"its {key.replace('_', ' ')} is {old!r}, this run's is {value!r}"
         raise UserError(
@@ -104,6 +106,22 @@ def load(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
             "settings, or start over with --overwrite"
         )
     return state
+
+
+def _config_difference(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
+    """The first setting on which two runs' configs differ, as a user reads it."""
+    for field in [*ours, *(f for f in theirs if f not in ours)]:
+        if field not in ours:
+            return (
+                f"it was written by another softprompt version (its setting {field!r} is "
+                "unknown to this one)"
+            )
+        if field not in theirs:
+            return f"it was written by another softprompt version (it has no setting {field!r})"
+        if theirs[field] != ours[field]:
+            flag = "--" + field.replace("_", "-")
+            return f"its {flag} is {theirs[field]!r}, this run's is {ours[field]!r}"
+    return "its settings differ from this run's"
 
 
 def remove(folder: Path) -> None:

@@ -146,14 +146,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             spec.eval_texts = spec.split
             spec.eval_source = HELDOUT_FILE
     output = Path(args.output)
-    for spec in specs:
-        check_output(spec.output, args.overwrite)
     checkpoints = checkpoint_dir(output)
     if args.resume and not (checkpoints / STATE_FILE).is_file():
         raise UserError(
             f"nothing to resume for {output}: no checkpoint at {checkpoints} (a run writes one "
             "every --checkpoint-every steps and at each epoch's end, and removes it when done)"
         )
+    # A resumed run finishes what the checkpointed run was allowed to do: that run passed this
+    # check before it started (an empty target, or --overwrite), and may have saved some of its
+    # adapters already. Folders that are not adapters are still never replaced.
+    replace = args.overwrite or args.resume
+    for spec in specs:
+        check_output(spec.output, replace)
     if not args.resume and checkpoints.exists():
         if not args.overwrite:
             raise UserError(
@@ -304,7 +308,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 config,
                 result,
                 extra,
-                overwrite=args.overwrite,
+                overwrite=replace,
                 heldout=spec.split,
             )
         summaries.append(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .errors import UserError
 
@@ -236,7 +237,11 @@ class SoftPromptModel:
         emb = self.embedding(ids.masked_fill(virtual, 0))  # (B, T, D)
         if table.shape[0] == 0:
             return emb
-        rows = table[(ids - vocab).clamp(min=0)]  # (B, T, D)
+        # An embedding lookup, not ``table[index]``: the backward of advanced indexing adds
+        # into the gradient with atomic adds from several threads on the CPU, in an order that
+        # changes from run to run (two identical 2-thread trainings drifted apart from their
+        # second step); the embedding's backward sums in a fixed order.
+        rows = F.embedding((ids - vocab).clamp(min=0), table)  # (B, T, D)
         return torch.where(virtual.unsqueeze(-1), rows, emb)
 
     @property

@@ -85,6 +85,8 @@ class TrainConfig:
             raise UserError("--init file needs --init-from ADAPTER")
         if self.epochs < 1:
             raise UserError("--epochs must be at least 1")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"--seed must be from 0 to {2**63 - 1}")
         if not self.lr > 0:
             raise UserError("--lr must be positive")
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -229,6 +231,9 @@ def train_tasks(
         "vocab_size": spm.vocab_size,
         "virtual_tokens": [int(t.initial.shape[0]) for t in tasks],
         "processes": group.world,
+        # What changes the arithmetic: a resumed run on another dtype or device is another run.
+        "dtype": str(spm.embedding.weight.dtype).removeprefix("torch."),
+        "device": spm.device.type,
     }
     state = ckpt.load(checkpoints, fingerprint) if resume and checkpoints is not None else None
     torch.manual_seed(config.seed)
