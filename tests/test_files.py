@@ -241,3 +241,36 @@ def test_cli_disk_full_after_training_is_one_line_and_rescues(tiny_model_dir, te
     assert loaded.num_virtual_tokens == 8
     log = json.loads((rescued / "loss_log.json").read_text())
     assert len(log["evals"]) == 2
+
+
+def test_a_saved_adapter_reaches_the_disk_before_it_replaces_the_old_one(
+    trained, tmp_path, monkeypatch
+):
+    """Every file of the new adapter and its folder are fsynced before the swap, and the
+    parent folder after it: a power loss leaves the old adapter or the whole new one."""
+    spm, config, result = trained
+    output = tmp_path / "adapters" / "tuned"
+    save_trained(spm, "tuned", output, config, result)  # an old adapter to replace
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src, dst, *args, **kwargs):
+        events.append(("rename", str(src)))
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(files, "_exchange", lambda a, b: events.append(("swap", str(a))))
+    save_trained(spm, "tuned", output, config, result, overwrite=True)
+    swaps = [i for i, (kind, _) in enumerate(events) if kind in ("swap", "rename")]
+    assert swaps, events
+    staging = events[swaps[-1]][1]
+    synced_before = {path for kind, path in events[: swaps[-1]] if kind == "fsync"}
+    names = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
+    written = {os.path.join(staging, name) for name in names} | {staging}
+    assert written and written <= synced_before, sorted(written - synced_before)
+    assert ("fsync", str(output.parent.resolve())) in events[swaps[-1] :]

@@ -74,15 +74,41 @@ def staging_dir(target: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
 
 
+def sync_folder(folder: Path) -> None:
+    """Flush every file in ``folder`` (and below), then the folders themselves, to the disk."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sync_dir(Path(root))
+
+
+def sync_dir(folder: Path) -> None:
+    """Flush a folder's entries (the names of what was created or renamed in it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def put_in_place(staging: Path, target: Path) -> None:
     """Move the finished ``staging`` folder to ``target``, replacing a folder that is there.
 
     At every instant the old or the new folder is at ``target`` where the platform can swap two
     paths atomically (Linux); elsewhere there is a moment between two renames, which a later
-    :func:`clean_leftovers` repairs if the process dies in it.
+    :func:`clean_leftovers` repairs if the process dies in it. The new files reach the disk
+    before the swap and the swap before this returns, so after a power loss ``target`` holds
+    the old folder or the whole new one, and nothing (a checkpoint, the old adapter) is deleted
+    before the new one is durable.
     """
+    sync_folder(staging)
     try:
         os.rename(staging, target)  # no target, or an empty folder: one atomic rename
+        sync_dir(target.parent)
         return
     except OSError as exc:
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
@@ -95,8 +121,10 @@ def put_in_place(staging: Path, target: Path) -> None:
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
         os.replace(target, old)  # old is an empty folder, so this replaces it
         os.replace(staging, target)
+        sync_dir(target.parent)
         shutil.rmtree(old, ignore_errors=True)
         return
+    sync_dir(target.parent)
     shutil.rmtree(staging, ignore_errors=True)  # after the swap it holds the old folder
 
 
@@ -111,11 +139,14 @@ def write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    sync_dir(path.parent)
 
 
 def clean_leftovers(target: Path) -> list[Path]:
