@@ -76,7 +76,7 @@ def staging_dir(target: Path) -> Path:
 
 def sync_folder(folder: Path) -> None:
     """Flush every file in ``folder`` (and below), then the folders themselves, to the disk."""
-    for root, dirs, files in os.walk(folder, topdown=False):
+    for root, _, files in os.walk(folder, topdown=False):
         for name in files:
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
             try:
