@@ -274,3 +274,25 @@ def test_a_saved_adapter_reaches_the_disk_before_it_replaces_the_old_one(
     written = {os.path.join(staging, name) for name in names} | {staging}
     assert written and written <= synced_before, sorted(written - synced_before)
     assert ("fsync", str(output.parent.resolve())) in events[swaps[-1] :]
+
+
+def test_a_check_that_fails_after_training_keeps_the_trained_rows(
+    tiny_model_dir, texts_file, tmp_path, monkeypatch, cli_main
+):
+    """The base-model checksum differing after training is a bug: it still fails loudly, but
+    the trained prompt is rescued first, not lost."""
+    from softprompt.prompt import SoftPromptModel
+
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "cache"))
+    sums = iter(range(100))
+    monkeypatch.setattr(SoftPromptModel, "base_checksum", lambda self: str(next(sums)))
+    output = tmp_path / "out"
+    with pytest.raises(AssertionError, match="kept in") as caught:
+        cli_main(
+            "train", "--model", str(tiny_model_dir), "--data", str(texts_file),
+            "--output", str(output), "--epochs", "1", "--json",
+        )  # fmt: skip
+    rescued = Path(str(caught.value).split("kept in ")[1])
+    assert rescued.parent == tmp_path / "cache" / "rescued"
+    assert load_adapter(rescued).num_virtual_tokens == 8
+    assert not output.exists()

@@ -131,7 +131,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     _quiet()
     from .data import heldout_source, load_texts, split_heldout
     from .prompt import init_prompt, load_adapter
-    from .train import HELDOUT_FILE, Task, save_trained, train_tasks, trainable_summary
+    from .train import (
+        HELDOUT_FILE,
+        Task,
+        rescue_trained,
+        save_trained,
+        train_tasks,
+        trainable_summary,
+    )
 
     for spec in specs:
         data = load_texts(spec.data, spec.field, args.max_samples)
@@ -285,7 +292,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "they were cut and trained without an EOS"
             )
         if result.base_checksum_after != result.base_checksum_before:
-            raise AssertionError("training changed the base model's weights")
+            # A bug, not the user's doing; the trained rows are kept all the same.
+            rescued = [
+                rescue_trained(spm, s.name, config, r) for s, r in zip(specs, results, strict=True)
+            ]
+            raise AssertionError(
+                "training changed the base model's weights; the trained prompts were kept in "
+                + ", ".join(str(k) for k in rescued)
+            )
     summaries = []
     for spec, result in zip(specs, results, strict=True):
         extra = {

@@ -550,27 +550,7 @@ def save_trained(
             (an ``OSError`` such as a full disk or a refused permission); the message says where
             the trained prompt was rescued to.
     """
-    weights = spm.adapter_weights(name)
-    adapter = Adapter(name=name, weights=weights)
-    peft_config = (
-        adapter_config(adapter, spm.base.name, init=config.init, init_text=config.init_text)
-        if config.method == "prompt"
-        else _method_config(spm, config, adapter.num_virtual_tokens)
-    )
-    loss_log = {
-        "steps": result.steps,
-        "evals": result.evals,
-        "seconds": result.seconds,
-        "samples": result.samples,
-        "texts_cut": result.texts_cut,
-        "trainable_params": result.trainable_params,
-        "total_params": result.total_params,
-        "base_checksum_before": result.base_checksum_before,
-        "base_checksum_after": result.base_checksum_after,
-        "best_step": result.best_step,
-        "stopped_early": result.stopped_early,
-        "resumed_from": result.resumed_from,
-    }
+    weights, peft_config, loss_log = _adapter_parts(spm, name, config, result)
     tmp: Path | None = None
     target = Path(output)
     try:
@@ -616,6 +596,41 @@ def save_trained(
             print(f"softprompt: the trained prompt was saved to {rescued}", file=sys.stderr)
         raise
     return target
+
+
+def _adapter_parts(
+    spm: SoftPromptModel, name: str, config: TrainConfig, result: TrainResult
+) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
+    """A trained adapter's rows, its PEFT config and its loss log."""
+    weights = spm.adapter_weights(name)
+    adapter = Adapter(name=name, weights=weights)
+    peft_config = (
+        adapter_config(adapter, spm.base.name, init=config.init, init_text=config.init_text)
+        if config.method == "prompt"
+        else _method_config(spm, config, adapter.num_virtual_tokens)
+    )
+    loss_log = {
+        "steps": result.steps,
+        "evals": result.evals,
+        "seconds": result.seconds,
+        "samples": result.samples,
+        "texts_cut": result.texts_cut,
+        "trainable_params": result.trainable_params,
+        "total_params": result.total_params,
+        "base_checksum_before": result.base_checksum_before,
+        "base_checksum_after": result.base_checksum_after,
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
+        "resumed_from": result.resumed_from,
+    }
+    return weights, peft_config, loss_log
+
+
+def rescue_trained(
+    spm: SoftPromptModel, name: str, config: TrainConfig, result: TrainResult
+) -> Path | None:
+    """Keep a trained adapter that a check after training refuses to save (see ``rescue``)."""
+    return rescue(name, *_adapter_parts(spm, name, config, result))
 
 
 def rescue(
