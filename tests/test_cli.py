@@ -423,6 +423,16 @@ def test_more_bad_inputs_found_in_review(trained, tiny_model_dir, tmp_path, cli_
     seeded = tmp_path / "seeded.jsonl"
     seeded.write_text(json.dumps({"prompt": "be kind", "adapter": None, "seed": "7"}) + "\n")
     assert_user_error(run("generate", *model, "--requests", str(seeded)), "seed must be an integer")
+    # A seed beyond 64 bits used to reach torch's generator and fail inside the step.
+    huge = str(2**64)
+    assert_user_error(
+        run("generate", *model, "--prompt", "hope", "--temperature", "1", "--seed", huge),
+        "--seed must be an integer from",
+    )
+    assert_user_error(
+        run("train", *model, "--data", str(data), "--output", out, "--seed", huge),
+        "--seed must be from 0 to",
+    )
     assert_user_error(
         run("train", *model, "--data", str(data), "--output", out, "--virtual-tokens", "5000"),
         "more than the",
