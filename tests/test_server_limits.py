@@ -109,7 +109,10 @@ def test_a_flood_gets_429_with_retry_after_and_one_huge_request_400(small):
     finally:
         slow.undo()
     codes = sorted(a.status_code for a in answers)
-    assert codes.count(200) >= 2 + QUEUE and 429 in codes, codes
+    # At least a queue's worth is served (more when the engine moved some to running slots
+    # before the rest arrived); the others are told to come back.
+    assert codes.count(200) >= QUEUE and 429 in codes, codes
+    assert set(codes) == {200, 429}, codes
     for refused in (a for a in answers if a.status_code == 429):
         assert refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["code"] == "queue_full"
