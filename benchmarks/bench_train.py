@@ -257,7 +257,7 @@ def main() -> None:
                 progress=False,
             )
             rows, cut = training_rows(spm, long_texts, f"long-{max_length}", max_length)
-            tokens = sum(len(ids) - n for ids, n in rows)
+            tokens = sum(len(ids) - n for ids, n, _ in rows)
             emit(
                 "long_texts",
                 max_length=max_length,

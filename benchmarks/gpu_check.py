@@ -364,7 +364,7 @@ def train_checks(name: str, spec, args, device, dtype) -> None:
         param = spm.add_adapter(Adapter("p", rows), trainable=True)
         optimizer = torch.optim.AdamW([param], lr=1e-3)
         virtual_ids = spm.virtual_ids("p")
-        data = [(virtual_ids + row, virtual) for row in texts.tolist()]
+        data = [(virtual_ids + row, virtual, [True] * len(row)) for row in texts.tolist()]
 
         def step() -> None:
             total, count = batch_loss(spm, data, skip_first=False)

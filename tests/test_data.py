@@ -68,7 +68,7 @@ def test_ambiguous_fields_ask_for_one(tmp_path):
 def test_empty_and_missing(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text('{"text": "  "}\n')
-    with pytest.raises(UserError, match="no non-empty texts"):
+    with pytest.raises(UserError, match="no non-empty examples"):
         load_texts(str(path))
     with pytest.raises(UserError, match="does not exist"):
         load_texts(str(tmp_path / "missing.jsonl"))

@@ -84,7 +84,7 @@ def test_peft_loads_our_adapter_with_the_same_loss(adapters):
 
     texts = load_texts("examples:quotes:heldout", max_samples=12).texts
     total, count = 0.0, 0
-    for ids, _ in training_rows(spm, texts, None, 40)[0]:
+    for ids, _, _ in training_rows(spm, texts, None, 40)[0]:
         labels = torch.tensor([ids])
         labels[0, 0] = -100  # softprompt does not score the first text token
         with torch.no_grad():

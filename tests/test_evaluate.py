@@ -16,14 +16,14 @@ def test_cut_texts_get_no_eos(spm):
     rows, cut = training_rows(spm, texts, None, max_length=4)
     assert cut == 2
     assert (
-        [ids for ids, _ in rows]
+        [ids for ids, _, _ in rows]
         == [
             spm.text_ids("be kind") + [eos],
             spm.text_ids(texts[1])[:4],  # cut: the text does not end here, so no EOS
             spm.text_ids(texts[2])[:4],  # 4 tokens: no room for its EOS, so it counts as cut
         ]
     )
-    assert all(eos not in ids for ids, _ in rows[1:])
+    assert all(eos not in ids for ids, _, _ in rows[1:])
 
 
 def test_cut_rows_keep_their_virtual_tokens(spm):
@@ -32,7 +32,7 @@ def test_cut_rows_keep_their_virtual_tokens(spm):
     spm.add_adapter(Adapter("a", spm.embedding.weight[:3].detach().clone()))
     rows, cut = training_rows(spm, ["be kind every day and small steps"], "a", max_length=3)
     assert cut == 1
-    assert rows[0] == (spm.virtual_ids("a") + spm.text_ids("be kind every")[:3], 3)
+    assert rows[0] == (spm.virtual_ids("a") + spm.text_ids("be kind every")[:3], 3, [True] * 3)
 
 
 def test_evaluate_with_nothing_to_score_is_an_error(spm):

@@ -23,7 +23,7 @@ TEXTS = [
 def peft_loss(peft_model, spm, texts: list[str]) -> float:
     """Mean loss through PEFT's forward on the same tokens softprompt scores."""
     total, count = 0.0, 0
-    for ids, _ in training_rows(spm, texts, None, 128)[0]:
+    for ids, _, _ in training_rows(spm, texts, None, 128)[0]:
         labels = torch.tensor([ids])
         labels[0, 0] = -100  # the first text token is not scored (see evaluate.py)
         with torch.no_grad():

@@ -32,7 +32,7 @@ def test_a_task_gets_the_gradient_of_its_own_rows_whatever_shares_the_batch(spm)
     b = spm.add_adapter(Adapter("b", init_prompt(spm.base, 5, seed=2)), trainable=True)
     rows_a, _ = training_rows(spm, TEXTS[:5], "a", 16)
     rows_b, _ = training_rows(spm, OTHER[:4], "b", 16)
-    mixed = [(ids, n, 0) for ids, n in rows_a] + [(ids, n, 1) for ids, n in rows_b]
+    mixed = [(*row, 0) for row in rows_a] + [(*row, 1) for row in rows_b]
     mixed = mixed[::2] + mixed[1::2]  # interleaved, and of different lengths
     totals, counts = task_losses(spm, mixed, 2)
     (totals / counts).sum().backward()
@@ -44,8 +44,8 @@ def test_a_task_gets_the_gradient_of_its_own_rows_whatever_shares_the_batch(spm)
         assert grad.abs().sum() > 0
         torch.testing.assert_close(grad, param.grad, rtol=1e-4, atol=1e-6)
     assert counts.tolist() == [
-        sum(len(ids) - n for ids, n in rows_a),
-        sum(len(ids) - n for ids, n in rows_b),
+        sum(len(ids) - n for ids, n, _ in rows_a),
+        sum(len(ids) - n for ids, n, _ in rows_b),
     ]
 
 

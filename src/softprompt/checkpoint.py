@@ -13,14 +13,17 @@ run removes its checkpoint.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .data import Example, as_example
 from .errors import UserError
 
 STATE_FILE = "state.pt"
@@ -35,12 +38,19 @@ def checkpoint_dir(output: str | Path) -> Path:
     return path.parent / f".{path.name}.checkpoint"
 
 
-def texts_digest(*groups: list[str]) -> str:
-    """SHA-256 over lists of texts (their order and boundaries included)."""
+def texts_digest(*groups: Sequence[str | Example]) -> str:
+    """SHA-256 over lists of examples (their order and boundaries included); a plain text's
+    digest is that of its string, as before other formats existed."""
     digest = hashlib.sha256()
     for texts in groups:
         digest.update(f"{len(texts)}\n".encode())
-        for text in texts:
+        for item in texts:
+            example = as_example(item)
+            text = (
+                example.completion
+                if example.format == "text"
+                else json.dumps(example.as_json(), sort_keys=True)
+            )
             data = text.encode()
             digest.update(f"{len(data)}:".encode() + data)
     return digest.hexdigest()

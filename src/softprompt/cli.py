@@ -230,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     _adapter_args(gen)
     gen.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="send each --prompt as a user message in the model's chat template (after the "
+        "adapter's virtual tokens), as the server's chat endpoint does and as prompts trained "
+        "on conversations were trained",
+    )
+    gen.add_argument(
         "--requests",
         metavar="FILE.jsonl",
         help='one {"prompt": ..., "adapter": <adapter folder name> or null, "seed": <int, '
@@ -447,6 +454,20 @@ def _adapter_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--text-field", help="field holding the text (default: 'text' or the only string field)"
+    )
+    p.add_argument(
+        "--prompt-field",
+        help="field of a prompt/completion dataset's prompts (default: 'prompt'); data with "
+        "prompts and completions is scored on the completions only",
+    )
+    p.add_argument(
+        "--completion-field",
+        help="field of a prompt/completion dataset's completions (default: 'completion')",
+    )
+    p.add_argument(
+        "--messages-field",
+        help="field of a chat dataset's conversations, lists of {role, content} (default: "
+        "'messages'); rendered with the model's chat template, scored on the assistant turns",
     )
     p.add_argument("--max-samples", type=int, help="use at most this many texts")
 

@@ -12,9 +12,12 @@ import sys
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import Interrupted, UserError
+
+if TYPE_CHECKING:
+    from .data import Example, Fields
 
 
 def _quiet() -> None:
@@ -141,15 +144,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
 
     for spec in specs:
-        data = load_texts(spec.data, spec.field, args.max_samples)
-        spec.field = data.field
+        data = load_texts(spec.data, spec.field, args.max_samples, _fields(args))
+        spec.field, spec.format = data.field, data.format
         spec.eval_source = args.eval_data or heldout_source(spec.data)
         if spec.eval_source:
-            spec.texts = data.texts
-            spec.eval_texts = load_texts(spec.eval_source, spec.field).texts
+            spec.texts = data.examples
+            text_field = spec.field if data.format == "text" else None
+            held = load_texts(spec.eval_source, text_field, None, _fields(args))
+            if held.format != data.format:
+                raise UserError(
+                    f"{spec.eval_source} holds {held.format} examples and {spec.data} "
+                    f"{data.format} examples: held-out data must be of the training data's format"
+                )
+            spec.eval_texts = held.examples
         else:
             # The held-out texts are saved in the adapter folder, so eval and report reuse them.
-            spec.texts, spec.split = split_heldout(data.texts, config.heldout_fraction, config.seed)
+            spec.texts, spec.split = split_heldout(
+                data.examples, config.heldout_fraction, config.seed
+            )
             spec.eval_texts = spec.split
             spec.eval_source = HELDOUT_FILE
     output = Path(args.output)
@@ -199,6 +211,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                 else "the cap; longer texts are cut, --max-length sets another"
             )
             print(f"max length: {config.max_length} text tokens ({why})")
+    if not args.json:
+        from .evaluate import scored_tokens, training_rows
+
+        for spec in specs:
+            if spec.format in _COVERS:
+                scored, total = scored_tokens(
+                    training_rows(spm, spec.texts, None, config.max_length)[0]
+                )
+                print(
+                    f"scoring {_COVERS[spec.format]}"
+                    + (f" of {spec.name}" if len(specs) > 1 else "")
+                    + f": {scored:,} of {total:,} tokens"
+                )
     if group.active and group.main:
         print(
             f"data parallel over {group.world} processes: {config.batch_size} rows each, "
@@ -228,8 +253,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.json:
         for spec in specs:
             print(
-                f"training {spec.name} on {spec.data} ({len(spec.texts)} texts, field "
-                f"{spec.field!r}); held out: {len(spec.eval_texts)} texts"
+                f"training {spec.name} on {spec.data} ({len(spec.texts)} {_KINDS[spec.format]}, "
+                f"field {spec.field!r}); held out: {len(spec.eval_texts)}"
                 + (
                     f" from {spec.eval_source}"
                     if spec.split is None
@@ -305,6 +330,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         extra = {
             "data": spec.data,
             "text_field": spec.field,
+            "data_format": spec.format,
             "eval_data": spec.eval_source,
             "max_samples": args.max_samples,
             "device": str(spm.device),
@@ -374,10 +400,26 @@ class _TaskSpec:
     data: str
     field: str | None
     output: Path
-    texts: list[str] = dataclass_field(default_factory=list)
-    eval_texts: list[str] = dataclass_field(default_factory=list)
+    texts: list[Example] = dataclass_field(default_factory=list)
+    eval_texts: list[Example] = dataclass_field(default_factory=list)
     eval_source: str | None = None
-    split: list[str] | None = None
+    split: list[Example] | None = None
+    format: str = "text"
+
+
+_KINDS = {"text": "texts", "completion": "prompt/completion examples", "chat": "conversations"}
+_COVERS = {"completion": "completions", "chat": "assistant turns"}
+
+
+def _fields(args: argparse.Namespace) -> Fields:
+    """The fields ``--prompt-field``, ``--completion-field`` and ``--messages-field`` name."""
+    from .data import Fields
+
+    return Fields(
+        prompt=getattr(args, "prompt_field", None),
+        completion=getattr(args, "completion_field", None),
+        messages=getattr(args, "messages_field", None),
+    )
 
 
 def _task_specs(args: argparse.Namespace) -> list[_TaskSpec]:
@@ -503,7 +545,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         requests = _read_requests(args.requests, names)
     else:
         targets: list[str | None] = ([None] if args.with_base or not names else []) + names
-        requests = [Request(p, a) for p in args.prompt for a in targets]
+        requests = [Request(p, a, chat=args.chat) for p in args.prompt for a in targets]
     completions = generate(
         spm,
         requests,
@@ -515,8 +557,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.json:
             print(
                 json.dumps(
-                    {"prompt": request.prompt, "adapter": request.adapter, "completion": completion}
+                    {
+                        "prompt": request.prompt,
+                        "adapter": request.adapter,
+                        "chat": request.chat,
+                        "completion": completion,
+                    }
                 )
+            )
+        elif request.chat:
+            print(
+                f"[{request.adapter or 'base'}] user: {request.prompt}\nassistant: {completion}\n"
             )
         else:
             print(f"[{request.adapter or 'base'}] {request.prompt}{completion}\n")
@@ -530,12 +581,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or (args.max_length is not None and args.max_length < 2):
         raise UserError("--batch-size must be at least 1 and --max-length at least 2")
-    datasets = [load_texts(d, args.text_field, args.max_samples) for d in args.data]
+    datasets = [load_texts(d, args.text_field, args.max_samples, _fields(args)) for d in args.data]
     adapters = _read_adapters(args.adapter, args.allow_pickle)
     spm = _load_model(args)
     names = _add_adapters(spm, adapters)
     results = [
-        evaluate(spm, d.texts, a, d.source, args.batch_size, args.max_length)
+        evaluate(spm, d.examples, a, d.source, args.batch_size, args.max_length)
         for d in datasets
         for a in [None, *names]
     ]
@@ -676,7 +727,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     sources = args.data or list(dict.fromkeys(s for i in infos if (s := i.heldout_source())))
     if not sources:
         raise UserError("the adapters record no held-out data; give --data")
-    datasets = [load_texts(d, args.text_field, args.max_samples) for d in sources]
+    datasets = [load_texts(d, args.text_field, args.max_samples, _fields(args)) for d in sources]
     spm = _load_model(args)
     _add_adapters(spm, loaded)
     html = build_report(

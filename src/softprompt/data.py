@@ -1,8 +1,11 @@
-"""Datasets of texts: Hub ids, local files and folders, and the bundled examples; batching.
+"""Datasets: Hub ids, local files and folders, and the bundled examples; batching.
 
-Every source ends up as a list of strings. Batches are left padded: ``[pad ...][virtual][text]``
-with attention mask 0 on the pads and position ids counted from the first real token, so a row
-gives the same result alone or in any batch.
+Every source ends up as a list of examples in one of three formats, detected per dataset as TRL
+does: ``{"text": ...}`` (every token scored), ``{"prompt": ..., "completion": ...}`` (the loss on
+the completion only) and ``{"messages": [{"role", "content"}, ...]}`` (rendered with the model's
+chat template, the loss on the assistant turns only). Batches are left padded:
+``[pad ...][virtual][text]`` with attention mask 0 on the pads and position ids counted from the
+first real token, so a row gives the same result alone or in any batch.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ import random
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from .errors import UserError
 from .hub import unreachable_note
 
+T = TypeVar("T")
 EXAMPLE_PREFIX = "examples:"
 # name -> (file stem, text field)
 EXAMPLES = {"role-prompts": ("role_prompts", "prompt"), "quotes": ("quotes", "quote")}
@@ -31,13 +35,67 @@ LOCAL_FORMATS = {
 }
 
 
+FORMATS = ("text", "completion", "chat")
+ROLES = ("system", "developer", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example: a plain text, a prompt with its completion, or a conversation.
+
+    A plain text is a completion with an empty prompt: every token of it is scored.
+    """
+
+    completion: str = ""
+    prompt: str = ""
+    messages: tuple[tuple[str, str], ...] | None = None
+    """``(role, content)`` pairs; the assistant turns are what is scored."""
+
+    @property
+    def format(self) -> str:
+        if self.messages is not None:
+            return "chat"
+        return "completion" if self.prompt else "text"
+
+    def as_json(self) -> dict[str, Any]:
+        """The example as a dataset row of its format (what held-out files hold)."""
+        if self.messages is not None:
+            return {"messages": [{"role": r, "content": c} for r, c in self.messages]}
+        if self.prompt:
+            return {"prompt": self.prompt, "completion": self.completion}
+        return {"text": self.completion}
+
+
+def as_example(item: str | Example) -> Example:
+    return item if isinstance(item, Example) else Example(completion=item)
+
+
+@dataclass
+class Fields:
+    """Which dataset fields hold the parts of prompt/completion and chat examples (None: the
+    defaults, ``prompt``, ``completion`` and ``messages``)."""
+
+    prompt: str | None = None
+    completion: str | None = None
+    messages: str | None = None
+
+
 @dataclass
 class Texts:
-    """Texts read from one source, with the field they came from."""
+    """Examples read from one source, with their format and the field(s) they came from."""
 
     source: str
-    texts: list[str]
+    examples: list[Example]
     field: str
+    """The text field (text format), else the fields used, comma-separated."""
+    format: str = "text"
+
+    @property
+    def texts(self) -> list[str]:
+        """The plain texts (text format only)."""
+        if self.format != "text":
+            raise UserError(f"{self.source} holds {self.format} examples, not plain texts")
+        return [e.completion for e in self.examples]
 
 
 def example_names() -> list[str]:
@@ -52,35 +110,108 @@ def heldout_source(source: str) -> str | None:
     return None
 
 
-def load_texts(source: str, text_field: str | None = None, max_samples: int | None = None) -> Texts:
-    """Read the texts of ``source``.
+def load_texts(
+    source: str,
+    text_field: str | None = None,
+    max_samples: int | None = None,
+    fields: Fields | None = None,
+) -> Texts:
+    """Read the examples of ``source``, detecting their format.
 
     ``source`` is ``examples:NAME`` (or ``examples:NAME:heldout``), a local ``.jsonl``,
     ``.json``, ``.csv``, ``.parquet`` or ``.txt`` file, a local dataset folder, or a Hub dataset
-    id (its ``train`` split). Without ``text_field``, the field ``text`` or the only string field
-    is used.
+    id (its ``train`` split). A dataset with a ``messages`` field (``fields.messages``) is chat;
+    one with ``prompt`` and ``completion`` fields is prompt/completion; any other is plain text,
+    from ``text_field``, else the field ``text`` or the only string field.
 
     Raises:
-        UserError: missing file, unreachable dataset, unknown field, or no texts at all.
+        UserError: missing file, unreachable dataset, unknown field, no examples at all, a
+            dataset mixing formats, or a conversation with no assistant turn.
     """
     if max_samples is not None and max_samples < 1:
         raise UserError(f"--max-samples must be at least 1, not {max_samples}")
+    fields = fields or Fields()
     if source.startswith(EXAMPLE_PREFIX):
         rows, default_field = _example_rows(source)
-        columns = {default_field: [r[default_field] for r in rows]}
-        text_field = text_field or default_field
+        names = {k for r in rows for k in r}
+        columns = {k: [r.get(k) for r in rows] for k in names}
+        text_field = text_field or (default_field if default_field in names else None)
     else:
         columns = _dataset_columns(source)
-    field = _pick_field(source, columns, text_field)
-    texts = [t for t in columns[field] if isinstance(t, str) and t.strip()]
+    messages = fields.messages or "messages"
+    prompt, completion = fields.prompt or "prompt", fields.completion or "completion"
+    if messages in columns:
+        examples, field, kind = _chat_examples(source, columns, messages), messages, "chat"
+    elif prompt in columns and completion in columns:
+        examples = _completion_examples(source, columns, prompt, completion)
+        field, kind = f"{prompt},{completion}", "completion"
+    else:
+        for flag, name in (
+            ("--messages-field", fields.messages),
+            ("--prompt-field", fields.prompt),
+            ("--completion-field", fields.completion),
+        ):
+            if name is not None:
+                raise UserError(
+                    f"{source} has no field {name!r} ({flag}); its fields are: "
+                    f"{', '.join(columns) or 'none'}"
+                )
+        field, kind = _pick_field(source, columns, text_field), "text"
+        examples = [
+            Example(completion=t) for t in columns[field] if isinstance(t, str) and t.strip()
+        ]
     if max_samples is not None:
-        texts = texts[:max_samples]
-    if not texts:
-        raise UserError(f"{source} has no non-empty texts in field {field!r}")
-    return Texts(source=source, texts=texts, field=field)
+        examples = examples[:max_samples]
+    if not examples:
+        raise UserError(f"{source} has no non-empty examples in field {field!r}")
+    return Texts(source=source, examples=examples, field=field, format=kind)
 
 
-def split_heldout(texts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def _mixed(source: str, row: int, kind: str, wanted: str) -> UserError:
+    return UserError(
+        f"{source}: row {row + 1} has no {wanted}, but the dataset is {kind} data (it has those "
+        "fields): a dataset must keep to one format (text, prompt/completion, or messages)"
+    )
+
+
+def _completion_examples(
+    source: str, columns: dict[str, list[Any]], prompt: str, completion: str
+) -> list[Example]:
+    examples = []
+    for i, (p, c) in enumerate(zip(columns[prompt], columns[completion], strict=True)):
+        if not isinstance(p, str) or not isinstance(c, str):
+            raise _mixed(source, i, "prompt/completion", f"{prompt!r} and {completion!r} texts")
+        if not c.strip():
+            raise UserError(f"{source}: row {i + 1} has an empty completion (nothing to score)")
+        examples.append(Example(completion=c, prompt=p))
+    return examples
+
+
+def _chat_examples(source: str, columns: dict[str, list[Any]], field: str) -> list[Example]:
+    examples = []
+    for i, conversation in enumerate(columns[field]):
+        if not isinstance(conversation, list) or not conversation:
+            raise _mixed(source, i, "chat", f"{field!r} list of messages")
+        turns = []
+        for message in conversation:
+            role = message.get("role") if isinstance(message, dict) else None
+            content = message.get("content") if isinstance(message, dict) else None
+            if role not in ROLES or not isinstance(content, str):
+                raise UserError(
+                    f"{source}: row {i + 1}: each message needs a role ({', '.join(ROLES)}) and "
+                    "text content"
+                )
+            turns.append((role, content))
+        if not any(role == "assistant" for role, _ in turns):
+            raise UserError(
+                f"{source}: row {i + 1} has no assistant turn: a conversation trains on what "
+                "the assistant says"
+            )
+        examples.append(Example(messages=tuple(turns)))
+    return examples
+
+
+def split_heldout(texts: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """Shuffle with ``seed`` and hold out ``fraction`` (at least one text) for evaluation."""
     if len(texts) < 2:
         raise UserError("need at least 2 texts to hold some out; pass --eval-data")

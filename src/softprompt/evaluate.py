@@ -1,26 +1,30 @@
-"""Mean per-token loss and perplexity of the base model and of adapters on texts.
+"""Mean per-token loss and perplexity of the base model and of adapters on examples.
 
-Each text is tokenised as in training (``[virtual][text][eos]``, the EOS only where the text
-really ends: a text cut at ``max_length`` gets none). The first text token is not
-scored for anyone: the base model has no context to predict it from, so scoring it for adapters
-only would flatter them. Every model is thus scored on exactly the same tokens.
+Each example is tokenised as in training (``layout``: ``[virtual][text][eos]`` for a text, the
+EOS only where the text really ends; prompt/completion and chat examples are scored on their
+completions and assistant turns only). The first text token is not scored for anyone: the base
+model has no context to predict it from, so scoring it for adapters only would flatter them.
+Every model is thus scored on exactly the same tokens.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .data import pad_left
+from .data import Example, as_example, pad_left
 from .errors import UserError
+from .layout import example_layout
 from .prompt import SoftPromptModel
 
-Row = tuple[list[int], int]
-"""``(ids, n_virtual)``: one row's token ids, virtual ids first, and how many of them there are."""
+Row = tuple[list[int], int, list[bool]]
+"""``(ids, n_virtual, scored)``: one row's token ids, virtual ids first, how many of them there
+are, and for each text token whether the loss covers it."""
 
 
 @dataclass
@@ -53,39 +57,46 @@ MAX_LENGTH_CAP = 256
 """The most text tokens a row gets when ``max_length`` is left to the data."""
 
 
-def fitting_length(spm: SoftPromptModel, texts: list[str], cap: int = MAX_LENGTH_CAP) -> int:
-    """Text tokens the longest of ``texts`` needs with its EOS, at most ``cap`` (at least 2)."""
+def fitting_length(
+    spm: SoftPromptModel, texts: Sequence[str | Example], cap: int = MAX_LENGTH_CAP
+) -> int:
+    """Text tokens the longest example needs with its EOS, at most ``cap`` (at least 2)."""
     if not texts:
         return 2
-    ids = spm.tokenizer(texts)["input_ids"]
-    return max(2, min(cap, max(len(row) for row in ids) + 1))
+    plain = [t for t in texts if isinstance(t, str)]
+    lengths = [len(row) + 1 for row in spm.tokenizer(plain)["input_ids"]] if plain else []
+    lengths += [
+        len(example_layout(spm.tokenizer, t, 1 << 30).ids) for t in texts if isinstance(t, Example)
+    ]
+    return max(2, min(cap, max(lengths)))
 
 
 def training_rows(
-    spm: SoftPromptModel, texts: list[str], adapter: str | None, max_length: int
+    spm: SoftPromptModel, texts: Sequence[str | Example], adapter: str | None, max_length: int
 ) -> tuple[list[Row], int]:
     """Rows ``[virtual][text][eos]`` of at most ``max_length`` text tokens, and how many were cut.
 
-    A text that fits with its EOS keeps it. A longer one is cut to ``max_length`` tokens and
-    gets no EOS: the prompt must not learn to stop mid-sentence, and eval must not score an end
-    that is not there.
+    An example that fits with its EOS keeps it. A longer one loses the start of what is not
+    scored first (``layout``); if that is not enough it is cut to ``max_length`` tokens and gets
+    no EOS: the prompt must not learn to stop mid-sentence, and eval must not score an end that
+    is not there.
     """
     virtual = spm.virtual_ids(adapter)
-    eos = spm.tokenizer.eos_token_id
     rows, cut = [], 0
     for text in texts:
-        ids = spm.text_ids(text)
-        if eos is not None and len(ids) < max_length:
-            ids.append(eos)
-        elif len(ids) > max_length or eos is not None:
-            ids = ids[:max_length]
-            cut += 1
-        rows.append((virtual + ids, len(virtual)))
+        layout = example_layout(spm.tokenizer, as_example(text), max_length)
+        cut += layout.cut
+        rows.append((virtual + layout.ids, len(virtual), layout.scored))
     return rows, cut
 
 
+def scored_tokens(rows: list[Row]) -> tuple[int, int]:
+    """Text tokens the loss covers, and all text tokens, over ``rows``."""
+    return sum(sum(r[2]) for r in rows), sum(len(r[2]) for r in rows)
+
+
 def batch_loss(
-    spm: SoftPromptModel, rows: list[tuple[list[int], int]], skip_first: bool, per_row: bool = False
+    spm: SoftPromptModel, rows: list[Row], skip_first: bool, per_row: bool = False
 ) -> Any:
     """Summed cross-entropy over the text tokens of ``rows`` and how many tokens were scored.
 
@@ -97,13 +108,16 @@ def batch_loss(
     # A prefix adapter's virtual tokens are keys/values, not inputs: no position before its
     # first text token predicts it, so that token is never scored for such a row.
     rows, prefixes = spm.row_prefixes(rows)
-    batch = pad_left([ids for ids, _ in rows], spm.tokenizer.pad_token_id)
+    batch = pad_left([row[0] for row in rows], spm.tokenizer.pad_token_id)
     labels = batch["input_ids"].clone()
     length = labels.shape[1]
-    for i, (ids, n_virtual) in enumerate(rows):
+    for i, (ids, n_virtual, marks) in enumerate(rows):
         first_text = length - len(ids) + n_virtual
         skip = skip_first or prefixes[i] is not None
         labels[i, : first_text + (1 if skip else 0)] = -100
+        unscored = [first_text + j for j, s in enumerate(marks) if not s]
+        if unscored:
+            labels[i, unscored] = -100
     # Position t predicts token t + 1.
     targets = labels[:, 1:]
     scored = torch.zeros_like(labels, dtype=torch.bool)
@@ -128,7 +142,7 @@ def batch_loss(
 @torch.no_grad()
 def evaluate(
     spm: SoftPromptModel,
-    texts: list[str],
+    texts: Sequence[str | Example],
     adapter: str | None,
     data_name: str = "",
     batch_size: int = 8,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from .engine import Engine, EngineConfig, SamplingParams
 from .errors import UserError
+from .layout import chat_layout
 from .prompt import SoftPromptModel
 
 
@@ -20,12 +21,15 @@ class Request:
     """One prompt and the adapter (by loaded name) to run it with; None for the base model.
 
     ``seed`` (default: the parameters') seeds this request's own generator, so a sampled
-    completion depends only on the request itself, never on what it is batched with.
+    completion depends only on the request itself, never on what it is batched with. With
+    ``chat``, the prompt is one user message in the model's chat template, laid out as chat
+    training and the server's chat endpoint lay it out (``layout.chat_layout``).
     """
 
     prompt: str
     adapter: str | None = None
     seed: int | None = None
+    chat: bool = False
 
 
 def engine_for(spm: SoftPromptModel, batch_size: int = 32) -> Engine:
@@ -62,7 +66,9 @@ def generate(
     engine = engine_for(spm, batch_size)
     handles = [
         engine.submit(
-            r.prompt, r.adapter, params if r.seed is None else replace(params, seed=r.seed)
+            chat_layout(spm.tokenizer, [("user", r.prompt)], True).ids if r.chat else r.prompt,
+            r.adapter,
+            params if r.seed is None else replace(params, seed=r.seed),
         )
         for r in requests
     ]

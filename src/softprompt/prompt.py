@@ -192,9 +192,7 @@ class SoftPromptModel:
             self._prefix_shape = PrefixShape.of(self.model)
         return self._prefix_shape
 
-    def row_prefixes(
-        self, rows: list[tuple[list[int], int]]
-    ) -> tuple[list[tuple[list[int], int]], list[torch.Tensor | None]]:
+    def row_prefixes(self, rows: list[Any]) -> tuple[list[Any], list[torch.Tensor | None]]:
         """Rows with prefix adapters' virtual ids taken out, and each row's prefix (the live
         parameter) or None. Rows of prompt adapters and of the base model are unchanged."""
         if not any(a.method == "prefix" for a in self.adapters.values()):
@@ -204,15 +202,16 @@ class SoftPromptModel:
         for adapter in self.adapters.values():
             owners[offset] = adapter
             offset += adapter.num_virtual_tokens
-        out: list[tuple[list[int], int]] = []
+        out: list[Any] = []
         prefixes: list[torch.Tensor | None] = []
-        for ids, n_virtual in rows:
+        for row in rows:  # (ids, n_virtual, ...): what follows the two rides along unchanged
+            ids, n_virtual = row[0], row[1]
             owner = owners.get(ids[0]) if n_virtual else None
             if owner is not None and owner.method == "prefix":
-                out.append((ids[n_virtual:], 0))
+                out.append((ids[n_virtual:], 0, *row[2:]))
                 prefixes.append(owner.weights)
             else:
-                out.append((ids, n_virtual))
+                out.append(row)
                 prefixes.append(None)
         return out, prefixes
 

@@ -182,7 +182,7 @@ def eval_matrix(
     from .evaluate import evaluate
 
     return [
-        [evaluate(spm, d.texts, m, d.source, batch_size, max_length) for d in datasets]
+        [evaluate(spm, d.examples, m, d.source, batch_size, max_length) for d in datasets]
         for m in [None, *names]
     ]
 

@@ -16,17 +16,18 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
+from .data import Example, as_example
 from .distributed import SINGLE, Group
 from .distributed import sum_ as dist_sum
 from .errors import UserError
-from .evaluate import batch_loss, evaluate, training_rows
+from .evaluate import batch_loss, evaluate, scored_tokens, training_rows
 from .files import check_output, put_in_place, staging_dir
 from .prefix import METHODS
 from .prompt import Adapter, SoftPromptModel, adapter_config, write_adapter_files
@@ -125,6 +126,11 @@ class TrainResult:
     samples: int = 0
     texts_cut: int = 0
     """Training texts longer than ``max_length``, cut (so trained without an EOS)."""
+    scored_tokens: int = 0
+    """Text tokens of the training examples that the loss covers (completions, assistant
+    turns; every token of plain texts)."""
+    text_tokens: int = 0
+    """All text tokens of the training examples."""
     trainable_params: int = 0
     total_params: int = 0
     base_checksum_before: str = ""
@@ -160,16 +166,16 @@ class Task:
 
     name: str
     initial: torch.Tensor
-    texts: list[str]
-    eval_texts: list[str]
+    texts: Sequence[str | Example]
+    eval_texts: Sequence[str | Example]
 
 
 def train(
     spm: SoftPromptModel,
     name: str,
     initial: torch.Tensor,
-    texts: list[str],
-    eval_texts: list[str],
+    texts: Sequence[str | Example],
+    eval_texts: Sequence[str | Example],
     config: TrainConfig,
     progress: bool = True,
     checkpoints: Path | None = None,
@@ -256,10 +262,11 @@ def train_tasks(
         for t, p in zip(tasks, params, strict=True)
     ]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    rows: list[tuple[list[int], int, int]] = []  # (ids, n_virtual, task)
+    rows: list[tuple[list[int], int, list[bool], int]] = []  # (ids, n_virtual, scored, task)
     for i, (t, res) in enumerate(zip(tasks, results, strict=True)):
         task_rows, res.texts_cut = training_rows(spm, t.texts, t.name, config.max_length)
-        rows += [(ids, n_virtual, i) for ids, n_virtual in task_rows]
+        res.scored_tokens, res.text_tokens = scored_tokens(task_rows)
+        rows += [(ids, n_virtual, scored, i) for ids, n_virtual, scored in task_rows]
     global_batch = config.batch_size * group.world
     steps_per_epoch = (len(rows) + global_batch - 1) // global_batch
     total_steps = steps_per_epoch * config.epochs
@@ -419,7 +426,7 @@ def train_tasks(
             for i, res in enumerate(results):
                 if global_counts[i] > 0:
                     value = float(global_totals[i] / global_counts[i])
-                    res.samples += sum(1 for row in batch if row[2] == i)
+                    res.samples += sum(1 for row in batch if row[3] == i)
                     res.steps.append({"step": step, "epoch": epoch, "loss": value})
             bar.update(1)
             show(epoch, "loss")
@@ -454,17 +461,18 @@ def train_tasks(
 
 
 def task_losses(
-    spm: SoftPromptModel, rows: list[tuple[list[int], int, int]], n_tasks: int
+    spm: SoftPromptModel, rows: list[tuple[list[int], int, list[bool], int]], n_tasks: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy per task over ``rows`` (``(ids, n_virtual, task)``) in one forward,
+    """Summed cross-entropy per task over ``rows`` (``(ids, n_virtual, scored, task)``) in one
+    forward,
     and each task's scored token count (float, on the same device)."""
     if n_tasks == 1:
-        total, count = batch_loss(spm, [(ids, n) for ids, n, _ in rows], skip_first=False)
+        total, count = batch_loss(spm, [(i, n, s) for i, n, s, _ in rows], skip_first=False)
         return total.reshape(1), total.new_tensor([float(count)])
     per_row, counts = batch_loss(
-        spm, [(ids, n) for ids, n, _ in rows], skip_first=False, per_row=True
+        spm, [(i, n, s) for i, n, s, _ in rows], skip_first=False, per_row=True
     )
-    task = per_row.new_tensor([t for _, _, t in rows], dtype=torch.long)
+    task = per_row.new_tensor([t for *_, t in rows], dtype=torch.long)
     totals = per_row.new_zeros(n_tasks).index_add(0, task, per_row)
     token_counts = per_row.new_zeros(n_tasks).index_add(0, task, per_row.new_tensor(counts))
     return totals, token_counts
@@ -537,7 +545,7 @@ def save_trained(
     result: TrainResult,
     extra: dict[str, Any] | None = None,
     overwrite: bool = False,
-    heldout: list[str] | None = None,
+    heldout: Sequence[str | Example] | None = None,
 ) -> Path:
     """Write adapter ``name`` to ``output``: PEFT files, config, loss log, plot and model card.
 
@@ -569,7 +577,7 @@ def save_trained(
         write_model_card(tmp / "README.md", name, spm.base.name, config, result, extra or {})
         if heldout is not None:
             (tmp / HELDOUT_FILE).write_text(
-                "".join(json.dumps({"text": t}) + "\n" for t in heldout)
+                "".join(json.dumps(as_example(t).as_json()) + "\n" for t in heldout)
             )
         tmp.chmod(0o755)
         put_in_place(tmp, target)

@@ -30,6 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine import Engine, RequestError, SamplingParams
 from ..engine.engine import QueueFull, ShuttingDown
 from ..engine.sequence import Output
+from ..errors import UserError
+from ..layout import chat_layout
 from .adapters import AdapterFolder
 from .metrics import Metrics
 from .protocol import (
@@ -469,16 +471,12 @@ def _chat_prompt(engine: Engine, body: ChatCompletionRequest) -> list[int]:
             "this model has no chat template; use /v1/completions",
             param="messages",
         )
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    # The same layout a prompt trained on conversations was trained on (``layout``).
+    messages = [(m.role, m.text()) for m in body.messages]
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    except Exception as exc:  # noqa: BLE001 - a template that rejects these messages
-        raise APIError(
-            400, f"the chat template refused these messages: {exc}", param="messages"
-        ) from exc
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return [int(i) for i in ids]
+        return chat_layout(tokenizer, messages, add_generation_prompt=True).ids
+    except UserError as exc:
+        raise APIError(400, str(exc), param="messages") from exc
 
 
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:
