@@ -259,9 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="loss and perplexity of the base model and adapters",
+        help="loss, perplexity and task accuracy of the base model and adapters",
         description="Mean per-token loss of the base model and each adapter on "
-        "each dataset, texts tokenised as in training.",
+        "each dataset, texts tokenised as in training; on prompt/completion data also "
+        "rank-classification accuracy (--metric choice) and exact match (--metric exact).",
     )
     ev.add_argument("--data", action="append", required=True, help="dataset (repeatable)")
     _adapter_args(ev)
@@ -273,6 +274,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="text tokens per example, EOS included (default: what the longest text needs, up "
         "to 256)",
+    )
+    ev.add_argument(
+        "--metric",
+        action="append",
+        choices=("loss", "choice", "exact"),
+        help="loss (default); choice: each candidate completion ranked by its log-likelihood "
+        "after the prompt, as lm-evaluation-harness does; exact: greedy completion equal to the "
+        "reference, case and whitespace aside (repeatable)",
+    )
+    ev.add_argument(
+        "--choices",
+        metavar="A,B,C",
+        help="candidates for --metric choice (default: the distinct completions of the data)",
+    )
+    ev.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        help="new tokens at most for --metric exact (default: %(default)s)",
     )
     ev.add_argument("--json", action="store_true", help="print one JSON list of records")
     ev.set_defaults(func=commands.cmd_eval)

@@ -581,20 +581,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or (args.max_length is not None and args.max_length < 2):
         raise UserError("--batch-size must be at least 1 and --max-length at least 2")
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    metrics = list(dict.fromkeys(args.metric or ["loss"]))
+    choices = [c.strip() for c in args.choices.split(",")] if args.choices else None
+    if choices is not None and (len(choices) < 2 or not all(choices)):
+        raise UserError("--choices needs at least two non-empty candidates, comma-separated")
     datasets = [load_texts(d, args.text_field, args.max_samples, _fields(args)) for d in args.data]
+    for metric in metrics:
+        for d in datasets:
+            if metric != "loss" and d.format != "completion":
+                raise UserError(
+                    f"--metric {metric} needs prompt/completion data; {d.source} holds "
+                    f"{_KINDS[d.format]}"
+                )
     adapters = _read_adapters(args.adapter, args.allow_pickle)
     spm = _load_model(args)
     names = _add_adapters(spm, adapters)
-    results = [
-        evaluate(spm, d.examples, a, d.source, args.batch_size, args.max_length)
-        for d in datasets
-        for a in [None, *names]
-    ]
+    results = (
+        [
+            evaluate(spm, d.examples, a, d.source, args.batch_size, args.max_length)
+            for d in datasets
+            for a in [None, *names]
+        ]
+        if "loss" in metrics
+        else []
+    )
+    tasks = _task_results(spm, args, metrics, datasets, [None, *names], choices)
     if args.json:
-        print(json.dumps([r.as_dict() for r in results]))
+        print(json.dumps([r.as_dict() for r in [*results, *tasks]]))
         return 0
     from rich.console import Console
     from rich.table import Table
+
+    if tasks:
+        _print_task_results(tasks)
+    if not results:
+        return 0
 
     table = Table(title="mean loss per token (lower is better)")
     for column in ("data", "model", "loss", "perplexity", "tokens"):
@@ -614,6 +637,63 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 "(tokens, EOS included): they were cut and scored without an EOS"
             )
     return 0
+
+
+def _task_results(
+    spm: Any,
+    args: argparse.Namespace,
+    metrics: list[str],
+    datasets: list[Any],
+    models: list[str | None],
+    choices: list[str] | None,
+) -> list[Any]:
+    from .scoring import choice_accuracy, exact_match
+
+    out = []
+    for metric in (m for m in metrics if m != "loss"):
+        for d in datasets:
+            for model in models:
+                if metric == "choice":
+                    out.append(
+                        choice_accuracy(spm, d.examples, model, d.source, choices, args.batch_size)
+                    )
+                else:
+                    out.append(
+                        exact_match(
+                            spm, d.examples, model, d.source, args.max_new_tokens, args.batch_size
+                        )
+                    )
+    return out
+
+
+def _print_task_results(tasks: list[Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="task accuracy (higher is better)")
+    for column in ("data", "model", "metric", "accuracy", "length-normalised", "rows"):
+        table.add_column(
+            column, justify="left" if column in ("data", "model", "metric") else "right"
+        )
+    for t in tasks:
+        norm = f"{t.accuracy_norm:.3f}" if t.accuracy_norm is not None else ""
+        table.add_row(t.data, t.adapter or "base", t.metric, f"{t.accuracy:.3f}", norm, str(t.n))
+    Console().print(table)
+    for t in tasks:
+        if t.metric == "choice":
+            labels = list(t.labels)
+            matrix = Table(title=f"{t.adapter or 'base'} on {t.data}: gold (rows) vs chosen")
+            matrix.add_column("gold")
+            for label in labels:
+                matrix.add_column(label, justify="right")
+            for gold in labels:
+                matrix.add_row(gold, *(str(t.labels[gold].get(p, 0)) for p in labels))
+            Console().print(matrix)
+        for miss in t.misses:
+            print(
+                f"miss ({t.adapter or 'base'}): {miss['prompt']!r} -> {miss['completion']!r}, "
+                f"expected {miss['reference']!r}"
+            )
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

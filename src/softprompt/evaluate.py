@@ -37,6 +37,8 @@ class EvalResult:
     tokens: int
     cut: int = 0
     """Texts longer than ``max_length``, cut (and scored without an EOS)."""
+    n: int = 0
+    """Examples evaluated."""
 
     @property
     def perplexity(self) -> float:
@@ -50,6 +52,8 @@ class EvalResult:
             "perplexity": self.perplexity,
             "tokens": self.tokens,
             "texts_cut": self.cut,
+            "metric": "loss",
+            "n": self.n,
         }
 
 
@@ -171,4 +175,6 @@ def evaluate(
             f"nothing to score in {data_name or 'the evaluation texts'}: "
             f"{len(texts)} texts, none with a token after its first"
         )
-    return EvalResult(adapter=adapter, data=data_name, loss=total / count, tokens=count, cut=cut)
+    return EvalResult(
+        adapter=adapter, data=data_name, loss=total / count, tokens=count, cut=cut, n=len(texts)
+    )

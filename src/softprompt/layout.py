@@ -103,16 +103,19 @@ def chat_layout(
     return Layout(ids, scored)
 
 
-def example_layout(tokenizer: Any, example: Example, max_length: int) -> Layout:
-    """The text tokens of ``example`` (at most ``max_length``) and which of them are scored."""
-    eos = tokenizer.eos_token_id
+def example_layout(tokenizer: Any, example: Example, max_length: int, eos: bool = True) -> Layout:
+    """The text tokens of ``example`` (at most ``max_length``) and which of them are scored.
+
+    ``eos=False`` leaves the EOS off a completion (rank classification scores a candidate's
+    own tokens, as lm-evaluation-harness does)."""
+    eos_id = tokenizer.eos_token_id
     if example.messages is not None:
         layout = chat_layout(tokenizer, example.messages)
     else:
         prompt = _encode(tokenizer, example.prompt, special=True)
         completion = _encode(tokenizer, example.completion, special=not prompt)
-        if eos is not None:
-            completion.append(eos)
+        if eos and eos_id is not None:
+            completion.append(eos_id)
         layout = Layout(prompt + completion, [False] * len(prompt) + [True] * len(completion))
     over = len(layout.ids) - max_length
     if over <= 0:
