@@ -111,3 +111,37 @@ def test_eval_metrics_from_the_cli(tiny_model_dir, tmp_path: Path, cli_main):
         "eval", "--model", str(tiny_model_dir), "--data", str(text), "--metric", "choice"
     )
     assert refused.returncode == 2 and "needs prompt/completion data" in refused.stderr
+
+
+def test_label_init_starts_from_the_labels_own_rows(spm):
+    from softprompt.prompt import init_prompt
+
+    rows = init_prompt(spm.base, 6, "labels", labels=LABELS)
+    table = spm.embedding.weight.detach()
+    for i, label in enumerate(LABELS):
+        ids = spm.tokenizer(label, add_special_tokens=False)["input_ids"]
+        torch.testing.assert_close(rows[i], table[ids].mean(dim=0))
+    vocab = init_prompt(spm.base, 2, "vocab")
+    torch.testing.assert_close(rows[4:], vocab)  # the rest as --init vocab would start
+    assert init_prompt(spm.base, 2, "labels", labels=LABELS).shape == (2, spm.hidden_size)
+
+
+def test_train_init_labels_from_the_cli(tiny_model_dir, tmp_path: Path, cli_main):
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps(r.as_json()) + "\n" for r in _rows() * 3))
+    model = ["--model", str(tiny_model_dir), "--epochs", "1"]
+    for method in ("prompt", "prefix"):
+        out = tmp_path / method
+        done = cli_main(
+            "train", *model, "--data", str(data), "--init", "labels", "--method", method,
+            "--virtual-tokens", "5", "--output", str(out), "--json",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert json.loads((out / "training_config.json").read_text())["init"] == "labels"
+    text = tmp_path / "texts.jsonl"
+    text.write_text(json.dumps({"text": "be kind"}) + "\n" + json.dumps({"text": "hope"}) + "\n")
+    refused = cli_main(
+        "train", *model, "--data", str(text), "--init", "labels", "--output", str(tmp_path / "x")
+    )
+    assert refused.returncode == 2 and "prompt/completion data" in refused.stderr
+    assert not (tmp_path / "x").exists()

@@ -144,10 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--init",
-        choices=["vocab", "text", "random", "file"],
-        help="vocab: random vocabulary rows; text: rows of --init-text; random: "
-        "Gaussian scaled to the vocabulary's norm; file: --init-from (default: file "
-        "with --init-from, else vocab)",
+        choices=["vocab", "text", "labels", "random", "file"],
+        help="vocab: random vocabulary rows; text: rows of --init-text; labels: one row per "
+        "distinct completion of prompt/completion data, the mean of its tokens' rows (Lester et "
+        "al. 2021's class-label init), the rest vocab; random: Gaussian scaled to the "
+        "vocabulary's norm; file: --init-from (default: file with --init-from, else vocab)",
     )
     train.add_argument("--init-text", help="text whose token rows start the prompt (--init text)")
     train.add_argument(

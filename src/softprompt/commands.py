@@ -233,23 +233,38 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(
             f"--init-from adapter has token_dim {source.token_dim}, the model has {spm.hidden_size}"
         )
-    if source is not None and source.method == config.method:
-        start = source.weights  # continue the adapter as it is
-    elif config.method == "prefix":
-        from .prefix import init_prefix
 
-        start = init_prefix(
-            spm.base,
-            config.virtual_tokens,
-            config.init,
-            config.init_text,
-            config.seed,
-            rows=source.weights if source is not None else None,  # deepen a prompt adapter
-        )
-    else:
-        start = init_prompt(
+    def start_for(spec: _TaskSpec) -> Any:
+        """The rows training starts from (per task: ``--init labels`` reads its labels)."""
+        if source is not None and source.method == config.method:
+            return source.weights  # continue the adapter as it is
+        rows = source.weights if source is not None else None  # a prompt to deepen
+        if config.init == "labels":
+            if spec.format != "completion":
+                raise UserError(
+                    f"--init labels starts from the completions of prompt/completion data; "
+                    f"{spec.data} holds {_KINDS[spec.format]}"
+                )
+            labels = list(dict.fromkeys(e.completion for e in spec.texts))
+            rows = init_prompt(spm.base, config.virtual_tokens, "labels", None, config.seed, labels)
+            if config.method == "prompt":
+                return rows
+        if config.method == "prefix":
+            from .prefix import init_prefix
+
+            return init_prefix(
+                spm.base,
+                config.virtual_tokens,
+                config.init,
+                config.init_text,
+                config.seed,
+                rows=rows,
+            )
+        return init_prompt(
             spm.base, config.virtual_tokens, config.init, config.init_text, config.seed
         )
+
+    starts = {spec.name: start_for(spec) for spec in specs}
     if not args.json:
         for spec in specs:
             print(
@@ -271,7 +286,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # SIGTERM (a launcher stopping the run because another process of it failed, or a job
     # scheduler) ends training like Ctrl-C: with the message below, not silently.
     previous = signal.signal(signal.SIGTERM, stopped)
-    tasks = [Task(s.name, start.clone(), s.texts, s.eval_texts) for s in specs]
+    tasks = [Task(s.name, starts[s.name].clone(), s.texts, s.eval_texts) for s in specs]
     try:
         results = train_tasks(
             spm,

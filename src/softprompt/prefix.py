@@ -136,15 +136,18 @@ def init_prefix(
     ``vocab``: the keys/values the model computes for ``num_virtual_tokens`` sampled vocabulary
     tokens; ``text``: for the tokens of ``text`` (repeated or cut to length); ``random``:
     Gaussian, each layer's keys and values scaled to the spread of that layer's real ones (those
-    of ``vocab``); ``file``: the keys/values of a prompt adapter's ``rows`` (deepening it).
+    of ``vocab``); ``file``: the keys/values of a prompt adapter's ``rows`` (deepening it);
+    ``labels``: the keys/values of ``rows`` made by ``init_prompt``'s ``labels``.
     """
     from .prompt import init_prompt
 
     model = base.model
     shape = PrefixShape.of(model)
-    if how == "file":
+    if how in ("file", "labels"):
         if rows is None:
-            raise UserError("--init file needs --init-from ADAPTER")
+            raise UserError(
+                f"--init {how} needs " + ("--init-from ADAPTER" if how == "file" else "its rows")
+            )
         start = rows.float()
     else:
         start = init_prompt(

@@ -354,8 +354,14 @@ def init_prompt(
     how: str = "vocab",
     text: str | None = None,
     seed: int = 0,
+    labels: list[str] | None = None,
 ) -> torch.Tensor:
     """Initial rows ``(num_virtual_tokens, hidden)`` for a new prompt.
+
+    ``labels`` (Lester et al. 2021, section 3.2, "class label" initialisation, for
+    classification): one row per label, the mean of its tokens' rows, in order; rows beyond the
+    labels are sampled from the vocabulary as ``vocab`` does, and with fewer rows than labels the
+    first labels are used.
 
     ``vocab`` copies randomly chosen vocabulary rows (PEFT's SAMPLE_VOCAB); ``text`` copies the rows
     of ``text``'s tokens, repeated or cut to length (PEFT's TEXT); ``random`` draws Gaussian rows
@@ -384,11 +390,25 @@ def init_prompt(
             raise UserError(f"--init-text {text!r} gives no tokens")
         ids = (ids * math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens]
         return weight[torch.tensor(ids, device=weight.device)].float().cpu()
+    if how == "labels":
+        if not labels:
+            raise UserError("--init labels needs prompt/completion data (its completions)")
+        means = []
+        for label in labels[:num_virtual_tokens]:
+            ids = list(base.tokenizer(label, add_special_tokens=False)["input_ids"])
+            if not ids:
+                raise UserError(f"the label {label!r} gives no tokens")
+            means.append(weight[torch.tensor(ids, device=weight.device)].float().mean(dim=0))
+        rows = torch.stack(means).cpu()
+        if len(rows) < num_virtual_tokens:
+            rest = init_prompt(base, num_virtual_tokens - len(rows), "vocab", seed=seed)
+            rows = torch.cat([rows, rest])
+        return rows
     if how == "random":
         mean_norm = float(weight.float().norm(dim=1).mean())
         rows = torch.randn(num_virtual_tokens, weight.shape[1], generator=gen)
         return rows * (mean_norm / math.sqrt(weight.shape[1]))
-    raise UserError(f"unknown init {how!r}: use vocab, text, random or file")
+    raise UserError(f"unknown init {how!r}: use vocab, text, labels, random or file")
 
 
 def adapter_config(

@@ -32,7 +32,7 @@ from .files import check_output, put_in_place, staging_dir
 from .prefix import METHODS
 from .prompt import Adapter, SoftPromptModel, adapter_config, write_adapter_files
 
-INITS = ("vocab", "text", "random", "file")
+INITS = ("vocab", "text", "labels", "random", "file")
 SCHEDULES = ("constant", "linear", "cosine")
 HELDOUT_FILE = "heldout.jsonl"
 """Held-out texts split off the training data, kept beside the adapter they evaluated."""
