@@ -145,3 +145,42 @@ def test_train_init_labels_from_the_cli(tiny_model_dir, tmp_path: Path, cli_main
     )
     assert refused.returncode == 2 and "prompt/completion data" in refused.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_shots_are_balanced_over_labels_and_put_before_each_prompt():
+    from softprompt.scoring import in_context, pick_shots
+
+    pool = [Example(completion=LABELS[i % 4], prompt=f"p{i}") for i in range(40)]
+    shots = pick_shots(pool, 8, seed=3)
+    assert sorted(s.completion for s in shots) == sorted(LABELS * 2)
+    assert shots == pick_shots(pool, 8, seed=3)  # a fixed seed gives the same shots
+    with pytest.raises(UserError, match="needs 41"):
+        pick_shots(pool, 41)
+    row = Example(completion="x", prompt="q")
+    (framed,) = in_context([row], shots[:2], "Route it.")
+    expected = "\n\n".join(["Route it.", *(s.prompt + s.completion for s in shots[:2]), "q"])
+    assert framed == Example(completion="x", prompt=expected)
+
+
+def test_eval_runs_the_baselines_beside_the_adapters(tiny_model_dir, tmp_path: Path, cli_main):
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps(r.as_json()) + "\n" for r in _rows()))
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(
+        "".join(
+            json.dumps({"prompt": f"the {w}", "completion": LABELS[i % 4]}) + "\n"
+            for i, w in enumerate("river light hope teacher chef guide poet coach".split())
+        )
+    )
+    done = cli_main(
+        "eval", "--model", str(tiny_model_dir), "--data", str(data), "--metric", "choice",
+        "--few-shot", "4", "--shots-from", str(pool), "--instruction", "be kind", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    records = json.loads(done.stdout)
+    assert [r["context"] for r in records] == [None, "instruction", "4-shot"]
+    assert all(r["n"] == 6 and r["metric"] == "choice" for r in records)
+    refused = cli_main(
+        "eval", "--model", str(tiny_model_dir), "--data", str(data), "--few-shot", "2"
+    )
+    assert refused.returncode == 2 and "--shots-from" in refused.stderr

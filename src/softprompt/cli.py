@@ -295,6 +295,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="new tokens at most for --metric exact (default: %(default)s)",
     )
+    ev.add_argument(
+        "--few-shot",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also run the base model with K examples in context before each prompt, balanced "
+        "over the completions, fixed seed: the baseline a prompt must beat (default: 0)",
+    )
+    ev.add_argument(
+        "--shots-from",
+        metavar="DATA",
+        help="where --few-shot examples come from (default: the training part of a bundled "
+        "held-out set)",
+    )
+    ev.add_argument(
+        "--instruction",
+        metavar="TEXT",
+        help="also run the base model with TEXT before each prompt (zero-shot with an "
+        "instruction; with --few-shot, before the shots too)",
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON list of records")
     ev.set_defaults(func=commands.cmd_eval)
     cmp = sub.add_parser(

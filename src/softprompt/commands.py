@@ -610,19 +610,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     f"--metric {metric} needs prompt/completion data; {d.source} holds "
                     f"{_KINDS[d.format]}"
                 )
+    runs = _eval_runs(args, datasets)  # per dataset: (context, examples) for the base model
     adapters = _read_adapters(args.adapter, args.allow_pickle)
     spm = _load_model(args)
     names = _add_adapters(spm, adapters)
-    results = (
-        [
-            evaluate(spm, d.examples, a, d.source, args.batch_size, args.max_length)
-            for d in datasets
-            for a in [None, *names]
+    plan = [
+        (d, model, context, examples)
+        for d, contexts in zip(datasets, runs, strict=True)
+        for model, context, examples in [
+            *((None, c, e) for c, e in contexts),
+            *((name, None, d.examples) for name in names),
         ]
-        if "loss" in metrics
-        else []
-    )
-    tasks = _task_results(spm, args, metrics, datasets, [None, *names], choices)
+    ]
+    results = []
+    if "loss" in metrics:
+        for d, model, context, examples in plan:
+            result = evaluate(spm, examples, model, d.source, args.batch_size, args.max_length)
+            result.context = context
+            results.append(result)
+    tasks = _task_results(spm, args, metrics, plan, choices)
     if args.json:
         print(json.dumps([r.as_dict() for r in [*results, *tasks]]))
         return 0
@@ -640,9 +646,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             column, justify="right" if column in ("loss", "perplexity", "tokens") else "left"
         )
     for r in results:
-        table.add_row(
-            r.data, r.adapter or "base", f"{r.loss:.3f}", f"{r.perplexity:.1f}", str(r.tokens)
-        )
+        table.add_row(r.data, _shown(r), f"{r.loss:.3f}", f"{r.perplexity:.1f}", str(r.tokens))
     Console().print(table)
     for r in results:
         if r.adapter is None and r.cut:
@@ -654,31 +658,69 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_runs(args: argparse.Namespace, datasets: list[Any]) -> list[list[tuple[Any, Any]]]:
+    """Per dataset, the base model's runs: ``(context, examples)``, zero-shot first, then with
+    ``--instruction`` and ``--few-shot K`` shots (the baselines an adapter is judged against)."""
+    from .data import heldout_source, load_texts
+    from .scoring import in_context, pick_shots
+
+    if args.few_shot < 0:
+        raise UserError("--few-shot must be 0 or more")
+    runs = []
+    for d in datasets:
+        contexts: list[tuple[Any, Any]] = [(None, d.examples)]
+        if (args.few_shot or args.instruction) and d.format != "completion":
+            raise UserError(
+                f"--few-shot and --instruction need prompt/completion data; {d.source} holds "
+                f"{_KINDS[d.format]}"
+            )
+        if args.instruction:
+            contexts.append(("instruction", in_context(d.examples, [], args.instruction)))
+        if args.few_shot:
+            source = args.shots_from or _training_part(d.source, heldout_source)
+            pool = load_texts(source, None, None, _fields(args)).examples
+            held = set(d.examples)
+            shots = pick_shots([e for e in pool if e not in held], args.few_shot)
+            label = f"{args.few_shot}-shot"
+            contexts.append((label, in_context(d.examples, shots, args.instruction)))
+        runs.append(contexts)
+    return runs
+
+
+def _training_part(source: str, heldout_source: Any) -> str:
+    """The training part of a bundled held-out set: where shots come from by default."""
+    if source.endswith(":heldout") and heldout_source(source.removesuffix(":heldout")) == source:
+        return source.removesuffix(":heldout")
+    raise UserError(f"--few-shot on {source}: say where the shots come from with --shots-from")
+
+
 def _task_results(
     spm: Any,
     args: argparse.Namespace,
     metrics: list[str],
-    datasets: list[Any],
-    models: list[str | None],
+    plan: list[tuple[Any, str | None, str | None, Any]],
     choices: list[str] | None,
 ) -> list[Any]:
     from .scoring import choice_accuracy, exact_match
 
     out = []
     for metric in (m for m in metrics if m != "loss"):
-        for d in datasets:
-            for model in models:
-                if metric == "choice":
-                    out.append(
-                        choice_accuracy(spm, d.examples, model, d.source, choices, args.batch_size)
-                    )
-                else:
-                    out.append(
-                        exact_match(
-                            spm, d.examples, model, d.source, args.max_new_tokens, args.batch_size
-                        )
-                    )
+        for d, model, context, examples in plan:
+            if metric == "choice":
+                result = choice_accuracy(spm, examples, model, d.source, choices, args.batch_size)
+            else:
+                result = exact_match(
+                    spm, examples, model, d.source, args.max_new_tokens, args.batch_size
+                )
+            result.context = context
+            out.append(result)
     return out
+
+
+def _shown(result: Any) -> str:
+    """A result's model as a table shows it: ``base``, ``base (8-shot)``, or the adapter."""
+    name = result.adapter or "base"
+    return f"{name} ({result.context})" if result.context else name
 
 
 def _print_task_results(tasks: list[Any]) -> None:
@@ -692,12 +734,12 @@ def _print_task_results(tasks: list[Any]) -> None:
         )
     for t in tasks:
         norm = f"{t.accuracy_norm:.3f}" if t.accuracy_norm is not None else ""
-        table.add_row(t.data, t.adapter or "base", t.metric, f"{t.accuracy:.3f}", norm, str(t.n))
+        table.add_row(t.data, _shown(t), t.metric, f"{t.accuracy:.3f}", norm, str(t.n))
     Console().print(table)
     for t in tasks:
         if t.metric == "choice":
             labels = list(t.labels)
-            matrix = Table(title=f"{t.adapter or 'base'} on {t.data}: gold (rows) vs chosen")
+            matrix = Table(title=f"{_shown(t)} on {t.data}: gold (rows) vs chosen")
             matrix.add_column("gold")
             for label in labels:
                 matrix.add_column(label, justify="right")

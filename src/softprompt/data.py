@@ -25,7 +25,12 @@ from .hub import unreachable_note
 T = TypeVar("T")
 EXAMPLE_PREFIX = "examples:"
 # name -> (file stem, text field)
-EXAMPLES = {"role-prompts": ("role_prompts", "prompt"), "quotes": ("quotes", "quote")}
+EXAMPLES = {
+    "role-prompts": ("role_prompts", "prompt"),
+    "quotes": ("quotes", "quote"),
+    # prompt/completion: messages routed to opaque team codes (benchmarks/make_task_sets.py)
+    "routing": ("routing", "completion"),
+}
 LOCAL_FORMATS = {
     ".jsonl": "json",
     ".json": "json",

@@ -39,6 +39,8 @@ class EvalResult:
     """Texts longer than ``max_length``, cut (and scored without an EOS)."""
     n: int = 0
     """Examples evaluated."""
+    context: str | None = None
+    """What stood before each prompt for a baseline (``instruction``, ``8-shot``); None: none."""
 
     @property
     def perplexity(self) -> float:
@@ -54,6 +56,7 @@ class EvalResult:
             "texts_cut": self.cut,
             "metric": "loss",
             "n": self.n,
+            "context": self.context,
         }
 
 

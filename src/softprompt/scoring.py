@@ -10,6 +10,7 @@ with the reference after normalising case and whitespace.
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ class TaskResult:
     """``choice``: per gold label, how often each label was chosen (the confusion matrix)."""
     misses: list[dict[str, str]] = field(default_factory=list)
     """``exact``: a few rows whose completion differed from the reference."""
+    context: str | None = None
+    """What stood before each prompt for a baseline (``instruction``, ``8-shot``); None: none."""
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -50,6 +53,7 @@ class TaskResult:
             "metric": self.metric,
             "accuracy": self.accuracy,
             "n": self.n,
+            "context": self.context,
         }
         if self.metric == "choice":
             out["accuracy_norm"] = self.accuracy_norm
@@ -157,3 +161,41 @@ def exact_match(
         n=len(rows),
         misses=misses,
     )
+
+
+def pick_shots(pool: Sequence[Example], k: int, seed: int = 0) -> list[Example]:
+    """``k`` examples from ``pool`` for the context, balanced over its completions (labels):
+    taken label by label in turn, each label's examples in a seeded order."""
+    if k < 1:
+        return []
+    rng = random.Random(seed)
+    by_label: dict[str, list[Example]] = {}
+    for example in pool:
+        by_label.setdefault(example.completion, []).append(example)
+    if sum(len(v) for v in by_label.values()) < k:
+        raise UserError(f"--few-shot {k} needs {k} examples to draw from; there are {len(pool)}")
+    for examples in by_label.values():
+        rng.shuffle(examples)
+    labels = list(by_label)
+    rng.shuffle(labels)
+    shots: list[Example] = []
+    while len(shots) < k:
+        for label in labels:
+            if by_label[label] and len(shots) < k:
+                shots.append(by_label[label].pop())
+    rng.shuffle(shots)
+    return shots
+
+
+def in_context(
+    examples: Sequence[Example], shots: Sequence[Example], instruction: str | None
+) -> list[Example]:
+    """``examples`` with the instruction and the shots (each its prompt, then its completion)
+    before each prompt, a blank line between parts: the zero- and few-shot baselines."""
+    lead = [instruction.strip()] if instruction and instruction.strip() else []
+    lead += [s.prompt + s.completion for s in shots]
+    head = "\n\n".join(lead)
+    return [
+        Example(completion=e.completion, prompt=f"{head}\n\n{e.prompt}" if head else e.prompt)
+        for e in examples
+    ]
