@@ -140,7 +140,11 @@ def test_eval_json_records(trained, tiny_model_dir):
     records = json.loads(proc.stdout)
     assert [r["adapter"] for r in records] == [None, "kind"]
     for r in records:
-        assert set(r) == {"adapter", "data", "loss", "perplexity", "tokens", "texts_cut"}
+        assert set(r) == {
+            *("adapter", "data", "loss", "perplexity", "tokens", "texts_cut"),
+            *("metric", "n", "context"),
+        }
+        assert r["metric"] == "loss" and r["n"] > 0 and r["context"] is None
         assert r["tokens"] > 0 and r["perplexity"] == pytest.approx(2.718281828 ** r["loss"])
     assert records[1]["loss"] < records[0]["loss"]
 

@@ -103,13 +103,13 @@ def choice_accuracy(
     for example in layouts:
         layout = example_layout(spm.tokenizer, example, max_length, eos=False)
         scored.append((virtual + layout.ids, len(virtual), layout.scored))
-    sums = torch.empty(len(scored))
+    parts = []
     with torch.no_grad():
         for start in range(0, len(scored), batch_size):
             loss, _ = batch_loss(spm, scored[start : start + batch_size], False, per_row=True)
-            sums[start : start + len(loss)] = loss.float().cpu()
-    loglik = -sums.view(len(rows), len(candidates))  # (N, C)
-    lengths = torch.tensor([max(1, len(c)) for c in candidates], dtype=torch.float32)
+            parts.append(loss.float())
+    loglik = -torch.cat(parts).view(len(rows), len(candidates))  # (N, C), on the model's device
+    lengths = loglik.new_tensor([max(1, len(c)) for c in candidates])
     picked = loglik.argmax(dim=1).tolist()
     picked_norm = (loglik / lengths).argmax(dim=1).tolist()
     gold = [candidates.index(e.completion) for e in rows]
