@@ -164,16 +164,6 @@ class AdapterRegistry:
                 raise
         return entry
 
-    def acquire(self, name: str) -> Lease:
-        """``claim`` and ``prepare`` at once: a held adapter with its prefix computed."""
-        lease = self.claim(name)
-        try:
-            self.prepare(lease)
-        except BaseException:
-            self.release(lease)
-            raise
-        return lease
-
     def prepare(self, lease: Lease) -> None:
         """Compute a claimed adapter's prefix if it is missing or stale, and mark it resident.
 
