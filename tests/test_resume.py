@@ -118,14 +118,21 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_prompt(tiny_model_dir, tm
     assert not checkpoint_dir(killed).exists()  # a finished run removes its checkpoint
 
 
-def test_resume_refuses_what_it_cannot_continue(tiny_model_dir, tmp_path, cli_main, word_data):
+def _short_run(model: Path, out: Path, word_data) -> tuple[list[str], Path]:
+    """A one-epoch training command writing ``out`` (checkpoints every 5 steps), and its
+    held-out file."""
     train_file, held_file = word_data(240, 3, TEXTS[:6])
-    out = tmp_path / "run"
     base = [
-        "train", "--model", str(tiny_model_dir), "--device", "cpu", "--data", str(train_file),
+        "train", "--model", str(model), "--device", "cpu", "--data", str(train_file),
         "--eval-data", str(held_file), "--epochs", "1", "--batch-size", "8",
         "--checkpoint-every", "5", "--output", str(out), "--json",
     ]  # fmt: skip
+    return base, held_file
+
+
+def test_resume_refuses_what_it_cannot_continue(tiny_model_dir, tmp_path, cli_main, word_data):
+    out = tmp_path / "run"
+    base, held_file = _short_run(tiny_model_dir, out, word_data)
 
     def refused(*extra: str) -> str:
         done = cli_main(*base, *extra)
@@ -230,13 +237,8 @@ def test_resume_continues_an_interrupted_overwrite_and_refuses_other_arithmetic(
     with other settings, is refused in one line."""
     from softprompt import checkpoint, train
 
-    train_file, held_file = word_data(240, 3, TEXTS[:6])
     out = tmp_path / "run"
-    base = [
-        "train", "--model", str(tiny_model_dir), "--device", "cpu", "--data", str(train_file),
-        "--eval-data", str(held_file), "--epochs", "1", "--batch-size", "8",
-        "--checkpoint-every", "5", "--output", str(out), "--json",
-    ]  # fmt: skip
+    base, _ = _short_run(tiny_model_dir, out, word_data)
     assert cli_main(*base).returncode == 0
     before = load_adapter(out).weights
 
