@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,7 @@ def test_eval_metrics_from_the_cli(tiny_model_dir, tmp_path: Path, cli_main):
     refused = cli_main(
         "eval", "--model", str(tiny_model_dir), "--data", str(text), "--metric", "choice"
     )
-    assert refused.returncode == 2 and "needs prompt/completion data" in refused.stderr
+    assert refused.returncode == 2 and "need prompt/completion or chat data" in refused.stderr
 
 
 def test_label_init_starts_from_the_labels_own_rows(spm):
@@ -184,3 +185,182 @@ def test_eval_runs_the_baselines_beside_the_adapters(tiny_model_dir, tmp_path: P
         "eval", "--model", str(tiny_model_dir), "--data", str(data), "--few-shot", "2"
     )
     assert refused.returncode == 2 and "--shots-from" in refused.stderr
+
+
+# A template with an end-of-turn token (the tiny tokenizer's EOS) after every turn.
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
+CHATS = [
+    (("user", "i want you to act as a poet"), ("assistant", "the river")),
+    (("system", "be kind"), ("user", "hope is"), ("assistant", "mountain")),
+    (("user", "be brave"), ("assistant", "courage and hope"), ("user", "and ?"),
+     ("assistant", "small steps up")),
+]  # fmt: skip
+
+
+def _chat_loglik(spm, adapter, messages, candidate: str) -> float:
+    """log p(candidate | virtual tokens, conversation in the template), one unpadded row."""
+    from softprompt.layout import chat_layout
+
+    prompt = chat_layout(spm.tokenizer, messages, add_generation_prompt=True).ids
+    cand = spm.tokenizer(candidate, add_special_tokens=False)["input_ids"]
+    ids = spm.virtual_ids(adapter) + prompt + cand
+    with torch.no_grad():
+        logits = spm.forward(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    start = len(ids) - len(cand)
+    return sum(float(logits[start + j - 1, t]) for j, t in enumerate(cand))
+
+
+def test_a_conversation_is_judged_on_its_last_assistant_turn():
+    from softprompt.scoring import in_context, task_rows
+
+    rows = task_rows([Example(messages=c) for c in CHATS])
+    assert [r.completion for r in rows] == ["the river", "mountain", "small steps up"]
+    assert rows[2].messages == CHATS[2][:3] and rows[0].messages == CHATS[0][:1]
+    # Baselines for chat: the instruction as a system message, the shots as earlier turns.
+    (framed,) = in_context(rows[1:2], rows[:1], "be brave")
+    assert framed.messages == (("system", "be brave"), *CHATS[0], *CHATS[1][:2])
+    assert framed.completion == "mountain"
+    with pytest.raises(UserError, match="prompt/completion or chat"):
+        task_rows([Example(completion="just text")])
+
+
+@pytest.mark.parametrize("adapter", [None, "a"])
+def test_choice_on_chat_ranks_the_last_turn_after_the_template(spm, adapter):
+    spm.tokenizer.chat_template = TEMPLATE
+    spm.add_adapter(Adapter("a", torch.randn(3, spm.hidden_size) * 3))
+    examples = [Example(messages=c) for c in CHATS]
+    labels = ["the river", "mountain", "small steps up"]
+    result = choice_accuracy(spm, examples, adapter, "chats", batch_size=4)
+    hits = 0
+    for chat in CHATS:
+        scores = [_chat_loglik(spm, adapter, chat[:-1], c) for c in labels]
+        hits += labels[max(range(3), key=scores.__getitem__)] == chat[-1][1]
+    assert result.accuracy == pytest.approx(hits / 3) and set(result.labels) == set(labels)
+
+
+def test_per_row_choices_rank_each_row_among_its_own(spm):
+    rows = [
+        Example(completion="mountain", prompt="hope is", choices=("mountain", "the river")),
+        Example(completion="be kind", prompt="every day", choices=("hope", "light", "be kind")),
+    ]
+    result = choice_accuracy(spm, rows, None, "own")
+    hits = 0
+    for row in rows:
+        scores = [_loglik(spm, None, row.prompt, c) for c in row.choices]
+        hits += row.choices[max(range(len(row.choices)), key=scores.__getitem__)] == row.completion
+    assert result.accuracy == pytest.approx(hits / 2)
+    assert result.labels == {}  # no shared labels, so no confusion matrix
+    bad = [Example(completion="courage", prompt="hope is", choices=("mountain", "the river"))]
+    with pytest.raises(UserError, match="row 1's candidates"):
+        choice_accuracy(spm, bad, None, "own")
+
+
+def test_pattern_counts_the_greedy_chat_replies_that_match(spm):
+    import re
+
+    from softprompt.generate import engine_for
+    from softprompt.layout import chat_layout
+    from softprompt.scoring import pattern_match
+
+    spm.tokenizer.chat_template = TEMPLATE
+    spm.add_adapter(Adapter("a", torch.randn(3, spm.hidden_size) * 4))
+    examples = [Example(messages=c) for c in CHATS]
+    prompts = [chat_layout(spm.tokenizer, c[:-1], add_generation_prompt=True).ids for c in CHATS]
+    params = SamplingParams(max_new_tokens=6)
+    own = [c.text for c in engine_for(spm).generate(prompts, ["a"] * 3, params)]
+    pattern = "^" + re.escape(own[0][:4])
+    expected = sum(re.search(pattern, o) is not None for o in own) / 3
+    result = pattern_match(spm, examples, "a", pattern, "chats", max_new_tokens=6)
+    assert result.accuracy == pytest.approx(expected) and result.accuracy > 0
+    assert len(result.misses) == round((1 - expected) * 3)
+    nothing = pattern_match(spm, examples, "a", "^no such reply$", "chats", max_new_tokens=6)
+    assert nothing.accuracy == 0 and len(nothing.misses) == 3
+
+
+def test_eval_on_chat_data_from_the_cli(tiny_model_dir, tmp_path: Path, cli_main):
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "chat-model"
+    shutil.copytree(tiny_model_dir, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(model)
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(Example(messages=c).as_json()) + "\n" for c in CHATS))
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(
+        "".join(
+            json.dumps(Example(messages=(("user", w), ("assistant", "hope"))).as_json()) + "\n"
+            for w in "river light teacher chef".split()
+        )
+    )
+    done = cli_main(
+        "eval", "--model", str(model), "--data", str(data), "--metric", "pattern",
+        "--pattern", "^hope", "--metric", "loss", "--few-shot", "2", "--shots-from", str(pool),
+        "--instruction", "be kind", "--max-new-tokens", "4", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    records = json.loads(done.stdout)
+    assert [(r["metric"], r["context"]) for r in records] == [
+        ("loss", None), ("loss", "instruction"), ("loss", "2-shot"),
+        ("pattern", None), ("pattern", "instruction"), ("pattern", "2-shot"),
+    ]  # fmt: skip
+    assert all(r["n"] == 3 for r in records)
+    for args, message in [
+        (["--metric", "pattern"], "needs --pattern"),
+        (["--metric", "pattern", "--pattern", "(unclosed"], "not a regular expression"),
+        (["--pattern", "x"], "--pattern is for --metric pattern"),
+        (["--few-shot", "1", "--shots-from", str(tmp_path / "texts.jsonl")], "shots must be"),
+    ]:
+        (tmp_path / "texts.jsonl").write_text(json.dumps({"text": "hope"}) + "\n")
+        refused = cli_main("eval", "--model", str(model), "--data", str(data), *args)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+
+
+def test_report_has_a_task_section_with_confusion_heatmaps(
+    tiny_model_dir, tmp_path: Path, cli_main, render_page
+):
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps(r.as_json()) + "\n" for r in _rows()))
+    out = tmp_path / "labeller"
+    done = cli_main(
+        "train", "--model", str(tiny_model_dir), "--data", str(data), "--eval-data", str(data),
+        "--epochs", "1", "--virtual-tokens", "3", "--output", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    page = tmp_path / "report.html"
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(
+        "".join(json.dumps({"prompt": f"the {w}", "completion": LABELS[i]}) + "\n"
+                for i, w in enumerate(["river", "light", "hope", "poet"]))
+    )  # fmt: skip
+    refused = cli_main(
+        "report", "--model", str(tiny_model_dir), "--adapter", str(out), "--data", str(data),
+        "--metric", "choice", "--few-shot", "2", "--shots-from", str(data), "--output", str(page),
+    )  # fmt: skip
+    assert refused.returncode == 2 and "that are not evaluated rows; it has 0" in refused.stderr
+    done = cli_main(
+        "report", "--model", str(tiny_model_dir), "--adapter", str(out), "--data", str(data),
+        "--metric", "choice", "--metric", "exact", "--few-shot", "2", "--shots-from", str(pool),
+        "--max-new-tokens", "3", "--output", str(page),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    html = page.read_text()
+    assert "<h2>Task accuracy (higher is better)</h2>" in html
+    for model in ("base model", "base model (2-shot)", "labeller"):
+        assert f"<tr><th>{model}</th>" in html
+    # a confusion heatmap per choice run (3), the loss heatmap and the loss curve
+    assert html.count('alt="confusion matrix"') == 3
+    facts = render_page(page, tmp_path / "report.png")
+    assert facts["headings"][:2] == ["Knowledge preservation", "Task accuracy (higher is better)"]
+    assert len(facts["images"]) == 5
+    assert all(loaded and width > 200 for loaded, width, _ in facts["images"])
+    refused = cli_main(
+        "report", "--model", str(tiny_model_dir), "--adapter", str(out), "--data", str(data),
+        "--few-shot", "2", "--output", str(tmp_path / "r2.html"),
+    )  # fmt: skip
+    assert refused.returncode == 2 and "give one" in refused.stderr
+    assert not (tmp_path / "r2.html").exists()

@@ -262,8 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="loss, perplexity and task accuracy of the base model and adapters",
         description="Mean per-token loss of the base model and each adapter on "
-        "each dataset, texts tokenised as in training; on prompt/completion data also "
-        "rank-classification accuracy (--metric choice) and exact match (--metric exact).",
+        "each dataset, texts tokenised as in training; on prompt/completion and chat data also "
+        "rank-classification accuracy (--metric choice), exact match (--metric exact) and how "
+        "often a reply contains a pattern (--metric pattern), with zero- and few-shot baselines "
+        "of the base model (--instruction, --few-shot). A chat row is judged on its last "
+        "assistant turn: the conversation before it is the prompt, in the chat template.",
     )
     ev.add_argument("--data", action="append", required=True, help="dataset (repeatable)")
     _adapter_args(ev)
@@ -276,44 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="text tokens per example, EOS included (default: what the longest text needs, up "
         "to 256)",
     )
-    ev.add_argument(
-        "--metric",
-        action="append",
-        choices=("loss", "choice", "exact"),
-        help="loss (default); choice: each candidate completion ranked by its log-likelihood "
-        "after the prompt, as lm-evaluation-harness does; exact: greedy completion equal to the "
-        "reference, case and whitespace aside (repeatable)",
-    )
-    ev.add_argument(
-        "--choices",
-        metavar="A,B,C",
-        help="candidates for --metric choice (default: the distinct completions of the data)",
-    )
+    _task_args(ev, ("loss", "choice", "exact", "pattern"))
     ev.add_argument(
         "--max-new-tokens",
         type=int,
         default=32,
-        help="new tokens at most for --metric exact (default: %(default)s)",
-    )
-    ev.add_argument(
-        "--few-shot",
-        type=int,
-        default=0,
-        metavar="K",
-        help="also run the base model with K examples in context before each prompt, balanced "
-        "over the completions, fixed seed: the baseline a prompt must beat (default: 0)",
-    )
-    ev.add_argument(
-        "--shots-from",
-        metavar="DATA",
-        help="where --few-shot examples come from (default: the training part of a bundled "
-        "held-out set)",
-    )
-    ev.add_argument(
-        "--instruction",
-        metavar="TEXT",
-        help="also run the base model with TEXT before each prompt (zero-shot with an "
-        "instruction; with --few-shot, before the shots too)",
+        help="new tokens at most for --metric exact and pattern (default: %(default)s)",
     )
     ev.add_argument("--json", action="store_true", help="print one JSON list of records")
     ev.set_defaults(func=commands.cmd_eval)
@@ -349,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="one self-contained HTML page of what tuning did",
         description="Config, loss curves, the eval matrix (table and heatmap), before/after "
-        "generations, the inspect view and the base model's checksums, in one HTML file.",
+        "generations, the inspect view and the base model's checksums, in one HTML file. With "
+        "--metric, a task section too: the base model zero-shot (and with --instruction, "
+        "--few-shot) beside each adapter, and each confusion matrix as a heatmap.",
     )
     _adapter_args(rep, required=True)
     rep.add_argument(
@@ -373,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(rep)
     _data_args(rep)
     _generation_args(rep, max_new_tokens=40, repetition_penalty=1.5)
+    _task_args(rep, ("choice", "exact", "pattern"))
     rep.add_argument(
         "--max-length",
         type=int,
@@ -490,6 +464,57 @@ def _adapter_args(p: argparse.ArgumentParser, required: bool = False) -> None:
         help="adapter folder (repeatable)",
     )
     p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
+
+
+def _task_args(p: argparse.ArgumentParser, metrics: tuple[str, ...]) -> None:
+    """Task metrics and the base model's baselines (eval and report)."""
+    p.add_argument(
+        "--metric",
+        action="append",
+        choices=metrics,
+        help=("loss (default); " if "loss" in metrics else "")
+        + "choice: each candidate completion ranked by its log-likelihood "
+        "after the prompt, as lm-evaluation-harness does; exact: greedy completion equal to the "
+        "reference, case and whitespace aside; pattern: greedy completion in which --pattern is "
+        "found (repeatable)",
+    )
+    p.add_argument(
+        "--choices",
+        metavar="A,B,C",
+        help="candidates for --metric choice (default: the distinct completions of the data)",
+    )
+    p.add_argument(
+        "--choices-field",
+        metavar="FIELD",
+        help="field with each row's own candidates for --metric choice (a list of texts)",
+    )
+    p.add_argument(
+        "--pattern",
+        metavar="REGEX",
+        help="for --metric pattern: a Python regular expression searched in each greedy "
+        "completion; ^ anchors it at the start (e.g. '^Arr, matey!')",
+    )
+    p.add_argument(
+        "--few-shot",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also run the base model with K examples in context before each prompt (chat: as "
+        "earlier turns), balanced over the completions, fixed seed: the baseline a prompt must "
+        "beat (default: 0)",
+    )
+    p.add_argument(
+        "--shots-from",
+        metavar="DATA",
+        help="where --few-shot examples come from (default: the training part of a bundled "
+        "held-out set)",
+    )
+    p.add_argument(
+        "--instruction",
+        metavar="TEXT",
+        help="also run the base model with TEXT before each prompt (chat: as a system message; "
+        "zero-shot with an instruction; with --few-shot, before the shots too)",
+    )
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:

@@ -434,6 +434,7 @@ def _fields(args: argparse.Namespace) -> Fields:
         prompt=getattr(args, "prompt_field", None),
         completion=getattr(args, "completion_field", None),
         messages=getattr(args, "messages_field", None),
+        choices=getattr(args, "choices_field", None),
     )
 
 
@@ -599,36 +600,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     metrics = list(dict.fromkeys(args.metric or ["loss"]))
-    choices = [c.strip() for c in args.choices.split(",")] if args.choices else None
-    if choices is not None and (len(choices) < 2 or not all(choices)):
-        raise UserError("--choices needs at least two non-empty candidates, comma-separated")
+    choices = _task_options(args, metrics)
     datasets = [load_texts(d, args.text_field, args.max_samples, _fields(args)) for d in args.data]
-    for metric in metrics:
-        for d in datasets:
-            if metric != "loss" and d.format != "completion":
-                raise UserError(
-                    f"--metric {metric} needs prompt/completion data; {d.source} holds "
-                    f"{_KINDS[d.format]}"
-                )
+    if any(m != "loss" for m in metrics) or args.few_shot or args.instruction:
+        # Every figure is then about each row's answer: a conversation's last assistant turn.
+        datasets = _task_datasets(datasets, metrics)
     runs = _eval_runs(args, datasets)  # per dataset: (context, examples) for the base model
     adapters = _read_adapters(args.adapter, args.allow_pickle)
     spm = _load_model(args)
     names = _add_adapters(spm, adapters)
-    plan = [
-        (d, model, context, examples)
-        for d, contexts in zip(datasets, runs, strict=True)
-        for model, context, examples in [
-            *((None, c, e) for c, e in contexts),
-            *((name, None, d.examples) for name in names),
-        ]
-    ]
+    plan = _task_plan(datasets, runs, names)
     results = []
     if "loss" in metrics:
         for d, model, context, examples in plan:
             result = evaluate(spm, examples, model, d.source, args.batch_size, args.max_length)
             result.context = context
             results.append(result)
-    tasks = _task_results(spm, args, metrics, plan, choices)
+    tasks = _task_results(spm, args, metrics, plan, choices, args.batch_size)
     if args.json:
         print(json.dumps([r.as_dict() for r in [*results, *tasks]]))
         return 0
@@ -658,29 +646,83 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_options(args: argparse.Namespace, metrics: list[str]) -> list[str] | None:
+    """Checks the task flags before anything is loaded; returns the ``--choices`` list."""
+    from .scoring import compile_pattern
+
+    if args.few_shot < 0:
+        raise UserError("--few-shot must be 0 or more")
+    choices = [c.strip() for c in args.choices.split(",")] if args.choices else None
+    if choices is not None and (len(choices) < 2 or not all(choices)):
+        raise UserError("--choices needs at least two non-empty candidates, comma-separated")
+    if "pattern" in metrics:
+        compile_pattern(args.pattern)
+    elif args.pattern:
+        raise UserError("--pattern is for --metric pattern")
+    return choices
+
+
+def _task_datasets(datasets: list[Any], metrics: list[str]) -> list[Any]:
+    """``datasets`` as task rows (a conversation up to its last assistant turn, that turn the
+    reference); plain texts are refused."""
+    from dataclasses import replace
+
+    from .scoring import task_rows
+
+    out = []
+    for d in datasets:
+        if d.format == "text":
+            asked = "--few-shot and --instruction" if set(metrics) <= {"loss"} else "task metrics"
+            raise UserError(
+                f"{asked} need prompt/completion or chat data; {d.source} holds plain texts"
+            )
+        out.append(replace(d, examples=task_rows(d.examples)))
+    return out
+
+
+def _task_plan(
+    datasets: list[Any], runs: list[list[tuple[Any, Any]]], names: list[str]
+) -> list[tuple[Any, str | None, str | None, Any]]:
+    """Per dataset, ``(data, model, context, examples)``: the base model's runs, then each
+    adapter's on the plain rows."""
+    return [
+        (d, model, context, examples)
+        for d, contexts in zip(datasets, runs, strict=True)
+        for model, context, examples in [
+            *((None, c, e) for c, e in contexts),
+            *((name, None, d.examples) for name in names),
+        ]
+    ]
+
+
 def _eval_runs(args: argparse.Namespace, datasets: list[Any]) -> list[list[tuple[Any, Any]]]:
     """Per dataset, the base model's runs: ``(context, examples)``, zero-shot first, then with
     ``--instruction`` and ``--few-shot K`` shots (the baselines an adapter is judged against)."""
     from .data import heldout_source, load_texts
-    from .scoring import in_context, pick_shots
+    from .scoring import in_context, pick_shots, task_rows
 
-    if args.few_shot < 0:
-        raise UserError("--few-shot must be 0 or more")
     runs = []
     for d in datasets:
         contexts: list[tuple[Any, Any]] = [(None, d.examples)]
-        if (args.few_shot or args.instruction) and d.format != "completion":
-            raise UserError(
-                f"--few-shot and --instruction need prompt/completion data; {d.source} holds "
-                f"{_KINDS[d.format]}"
-            )
         if args.instruction:
             contexts.append(("instruction", in_context(d.examples, [], args.instruction)))
         if args.few_shot:
             source = args.shots_from or _training_part(d.source, heldout_source)
-            pool = load_texts(source, None, None, _fields(args)).examples
+            shots_data = load_texts(source, None, None, _fields(args))
+            if shots_data.format != d.format:
+                raise UserError(
+                    f"--shots-from {source} holds {_KINDS[shots_data.format]}, but {d.source} "
+                    f"holds {_KINDS[d.format]}: shots must be in the data's own format"
+                )
+            pool = task_rows(shots_data.examples)
             held = set(d.examples)
-            shots = pick_shots([e for e in pool if e not in held], args.few_shot)
+            free = [e for e in pool if e not in held]  # a row is never its own shot
+            if len(free) < args.few_shot:
+                raise UserError(
+                    f"--few-shot {args.few_shot} needs {args.few_shot} examples from {source} "
+                    f"that are not evaluated rows; it has {len(free)}"
+                )
+            shots = pick_shots(free, args.few_shot)
             label = f"{args.few_shot}-shot"
             contexts.append((label, in_context(d.examples, shots, args.instruction)))
         runs.append(contexts)
@@ -700,17 +742,28 @@ def _task_results(
     metrics: list[str],
     plan: list[tuple[Any, str | None, str | None, Any]],
     choices: list[str] | None,
+    batch_size: int,
 ) -> list[Any]:
-    from .scoring import choice_accuracy, exact_match
+    from .scoring import choice_accuracy, exact_match, pattern_match
 
     out = []
     for metric in (m for m in metrics if m != "loss"):
         for d, model, context, examples in plan:
             if metric == "choice":
-                result = choice_accuracy(spm, examples, model, d.source, choices, args.batch_size)
+                result = choice_accuracy(spm, examples, model, d.source, choices, batch_size)
+            elif metric == "pattern":
+                result = pattern_match(
+                    spm,
+                    examples,
+                    model,
+                    args.pattern,
+                    d.source,
+                    args.max_new_tokens,
+                    batch_size,
+                )
             else:
                 result = exact_match(
-                    spm, examples, model, d.source, args.max_new_tokens, args.batch_size
+                    spm, examples, model, d.source, args.max_new_tokens, batch_size
                 )
             result.context = context
             out.append(result)
@@ -748,7 +801,7 @@ def _print_task_results(tasks: list[Any]) -> None:
             Console().print(matrix)
         for miss in t.misses:
             print(
-                f"miss ({t.adapter or 'base'}): {miss['prompt']!r} -> {miss['completion']!r}, "
+                f"miss ({_shown(t)}): {miss['prompt']!r} -> {miss['completion']!r}, "
                 f"expected {miss['reference']!r}"
             )
 
@@ -860,15 +913,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .demo import GUIDE_PROMPTS
     from .report import AdapterInfo, build_report, write_report
 
+    metrics = list(dict.fromkeys(args.metric or []))
+    choices = _task_options(args, metrics)
+    if (args.few_shot or args.instruction) and not metrics:
+        raise UserError("--few-shot and --instruction are baselines for a --metric; give one")
     infos = [AdapterInfo.read(a.name, Path(f)) for a, f in zip(loaded, args.adapter, strict=True)]
     sources = args.data or list(dict.fromkeys(s for i in infos if (s := i.heldout_source())))
     if not sources:
         raise UserError("the adapters record no held-out data; give --data")
     datasets = [load_texts(d, args.text_field, args.max_samples, _fields(args)) for d in sources]
+    task_data = _task_datasets(datasets, metrics) if metrics else []
+    runs = _eval_runs(args, task_data)
     spm = _load_model(args)
-    _add_adapters(spm, loaded)
+    names = _add_adapters(spm, loaded)
+    plan = _task_plan(task_data, runs, names)
+    tasks = _task_results(spm, args, metrics, plan, choices, batch_size=16)
     html = build_report(
-        spm, infos, datasets, args.prompt or GUIDE_PROMPTS, config, max_length=args.max_length
+        spm,
+        infos,
+        datasets,
+        args.prompt or GUIDE_PROMPTS,
+        config,
+        max_length=args.max_length,
+        tasks=tasks,
     )
     write_report(html, output)
     print(f"report written to {output} ({len(html) // 1024} KiB)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +30,8 @@ EXAMPLES = {
     "quotes": ("quotes", "quote"),
     # prompt/completion: messages routed to opaque team codes (benchmarks/make_task_sets.py)
     "routing": ("routing", "completion"),
+    # chat: an assistant that answers in a pirate's voice (benchmarks/make_task_sets.py)
+    "pirate": ("pirate", "messages"),
 }
 LOCAL_FORMATS = {
     ".jsonl": "json",
@@ -54,7 +56,11 @@ class Example:
     completion: str = ""
     prompt: str = ""
     messages: tuple[tuple[str, str], ...] | None = None
-    """``(role, content)`` pairs; the assistant turns are what is scored."""
+    """``(role, content)`` pairs; the assistant turns are what is scored. A task row (see
+    ``scoring.task_rows``) keeps the conversation before its last assistant turn here and that
+    turn's text in ``completion``: then the completion alone is scored."""
+    choices: tuple[str, ...] | None = None
+    """This row's own candidate completions for rank classification (``--choices-field``)."""
 
     @property
     def format(self) -> str:
@@ -64,11 +70,20 @@ class Example:
 
     def as_json(self) -> dict[str, Any]:
         """The example as a dataset row of its format (what held-out files hold)."""
+        out: dict[str, Any]
         if self.messages is not None:
-            return {"messages": [{"role": r, "content": c} for r, c in self.messages]}
-        if self.prompt:
-            return {"prompt": self.prompt, "completion": self.completion}
-        return {"text": self.completion}
+            turns = [
+                *self.messages,
+                *((("assistant", self.completion),) if self.completion else ()),
+            ]
+            out = {"messages": [{"role": r, "content": c} for r, c in turns]}
+        elif self.prompt:
+            out = {"prompt": self.prompt, "completion": self.completion}
+        else:
+            out = {"text": self.completion}
+        if self.choices is not None:
+            out["choices"] = list(self.choices)
+        return out
 
 
 def as_example(item: str | Example) -> Example:
@@ -83,6 +98,9 @@ class Fields:
     prompt: str | None = None
     completion: str | None = None
     messages: str | None = None
+    choices: str | None = None
+    """A field with each row's own candidate completions (a list of strings), for
+    ``eval --metric choice``; None: no per-row candidates."""
 
 
 @dataclass
@@ -165,6 +183,8 @@ def load_texts(
         examples = [
             Example(completion=t) for t in columns[field] if isinstance(t, str) and t.strip()
         ]
+    if fields.choices is not None:
+        examples = _with_choices(source, columns, fields.choices, examples, kind)
     if max_samples is not None:
         examples = examples[:max_samples]
     if not examples:
@@ -214,6 +234,33 @@ def _chat_examples(source: str, columns: dict[str, list[Any]], field: str) -> li
             )
         examples.append(Example(messages=tuple(turns)))
     return examples
+
+
+def _with_choices(
+    source: str, columns: dict[str, list[Any]], field: str, examples: list[Example], kind: str
+) -> list[Example]:
+    if field not in columns:
+        raise UserError(
+            f"{source} has no field {field!r} (--choices-field); its fields are: "
+            f"{', '.join(columns)}"
+        )
+    if kind == "text":
+        raise UserError(
+            f"--choices-field needs prompt/completion or chat data; {source} holds plain text"
+        )
+    out = []
+    for i, (example, options) in enumerate(zip(examples, columns[field], strict=True)):
+        if (
+            not isinstance(options, list)
+            or len(options) < 2
+            or not all(isinstance(o, str) and o.strip() for o in options)
+        ):
+            raise UserError(
+                f"{source}: row {i + 1}: {field!r} must be a list of at least two non-empty "
+                "candidate texts"
+            )
+        out.append(replace(example, choices=tuple(dict.fromkeys(options))))
+    return out
 
 
 def split_heldout(texts: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:

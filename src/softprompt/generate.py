@@ -9,6 +9,7 @@ trained).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from .engine import Engine, EngineConfig, SamplingParams
 from .errors import UserError
@@ -23,13 +24,22 @@ class Request:
     ``seed`` (default: the parameters') seeds this request's own generator, so a sampled
     completion depends only on the request itself, never on what it is batched with. With
     ``chat``, the prompt is one user message in the model's chat template, laid out as chat
-    training and the server's chat endpoint lay it out (``layout.chat_layout``).
+    training and the server's chat endpoint lay it out (``layout.chat_layout``); ``messages``,
+    if given, is the whole conversation so laid out (``prompt`` is then only its label).
     """
 
     prompt: str
     adapter: str | None = None
     seed: int | None = None
     chat: bool = False
+    messages: tuple[tuple[str, str], ...] | None = None
+
+    def tokens(self, tokenizer: Any) -> str | list[int]:
+        """What the engine is given: the prompt text, or the chat layout's ids."""
+        if self.messages is not None or self.chat:
+            turns = self.messages if self.messages is not None else (("user", self.prompt),)
+            return chat_layout(tokenizer, turns, add_generation_prompt=True).ids
+        return self.prompt
 
 
 def engine_for(spm: SoftPromptModel, batch_size: int = 32) -> Engine:
@@ -66,7 +76,7 @@ def generate(
     engine = engine_for(spm, batch_size)
     handles = [
         engine.submit(
-            chat_layout(spm.tokenizer, [("user", r.prompt)], True).ids if r.chat else r.prompt,
+            r.tokens(spm.tokenizer),
             r.adapter,
             params if r.seed is None else replace(params, seed=r.seed),
         )

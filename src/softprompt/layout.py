@@ -103,16 +103,27 @@ def chat_layout(
     return Layout(ids, scored)
 
 
+def prompt_ids(tokenizer: Any, example: Example) -> list[int]:
+    """What a model is asked to continue for ``example``: its prompt's tokens, or for a chat
+    task row (a conversation before an assistant turn) the conversation in the chat template
+    and the opening of the assistant's turn, as the chat endpoint sends it."""
+    if example.messages is not None:
+        return chat_layout(tokenizer, example.messages, add_generation_prompt=True).ids
+    return _encode(tokenizer, example.prompt, special=True)
+
+
 def example_layout(tokenizer: Any, example: Example, max_length: int, eos: bool = True) -> Layout:
     """The text tokens of ``example`` (at most ``max_length``) and which of them are scored.
 
-    ``eos=False`` leaves the EOS off a completion (rank classification scores a candidate's
-    own tokens, as lm-evaluation-harness does)."""
+    A conversation scores its assistant turns; a chat task row (a conversation and the
+    ``completion`` of the assistant turn that follows it) scores that completion and the
+    end-of-turn token. ``eos=False`` leaves the EOS (end of turn) off a completion: rank
+    classification scores a candidate's own tokens, as lm-evaluation-harness does."""
     eos_id = tokenizer.eos_token_id
-    if example.messages is not None:
+    if example.messages is not None and not example.completion:
         layout = chat_layout(tokenizer, example.messages)
     else:
-        prompt = _encode(tokenizer, example.prompt, special=True)
+        prompt = prompt_ids(tokenizer, example)
         completion = _encode(tokenizer, example.completion, special=not prompt)
         if eos and eos_id is not None:
             completion.append(eos_id)

@@ -56,24 +56,32 @@ def plot_heatmap(
     columns: Sequence[str],
     own: set[tuple[int, int]],
     path: Path | io.BytesIO,
+    title: str = "held-out loss; framed: the adapter's own domain",
+    colorbar: str = "loss (nats/token), lower is better",
+    cmap: str = "viridis",
+    number: str = "{:.2f}",
+    axes: tuple[str, str] | None = None,
 ) -> None:
-    """Loss matrix as a heatmap (darker is lower, so better); ``own`` cells get a black frame."""
+    """A matrix as a heatmap with its values written in; ``own`` cells get a black frame.
+
+    By default the held-out loss matrix (darker is lower, so better); ``axes`` names the
+    (x, y) axes (a confusion matrix: chosen, gold)."""
     plt = _pyplot()
     from matplotlib.patches import Rectangle
 
     width = max(4.8, 1.6 * len(columns) + 2.4)
     fig, ax = plt.subplots(figsize=(width, 0.6 * len(rows) + 1.6), dpi=100)
-    image = ax.imshow(losses, cmap="viridis", aspect="auto")
+    image = ax.imshow(losses, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(columns)), labels=list(columns), rotation=15, ha="right")
     ax.set_yticks(range(len(rows)), labels=list(rows))
     low, high = image.get_clim()
     for i, row in enumerate(losses):
         for j, value in enumerate(row):
-            dark = value < (low + high) / 2
+            dark = (value < (low + high) / 2) == (cmap == "viridis")
             ax.text(
                 j,
                 i,
-                f"{value:.2f}",
+                number.format(value),
                 ha="center",
                 va="center",
                 color="white" if dark else "black",
@@ -90,8 +98,11 @@ def plot_heatmap(
                         linewidth=2.5,
                     )
                 )
-    fig.colorbar(image, ax=ax, label="loss (nats/token), lower is better")
-    ax.set_title("held-out loss; framed: the adapter's own domain")
+    fig.colorbar(image, ax=ax, label=colorbar)
+    if axes:
+        ax.set_xlabel(axes[0])
+        ax.set_ylabel(axes[1])
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .engine import SamplingParams
     from .evaluate import EvalResult
     from .prompt import SoftPromptModel
+    from .scoring import TaskResult
     from .train import TrainConfig, TrainResult
 
 
@@ -133,11 +134,13 @@ def build_report(
     batch_size: int = 16,
     matrix: list[list[EvalResult]] | None = None,
     comparisons: list[Comparison] | None = None,
+    tasks: list[TaskResult] | None = None,
 ) -> str:
     """The whole report as one self-contained HTML page (images inlined as data URIs).
 
     ``matrix`` (rows: base model then adapters; columns: datasets) and ``comparisons`` may be
-    passed when already computed; otherwise they are computed here.
+    passed when already computed; otherwise they are computed here. ``tasks`` (task metrics of
+    the baselines and adapters, ``scoring``) add a task section.
     """
     from .compare import compare
     from .inspection import inspect_adapter
@@ -155,6 +158,7 @@ def build_report(
         f"{len(adapters)} adapter(s), {len(datasets)} dataset(s). Written "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.</p>",
         _preservation(adapters, checksum, matrix[0]),
+        _task_section(tasks) if tasks else "",
         _eval_section(adapters, datasets, matrix),
         _generations(comparisons),
         "<h2>Adapters</h2>",
@@ -326,6 +330,82 @@ def _eval_section(
         f"<table class=matrix><tr><th>model</th>{head}</tr>{''.join(body)}</table>"
         f'<img alt="loss heatmap" src="{png_data_uri(image)}">'
     )
+
+
+def _task_section(tasks: list[TaskResult]) -> str:
+    """Accuracy of each baseline and adapter (rows) on each dataset and metric (columns), and
+    each confusion matrix of rank classification as a heatmap."""
+    models = list(dict.fromkeys(_model_label(t) for t in tasks))
+    columns = list(dict.fromkeys((t.data, t.metric) for t in tasks))
+    cell = {(_model_label(t), t.data, t.metric): t for t in tasks}
+    best = {c: max(t.accuracy for t in tasks if (t.data, t.metric) == c) for c in columns}
+    head = "".join(f"<th>{escape(d)}<br><small>{escape(m)}</small></th>" for d, m in columns)
+    body = []
+    for model in models:
+        cells = []
+        for data, metric in columns:
+            t = cell.get((model, data, metric))
+            if t is None:
+                cells.append("<td></td>")
+                continue
+            norm = (
+                f"<br><small>length-normalised {t.accuracy_norm:.3f}</small>"
+                if t.accuracy_norm is not None
+                else ""
+            )
+            classes = "best" if t.accuracy == best[(data, metric)] else ""
+            cells.append(f'<td class="{classes}">{t.accuracy:.3f}{norm}</td>')
+        body.append(f"<tr><th>{escape(model)}</th>{''.join(cells)}</tr>")
+    images = []
+    for t in tasks:
+        if t.metric != "choice" or not t.labels:
+            continue
+        labels = list(t.labels)
+        counts = [[t.labels[g].get(p, 0) for p in labels] for g in labels]
+        image = io.BytesIO()
+        plot_heatmap(
+            counts,
+            labels,
+            labels,
+            {(i, i) for i in range(len(labels))},
+            image,
+            title=f"{_model_label(t)}\non {Path(t.data).name if '/' in t.data else t.data}",
+            colorbar="rows",
+            cmap="Blues",
+            number="{:.0f}",
+            axes=("chosen", "gold"),
+        )
+        images.append(f'<img alt="confusion matrix" src="{png_data_uri(image)}" width=480>')
+    rows = ", ".join(
+        f"{escape(d)} {next(t.n for t in tasks if t.data == d)}"
+        for d in dict.fromkeys(t.data for t in tasks)
+    )
+    misses = "".join(
+        f"<tr><th>{escape(_model_label(t))}</th><td>{escape(m['prompt'])}</td>"
+        f"<td>{escape(m['completion'].strip()) or '(empty)'}</td>"
+        f"<td>{escape(m['reference'])}</td></tr>"
+        for t in tasks
+        for m in t.misses[:2]
+    )
+    return (
+        "<h2>Task accuracy (higher is better)</h2>"
+        "<p>The base model zero-shot and with the baselines' context (an instruction, examples "
+        "in context) beside each adapter, on the same rows; bold is the best in a column. "
+        f"Rows per dataset: {rows}.</p>"
+        f"<table class=matrix><tr><th>model</th>{head}</tr>{''.join(body)}</table>"
+        + (f"<div class=pair>{''.join(images)}</div>" if images else "")
+        + (
+            "<h3>Some misses</h3><table class=gen><tr><th>model</th><th>prompt</th>"
+            f"<th>reply</th><th>reference</th></tr>{misses}</table>"
+            if misses
+            else ""
+        )
+    )
+
+
+def _model_label(t: TaskResult) -> str:
+    name = t.adapter or "base model"
+    return f"{name} ({t.context})" if t.context else name
 
 
 def _generations(comparisons: list[Any]) -> str:

@@ -1,16 +1,22 @@
-"""Task metrics on prompt/completion data: rank classification and exact match.
+"""Task metrics on prompt/completion and chat data: rank classification, exact match, and
+whether a reply has a pattern.
 
+A chat row is judged on its last assistant turn: the conversation before it is the prompt
+(in the chat template, as the chat endpoint sends it) and the turn's text the reference.
 ``choice`` scores every candidate completion of a row by its log-likelihood after the row's
 prompt, as lm-evaluation-harness does for multiple-choice tasks: the sum over the candidate's
 tokens (``accuracy``), and that sum divided by the candidate's length in characters
 (``accuracy_norm``, lm-eval's ``acc_norm``). The candidates of all rows run through the model
 in shared batches. ``exact`` generates greedily through the engine and compares the completion
-with the reference after normalising case and whitespace.
+with the reference after normalising case and whitespace; ``pattern`` counts the greedy
+completions in which a regular expression is found (a format or a behaviour the prompt was
+tuned for).
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +31,7 @@ from .evaluate import MAX_LENGTH_CAP, Row, batch_loss, fitting_length
 from .layout import example_layout
 from .prompt import SoftPromptModel
 
-METRICS = ("loss", "choice", "exact")
+METRICS = ("loss", "choice", "exact", "pattern")
 
 
 @dataclass
@@ -42,7 +48,7 @@ class TaskResult:
     labels: dict[str, dict[str, int]] = field(default_factory=dict)
     """``choice``: per gold label, how often each label was chosen (the confusion matrix)."""
     misses: list[dict[str, str]] = field(default_factory=list)
-    """``exact``: a few rows whose completion differed from the reference."""
+    """``exact``, ``pattern``: a few rows whose completion missed."""
     context: str | None = None
     """What stood before each prompt for a baseline (``instruction``, ``8-shot``); None: none."""
 
@@ -58,18 +64,44 @@ class TaskResult:
         if self.metric == "choice":
             out["accuracy_norm"] = self.accuracy_norm
             out["labels"] = self.labels
-        if self.metric == "exact":
+        if self.metric in ("exact", "pattern"):
             out["misses"] = self.misses
         return out
 
 
-def _completion_rows(examples: Sequence[Example], metric: str) -> list[Example]:
-    if not examples or any(e.format != "completion" for e in examples):
+def task_rows(examples: Sequence[Example]) -> list[Example]:
+    """``examples`` as task rows: prompt/completion rows as they are; a conversation as the
+    turns before its last assistant turn, with that turn's text as the reference completion.
+
+    Raises:
+        UserError: plain-text data (it has no prompt to answer).
+    """
+    if not examples or any(e.format == "text" for e in examples):
         raise UserError(
-            f"--metric {metric} needs prompt/completion data (a prompt and its reference "
-            "completion per row)"
+            "task metrics and baselines need prompt/completion or chat data (a prompt and its "
+            "reference answer per row)"
         )
-    return list(examples)
+    rows = []
+    for e in examples:
+        if e.messages is None or e.completion:
+            rows.append(e)
+            continue
+        last = max(i for i, (role, _) in enumerate(e.messages) if role == "assistant")
+        rows.append(
+            Example(completion=e.messages[last][1], messages=e.messages[:last], choices=e.choices)
+        )
+    return rows
+
+
+def _label(example: Example) -> str:
+    """How a row is named in a miss: its prompt, or its conversation's last message."""
+    return example.messages[-1][1] if example.messages else example.prompt
+
+
+def _requests(rows: Sequence[Example], adapter: str | None) -> list[Any]:
+    from .generate import Request
+
+    return [Request(_label(e), adapter, messages=e.messages) for e in rows]
 
 
 def choice_accuracy(
@@ -80,23 +112,28 @@ def choice_accuracy(
     choices: list[str] | None = None,
     batch_size: int = 32,
 ) -> TaskResult:
-    """Rank classification of ``examples`` among ``choices`` (default: the distinct
-    completions of the data, in order of first appearance).
+    """Rank classification of ``examples`` among their candidates: a row's own ``choices``
+    (``--choices-field``), else ``choices``, else the distinct completions of the data in order
+    of first appearance. The confusion matrix is kept when all rows share one set of labels.
 
     Raises:
-        UserError: not prompt/completion data, fewer than two candidates, or a reference
-            completion that is not among ``choices``.
+        UserError: plain-text data, fewer than two candidates, or a reference completion that
+            is not among its row's candidates.
     """
-    rows = _completion_rows(examples, "choice")
-    candidates = list(dict.fromkeys(choices or [e.completion for e in rows]))
-    if len(candidates) < 2:
+    rows = task_rows(examples)
+    shared = list(dict.fromkeys(choices or [e.completion for e in rows]))
+    per_row = [list(e.choices) if e.choices else shared for e in rows]
+    if any(len(c) < 2 for c in per_row):
         raise UserError("--metric choice needs at least two candidate completions (--choices)")
-    missing = sorted({e.completion for e in rows} - set(candidates))
-    if missing:
-        raise UserError(f"{data_name}: the reference {missing[0]!r} is not among --choices")
+    for i, (e, options) in enumerate(zip(rows, per_row, strict=True)):
+        if e.completion not in options:
+            where = f"row {i + 1}'s candidates" if e.choices else "--choices"
+            raise UserError(f"{data_name}: the reference {e.completion!r} is not among {where}")
     layouts = [
-        Example(completion=c, prompt=e.prompt) for e in rows for c in candidates
-    ]  # row-major: row i's candidates at i * len(candidates) ...
+        Example(completion=c, prompt=e.prompt, messages=e.messages)
+        for e, options in zip(rows, per_row, strict=True)
+        for c in options
+    ]  # row-major: row i's candidates, then row i+1's ...
     max_length = fitting_length(spm, layouts, cap=MAX_LENGTH_CAP)
     virtual = spm.virtual_ids(adapter)
     scored: list[Row] = []
@@ -108,14 +145,21 @@ def choice_accuracy(
         for start in range(0, len(scored), batch_size):
             loss, _ = batch_loss(spm, scored[start : start + batch_size], False, per_row=True)
             parts.append(loss.float())
-    loglik = -torch.cat(parts).view(len(rows), len(candidates))  # (N, C), on the model's device
-    lengths = loglik.new_tensor([max(1, len(c)) for c in candidates])
-    picked = loglik.argmax(dim=1).tolist()
-    picked_norm = (loglik / lengths).argmax(dim=1).tolist()
-    gold = [candidates.index(e.completion) for e in rows]
-    confusion: dict[str, Counter[str]] = {c: Counter() for c in candidates}
-    for g, p in zip(gold, picked, strict=True):
-        confusion[candidates[g]][candidates[p]] += 1
+    loglik = (-torch.cat(parts)).tolist()
+    picked, picked_norm, at = [], [], 0
+    for options in per_row:
+        mine = loglik[at : at + len(options)]
+        at += len(options)
+        normed = [ll / max(1, len(c)) for ll, c in zip(mine, options, strict=True)]
+        picked.append(options[max(range(len(options)), key=mine.__getitem__)])
+        picked_norm.append(options[max(range(len(options)), key=normed.__getitem__)])
+    gold = [e.completion for e in rows]
+    labels: dict[str, dict[str, int]] = {}
+    if not any(e.choices for e in rows) or all(o == per_row[0] for o in per_row):
+        confusion: dict[str, Counter[str]] = {c: Counter() for c in per_row[0]}
+        for g, p in zip(gold, picked, strict=True):
+            confusion[g][p] += 1
+        labels = {c: dict(confusion[c]) for c in per_row[0]}
     return TaskResult(
         adapter=adapter,
         data=data_name,
@@ -123,7 +167,7 @@ def choice_accuracy(
         accuracy=sum(g == p for g, p in zip(gold, picked, strict=True)) / len(rows),
         accuracy_norm=sum(g == p for g, p in zip(gold, picked_norm, strict=True)) / len(rows),
         n=len(rows),
-        labels={c: dict(confusion[c]) for c in candidates},
+        labels=labels,
     )
 
 
@@ -142,25 +186,73 @@ def exact_match(
     shown: int = 3,
 ) -> TaskResult:
     """Greedy completions of every prompt through the engine, compared with the references."""
-    from .generate import Request, generate
+    from .generate import generate
 
-    rows = _completion_rows(examples, "exact")
+    rows = task_rows(examples)
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    outputs = generate(spm, [Request(e.prompt, adapter) for e in rows], params, batch_size)
+    outputs = generate(spm, _requests(rows, adapter), params, batch_size)
     hits = [normalise(o) == normalise(e.completion) for o, e in zip(outputs, rows, strict=True)]
-    misses = [
-        {"prompt": e.prompt, "reference": e.completion, "completion": o}
-        for e, o, hit in zip(rows, outputs, hits, strict=True)
-        if not hit
-    ][:shown]
     return TaskResult(
         adapter=adapter,
         data=data_name,
         metric="exact",
         accuracy=sum(hits) / len(rows),
         n=len(rows),
-        misses=misses,
+        misses=_misses(rows, outputs, hits, shown),
     )
+
+
+def compile_pattern(pattern: str | None) -> re.Pattern[str]:
+    """``--pattern`` as a regular expression.
+
+    Raises:
+        UserError: no pattern, or not a valid regular expression.
+    """
+    if not pattern:
+        raise UserError("--metric pattern needs --pattern REGEX (what a good reply contains)")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise UserError(f"--pattern {pattern!r} is not a regular expression: {exc}") from exc
+
+
+def pattern_match(
+    spm: SoftPromptModel,
+    examples: Sequence[Example],
+    adapter: str | None,
+    pattern: str,
+    data_name: str = "",
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    shown: int = 3,
+) -> TaskResult:
+    """The share of greedy completions in which ``pattern`` is found (``re.search``, so
+    ``^`` anchors it at the completion's start)."""
+    from .generate import generate
+
+    regex = compile_pattern(pattern)
+    rows = task_rows(examples)
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    outputs = generate(spm, _requests(rows, adapter), params, batch_size)
+    hits = [regex.search(o) is not None for o in outputs]
+    return TaskResult(
+        adapter=adapter,
+        data=data_name,
+        metric="pattern",
+        accuracy=sum(hits) / len(rows),
+        n=len(rows),
+        misses=_misses(rows, outputs, hits, shown),
+    )
+
+
+def _misses(
+    rows: Sequence[Example], outputs: Sequence[str], hits: Sequence[bool], shown: int
+) -> list[dict[str, str]]:
+    return [
+        {"prompt": _label(e), "reference": e.completion, "completion": o}
+        for e, o, hit in zip(rows, outputs, hits, strict=True)
+        if not hit
+    ][:shown]
 
 
 def pick_shots(pool: Sequence[Example], k: int, seed: int = 0) -> list[Example]:
@@ -190,12 +282,29 @@ def pick_shots(pool: Sequence[Example], k: int, seed: int = 0) -> list[Example]:
 def in_context(
     examples: Sequence[Example], shots: Sequence[Example], instruction: str | None
 ) -> list[Example]:
-    """``examples`` with the instruction and the shots (each its prompt, then its completion)
-    before each prompt, a blank line between parts: the zero- and few-shot baselines."""
+    """``examples`` (task rows) with the instruction and the shots before each prompt: the
+    zero- and few-shot baselines. Text prompts get the instruction and each shot's prompt and
+    completion, a blank line between parts; conversations get the instruction as a system
+    message and each shot as earlier turns."""
+    if any(e.messages is not None for e in examples):
+        system = (("system", instruction.strip()),) if instruction and instruction.strip() else ()
+        turns = tuple(t for s in shots for t in (*(s.messages or ()), ("assistant", s.completion)))
+        return [
+            Example(
+                completion=e.completion,
+                messages=(*system, *turns, *(e.messages or ())),
+                choices=e.choices,
+            )
+            for e in examples
+        ]
     lead = [instruction.strip()] if instruction and instruction.strip() else []
     lead += [s.prompt + s.completion for s in shots]
     head = "\n\n".join(lead)
     return [
-        Example(completion=e.completion, prompt=f"{head}\n\n{e.prompt}" if head else e.prompt)
+        Example(
+            completion=e.completion,
+            prompt=f"{head}\n\n{e.prompt}" if head else e.prompt,
+            choices=e.choices,
+        )
         for e in examples
     ]

@@ -1,0 +1,294 @@
+"""Task tuning side by side: softprompt's prompts against the base model's baselines and PEFT.
+
+On the bundled task sets, every method trained with the same epochs, batch size, seed and
+completion-only loss (the assistant turns only, for chat), judged on the held-out part:
+
+  routing (classification, 300 training rows, 100 held out): rank-classification accuracy
+  (``softprompt eval --metric choice``: each team code scored by its log-likelihood);
+  pirate (chat, 97 training conversations, 32 held out): the share of greedy replies to the
+  held-out conversations that open "Arr, matey!" (the trained behaviour; ``--metric pattern``),
+  and of the single-fact questions, the share whose reply still names the right fact (the base
+  model's knowledge kept).
+
+Methods:
+  - the base model zero-shot, with an instruction, and with 4 and 8 examples in context
+    (chat: as earlier turns), from the training part;
+  - softprompt prompt tuning, 8 and 20 virtual tokens (``--init vocab``, lr 0.03, the defaults),
+    and 8 started from the label words (``--init labels``, classification only);
+  - softprompt prefix tuning, 8 virtual tokens (lr 0.01; ``--init labels`` for classification);
+  - PEFT prompt tuning, 8 virtual tokens, SAMPLE_VOCAB init, lr 0.03 (the guide's method);
+  - PEFT LoRA r8 (alpha 16) on all linear layers, lr 1e-3.
+
+softprompt runs go through the ``softprompt`` command (train, then the library's scoring); PEFT
+runs use a plain training loop over the same rows and the same layouts
+(``softprompt.layout.example_layout``), scored by the same rules, one row at a time.
+
+Run: .venv/bin/python benchmarks/bench_tasks.py [--sets routing pirate] [--epochs 5]
+Prints one JSON line per run and a table; the README quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from softprompt.data import Example, load_texts
+from softprompt.engine import SamplingParams
+from softprompt.generate import Request, generate
+from softprompt.layout import example_layout, prompt_ids
+from softprompt.models import embedded_model_dir, load_base_model
+from softprompt.prompt import SoftPromptModel, load_adapter
+from softprompt.scoring import choice_accuracy, in_context, pick_shots, task_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_task_sets import _qa  # noqa: E402  (the facts behind the pirate set)
+
+PATTERN = r"^Arr, matey!"
+INSTRUCTIONS = {
+    "routing": "Teams: QX-17 billing, LM-04 delivery, VR-88 technical problems, TJ-31 privacy.",
+    "pirate": "You are a pirate. Begin every reply with 'Arr, matey!' and talk like a pirate.",
+}
+MAX_NEW_TOKENS = 40
+NUMBERS = {
+    "two": "2", "three": "3", "four": "4", "six": "6", "seven": "7", "eight": "8",
+    "eleven": "11", "twelve": "12", "twenty-four": "24", "sixty": "60",
+}  # fmt: skip
+
+
+def softprompt_runs(set_name: str) -> list[tuple[str, list[str]]]:
+    runs = [
+        ("softprompt prompt 8", ["--method", "prompt", "--virtual-tokens", "8"]),
+        ("softprompt prompt 20", ["--method", "prompt", "--virtual-tokens", "20"]),
+    ]
+    if set_name == "routing":
+        runs.append(("softprompt prompt 8 labels", ["--virtual-tokens", "8", "--init", "labels"]))
+    init = ["--init", "labels"] if set_name == "routing" else []
+    runs.append(("softprompt prefix 8", ["--method", "prefix", "--virtual-tokens", "8", *init]))
+    return runs
+
+
+def facts() -> dict[str, str]:
+    """Single-fact question -> the word its answer must name (the pirate set's facts)."""
+    out = {}
+    for kind, question, answer in _qa():
+        if kind == "advice":
+            continue
+        m = re.search(r" be (.+?)[,.]", answer) or re.search(r" (\w+), I've heard", answer)
+        assert m, answer
+        out[question] = m.group(1)
+    return out
+
+
+class Judge:
+    """Scores any model the same way on one set's held-out rows."""
+
+    def __init__(self, set_name: str) -> None:
+        self.set_name = set_name
+        self.rows = task_rows(load_texts(f"examples:{set_name}:heldout").examples)
+        self.pool = task_rows(load_texts(f"examples:{set_name}").examples)
+        self.facts = facts() if set_name == "pirate" else {}
+
+    def contexts(self) -> list[tuple[str, list[Example]]]:
+        out = [("base zero-shot", self.rows)]
+        out.append(("base + instruction", in_context(self.rows, [], INSTRUCTIONS[self.set_name])))
+        for k in (4, 8):
+            shots = pick_shots(self.pool, k)
+            out.append((f"base {k}-shot", in_context(self.rows, shots, None)))
+        return out
+
+    def replies_score(self, rows: list[Example], replies: list[str]) -> dict:
+        hits = [re.search(PATTERN, r) is not None for r in replies]
+        asked = [
+            (r, e) for r, e in zip(replies, rows, strict=True) if e.messages[-1][1] in self.facts
+        ]
+        kept = [
+            any(
+                f in r.lower()
+                for f in (self.facts[e.messages[-1][1]].lower(),)
+                + tuple(v for k, v in NUMBERS.items() if k == self.facts[e.messages[-1][1]])
+            )
+            for r, e in asked
+        ]
+        return {
+            "accuracy": sum(hits) / len(rows),
+            "facts_kept": sum(kept) / len(kept),
+            "fact_questions": len(kept),
+            "sample": replies[:2],
+        }
+
+    def score_softprompt(self, spm: SoftPromptModel, rows: list[Example], adapter: str | None):
+        if self.set_name == "routing":
+            result = choice_accuracy(spm, rows, adapter, self.set_name)
+            return {"accuracy": result.accuracy, "accuracy_norm": result.accuracy_norm}
+        params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS)
+        requests = [Request(e.messages[-1][1], adapter, messages=e.messages) for e in rows]
+        return self.replies_score(rows, generate(spm, requests, params))
+
+    def score_peft(self, model, tokenizer) -> dict:
+        model.eval()
+        if self.set_name == "routing":
+            labels = list(dict.fromkeys(e.completion for e in self.pool))
+            right = 0
+            for e in self.rows:
+                scores = [loglik(model, tokenizer, e, c) for c in labels]
+                right += labels[max(range(len(labels)), key=scores.__getitem__)] == e.completion
+            return {"accuracy": right / len(self.rows)}
+        replies = []
+        for e in self.rows:
+            ids = torch.tensor([prompt_ids(tokenizer, e)])
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=MAX_NEW_TOKENS,
+                    do_sample=False,
+                    pad_token_id=tokenizer.eos_token_id,
+                )
+            replies.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+        return self.replies_score(self.rows, replies)
+
+
+def loglik(model, tokenizer, example: Example, candidate: str) -> float:
+    row = Example(completion=candidate, prompt=example.prompt, messages=example.messages)
+    layout = example_layout(tokenizer, row, 512, eos=False)
+    ids = torch.tensor([layout.ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    logits = logits[-len(layout.ids) :].float().log_softmax(-1)  # PEFT prompts come first
+    return sum(
+        float(logits[i - 1, t])
+        for i, (t, s) in enumerate(zip(layout.ids, layout.scored, strict=True))
+        if s
+    )
+
+
+def train_peft(set_name: str, kind: str, epochs: int, batch_size: int, seed: int):
+    """PEFT prompt tuning or LoRA on the set's training rows; returns (model, tokenizer, s)."""
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    folder = embedded_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if kind == "prompt":
+        config = PromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=8,
+            prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,
+        )
+        lr = 3e-2
+    else:
+        config = LoraConfig(
+            task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"
+        )
+        lr = 1e-3
+    model = get_peft_model(model, config)
+    examples = load_texts(f"examples:{set_name}").examples
+    layouts = [example_layout(tokenizer, e, 256) for e in examples]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(len(layouts), generator=generator).tolist()
+        for at in range(0, len(order), batch_size):
+            batch = [layouts[i] for i in order[at : at + batch_size]]
+            width = max(len(b.ids) for b in batch)
+            pad = tokenizer.eos_token_id
+            # right padding: PEFT's virtual tokens go before the real tokens, as in its guide
+            ids = torch.tensor([b.ids + [pad] * (width - len(b.ids)) for b in batch])
+            mask = torch.tensor([[1] * len(b.ids) + [0] * (width - len(b.ids)) for b in batch])
+            labels = torch.tensor(
+                [
+                    [t if s else -100 for t, s in zip(b.ids, b.scored, strict=True)]
+                    + [-100] * (width - len(b.ids))
+                    for b in batch
+                ]
+            )
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    seconds = time.perf_counter() - start
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model, tokenizer, seconds, trainable
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", nargs="+", default=["routing", "pirate"])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--skip", nargs="*", default=[], help="run names to leave out")
+    parser.add_argument("--work", help="folder for the adapters (default: a temporary one)")
+    args = parser.parse_args()
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-tasks-"))
+    softprompt = Path(sys.executable).with_name("softprompt")
+    table = []
+
+    def emit(record: dict) -> None:
+        print(json.dumps(record), flush=True)
+        table.append(record)
+
+    for set_name in args.sets:
+        judge = Judge(set_name)
+        spm = SoftPromptModel(load_base_model())
+        for name, rows in judge.contexts():
+            if name not in args.skip:
+                emit({"set": set_name, "run": name, **judge.score_softprompt(spm, rows, None)})
+        for name, flags in softprompt_runs(set_name):
+            if name in args.skip:
+                continue
+            out = work / set_name / name.replace(" ", "-")
+            done = subprocess.run(
+                [str(softprompt), "train", "--data", f"examples:{set_name}", "--output", str(out),
+                 "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                 "--overwrite", "--json", *flags],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if done.returncode != 0:
+                sys.exit(f"{name} on {set_name} failed: {done.stderr.strip()[-2000:]}")
+            summary = json.loads(done.stdout.strip().splitlines()[-1])
+            adapter = load_adapter(out)
+            spm.add_adapter(adapter)
+            score = judge.score_softprompt(spm, judge.rows, adapter.name)
+            spm.remove_adapter(adapter.name)
+            emit(
+                {"set": set_name, "run": name, **score, "train_seconds": summary["seconds"],
+                 "parameters": summary["trainable_params"]}
+            )  # fmt: skip
+        for kind, name in (("prompt", "PEFT prompt 8"), ("lora", "PEFT LoRA r8 all-linear")):
+            if name in args.skip:
+                continue
+            model, tokenizer, seconds, trainable = train_peft(
+                set_name, kind, args.epochs, args.batch_size, seed=0
+            )
+            score = judge.score_peft(model, tokenizer)
+            emit(
+                {"set": set_name, "run": name, **score, "train_seconds": round(seconds, 1),
+                 "parameters": trainable}
+            )  # fmt: skip
+    print()
+    print("| set | method | accuracy | facts kept | training s | parameters |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in table:
+        kept = f"{r['facts_kept']:.2f}" if "facts_kept" in r else ""
+        seconds = f"{r['train_seconds']:.0f}" if r.get("train_seconds") else ""
+        params = f"{r['parameters']:,}" if r.get("parameters") else ""
+        print(f"| {r['set']} | {r['run']} | {r['accuracy']:.2f} | {kept} | {seconds} | {params} |")
+
+
+if __name__ == "__main__":
+    main()
