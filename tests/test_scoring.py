@@ -325,18 +325,18 @@ def test_report_has_a_task_section_with_confusion_heatmaps(
 ):
     data = tmp_path / "labels.jsonl"
     data.write_text("".join(json.dumps(r.as_json()) + "\n" for r in _rows()))
-    out = tmp_path / "labeller"
-    done = cli_main(
-        "train", "--model", str(tiny_model_dir), "--data", str(data), "--eval-data", str(data),
-        "--epochs", "1", "--virtual-tokens", "3", "--output", str(out),
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    page = tmp_path / "report.html"
     pool = tmp_path / "pool.jsonl"
     pool.write_text(
         "".join(json.dumps({"prompt": f"the {w}", "completion": LABELS[i]}) + "\n"
                 for i, w in enumerate(["river", "light", "hope", "poet"]))
     )  # fmt: skip
+    out = tmp_path / "labeller"
+    done = cli_main(
+        "train", "--model", str(tiny_model_dir), "--data", str(pool), "--eval-data", str(data),
+        "--epochs", "1", "--virtual-tokens", "3", "--output", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    page = tmp_path / "report.html"
     refused = cli_main(
         "report", "--model", str(tiny_model_dir), "--adapter", str(out), "--data", str(data),
         "--metric", "choice", "--few-shot", "2", "--shots-from", str(data), "--output", str(page),
@@ -344,9 +344,11 @@ def test_report_has_a_task_section_with_confusion_heatmaps(
     assert refused.returncode == 2 and "that are not evaluated rows; it has 0" in refused.stderr
     done = cli_main(
         "report", "--model", str(tiny_model_dir), "--adapter", str(out), "--data", str(data),
-        "--metric", "choice", "--metric", "exact", "--few-shot", "2", "--shots-from", str(pool),
+        "--metric", "choice", "--metric", "exact", "--few-shot", "2",
         "--max-new-tokens", "3", "--output", str(page),
     )  # fmt: skip
+    # No --shots-from: the shots come from the data the adapter was trained on, since it
+    # records --data as its held-out data.
     assert done.returncode == 0, done.stderr
     html = page.read_text()
     assert "<h2>Task accuracy (higher is better)</h2>" in html

@@ -707,7 +707,7 @@ def _eval_runs(args: argparse.Namespace, datasets: list[Any]) -> list[list[tuple
         if args.instruction:
             contexts.append(("instruction", in_context(d.examples, [], args.instruction)))
         if args.few_shot:
-            source = args.shots_from or _training_part(d.source, heldout_source)
+            source = args.shots_from or _training_part(d.source, heldout_source, args.adapter)
             shots_data = load_texts(source, None, None, _fields(args))
             if shots_data.format != d.format:
                 raise UserError(
@@ -729,10 +729,23 @@ def _eval_runs(args: argparse.Namespace, datasets: list[Any]) -> list[list[tuple
     return runs
 
 
-def _training_part(source: str, heldout_source: Any) -> str:
-    """The training part of a bundled held-out set: where shots come from by default."""
+def _training_part(source: str, heldout_source: Any, adapter_folders: list[str]) -> str:
+    """Where shots come from by default: the training part of a bundled held-out set, or the
+    training data of an adapter that records ``source`` as its held-out data."""
     if source.endswith(":heldout") and heldout_source(source.removesuffix(":heldout")) == source:
         return source.removesuffix(":heldout")
+    from .report import AdapterInfo
+
+    for folder in adapter_folders:
+        info = AdapterInfo.read(Path(folder).name, Path(folder))
+        data = info.training.get("data")
+        held = {info.training.get("eval_data"), info.heldout_source()}
+        if (
+            source in held
+            and isinstance(data, str)
+            and (data.startswith("examples:") or Path(data).exists())
+        ):
+            return data
     raise UserError(f"--few-shot on {source}: say where the shots come from with --shots-from")
 
 
