@@ -507,7 +507,8 @@ def _task_args(p: argparse.ArgumentParser, metrics: tuple[str, ...]) -> None:
         "--shots-from",
         metavar="DATA",
         help="where --few-shot examples come from (default: the training part of a bundled "
-        "held-out set)",
+        "held-out set, or the training data of an --adapter that records --data as its "
+        "held-out data); evaluated rows are never shots",
     )
     p.add_argument(
         "--instruction",
