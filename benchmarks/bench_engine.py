@@ -316,6 +316,9 @@ def run_side_by_side(
     def engine_run(cpu_kernels: bool | None):
         config = EngineConfig(max_batch_size=batch, cpu_kernels=cpu_kernels)
         engine = Engine(spm.model, spm.tokenizer, config)
+        if engine.runner.decode_path is not None:
+            emit({"way": "c" if cpu_kernels is None else "c_torch",
+                  "decode_path": engine.runner.decode_path.summary()})  # fmt: skip
         for name, adapter in spm.adapters.items():
             engine.add_adapter(name, adapter)
         warm = requests[:2]
@@ -522,6 +525,7 @@ def main() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    from softprompt.engine.autotune import cpu_signature
     from softprompt.models import embedded_model_dir, load_base_model
     from softprompt.prompt import (
         Adapter,
@@ -547,6 +551,7 @@ def main() -> None:
     emit(
         {
             "machine": f"{os.cpu_count()} cpus",
+            "cpu": cpu_signature(),
             "torch_threads": torch.get_num_threads(),
             "requests": args.requests,
             "adapters": args.adapters,

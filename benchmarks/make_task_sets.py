@@ -3,9 +3,10 @@
 
 routing (prompt/completion, classification): customer messages to route to one of four teams
 named by opaque codes. The base model cannot guess a code from the message's topic, so
-zero-shot it is near chance: what a tuned prompt adds is measurable (natural topic words as labels are already ranked 0.95 right zero-shot on the
-embedded model, which measures nothing). Messages are built from per-team pieces, shuffled with
-a fixed seed; train and held-out rows share no message.
+zero-shot it is near chance: what a tuned prompt adds is measurable (natural topic words as
+labels are already ranked 0.95 right zero-shot on the embedded model, which measures
+nothing). Messages are built from per-team pieces, shuffled with a fixed seed; train and
+held-out rows share no message.
 
 pirate (chat): questions with short factual answers (capitals, sums, colours, animal sounds,
 opposites, counts) and requests for encouragement or advice, each answered by an assistant that

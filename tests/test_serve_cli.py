@@ -47,6 +47,8 @@ def test_serve_prints_where_it_serves_and_answers(tiny_model_dir, adapter_dir):
             lines.append(line)
         text = "".join(lines)
         assert "serving 2 models at http://127.0.0.1:" in text and "kind" in text
+        # start-up says which CPU decode path runs and what the choice rests on
+        assert "decode path: " in text and "per full decode step" in text
         url = lines[-1].split("playground at ")[1].strip().rstrip("/")
         models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
         # The base model is named after its folder, never by its path on the server.

@@ -80,13 +80,20 @@ class EngineConfig:
     graphs: bool | None = None
     """Decode steps of fixed shape recorded as CUDA graphs and replayed (``graphs.py``; None:
     on a GPU, for Llama-family models). On the CPU, True runs the same step eagerly."""
-    full_batch_pack: bool = True
-    """With packed weights, a second copy packed for MKL at ``max_batch_size`` rows: a full
-    decode batch (a loaded server's) runs about 15% faster, for one more copy of the weights."""
+    full_batch_pack: bool | None = None
+    """With packed weights, a second copy packed for MKL at ``max_batch_size`` rows for full
+    decode batches (a loaded server's): 15% faster on the Intel machine it was written on, 2x
+    slower on an AMD EPYC. None: measured on this machine at start-up, the decision cached
+    (``autotune.py``; ``$SOFTPROMPT_FULL_BATCH_PACK`` 0 or 1 forces it)."""
     cpu_kernels: bool | None = None
     """With the lean forward on the CPU, decode steps run the fused C kernels of
     ``cpu_kernels.py`` (attention over the slot cache, RMSNorm, SwiGLU), compiled on first use
-    (None: when a C compiler is found and ``$SOFTPROMPT_CPU_KERNELS`` is not 0)."""
+    (None: when a C compiler is found, ``$SOFTPROMPT_CPU_KERNELS`` is not 0 and they are
+    measured faster)."""
+    tune: bool = True
+    """Measure the undecided CPU decode switches above at start-up (a few decode steps per
+    combination, once per machine, torch version and model shape; ``autotune.py``). False:
+    MKL off, the kernels on where they build."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -195,7 +202,7 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
-        full_batch = self.config.max_batch_size if self.config.full_batch_pack else None
+        full_batch = None if self.config.full_batch_pack is False else self.config.max_batch_size
         self.runner = ModelRunner(
             model,
             self.config.packed_weights,
@@ -203,6 +210,8 @@ class Engine:
             graphs=self.config.graphs,
             max_batch=self.config.max_batch_size,
             cpu_kernels=self.config.cpu_kernels,
+            full_batch_pack=self.config.full_batch_pack,
+            tune=self.config.tune,
         )
         self.registry = AdapterRegistry(
             self.runner.prefixes, self._check_adapter, self.config.max_resident_adapters

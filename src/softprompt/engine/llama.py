@@ -171,6 +171,11 @@ class LeanLlama:
         )
         self.embedding = model.get_input_embeddings()
 
+    def packed_linears(self) -> list[PackedLinear]:
+        """The linear layers on packed weights (none off the CPU path)."""
+        every = [self.lm_head] + [p for x in self.layers for p in (x.qkv, x.o, x.gate_up, x.down)]
+        return [p for p in every if isinstance(p, PackedLinear)]
+
     def nbytes(self) -> int:
         """Bytes of the weight copies (packed, or fused with the norms folded in)."""
         packed = [self.lm_head] + [p for x in self.layers for p in (x.qkv, x.o, x.gate_up, x.down)]

@@ -7,11 +7,14 @@ slot cache, so rows of any length, with any adapter prefix or none, run in one f
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from ..prompt import Adapter
+from .autotune import ENV_PACK, Decision, DecodePath, cache_key, decide, forced, time_steps
+from .cpu_kernels import ENV, CpuKernels
 from .cpu_kernels import load as load_cpu_kernels
 from .graphs import GraphedDecode
 from .kv_cache import SlotCache
@@ -19,6 +22,8 @@ from .llama import LeanLlama, supports
 from .packed import PackedLinear, can_pack, packed_model
 from .registry import Prefix
 from .sampling import RequestError
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -33,7 +38,11 @@ class ModelRunner:
         (``None``: on a GPU, where the lean forward applies); on the CPU they run eagerly.
     max_batch: rows of the largest decode step (for ``graphs``).
     cpu_kernels: decode steps of the lean forward on the CPU run the fused C kernels of
-        ``cpu_kernels.py`` (``None``: where they build; ``True`` fails if they do not).
+        ``cpu_kernels.py`` (``None``: where they build and are measured faster; ``True`` fails
+        if they do not build).
+    full_batch_pack: whether a full batch runs on MKL's copy (``None``: if measured faster;
+        the weights for it are packed only then).
+    tune: measure the undecided switches (else: MKL off, the kernels on where they build).
     """
 
     def __init__(
@@ -44,12 +53,17 @@ class ModelRunner:
         graphs: bool | None = None,
         max_batch: int = 32,
         cpu_kernels: bool | None = None,
+        full_batch_pack: bool | None = None,
+        tune: bool = True,
     ):
+        self._kernels_forced = cpu_kernels
         if pack is None:
             pack = can_pack(model)
         self.packed = bool(pack)
         on_gpu = model.get_input_embeddings().weight.device.type == "cuda"
         self.lean = None
+        self.decode_path: Decision | None = None
+        """On the CPU's lean forward: the decode path in use and why (``autotune.py``)."""
         if supports(model) and (self.packed or on_gpu):
             kernels = None
             if self.packed and cpu_kernels is not False:
@@ -82,6 +96,60 @@ class ModelRunner:
         self.max_length = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
         self.device = embedding.weight.device
         self.dtype = embedding.weight.dtype
+        if self.lean is not None and self.packed:
+            self.decode_path = self._choose_decode_path(full_batch, full_batch_pack, tune)
+
+    def _choose_decode_path(
+        self, full_batch: int | None, full_batch_pack: bool | None, tune: bool
+    ) -> Decision:
+        """Set the CPU decode path: forced switches as given, the rest measured (or cached)."""
+        from ..models import cache_dir
+
+        lean = self.lean
+        assert lean is not None
+        kernels = lean.kernels
+        mkl = [False]
+        if full_batch and any(p.full_batch for p in lean.packed_linears()):
+            wanted = forced(ENV_PACK, full_batch_pack)
+            mkl = [True, False] if wanted is None and tune else [bool(wanted)]
+        fused = [False]
+        if kernels is not None:
+            wanted = forced(ENV, None) if self._kernels_forced is None else self._kernels_forced
+            fused = [True, False] if wanted is None and tune else [wanted is not False]
+        candidates = [DecodePath(m, k) for m in mkl for k in fused]
+
+        def measure(path: DecodePath) -> float:
+            self._set_decode_path(path, full_batch, kernels)
+            return self._time_decode(full_batch or 1)
+
+        shape = (self.num_layers, self.hidden_size, self.num_kv_heads, self.head_dim)
+        key = cache_key((*shape, self.vocab_size), full_batch or 1)
+        decision = decide(candidates, measure, key, cache_dir() if tune else None)
+        self._set_decode_path(decision.picked, full_batch, kernels)
+        if decision.measured:
+            log.info(decision.summary())
+        return decision
+
+    def _set_decode_path(
+        self, path: DecodePath, full_batch: int | None, kernels: CpuKernels | None
+    ) -> None:
+        lean = self.lean
+        assert lean is not None
+        lean.kernels = kernels if path.cpu_kernels else None
+        for linear in lean.packed_linears():
+            linear.full_batch = full_batch if path.full_batch_pack else None
+            if not path.full_batch_pack:
+                linear.batch_packed = None  # MKL's copy, if a measurement made it
+
+    def _time_decode(self, batch: int, context: int = 48) -> float:
+        """Median ms of a decode step of ``batch`` rows over ``context`` cached columns."""
+        cache = self.new_cache(batch, context + 1)
+        cache.valid[:, :context] = True
+        cache.end = context
+        tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
+        positions = torch.full((batch,), context, dtype=torch.long, device=self.device)
+        rows = slice(0, batch)
+        return time_steps(lambda: self.decode(cache, rows, tokens, positions), 2, 4)
 
     def packed_nbytes(self) -> int:
         """Bytes of the packed weight copies of the fast path (0 without it)."""

@@ -168,6 +168,8 @@ def serve(
     print(f"softprompt: serving {len(names)} models at {url}/v1", file=sys.stderr)
     for name in names:
         print(f"  {name}", file=sys.stderr)
+    if engine.runner.decode_path is not None:
+        print(f"softprompt: {engine.runner.decode_path.summary()}", file=sys.stderr)
     print(f"softprompt: playground at {url}/", file=sys.stderr)
     print(f"softprompt: adapters added to {folder} are served without a restart", file=sys.stderr)
     if api_key:

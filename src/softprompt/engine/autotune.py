@@ -1,0 +1,179 @@
+"""The CPU decode path chosen by measuring this machine, not assumed from another.
+
+The lean forward has two switches whose worth depends on the CPU: MKL's sgemm on weights packed
+for a full decode batch (``PackedLinear.full_batch``; 15% faster than oneDNN on the Intel machine
+it was written on, 2x slower on an AMD EPYC Zen 4, where MKL's fast paths do not run) and the
+fused C kernels for attention, RMSNorm and SwiGLU (``cpu_kernels.py``). ``tune`` times a few full
+decode steps of the real model on each combination and keeps the fastest. The decision is
+cached in ``$SOFTPROMPT_CACHE/engine-paths.json`` under a key of the CPU (model name and the
+instruction-set flags that matter), the torch version, the thread count and the model's shape,
+so the next start reads it instead of measuring.
+
+Forcing a path: ``EngineConfig.full_batch_pack`` / ``cpu_kernels`` (True or False), or the
+environment: ``SOFTPROMPT_FULL_BATCH_PACK=0|1``, ``SOFTPROMPT_CPU_KERNELS=0|1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma", "asimd", "sve")
+"""The CPU flags that change which kernels are fast."""
+CACHE_FILE = "engine-paths.json"
+ENV_PACK = "SOFTPROMPT_FULL_BATCH_PACK"
+
+
+@dataclass(frozen=True)
+class DecodePath:
+    """One combination of the switches."""
+
+    full_batch_pack: bool
+    cpu_kernels: bool
+
+    def label(self) -> str:
+        mkl = "MKL at full batch" if self.full_batch_pack else "oneDNN"
+        return f"{mkl}, {'fused C kernels' if self.cpu_kernels else 'PyTorch ops'}"
+
+
+@dataclass
+class Decision:
+    """The path picked and the timings behind it (ms per full decode step, median)."""
+
+    picked: DecodePath
+    timings: dict[str, float]
+    """``DecodePath.label()`` -> milliseconds."""
+    measured: bool
+    """False when read from the cache (or forced), True when timed now."""
+    key: str = ""
+
+    def summary(self) -> str:
+        if not self.timings:
+            return f"decode path: {self.picked.label()} (as configured, not measured)"
+        times = ", ".join(f"{label} {ms:.1f} ms" for label, ms in self.timings.items())
+        where = "measured now" if self.measured else "measured earlier on this machine"
+        return f"decode path: {self.picked.label()} ({where}; per full decode step: {times})"
+
+
+def cpu_signature() -> dict[str, Any]:
+    """The CPU as it matters for kernel speed: model name and the relevant flags."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")) and ":" in line:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"model": name, "flags": sorted(f for f in FLAGS if f in flags)}
+
+
+def cache_key(model_shape: Sequence[int], max_batch: int) -> str:
+    """What the decision depends on, hashed: CPU, torch, threads, model shape, batch."""
+    parts = {
+        "cpu": cpu_signature(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "shape": list(model_shape),
+        "batch": max_batch,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def forced(name: str, configured: bool | None) -> bool | None:
+    """A switch as the config or the environment sets it (None: to be measured)."""
+    if configured is not None:
+        return configured
+    value = os.environ.get(name)
+    if value in ("0", "1"):
+        return value == "1"
+    return None
+
+
+def pick(timings: dict[DecodePath, float]) -> DecodePath:
+    """The fastest path; a tie (within 2%) goes to the one with fewer extras (less memory,
+    fewer moving parts): oneDNN over MKL, then the kernels over none (they save memory
+    traffic and were never slower where measured)."""
+    best = min(timings.values())
+    near = [p for p, t in timings.items() if t <= best * 1.02]
+    return min(near, key=lambda p: (p.full_batch_pack, not p.cpu_kernels, timings[p]))
+
+
+def read_cached(folder: Path, key: str) -> Decision | None:
+    try:
+        record = json.loads((folder / CACHE_FILE).read_text()).get(key)
+        return Decision(DecodePath(**record["picked"]), dict(record["timings"]), False, key)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def write_cached(folder: Path, decision: Decision) -> None:
+    """Add ``decision`` to the cache file (best effort: an unwritable cache only costs a
+    measurement at the next start)."""
+    from ..files import write_text
+
+    path = folder / CACHE_FILE
+    try:
+        records = json.loads(path.read_text()) if path.exists() else {}
+        if not isinstance(records, dict):
+            records = {}
+    except (OSError, ValueError):
+        records = {}
+    records[decision.key] = {
+        "picked": asdict(decision.picked),
+        "timings": decision.timings,
+        "cpu": cpu_signature(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps(records, indent=1) + "\n")
+    except OSError:
+        pass
+
+
+def time_steps(step: Callable[[], Any], warmup: int = 2, repeats: int = 5) -> float:
+    """Median milliseconds of ``step`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def decide(
+    candidates: Sequence[DecodePath],
+    measure: Callable[[DecodePath], float],
+    key: str,
+    folder: Path | None,
+) -> Decision:
+    """The cached decision for ``key``, else each candidate measured and the fastest kept
+    (and cached). One candidate is taken as it is, unmeasured."""
+    if len(candidates) == 1:
+        return Decision(candidates[0], {}, False, key)
+    if folder is not None:
+        cached = read_cached(folder, key)
+        if cached is not None and cached.picked in candidates:
+            return cached
+    timings = {p: measure(p) for p in candidates}
+    decision = Decision(pick(timings), {p.label(): round(t, 2) for p, t in timings.items()}, True)
+    decision.key = key
+    if folder is not None:
+        write_cached(folder, decision)
+    return decision

@@ -1,0 +1,98 @@
+"""The CPU decode path picked by measuring: the choice on injected timings, the cache, and the
+switches that force a path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from softprompt.engine import Engine, EngineConfig
+from softprompt.engine.autotune import CACHE_FILE, DecodePath, cache_key, decide, pick
+
+MKL_FUSED, MKL_PLAIN = DecodePath(True, True), DecodePath(True, False)
+ONEDNN_FUSED, ONEDNN_PLAIN = DecodePath(False, True), DecodePath(False, False)
+
+
+def test_the_fastest_path_wins_and_a_near_tie_goes_to_fewer_extras():
+    assert pick({MKL_FUSED: 10.0, ONEDNN_FUSED: 20.0, ONEDNN_PLAIN: 30.0}) == MKL_FUSED
+    assert pick({MKL_FUSED: 20.0, ONEDNN_FUSED: 10.0, ONEDNN_PLAIN: 30.0}) == ONEDNN_FUSED
+    # within 2%: oneDNN (no second copy of the weights) over MKL, the kernels over none
+    assert pick({MKL_FUSED: 10.0, ONEDNN_FUSED: 10.1}) == ONEDNN_FUSED
+    assert pick({ONEDNN_PLAIN: 10.0, ONEDNN_FUSED: 10.15}) == ONEDNN_FUSED
+    assert pick({ONEDNN_PLAIN: 10.0, ONEDNN_FUSED: 12.0}) == ONEDNN_PLAIN
+
+
+def test_a_decision_is_measured_once_then_read_from_the_cache(tmp_path):
+    calls = []
+
+    def measure(path: DecodePath) -> float:
+        calls.append(path)
+        return {MKL_FUSED: 9.0, ONEDNN_FUSED: 5.0}[path]
+
+    first = decide([MKL_FUSED, ONEDNN_FUSED], measure, "k1", tmp_path)
+    assert first.picked == ONEDNN_FUSED and first.measured and len(calls) == 2
+    assert first.timings == {MKL_FUSED.label(): 9.0, ONEDNN_FUSED.label(): 5.0}
+    again = decide([MKL_FUSED, ONEDNN_FUSED], measure, "k1", tmp_path)
+    assert again.picked == ONEDNN_FUSED and not again.measured and len(calls) == 2
+    other = decide([MKL_FUSED, ONEDNN_FUSED], measure, "k2", tmp_path)  # another machine
+    assert other.measured and len(calls) == 4
+    assert set(json.loads((tmp_path / CACHE_FILE).read_text())) == {"k1", "k2"}
+    # A damaged cache file costs a measurement, never a crash.
+    (tmp_path / CACHE_FILE).write_text("{not json")
+    assert decide([MKL_FUSED, ONEDNN_FUSED], measure, "k1", tmp_path).measured
+    # One candidate (a forced path) is never measured.
+    assert not decide([MKL_PLAIN], measure, "k3", tmp_path).measured and len(calls) == 6
+
+
+def test_the_key_names_what_the_decision_depends_on(monkeypatch):
+    import torch
+
+    key = cache_key((30, 576), 32)
+    assert key != cache_key((30, 576), 64) and key != cache_key((24, 576), 32)
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    assert key != cache_key((30, 576), 32)
+
+
+@pytest.mark.parametrize("fastest", [MKL_FUSED, ONEDNN_PLAIN])
+def test_the_engine_runs_the_path_measured_fastest(tiny_model_dir, tmp_path, monkeypatch, fastest):
+    from softprompt.engine.runner import ModelRunner
+    from softprompt.models import load_base_model
+
+    if not shutil.which("cc"):
+        pytest.skip("the fused kernels need a C compiler")
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path))
+    monkeypatch.delenv("SOFTPROMPT_CPU_KERNELS", raising=False)
+    monkeypatch.delenv("SOFTPROMPT_FULL_BATCH_PACK", raising=False)
+    timed: list[DecodePath] = []
+
+    def fake_time(self, batch: int, context: int = 48) -> float:
+        lean = self.lean
+        path = DecodePath(lean.lm_head.full_batch is not None, lean.kernels is not None)
+        timed.append(path)
+        return 1.0 if path == fastest else 2.0
+
+    monkeypatch.setattr(ModelRunner, "_time_decode", fake_time)
+    base = load_base_model(str(tiny_model_dir))
+    engine = Engine(base.model, base.tokenizer, EngineConfig(max_batch_size=4))
+    assert sorted(timed, key=str) == sorted(
+        [MKL_FUSED, MKL_PLAIN, ONEDNN_FUSED, ONEDNN_PLAIN], key=str
+    )
+    decision = engine.runner.decode_path
+    assert decision is not None and decision.picked == fastest and decision.measured
+    lean = engine.runner.lean
+    assert (lean.kernels is not None) == fastest.cpu_kernels
+    assert all((p.full_batch == 4) == fastest.full_batch_pack for p in lean.packed_linears())
+    if not fastest.full_batch_pack:
+        assert all(p.batch_packed is None for p in lean.packed_linears())  # MKL's copy freed
+    # The next engine on this machine reads the decision instead of measuring.
+    timed.clear()
+    second = Engine(base.model, base.tokenizer, EngineConfig(max_batch_size=4))
+    assert timed == [] and second.runner.decode_path.picked == fastest
+    assert not second.runner.decode_path.measured
+    # Forcing both switches measures nothing.
+    monkeypatch.setenv("SOFTPROMPT_FULL_BATCH_PACK", "1")
+    forced = Engine(base.model, base.tokenizer, EngineConfig(max_batch_size=8, cpu_kernels=False))
+    assert timed == [] and forced.runner.decode_path.picked == MKL_PLAIN
+    assert forced.runner.lean.kernels is None
