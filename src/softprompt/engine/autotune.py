@@ -7,7 +7,8 @@ fused C kernels for attention, RMSNorm and SwiGLU (``cpu_kernels.py``). ``tune``
 decode steps of the real model on each combination and keeps the fastest. The decision is
 cached in ``$SOFTPROMPT_CACHE/engine-paths.json`` under a key of the CPU (model name and the
 instruction-set flags that matter), the torch version, the thread count and the model's shape,
-so the next start reads it instead of measuring.
+so the next start reads it instead of measuring (delete the file to measure again, e.g. after
+a measurement on a busy machine).
 
 Forcing a path: ``EngineConfig.full_batch_pack`` / ``cpu_kernels`` (True or False), or the
 environment: ``SOFTPROMPT_FULL_BATCH_PACK=0|1``, ``SOFTPROMPT_CPU_KERNELS=0|1``.
@@ -162,16 +163,23 @@ def decide(
     measure: Callable[[DecodePath], float],
     key: str,
     folder: Path | None,
+    rounds: int = 2,
 ) -> Decision:
-    """The cached decision for ``key``, else each candidate measured and the fastest kept
-    (and cached). One candidate is taken as it is, unmeasured."""
+    """The cached decision for ``key``, else each candidate measured ``rounds`` times in turn
+    and the fastest kept (and cached). One candidate is taken as it is, unmeasured."""
     if len(candidates) == 1:
         return Decision(candidates[0], {}, False, key)
     if folder is not None:
         cached = read_cached(folder, key)
         if cached is not None and cached.picked in candidates:
             return cached
-    timings = {p: measure(p) for p in candidates}
+    # Round-robin, best of each: a machine whose speed drifts (a neighbour starting work) then
+    # slows every candidate alike instead of whichever ran last.
+    runs: dict[DecodePath, list[float]] = {p: [] for p in candidates}
+    for _ in range(rounds):
+        for path in candidates:
+            runs[path].append(measure(path))
+    timings = {p: min(t) for p, t in runs.items()}
     decision = Decision(pick(timings), {p.label(): round(t, 2) for p, t in timings.items()}, True)
     decision.key = key
     if folder is not None:

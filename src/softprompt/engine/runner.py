@@ -126,6 +126,9 @@ class ModelRunner:
         key = cache_key((*shape, self.vocab_size), full_batch or 1)
         decision = decide(candidates, measure, key, cache_dir() if tune else None)
         self._set_decode_path(decision.picked, full_batch, kernels)
+        if not decision.picked.full_batch_pack:
+            for linear in lean.packed_linears():
+                linear.batch_packed = None  # MKL's copy, if a measurement made it
         if decision.measured:
             log.info(decision.summary())
         return decision
@@ -138,8 +141,6 @@ class ModelRunner:
         lean.kernels = kernels if path.cpu_kernels else None
         for linear in lean.packed_linears():
             linear.full_batch = full_batch if path.full_batch_pack else None
-            if not path.full_batch_pack:
-                linear.batch_packed = None  # MKL's copy, if a measurement made it
 
     def _time_decode(self, batch: int, context: int = 48) -> float:
         """Median ms of a decode step of ``batch`` rows over ``context`` cached columns."""
