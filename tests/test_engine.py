@@ -625,3 +625,42 @@ def test_generate_front_follows_the_adapters_loaded_in_the_model(spm):
     assert generate(spm, [r for r in requests if r.adapter != "b"], params) == [
         text for text, r in zip(first, requests, strict=True) if r.adapter != "b"
     ]
+
+
+def test_length_groups_bound_the_padding_of_each_prefill():
+    from softprompt.engine.scheduler import length_groups
+
+    lengths = [30, 4, 29, 5, 28, 31, 6]
+    groups = length_groups(lengths, lambda n: n, max_padding=0.19)
+    assert groups == [[31, 30, 29, 28], [6, 5, 4]]  # 6 would make the first group 20% padding
+    for group in groups:
+        assert 1 - sum(group) / (max(group) * len(group)) <= 0.19
+    assert length_groups(lengths, lambda n: n, 1.0) == [sorted(lengths, reverse=True)]
+    assert length_groups(lengths, lambda n: n, 0.0) == [[n] for n in sorted(lengths)[::-1]]
+
+
+def test_prefill_in_length_groups_gives_the_same_tokens(tiny_model_dir):
+    from softprompt.models import load_base_model
+
+    base = load_base_model(str(tiny_model_dir))
+    cases = [(p, a) for p in PROMPTS for a in ADAPTERS]
+    params = SamplingParams(max_new_tokens=6)
+    outputs, forwards = [], []
+    for padding in (1.0, 0.0):
+        config = EngineConfig(max_batch_size=len(cases), prefill_padding=padding)
+        engine = Engine(base.model, base.tokenizer, config)
+        for name, rows in _raw(16).items():
+            engine.add_adapter(name, Adapter(name, rows))
+        calls: list[int] = []
+
+        def counted(prompts, prefixes, calls=calls, real=engine.runner.prefill):
+            calls.append(len(prompts))
+            return real(prompts, prefixes)
+
+        engine.runner.prefill = counted
+        done = engine.generate([p for p, _ in cases], [a for _, a in cases], params)
+        outputs.append([c.token_ids for c in done])
+        forwards.append(calls)
+    assert outputs[0] == outputs[1]
+    assert forwards[0] == [len(cases)]  # one group
+    assert len(forwards[1]) == len({len(base.tokenizer(p)["input_ids"]) for p in PROMPTS})

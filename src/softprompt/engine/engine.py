@@ -34,7 +34,7 @@ from .sampling import (
     pick_tokens,
     seen_mask,
 )
-from .scheduler import Scheduler
+from .scheduler import Scheduler, length_groups
 from .sequence import Completion, Output, Sequence, Status
 from .stops import StopMatcher
 
@@ -72,6 +72,10 @@ class EngineConfig:
     one); a submission beyond it is refused with ``QueueFull``. A waiting request holds at most
     the model's context in token ids and its capped stop strings, so this bounds the queue's
     memory."""
+    prefill_padding: float = 1.0
+    """Joining requests are prefilled in groups of similar length, a new group whenever padding
+    would exceed this share of a group's positions (1.0: one group, as before; 0.2: at most a
+    fifth padding, a few more forwards)."""
     policy: str = "continuous"
     """``continuous`` (join between steps) or ``static`` (a new batch when the last one ends)."""
     packed_weights: bool | None = None
@@ -106,6 +110,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_queue is not None and self.max_queue < 1:
             raise ValueError("max_queue must be at least 1")
+        if not 0 <= self.prefill_padding <= 1:
+            raise ValueError("prefill_padding must be between 0 and 1")
 
 
 @dataclass
@@ -598,17 +604,19 @@ class Engine:
                 self._finish(seq, "error", message)
                 continue
             ready.append((seq, lease))
-        if not ready:
-            return
-        try:
-            self._prefill_group(ready)
-        except Exception:  # noqa: BLE001 - find the request that fails and fail it alone
-            for item in ready:
-                try:
-                    self._prefill_group([item])
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("request %s failed in prefill: %s", item[0].request_id, exc)
-                    self._finish(item[0], "error", self._failure(exc))
+        groups = length_groups(
+            ready, lambda item: len(item[0].prompt_ids), self.config.prefill_padding
+        )
+        for group in groups:
+            try:
+                self._prefill_group(group)
+            except Exception:  # noqa: BLE001 - find the request that fails and fail it alone
+                for item in group:
+                    try:
+                        self._prefill_group([item])
+                    except Exception as exc:  # noqa: BLE001
+                        log.warning("request %s failed in prefill: %s", item[0].request_id, exc)
+                        self._finish(item[0], "error", self._failure(exc))
         self.stats.prefill_seconds += time.perf_counter() - started
 
     def _prefill_group(self, group: list[tuple[Sequence, Any]]) -> None:

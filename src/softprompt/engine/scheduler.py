@@ -8,8 +8,12 @@ step while slots are free; ``static`` admits a new batch only when the running o
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
 
 from .sequence import Sequence, Status
+
+T = TypeVar("T")
 
 POLICIES = ("continuous", "static")
 
@@ -84,3 +88,22 @@ class Scheduler:
         except ValueError:
             return False
         return True
+
+
+def length_groups(items: list[T], length: Callable[[T], int], max_padding: float) -> list[list[T]]:
+    """``items`` split into prefill groups of similar length: longest first, a group takes the
+    next item while the padding it would hold (positions past each row's own length, out of the
+    group's rows x its longest) stays at most ``max_padding``. One prefill forward per group:
+    fewer wasted positions for a few more, smaller forwards."""
+    order = sorted(items, key=length, reverse=True)
+    groups: list[list[T]] = []
+    for item in order:
+        if groups:
+            group = groups[-1]
+            longest = length(group[0])
+            total = sum(length(x) for x in group) + length(item)
+            if 1 - total / (longest * (len(group) + 1)) <= max_padding:
+                group.append(item)
+                continue
+        groups.append([item])
+    return groups
