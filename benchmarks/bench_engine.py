@@ -248,7 +248,7 @@ class VllmPeer:
 
 
 def start_vllm(
-    spm, requests, new_tokens: int, python: str, model_dir: Path, tmp: Path
+    spm, requests, new_tokens: int, python: str, model_dir: Path, tmp: Path, dtype: str
 ) -> VllmPeer | None:
     """vLLM's peer, warmed up; None (and a record saying why) when its venv is missing or it
     fails to start."""
@@ -266,6 +266,7 @@ def start_vllm(
         {
             "model": str(model_dir),
             "new_tokens": new_tokens,
+            "dtype": dtype,
             "requests": [
                 {
                     "ids": tok(p)["input_ids"],
@@ -515,6 +516,13 @@ def main() -> None:
         action="store_true",
         help="also run (c) with decode steps on PyTorch's kernels, in every round beside (c)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "both"],
+        default="float32",
+        help="weights and KV cache of the engine and of vLLM, the same on both sides; both: "
+        "(c) and (f) side by side at each dtype (the other parts at float32)",
+    )
     parser.add_argument("--vllm-python", default=str(HERE.parent / ".venv-vllm" / "bin" / "python"))
     parser.add_argument(
         "--skip", action="append", default=[], choices=list("abcdef") + ["prefix", "memory"]
@@ -565,25 +573,35 @@ def main() -> None:
         results["a"], results["b"] = run_peft(
             spm, folders, requests, args.new_tokens, args.peft_one_by_one
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        peer = None
-        if "f" not in args.skip:
-            peer = start_vllm(
-                spm, requests, args.new_tokens, args.vllm_python, model_dir, Path(tmp)
-            )
-        try:
-            results["c"], results["f"], results["c_torch"] = run_side_by_side(
-                spm,
-                requests,
-                args.new_tokens,
-                args.batch_size,
-                args.rounds,
-                peer,
-                args.torch_decode,
-            )
-        finally:
-            if peer is not None:
-                peer.close()
+    dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
+    for dtype in dtypes:
+        side = spm
+        if dtype != "float32":
+            side = SoftPromptModel(load_base_model(dtype=getattr(torch, dtype)))
+            for name in names:
+                side.add_adapter(spm.adapters[name])
+        emit({"side_by_side_dtype": dtype})
+        with tempfile.TemporaryDirectory() as tmp:
+            peer = None
+            if "f" not in args.skip:
+                peer = start_vllm(
+                    side, requests, args.new_tokens, args.vllm_python, model_dir, Path(tmp), dtype
+                )
+            try:
+                c, f, c_torch = run_side_by_side(
+                    side,
+                    requests,
+                    args.new_tokens,
+                    args.batch_size,
+                    args.rounds,
+                    peer,
+                    args.torch_decode,
+                )
+            finally:
+                if peer is not None:
+                    peer.close()
+        suffix = "" if dtype == dtypes[0] else f"_{dtype}"
+        results["c" + suffix], results["f" + suffix], results["c_torch" + suffix] = c, f, c_torch
     if "d" not in args.skip:
         results["d"] = run_base_static(spm, requests, args.new_tokens)
     if "e" not in args.skip:
@@ -614,6 +632,7 @@ def main() -> None:
                 "c_over_b": ratio("c", "b"),
                 "c_over_d": ratio("c", "d"),
                 "c_over_f": ratio("c", "f"),
+                "c_over_f_bfloat16": ratio("c_bfloat16", "f_bfloat16"),
                 "c_over_f_median_of_rounds": (results.get("f") or {}).get("c_over_f_median"),
                 "fused_over_torch_decode_median_of_rounds": (results.get("c_torch") or {}).get(
                     "fused_over_torch_median"

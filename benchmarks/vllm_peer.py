@@ -27,6 +27,7 @@ def main(spec_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     spec = torch.load(spec_path)
+    dtype = spec.get("dtype", "float32")
     with safe_open(os.path.join(spec["model"], "model.safetensors"), "pt") as weights:
         table = weights.get_tensor("model.embed_tokens.weight").float()
     prompts = []
@@ -35,12 +36,13 @@ def main(spec_path: str) -> None:
         if request["rows"] is None:
             prompts.append({"prompt_token_ids": request["ids"]})
         else:
-            prompts.append({"prompt_embeds": torch.cat([request["rows"].float(), table[ids]])})
+            embeds = torch.cat([request["rows"].float(), table[ids]])
+            prompts.append({"prompt_embeds": embeds.to(getattr(torch, dtype))})
     longest = max(len(r["ids"]) for r in spec["requests"]) + 128 + spec["new_tokens"]
     llm = LLM(
         model=spec["model"],
         enable_prompt_embeds=True,
-        dtype="float32",
+        dtype=dtype,
         max_model_len=max(512, longest),
         gpu_memory_utilization=0.3,  # on CPU: the share of RAM for its KV cache
         seed=0,
