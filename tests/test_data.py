@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +94,22 @@ def test_pad_left_positions_start_at_first_real_token():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     assert torch.equal(batch["position_ids"][1, -1], torch.tensor(0))
+
+
+def test_the_bundled_task_sets_are_what_their_generator_writes(tmp_path, monkeypatch):
+    """``benchmarks/make_task_sets.py`` rewrites the shipped files byte for byte, so the sets
+    can be regenerated and reviewed from their source."""
+    import importlib.util
+    from importlib import resources
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "make_task_sets.py"
+    spec = importlib.util.spec_from_file_location("make_task_sets", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "OUT", tmp_path)
+    module.main()
+    shipped = resources.files("softprompt") / "examples"
+    for name in ("routing", "pirate"):
+        for part in ("train", "heldout"):
+            file = f"{name}.{part}.jsonl"
+            assert (tmp_path / file).read_bytes() == (shipped / file).read_bytes(), file

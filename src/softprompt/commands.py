@@ -796,7 +796,9 @@ def _print_task_results(tasks: list[Any]) -> None:
     table = Table(title="task accuracy (higher is better)")
     for column in ("data", "model", "metric", "accuracy", "length-normalised", "rows"):
         table.add_column(
-            column, justify="left" if column in ("data", "model", "metric") else "right"
+            column,
+            justify="left" if column in ("data", "model", "metric") else "right",
+            overflow="fold",  # a narrow terminal wraps a long dataset name, never cuts it
         )
     for t in tasks:
         norm = f"{t.accuracy_norm:.3f}" if t.accuracy_norm is not None else ""
