@@ -537,10 +537,10 @@ def test_a_request_that_breaks_the_model_fails_alone(spm):
 
     forward = engine.runner.forward
 
-    def breaking(cache, rows, embeds, positions, new_valid):
+    def breaking(cache, rows, embeds, positions, new_valid, every=False):
         if int(positions.max()) >= 40:
             raise RuntimeError("boom at position 40")
-        return forward(cache, rows, embeds, positions, new_valid)
+        return forward(cache, rows, embeds, positions, new_valid, every)
 
     engine.runner.forward = breaking  # type: ignore[method-assign]
     long_prompt = "hope " * 45  # breaks in prefill
@@ -561,10 +561,10 @@ def test_a_request_that_runs_out_of_memory_fails_alone_with_what_to_try(spm):
     expected = _alone(engine, PROMPTS[0], "a", params).token_ids
     forward = engine.runner.forward
 
-    def tight(cache, rows, embeds, positions, new_valid):
+    def tight(cache, rows, embeds, positions, new_valid, every=False):
         if embeds.shape[1] >= 30:  # a long prompt's prefill does not fit
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return forward(cache, rows, embeds, positions, new_valid)
+        return forward(cache, rows, embeds, positions, new_valid, every)
 
     engine.runner.forward = tight  # type: ignore[method-assign]
     ok = engine.submit(PROMPTS[0], "a", params)
@@ -653,9 +653,9 @@ def test_prefill_in_length_groups_gives_the_same_tokens(tiny_model_dir):
             engine.add_adapter(name, Adapter(name, rows))
         calls: list[int] = []
 
-        def counted(prompts, prefixes, calls=calls, real=engine.runner.prefill):
+        def counted(prompts, prefixes, every=False, calls=calls, real=engine.runner.prefill):
             calls.append(len(prompts))
-            return real(prompts, prefixes)
+            return real(prompts, prefixes, every)
 
         engine.runner.prefill = counted
         done = engine.generate([p for p, _ in cases], [a for _, a in cases], params)

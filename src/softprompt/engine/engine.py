@@ -30,8 +30,10 @@ from .sampling import (
     FAILED,
     RequestError,
     SamplingParams,
+    TokenLogprobs,
     make_generator,
     pick_tokens,
+    prompt_logprobs,
     seen_mask,
 )
 from .scheduler import Scheduler, length_groups
@@ -604,9 +606,15 @@ class Engine:
                 self._finish(seq, "error", message)
                 continue
             ready.append((seq, lease))
+        # Rows that want their prompt's log-probabilities run apart, with the logits of every
+        # position (the others keep the last position's only).
+        echo = [item for item in ready if item[0].params.prompt_logprobs]
+        plain = [item for item in ready if not item[0].params.prompt_logprobs]
         groups = length_groups(
-            ready, lambda item: len(item[0].prompt_ids), self.config.prefill_padding
+            plain, lambda item: len(item[0].prompt_ids), self.config.prefill_padding
         )
+        if echo:
+            groups.append(echo)
         for group in groups:
             try:
                 self._prefill_group(group)
@@ -622,8 +630,17 @@ class Engine:
     def _prefill_group(self, group: list[tuple[Sequence, Any]]) -> None:
         seqs = [seq for seq, _ in group]
         prefixes = [lease.prefix if lease is not None else None for _, lease in group]
-        staged, logits = self.runner.prefill([s.prompt_ids for s in seqs], prefixes)
+        every = any(s.params.prompt_logprobs for s in seqs)
+        staged, logits = self.runner.prefill([s.prompt_ids for s in seqs], prefixes, every)
         longest_text = max(len(s.prompt_ids) for s in seqs)
+        if every:
+            for j, seq in enumerate(seqs):
+                seq.prompt_logprobs = prompt_logprobs(
+                    logits[j, longest_text - len(seq.prompt_ids) :],
+                    seq.prompt_ids,
+                    seq.params.logprobs or 0,
+                )
+            logits = logits[:, -1]
         spans = [s.prefix_length + longest_text for s in seqs]
         running = self.scheduler.running
         slots = [running.index(s) for s in seqs]
@@ -680,6 +697,7 @@ class Engine:
     def _accept(self, seqs: list[Sequence], slots: list[int], logits: torch.Tensor) -> None:
         """Choose each row's next token and hand out what it adds."""
         index = torch.tensor(slots).to(logits.device)
+        logprobs: dict[int, TokenLogprobs] = {}
         try:
             tokens = pick_tokens(
                 logits,
@@ -688,10 +706,12 @@ class Engine:
                 [len(s.output_ids) for s in seqs],
                 self.eos,
                 [s.generator for s in seqs],  # type: ignore[misc]
+                logprobs,
             )
         except Exception:  # noqa: BLE001 - row by row, failing only the rows that fail
             log.exception("choosing the next tokens of %d rows failed; row by row", len(seqs))
-            tokens = self._pick_one_by_one(seqs, index, logits)
+            logprobs.clear()
+            tokens = self._pick_one_by_one(seqs, index, logits, logprobs)
         penalised = [j for j, s in enumerate(seqs) if s.params.repetition_penalty != 1]
         if len(penalised) == len(seqs):
             self.seen[index, tokens] = True
@@ -700,7 +720,7 @@ class Engine:
             self.seen[index[rows], tokens[rows]] = True
         now = time.perf_counter()
         going = []
-        for seq, token in zip(seqs, tokens.tolist(), strict=True):
+        for j, (seq, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
             if seq.first_token_at is None:
                 seq.first_token_at = now
             if token == FAILED:
@@ -713,6 +733,8 @@ class Engine:
                 self._finish(seq, "stop")
             else:
                 seq.output_ids.append(token)
+                if j in logprobs:
+                    seq.logprobs.append(logprobs[j])
                 going.append(seq)
         self.stats.generated_tokens += len(going)
         try:
@@ -735,7 +757,11 @@ class Engine:
                 self._finish(seq, "error", f"internal error on this request: {exc}")
 
     def _pick_one_by_one(
-        self, seqs: list[Sequence], index: torch.Tensor, logits: torch.Tensor
+        self,
+        seqs: list[Sequence],
+        index: torch.Tensor,
+        logits: torch.Tensor,
+        logprobs: dict[int, TokenLogprobs],
     ) -> torch.Tensor:
         """``pick_tokens`` row by row; a row that raises gets ``FAILED``."""
         tokens = []
@@ -746,6 +772,7 @@ class Engine:
                 return self.seen[row]
 
             try:
+                own: dict[int, TokenLogprobs] = {}
                 tokens.append(
                     int(
                         pick_tokens(
@@ -755,9 +782,12 @@ class Engine:
                             [len(seq.output_ids)],
                             self.eos,
                             [seq.generator],  # type: ignore[list-item]
+                            own,
                         )[0]
                     )
                 )
+                if 0 in own:
+                    logprobs[j] = own[0]
             except Exception:  # noqa: BLE001
                 log.exception("request %s failed choosing its next token", seq.request_id)
                 tokens.append(FAILED)

@@ -193,17 +193,19 @@ class LeanLlama:
         embeds: torch.Tensor,
         positions: torch.Tensor,
         mask: torch.Tensor | None,
+        every: bool = False,
     ) -> torch.Tensor:
-        """embeds (B, q, D), positions (B, q), mask (B, 1, q, kv) bool → logits (B, V).
+        """embeds (B, q, D), positions (B, q), mask (B, 1, q, kv) bool → logits (B, V), or
+        with ``every`` the logits at every position (B, q, V).
 
         The mask may be None for a ``fused`` forward (the kernels read the cache's ``valid``)."""
-        if self.kernels is not None and embeds.shape[1] == 1:
+        if self.kernels is not None and embeds.shape[1] == 1 and not every:
             return self._fused_decode(self.kernels, cache, embeds, positions)
         if mask is None:
             raise ValueError("a forward off the fused kernels needs its attention mask")
         attend = _Attention(mask, self.heads, self.kv_heads, self.head_dim, embeds.shape[1])
         h = self.layers_forward(embeds, positions, cache.slot_layers, attend)
-        return self.lm_head(_normalise(h[:, -1], self.eps))
+        return self.lm_head(_normalise(h if every else h[:, -1], self.eps))
 
     def layers_forward(
         self,

@@ -177,8 +177,10 @@ class ModelRunner:
         embeds: torch.Tensor,
         positions: torch.Tensor,
         new_valid: torch.Tensor,
+        every: bool = False,
     ) -> torch.Tensor:
-        """Run ``embeds`` (B, q, D) for cache rows ``rows``; returns last-position logits (B, V).
+        """Run ``embeds`` (B, q, D) for cache rows ``rows``; returns last-position logits (B, V)
+        (with ``every``: the logits at every position, (B, q, V)).
 
         The new keys/values land at columns ``cache.end ..``; the caller advances ``end`` once
         every row of the step has run. On failure the new columns are marked invalid again.
@@ -188,10 +190,10 @@ class ModelRunner:
         try:
             lean = self.lean
             # The fused decode kernels read the cache's valid columns themselves.
-            fused = lean is not None and lean.fused(embeds)
+            fused = lean is not None and lean.fused(embeds) and not every
             mask = None if fused else cache.mask(rows, embeds.shape[1])
             if lean is not None:
-                logits = lean.forward(cache, embeds, positions, mask)
+                logits = lean.forward(cache, embeds, positions, mask, every)
             else:
                 out = self.model(
                     inputs_embeds=embeds,
@@ -199,13 +201,13 @@ class ModelRunner:
                     position_ids=positions,
                     cache=cache,
                     use_cache=True,
-                    logits_to_keep=1,
+                    logits_to_keep=0 if every else 1,
                 )
-                logits = out.logits[:, -1]
+                logits = out.logits if every else out.logits[:, -1]
         except BaseException:
             cache.mark(rows, torch.zeros_like(new_valid))
             raise
-        return logits[:, : self.vocab_size].float()
+        return logits[..., : self.vocab_size].float()
 
     def prefixes(self, adapters: list[Adapter]) -> list[Prefix]:
         """Keys/values of each adapter's virtual tokens at positions 0..n-1, for every layer.
@@ -268,13 +270,14 @@ class ModelRunner:
         return self.prefixes([adapter])[0]
 
     def prefill(
-        self, prompts: list[list[int]], prefixes: list[Prefix | None]
+        self, prompts: list[list[int]], prefixes: list[Prefix | None], every: bool = False
     ) -> tuple[SlotCache, torch.Tensor]:
         """Prefill joining requests' text after their cached prefixes.
 
         Row j is laid out ``[pad][prefix j][pad][text j]``: prefixes right-aligned to the longest
         one, texts left-padded to the longest one. Returns a cache holding the rows (to copy into
-        the engine's slots) and each row's next-token logits (n, V).
+        the engine's slots) and each row's next-token logits (n, V); with ``every``, the logits
+        at every text position (n, longest text, V), row j's text at its last ``len(text j)``.
         """
         n = len(prompts)
         longest_prefix = max((p.length for p in prefixes if p is not None), default=0)
@@ -298,7 +301,7 @@ class ModelRunner:
             cache.write_prefix(rows, prefix.keys, prefix.values)
         embeds = self.embedding(ids.to(self.device))
         logits = self.forward(
-            cache, slice(0, n), embeds, positions.to(self.device), valid.to(self.device)
+            cache, slice(0, n), embeds, positions.to(self.device), valid.to(self.device), every
         )
         cache.advance(longest_text)
         return cache, logits

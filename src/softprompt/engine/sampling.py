@@ -21,6 +21,8 @@ MAX_STOP_CHARS = 256
 """Characters in one stop string at most."""
 FAILED = -1
 """``pick_tokens``' token for a row whose sampling failed (NaN probabilities, say)."""
+MAX_LOGPROBS = 20
+"""Alternatives per token at most (``SamplingParams.logprobs``), as OpenAI's chat API allows."""
 
 
 class RequestError(UserError):
@@ -64,6 +66,15 @@ class SamplingParams:
     """Keep going past end-of-sequence until max_new_tokens (benchmarks use it)."""
     seed: int | None = None
     """Seed of this request's own generator; None draws a fresh one (sampling only)."""
+    logprobs: int | None = None
+    """Record each new token's log-probability and the ``logprobs`` most likely alternatives
+    (0 to 20; None: nothing recorded, nothing computed). They are of the distribution the token
+    was drawn from: after the repetition penalty, end-of-sequence blocking, temperature and
+    top-p (a greedy row: temperature 1)."""
+    prompt_logprobs: bool = False
+    """Also record the log-probability of each prompt token after the ones before it (the
+    model's own distribution, nothing applied), and ``logprobs`` alternatives; the first text
+    token has none (OpenAI's ``echo``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -100,6 +111,12 @@ class SamplingParams:
                 "stop",
                 all(len(s) <= MAX_STOP_CHARS for s in self.stop),
                 f"strings must be at most {MAX_STOP_CHARS} characters",
+            ),
+            (
+                "logprobs",
+                self.logprobs is None
+                or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+                f"must be from 0 to {MAX_LOGPROBS}",
             ),
             (
                 "seed",
@@ -180,6 +197,7 @@ def pick_tokens(
     produced: list[int],
     eos: list[int],
     generators: list[torch.Generator],
+    logprobs: dict[int, TokenLogprobs] | None = None,
 ) -> torch.Tensor:
     """Next token per row from ``logits`` (B, V) float32, which it may write into (the caller's
     scratch); returns (B,) on the logits' device.
@@ -190,6 +208,8 @@ def pick_tokens(
         produced: new tokens each row has made so far (for ``min_new_tokens``).
         eos: token ids that end a completion.
         generators: one per row; only sampled rows draw from theirs.
+        logprobs: filled for each row whose ``params.logprobs`` is set: row -> its token's
+            log-probability and the top alternatives, under the distribution drawn from.
 
     A sampled row whose probabilities cannot be sampled (NaN or infinite logits) gets
     ``FAILED`` instead of a token: it fails alone, the other rows go on.
@@ -205,6 +225,12 @@ def pick_tokens(
         logits[rows, torch.tensor(eos, device=device)[None, :]] = float("-inf")
     tokens = greedy_tokens(logits)
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if logprobs is not None and wanted:
+        greedy = [i for i in wanted if params[i].temperature <= 0]
+        if greedy:
+            rows = torch.tensor(greedy, device=device)
+            _record(logprobs, greedy, logits[rows].log_softmax(dim=-1), tokens[rows], params)
     if not sampled:
         return tokens
     index = torch.tensor(sampled, device=device)
@@ -228,4 +254,62 @@ def pick_tokens(
             tokens[i] = FAILED
             continue
         tokens[i] = order[j, choice[0]]
+    if logprobs is not None and (keep := [j for j, i in enumerate(sampled) if i in wanted]):
+        # The distribution drawn from: top-p's survivors, renormalised; the rest -inf.
+        kept = sorted_probs[keep]
+        kept = (kept / kept.sum(dim=-1, keepdim=True)).log()
+        full = torch.full_like(kept, float("-inf")).scatter_(1, order[keep], kept)
+        drawn = [sampled[j] for j in keep]
+        _record(logprobs, drawn, full, tokens[torch.tensor(drawn, device=device)], params)
     return tokens
+
+
+@dataclass
+class TokenLogprobs:
+    """One token's log-probability and the most likely alternatives at its place."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+    """``(token id, log-probability)``, most likely first."""
+
+
+def _record(
+    out: dict[int, TokenLogprobs],
+    rows: list[int],
+    logp: torch.Tensor,
+    tokens: torch.Tensor,
+    params: list[SamplingParams],
+) -> None:
+    """``out[row]`` for each of ``rows`` from their log-distributions ``logp`` (R, V) and the
+    tokens picked (a ``FAILED`` token records nothing)."""
+    k = max(params[i].logprobs or 0 for i in rows)
+    picked = tokens.clamp_min(0)
+    own = logp.gather(1, picked[:, None])[:, 0].tolist()
+    top_values, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], picked[:, None][:, :0])
+    for j, row in enumerate(rows):
+        if int(tokens[j]) == FAILED:
+            continue
+        n = params[row].logprobs or 0
+        out[row] = TokenLogprobs(
+            token=int(tokens[j]),
+            logprob=float(own[j]),
+            top=list(zip(top_ids[j, :n].tolist(), top_values[j, :n].tolist(), strict=True)),
+        )
+
+
+def prompt_logprobs(logits: torch.Tensor, ids: list[int], k: int) -> list[TokenLogprobs | None]:
+    """Each prompt token's log-probability after the tokens before it, and the ``k`` most
+    likely alternatives there, from the logits (L, V) at the prompt's L positions (the model's
+    own distribution: no penalty, no temperature). The first token has none."""
+    if len(ids) < 2:
+        return [None] * len(ids)
+    logp = logits[:-1].float().log_softmax(dim=-1)  # position t predicts token t + 1
+    following = torch.tensor(ids[1:], device=logits.device)
+    own = logp.gather(1, following[:, None])[:, 0].tolist()
+    values, top = logp.topk(k, dim=-1) if k else (logp[:, :0], following[:, None][:, :0])
+    out: list[TokenLogprobs | None] = [None]
+    for t, token in enumerate(ids[1:]):
+        pairs = zip(top[t].tolist(), values[t].tolist(), strict=True)
+        out.append(TokenLogprobs(token=token, logprob=float(own[t]), top=list(pairs)))
+    return out

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenLogprobs
 
 _ids = itertools.count()
 
@@ -47,6 +47,10 @@ class Completion:
     error: str | None = None
     time_to_first_token: float | None = None
     """Seconds from submission to the first new token."""
+    logprobs: list[TokenLogprobs] | None = None
+    """Per new token (``SamplingParams.logprobs``): its log-probability and alternatives."""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """Per prompt token (``SamplingParams.prompt_logprobs``); None for the first."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +91,8 @@ class Sequence:
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def length(self) -> int:
@@ -114,4 +120,6 @@ class Sequence:
             finish_reason=self.finish_reason or "error",
             error=self.error,
             time_to_first_token=ttft,
+            logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
+            prompt_logprobs=self.prompt_logprobs,
         )
