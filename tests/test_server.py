@@ -263,8 +263,7 @@ def _post(url: str, body: bytes | str | dict, key: str | None = KEY, path="/v1/c
         ({"model": "ad0", "prompt": "hi", "stop": ""}, 400, "stop"),
         ({"model": "ad0", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({"model": "ad0", "prompt": "hi", "n": 99}, 400, "n"),
-        ({"model": "ad0", "prompt": "hi", "logprobs": 2}, 400, "logprobs"),
-        ({"model": "ad0", "prompt": "hi", "echo": True}, 400, "echo"),
+        ({"model": "ad0", "prompt": "hi", "logprobs": 6}, 400, "logprobs"),
         ({"model": "ad0", "prompt": 12}, 400, "prompt"),
         ({"model": "ad0", "prompt": []}, 400, "prompt"),
         ({"model": "ad0", "prompt": [999999]}, 400, "prompt"),
@@ -414,3 +413,91 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(served, tmp_pa
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "passed" in result.stdout
     print(result.stdout[-1500:])
+
+
+def test_completions_logprobs_are_the_engines(served, client):
+    engine = served[3]
+    for model in ("tiny", "ad2"):
+        out = client.completions.create(
+            model=model, prompt=PROMPTS[2], max_tokens=5, temperature=0, logprobs=2
+        )
+        params = SamplingParams(max_new_tokens=5, logprobs=2)
+        alone = engine.generate([PROMPTS[2]], [None if model == "tiny" else model], params)[0]
+        lp = out.choices[0].logprobs
+        assert lp.token_logprobs == pytest.approx([e.logprob for e in alone.logprobs], abs=1e-5)
+        # each token's own text, with the spacing the text has: the pieces join into the text
+        assert [t.strip() for t in lp.tokens] == [
+            engine.tokenizer.decode([t]) for t in alone.token_ids
+        ]
+        assert "".join(lp.tokens) == out.choices[0].text
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+        for top, entry in zip(lp.top_logprobs, alone.logprobs, strict=True):
+            assert len(top) <= 2 and max(top.values()) == pytest.approx(entry.top[0][1], abs=1e-5)
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(served, client):
+    """What lm-evaluation-harness's local-completions sends to score a continuation."""
+    engine = served[3]
+    ids = engine.tokenizer(PROMPTS[0])["input_ids"]
+    out = client.completions.create(
+        model="ad1", prompt=ids, max_tokens=0, temperature=0, logprobs=1, echo=True
+    )
+    choice = out.choices[0]
+    assert choice.text == engine.tokenizer.decode(ids) and out.usage.completion_tokens == 0
+    params = SamplingParams(max_new_tokens=1, prompt_logprobs=True, logprobs=1)
+    alone = engine.generate([ids], ["ad1"], params)[0]
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    expected = [e.logprob for e in alone.prompt_logprobs[1:]]
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-5)
+    assert len(choice.logprobs.tokens) == len(ids)
+    # echo with generated tokens: the prompt's tokens, then the completion's
+    both = client.completions.create(
+        model="ad1", prompt=PROMPTS[0], max_tokens=3, temperature=0, logprobs=0, echo=True
+    )
+    assert both.choices[0].text.startswith(PROMPTS[0])
+    assert len(both.choices[0].logprobs.tokens) == len(ids) + both.usage.completion_tokens
+
+
+def test_chat_logprobs_in_the_chat_format(served, client):
+    out = client.chat.completions.create(
+        model="ad4",
+        messages=[{"role": "user", "content": "be kind"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    assert "".join(c.token for c in content) == out.choices[0].message.content
+    for c in content:
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob >= c.logprob - 1e-6
+        assert bytes(c.bytes).decode() == c.token
+    plain = client.chat.completions.create(
+        model="ad4", messages=[{"role": "user", "content": "be kind"}], max_tokens=4
+    )
+    assert plain.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("completions", {"prompt": "hope", "max_tokens": 0}, "max_tokens"),
+        ("completions", {"prompt": "hope", "logprobs": 6}, "logprobs"),
+        ("completions", {"prompt": "hope", "logprobs": 1, "stream": True}, "logprobs"),
+        ("completions", {"prompt": "hope", "echo": True, "stream": True}, "echo"),
+        ("chat/completions", {"messages": [{"role": "user", "content": "hope"}],
+                              "top_logprobs": 2}, "top_logprobs"),
+        ("chat/completions", {"messages": [{"role": "user", "content": "hope"}],
+                              "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ],
+)  # fmt: skip
+def test_logprobs_requests_it_cannot_serve_are_refused_by_name(served, path, body, param):
+    url = served[0]
+    reply = httpx.post(
+        f"{url}/v1/{path}",
+        json={"model": "tiny", **body},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param

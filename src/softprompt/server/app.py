@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine, RequestError, SamplingParams
 from ..engine.engine import QueueFull, ShuttingDown
+from ..engine.sampling import TokenLogprobs
 from ..engine.sequence import Output
 from ..errors import UserError
 from ..layout import chat_layout
@@ -39,12 +40,16 @@ from .protocol import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
+    ChatLogprobs,
     Completion,
     CompletionChoice,
     CompletionRequest,
     ErrorResponse,
+    LegacyLogprobs,
     ModelCard,
     ModelList,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -414,12 +419,12 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
         if body.stream:
             return _sse(job.completion_chunks(request))
         await job.wait(request)
-        choices = [
-            CompletionChoice(index=i, text=c.text, finish_reason=c.reason)
-            for i, c in enumerate(job.choices)
-        ]
         return Completion(
-            id=job.id, created=job.created, model=body.model, choices=choices, usage=job.usage()
+            id=job.id,
+            created=job.created,
+            model=body.model,
+            choices=job.completion_choices(),
+            usage=job.usage(),
         )
 
     @app.post(
@@ -442,7 +447,12 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
             return _sse(job.chat_chunks(request))
         await job.wait(request)
         choices = [
-            ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.reason)
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=c.text),
+                logprobs=job.chat_logprobs(i),
+                finish_reason=c.reason,
+            )
             for i, c in enumerate(job.choices)
         ]
         return ChatCompletion(
@@ -556,7 +566,21 @@ class _Job:
         self.engine, self.metrics, self.endpoint = engine, metrics, endpoint
         self.outputs = outputs
         self.body, self.adapter, self.prompts = body, adapter, prompts
-        self.max_tokens = body.max_tokens or default_max_tokens
+        self.max_tokens = default_max_tokens if body.max_tokens is None else body.max_tokens
+        self.echo = bool(getattr(body, "echo", False))
+        self.top: int | None = None
+        """Alternatives per token when log-probabilities are asked for (None: not asked)."""
+        if endpoint == "chat":
+            if body.top_logprobs is not None and not body.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            self.top = (body.top_logprobs or 0) if body.logprobs else None
+        else:
+            self.top = body.logprobs
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens 0 needs echo (to score the prompt)", param="max_tokens")
+        if body.stream and (self.echo or self.top is not None):
+            param = "echo" if self.echo else "logprobs"
+            raise APIError(400, f"{param} with stream is not supported yet", param=param)
         self.id = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.choices = [_Choice() for _ in range(len(prompts) * body.n)]
@@ -573,8 +597,11 @@ class _Job:
         seed = None if body.seed is None else body.seed + choice % body.n
         try:
             return SamplingParams(
-                max_new_tokens=self.max_tokens,
+                # max_tokens 0 (echo alone: score the prompt) runs one token and drops it
+                max_new_tokens=max(1, self.max_tokens),
                 min_new_tokens=body.min_tokens,
+                logprobs=self.top,
+                prompt_logprobs=self.echo and self.top is not None,
                 temperature=body.temperature,
                 top_p=body.top_p,
                 repetition_penalty=body.repetition_penalty,
@@ -684,7 +711,62 @@ class _Job:
             self.metrics.request(self.endpoint, 500)
             raise APIError(500, f"generation failed: {failed[0]}", "server_error")
 
+    def completion_choices(self) -> list[CompletionChoice]:
+        """The finished choices of a completions request, with the prompt first under echo and
+        OpenAI's legacy ``logprobs`` when asked for."""
+        tokenizer = self.engine.tokenizer
+        out = []
+        for i, choice in enumerate(self.choices):
+            seq = self.handles[i].seq
+            text = choice.text if self.max_tokens else ""
+            ids = list(seq.output_ids) if self.max_tokens else []
+            entries: list[TokenLogprobs | None] = list(seq.logprobs)[: len(ids)]
+            head = ""
+            if self.echo:
+                prompt = self.prompts[i // self.body.n]
+                head = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+                ids = list(seq.prompt_ids) + ids
+                entries = list(seq.prompt_logprobs or [None] * len(seq.prompt_ids)) + entries
+            logprobs = None
+            if self.top is not None:
+                logprobs = _legacy_logprobs(tokenizer, ids, entries)
+            out.append(
+                CompletionChoice(
+                    index=i, text=head + text, logprobs=logprobs, finish_reason=choice.reason
+                )
+            )
+        return out
+
+    def chat_logprobs(self, index: int) -> ChatLogprobs | None:
+        """A finished chat choice's ``logprobs`` (None when not asked for)."""
+        if self.top is None:
+            return None
+        tokenizer = self.engine.tokenizer
+        content = []
+        entries = self.handles[index].seq.logprobs
+        pieces = token_pieces(tokenizer, [e.token for e in entries])
+        for entry, piece in zip(entries, pieces, strict=True):
+            top = [
+                TopLogprob(token=t, logprob=v, bytes=list(t.encode()))
+                for t, v in ((tokenizer.decode([i]), v) for i, v in entry.top)
+            ]
+            content.append(
+                TokenLogprob(
+                    token=piece,
+                    logprob=entry.logprob,
+                    bytes=list(piece.encode()),
+                    top_logprobs=top,
+                )
+            )
+        return ChatLogprobs(content=content)
+
     def usage(self) -> Usage:
+        if self.max_tokens == 0:  # echo alone: the one token made is not part of the answer
+            return Usage(
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=0,
+                total_tokens=self.prompt_tokens,
+            )
         completion = sum(c.tokens for c in self.choices)
         return Usage(
             prompt_tokens=self.prompt_tokens,
@@ -784,6 +866,37 @@ def _merged(items: list[tuple[int, Output]]) -> list[tuple[int, Output]]:
             out.error,
         )
     return list(joined.items())
+
+
+def token_pieces(tokenizer: Any, ids: list[int], window: int = 6) -> list[str]:
+    """The text each token adds after the ones before it (a few tokens of context decide
+    spacing and merged characters), so the pieces join into the decoded text."""
+    pieces = []
+    for i in range(len(ids)):
+        start = max(0, i - window)
+        before = tokenizer.decode(ids[start:i]) if i > start else ""
+        pieces.append(tokenizer.decode(ids[start : i + 1])[len(before) :])
+    return pieces
+
+
+def _legacy_logprobs(
+    tokenizer: Any, ids: list[int], entries: list[TokenLogprobs | None]
+) -> LegacyLogprobs:
+    """OpenAI's legacy ``logprobs`` object for tokens ``ids`` (each with its entry, or None
+    where there is no log-probability: the first prompt token)."""
+    tokens = token_pieces(tokenizer, ids)
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return LegacyLogprobs(
+        tokens=tokens,
+        token_logprobs=[None if e is None else e.logprob for e in entries],
+        top_logprobs=[
+            None if e is None else {tokenizer.decode([i]): v for i, v in e.top} for e in entries
+        ],
+        text_offset=offsets,
+    )
 
 
 def _bad_request(exc: RequestError) -> APIError:

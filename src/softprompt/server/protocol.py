@@ -3,8 +3,8 @@
 Field names, defaults and shapes follow OpenAI's completions and chat completions APIs, so the
 official clients work unchanged. A few extensions that vLLM also accepts (``repetition_penalty``,
 ``min_tokens``, ``ignore_eos``) map onto the engine's sampling parameters. Parameters OpenAI has
-and this server does not (log probabilities, echo, tools...) are refused by name rather than
-silently ignored; unknown fields are ignored, as OpenAI-compatible servers do.
+and this server does not (tools, logit_bias...) are refused by name rather than silently
+ignored; unknown fields are ignored, as OpenAI-compatible servers do.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ MAX_N = 8
 """Choices per prompt at most: each is one more row in the batch."""
 MAX_STOP = 4
 """Stop strings per request at most, as OpenAI allows."""
+MAX_LOGPROBS_LEGACY = 5
+"""Alternatives per token at most on /v1/completions, as OpenAI's legacy API allows."""
+MAX_LOGPROBS = 20
+"""Alternatives per token at most on /v1/chat/completions (``top_logprobs``)."""
 
 
 class _Strict(BaseModel):
@@ -57,15 +61,12 @@ class _Sampling(_Strict):
     )
     ignore_eos: bool = Field(default=False, description="extension: run on to max_tokens")
     # OpenAI parameters this server does not implement; refused unless left at their defaults.
-    logprobs: Any = None
     logit_bias: dict[str, float] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
 
     def unsupported(self) -> str | None:
         """The first parameter set to something this server cannot do, if any."""
-        if self.logprobs not in (None, False, 0):
-            return "logprobs"
         if self.logit_bias:
             return "logit_bias"
         if self.presence_penalty not in (None, 0):
@@ -84,13 +85,20 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="text, token ids, or a list of either (one completion each)"
     )
-    echo: bool = False
+    max_tokens: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="new tokens at most (default 16); 0 only with echo (scoring)"
+    )
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS_LEGACY)] | None = Field(
+        default=None,
+        description="each token's log-probability and this many most likely alternatives",
+    )
+    echo: bool = Field(
+        default=False, description="the prompt before the completion (with logprobs: scored)"
+    )
     suffix: str | None = None
     best_of: int | None = None
 
     def unsupported(self) -> str | None:
-        if self.echo:
-            return "echo"
         if self.suffix:
             return "suffix"
         if self.best_of not in (None, 1, self.n):
@@ -120,7 +128,10 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
-    top_logprobs: int | None = None
+    logprobs: bool = Field(default=False, description="each new token's log-probability")
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = Field(
+        default=None, description="with logprobs: this many most likely alternatives per token"
+    )
 
     def unsupported(self) -> str | None:
         if self.tools:
@@ -129,8 +140,6 @@ class ChatCompletionRequest(_Sampling):
             return "tool_choice"
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             return "response_format"
-        if self.top_logprobs:
-            return "top_logprobs"
         return super().unsupported()
 
 
@@ -140,10 +149,20 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class LegacyLogprobs(BaseModel):
+    """OpenAI's completions ``logprobs``: per token, its text, log-probability (None for the
+    first prompt token under echo), the alternatives, and where its text starts."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: LegacyLogprobs | None = None
     finish_reason: str | None
 
 
@@ -161,10 +180,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
