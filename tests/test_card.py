@@ -36,3 +36,43 @@ def test_the_card_carries_the_hubs_metadata_and_names_its_method(spm, tmp_path: 
     kind = "PREFIX_TUNING" if method == "prefix" else "PROMPT_TUNING"
     assert f"PEFT {kind} adapter" in card.text
     assert ("prefix tuning" in card.text) == (method == "prefix")
+
+
+def test_push_uploads_the_adapter_files_and_its_card(spm, tmp_path: Path, cli_main, monkeypatch):
+    import json
+
+    from huggingface_hub import HfApi
+
+    config = TrainConfig(virtual_tokens=3, epochs=1, lr=0.1, batch_size=4)
+    result = train(spm, "kind", init_prompt(spm.base, 3), TEXTS, TEXTS[:3], config, progress=False)
+    folder = save_trained(
+        spm, "kind", tmp_path / "kind", config, result, {"data": "x.jsonl"}, heldout=TEXTS[:3]
+    )
+    assert (folder / "heldout.jsonl").is_file()
+    dry = cli_main("push", str(folder), "me/kind-prompt", "--dry-run", "--private")
+    assert dry.returncode == 0, dry.stderr
+    assert "would upload to me/kind-prompt@main (private)" in dry.stdout
+    head = dry.stdout.split("model card metadata:")[0]
+    listed = [line.split()[0] for line in head.splitlines() if line.startswith("  ")]
+    assert "adapter_model.safetensors" in listed and "README.md" in listed
+    assert "heldout.jsonl" not in listed  # the user's data stays home
+    metadata = json.loads(dry.stdout.split("model card metadata:\n", 1)[1])
+    assert metadata["library_name"] == "peft" and "prompt-tuning" in metadata["tags"]
+    # The real upload, with the Hub's API stood in for (no network here).
+    calls = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: calls.setdefault("repo", k))
+    monkeypatch.setattr(
+        HfApi, "upload_folder", lambda self, **k: calls.setdefault("upload", k) and None
+    )
+    done = cli_main("push", str(folder), "me/kind-prompt", "--revision", "v1")
+    assert done.returncode == 0, done.stderr
+    assert calls["repo"]["private"] is False and calls["repo"]["exist_ok"] is True
+    assert sorted(calls["upload"]["allow_patterns"]) == sorted(listed)
+    assert calls["upload"]["revision"] == "v1" and calls["upload"]["repo_id"] == "me/kind-prompt"
+    for args, message in [
+        ([str(folder), "not a repo id!"], "not a Hub repository id"),
+        ([str(folder), "justname"], "owner/name"),
+        ([str(tmp_path), "me/x"], "adapter"),
+    ]:
+        refused = cli_main("push", *args, "--dry-run")
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr

@@ -26,6 +26,7 @@ EPILOG = """examples:
   softprompt report --adapter adapters/roles --output report.html
   softprompt serve --adapters adapters --port 8000
   softprompt embeds --adapter adapters/roles --prompt "I want you to act as a chef." --output x.pt
+  softprompt push adapters/roles me/roles-prompt --dry-run
 """
 
 
@@ -432,6 +433,28 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
     _model_arg(emb)
     emb.set_defaults(func=commands.cmd_embeds)
+
+    push = sub.add_parser(
+        "push",
+        help="upload an adapter folder to the Hugging Face Hub",
+        description="Upload an adapter folder's files (PEFT config and weights, its model card "
+        "README.md with the Hub's metadata, training config, loss log and plot) to a model "
+        "repository, created if missing. The held-out data file is not uploaded. The token "
+        "comes from the usual places (HF_TOKEN, `hf auth login`).",
+    )
+    push.add_argument("adapter", metavar="ADAPTER", help="adapter folder")
+    push.add_argument("repo_id", metavar="REPO_ID", help="owner/name on the Hub")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", help="branch to upload to (default: main)")
+    push.add_argument("--commit-message", help="default: 'Upload ADAPTER with softprompt'")
+    push.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show exactly the files and the card's metadata that would be uploaded; upload "
+        "nothing",
+    )
+    push.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
+    push.set_defaults(func=commands.cmd_push)
     return parser
 
 
