@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import ModelCard
 
 from softprompt.prompt import init_prompt
@@ -76,3 +77,42 @@ def test_push_uploads_the_adapter_files_and_its_card(spm, tmp_path: Path, cli_ma
     ]:
         refused = cli_main("push", *args, "--dry-run")
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+
+
+def test_adapters_load_from_the_hub_cache_offline(spm, tmp_path: Path, cli_main, monkeypatch):
+    """``owner/name[@revision]`` wherever an adapter is taken: a copy in the standard Hugging
+    Face cache loads with the network off; a missing one is one line."""
+    import shutil
+
+    import huggingface_hub.constants as hub_constants
+    from huggingface_hub import scan_cache_dir
+
+    from softprompt.prompt import load_adapter
+
+    config = TrainConfig(virtual_tokens=3, epochs=1, lr=0.1, batch_size=4)
+    result = train(spm, "kind", init_prompt(spm.base, 3), TEXTS, TEXTS[:3], config, progress=False)
+    folder = save_trained(spm, "kind", tmp_path / "kind", config, result, {"data": "x.jsonl"})
+    # The cache layout huggingface_hub writes: blobs behind snapshots/<commit>, refs/<branch>.
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--me--kind-prompt"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        shutil.copy(folder / file, snapshot / file)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "refs" / "v1").write_text(commit)
+    assert [r.repo_id for r in scan_cache_dir(cache).repos] == ["me/kind-prompt"]
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for ref in ("me/kind-prompt", "me/kind-prompt@v1"):
+        adapter = load_adapter(ref)
+        assert adapter.name == "kind-prompt"
+        assert torch.equal(adapter.weights, load_adapter(folder).weights)
+    done = cli_main("inspect", "me/kind-prompt", "--json", "--model", str(spm.base.name))
+    assert done.returncode == 0, done.stderr
+    missing = cli_main("inspect", "me/not-cached", "--model", str(spm.base.name))
+    assert missing.returncode == 2
+    assert "me/not-cached is not in the local Hugging Face cache" in missing.stderr

@@ -64,11 +64,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _needs_hub(args: argparse.Namespace) -> bool:
-    """Whether a --model or --data names something that is neither local nor bundled."""
+    """Whether a --model, --data or adapter names something that is neither local nor bundled
+    (a Hub id: then a quick look decides whether to go offline)."""
     data = getattr(args, "data", None) or []
     refs = [getattr(args, "model", None), getattr(args, "eval_data", None)]
     refs += data if isinstance(data, list) else [data]
-    return any(ref and not ref.startswith("examples:") and not Path(ref).exists() for ref in refs)
+    if any(ref and not ref.startswith("examples:") and not Path(ref).exists() for ref in refs):
+        return True
+    if getattr(args, "command", None) == "push":  # push reads a local folder
+        return False
+    from .hub import hub_adapter
+
+    adapters = getattr(args, "adapter", None) or []
+    adapters = [*(adapters if isinstance(adapters, list) else [adapters])]
+    adapters.append(getattr(args, "init_from", None))
+    return any(ref and hub_adapter(ref) is not None for ref in adapters)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -62,3 +62,62 @@ def go_offline_if_unreachable(timeout: float = 3.0) -> bool:
 def unreachable_note() -> str:
     """A hint to add to load errors when offline mode is on."""
     return " (the Hugging Face Hub is not reachable: offline mode)" if is_offline() else ""
+
+
+ADAPTER_FILES = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "README.md",
+    "training_config.json",
+    "loss_log.json",
+    "loss.png",
+]
+"""What an adapter repository is downloaded for (its weights, config and card)."""
+
+
+def hub_adapter(ref: str) -> tuple[str, str | None] | None:
+    """``(repo_id, revision)`` when ``ref`` names a Hub adapter (``owner/name[@revision]``) and
+    no local path; None for a local path."""
+    from pathlib import Path
+
+    if Path(ref).exists() or ref.startswith((".", "/", "~")):
+        return None
+    repo, _, revision = ref.partition("@")
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(parts):
+        return None
+    return repo, revision or None
+
+
+def download_adapter(repo_id: str, revision: str | None = None) -> str:
+    """The local folder of a Hub adapter, downloaded into the standard Hugging Face cache (or
+    found there: offline, a cached copy loads without the network).
+
+    Raises:
+        UserError: no such repository or revision, or not cached while offline.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from .errors import UserError
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        return str(snapshot_download(repo_id, revision=revision, allow_patterns=ADAPTER_FILES))
+    except RepositoryNotFoundError as exc:
+        raise UserError(f"adapter {where}: no such repository on the Hub (or no access)") from exc
+    except RevisionNotFoundError as exc:
+        raise UserError(f"adapter {where}: no such revision") from exc
+    except LocalEntryNotFoundError as exc:
+        raise UserError(
+            f"adapter {where} is not in the local Hugging Face cache{unreachable_note()}"
+        ) from exc
+    except (HfHubHTTPError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"adapter {where}: {first}") from exc

@@ -450,13 +450,21 @@ def load_adapter(path: str | Path, allow_pickle: bool = False, name: str | None 
     """Read a PEFT prompt-tuning, P-tuning or prefix-tuning adapter folder.
 
     Args:
-        path: the folder holding ``adapter_config.json`` and the weights.
+        path: the folder holding ``adapter_config.json`` and the weights, or a Hub repository
+            ``owner/name[@revision]`` (downloaded into the Hugging Face cache; a cached copy
+            loads offline).
         allow_pickle: accept ``adapter_model.bin`` (a pickle) when there is no safetensors file.
-        name: the name to load it under; defaults to the folder's name.
+        name: the name to load it under; defaults to the folder's (or repository's) name.
 
     Raises:
         UserError: not an adapter folder, not a prompt-learning adapter, corrupt or refused weights.
     """
+    from .hub import download_adapter, hub_adapter
+
+    if (hub := hub_adapter(str(path))) is not None:
+        repo_id, revision = hub
+        name = name or repo_id.split("/")[1]
+        path = download_adapter(repo_id, revision)
     folder = Path(path)
     if not folder.is_dir():
         raise UserError(f"adapter {str(path)!r} does not exist or is not a folder")
