@@ -111,6 +111,9 @@ def test_adapters_load_from_the_hub_cache_offline(spm, tmp_path: Path, cli_main,
         adapter = load_adapter(ref)
         assert adapter.name == "kind-prompt"
         assert torch.equal(adapter.weights, load_adapter(folder).weights)
+    from softprompt.server.run import fixed_adapters
+
+    assert fixed_adapters(["coach=me/kind-prompt@v1"]) == {"coach": snapshot}  # serve --adapter
     done = cli_main("inspect", "me/kind-prompt", "--json", "--model", str(spm.base.name))
     assert done.returncode == 0, done.stderr
     missing = cli_main("inspect", "me/not-cached", "--model", str(spm.base.name))

@@ -132,6 +132,8 @@ def test_sigterm_drains_then_aborts_what_is_still_running_and_exits_0(
 def test_serve_bad_inputs(tiny_model_dir, adapter_dir, tmp_path, cli_main):
     missing = cli_main("serve", "--adapters", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+    nothing = cli_main("serve", "--port", "0")
+    assert nothing.returncode == 2 and "give --adapters DIR" in nothing.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
@@ -139,6 +141,12 @@ def test_serve_bad_inputs(tiny_model_dir, adapter_dir, tmp_path, cli_main):
         taken = cli_main("serve", "--adapters", str(adapter_dir), "--port", port)
     assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in taken.stderr
     for args, needle in (
+        (["--adapter", "no-equals-sign"], "give NAME=FOLDER"),
+        (["--adapter", f"x={tmp_path}"], "is not an adapter folder"),
+        (
+            ["--adapter", f"k={adapter_dir / 'kind'}", "--adapter", f"k={adapter_dir / 'kind'}"],
+            "given twice",
+        ),
         (["--poll-seconds", "-1"], "--poll-seconds"),
         (["--max-body-bytes", "10"], "--max-body-bytes"),
         (["--max-batch-size", "0"], "--max-batch-size must be at least 1"),
@@ -199,3 +207,22 @@ def test_embeds_fed_to_the_base_model_give_softprompts_own_output(
     assert torch.equal(torch.load(out), tensor)  # untouched
     nowhere = cli_main("embeds", "--prompt", "hi", "--output", str(tmp_path / "no" / "x.pt"))
     assert nowhere.returncode == 2 and "does not exist" in nowhere.stderr
+
+
+def test_serve_named_adapters_beside_or_without_a_folder(tiny_model_dir, adapter_dir):
+    """``--adapter NAME=REF`` serves one adapter under a name of the user's choosing (a Hub
+    repository too: ``load_adapter``'s Hub path, tested in test_card.py)."""
+    proc, url = _start(
+        ["--model", str(tiny_model_dir), "--adapter", f"coach={adapter_dir / 'kind'}"]
+    )
+    try:
+        models = {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+        assert models == {tiny_model_dir.name, "coach"}
+        reply = httpx.post(
+            url + "/v1/completions",
+            json={"model": "coach", "prompt": "be kind", "max_tokens": 3, "temperature": 0},
+        )
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

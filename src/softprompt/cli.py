@@ -77,6 +77,8 @@ def _needs_hub(args: argparse.Namespace) -> bool:
 
     adapters = getattr(args, "adapter", None) or []
     adapters = [*(adapters if isinstance(adapters, list) else [adapters])]
+    if getattr(args, "command", None) == "serve":  # NAME=REF
+        adapters = [a.partition("=")[2] for a in adapters]
     adapters.append(getattr(args, "init_from", None))
     return any(ref and hub_adapter(ref) is not None for ref in adapters)
 
@@ -375,7 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
         "or removed later are picked up without a restart.",
     )
     _model_arg(srv)
-    srv.add_argument("--adapters", required=True, metavar="DIR", help="folder of adapter folders")
+    srv.add_argument(
+        "--adapters",
+        metavar="DIR",
+        help="folder of adapter folders, each served as a model named after it (watched: "
+        "folders added later are served without a restart)",
+    )
+    srv.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=REF",
+        help="also serve REF (an adapter folder, or a Hub repository owner/name[@revision]) as "
+        "model NAME (repeatable)",
+    )
     srv.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
     srv.add_argument("--port", type=int, default=8000, help="default: %(default)s")
     srv.add_argument(

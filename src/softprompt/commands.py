@@ -975,6 +975,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.max_body_bytes,
         max_queue=args.max_queue,
         drain_seconds=args.drain_seconds,
+        named=args.adapter,
     )
 
 

@@ -38,14 +38,24 @@ def _signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
 class AdapterFolder:
     """Args:
     engine: the engine whose adapters this folder decides.
-    root: the adapters folder.
+    root: the adapters folder (None: only ``fixed``).
     reserved: names that are not adapters (the base model's).
+    fixed: adapters by name, folders outside ``root`` (Hub downloads), always served.
     """
 
-    def __init__(self, engine: Any, root: str | Path, reserved: set[str]) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        root: str | Path | None,
+        reserved: set[str],
+        fixed: dict[str, Path] | None = None,
+    ) -> None:
         self.engine = engine
-        self.root = Path(root)
-        self.reserved = reserved
+        self.root = Path(root) if root is not None else None
+        self.fixed = dict(fixed or {})
+        """Adapters named on the command line (``serve --adapter NAME=REF``), served beside
+        the folder's; a subfolder of the same name is not served."""
+        self.reserved = reserved | set(self.fixed)
         self._served: dict[str, tuple[Any, ...]] = {}
         self._failed: dict[str, tuple[Any, ...]] = {}
         self._lock = threading.Lock()
@@ -58,12 +68,14 @@ class AdapterFolder:
             return sorted(self._served)
 
     def _candidates(self) -> dict[str, Path]:
+        found = dict(self.fixed)
+        if self.root is None:
+            return found
         try:
             entries = list(self.root.iterdir())
         except OSError as exc:
             log.warning("cannot list adapters folder %s: %s", self.root, exc)
-            return {}
-        found = {}
+            return found
         for entry in entries:
             # Hidden folders are skipped: a tool writing an adapter atomically writes there first.
             if entry.name.startswith(".") or entry.name in self.reserved:

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,8 @@ class ServerConfig:
     model_name: str
     """The base model's name in the API (adapters are named after their folders)."""
     adapters_dir: Path | None = None
+    fixed_adapters: dict[str, Path] = field(default_factory=dict)
+    """Adapters named at start-up (``--adapter NAME=REF``), served beside the folder's."""
     api_key: str | None = None
     """When set, /v1 requests need ``Authorization: Bearer <key>``."""
     poll_seconds: float = 1.0
@@ -245,8 +247,8 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
     runs them in its main thread instead (``Engine.run``).
     """
     folder = (
-        AdapterFolder(engine, config.adapters_dir, {config.model_name})
-        if config.adapters_dir is not None
+        AdapterFolder(engine, config.adapters_dir, {config.model_name}, config.fixed_adapters)
+        if config.adapters_dir is not None or config.fixed_adapters
         else None
     )
     metrics = Metrics(engine, lambda: folder.names() if folder else [])

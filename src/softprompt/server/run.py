@@ -99,11 +99,34 @@ def api_name(model: str | None, recorded: str) -> str:
     return recorded
 
 
+def fixed_adapters(named: list[str]) -> dict[str, Path]:
+    """``--adapter NAME=REF`` flags as folders: REF a local adapter folder or a Hub repository
+    ``owner/name[@revision]`` (downloaded into the Hugging Face cache now).
+
+    Raises:
+        UserError: a flag without ``NAME=``, a name given twice, or a REF that cannot be had.
+    """
+    from ..hub import download_adapter, hub_adapter
+
+    out: dict[str, Path] = {}
+    for flag in named:
+        name, sep, ref = flag.partition("=")
+        if not sep or not name or not ref or name.startswith(".") or "/" in name:
+            raise UserError(f"--adapter {flag!r}: give NAME=FOLDER or NAME=owner/repo[@revision]")
+        if name in out:
+            raise UserError(f"--adapter: the name {name!r} is given twice")
+        hub = hub_adapter(ref)
+        out[name] = Path(download_adapter(*hub)) if hub is not None else Path(ref)
+        if not (out[name] / "adapter_config.json").is_file():
+            raise UserError(f"--adapter {flag}: {ref} is not an adapter folder")
+    return out
+
+
 def serve(
     model: str | None,
     device: str,
     dtype: str,
-    adapters: str,
+    adapters: str | None,
     host: str,
     port: int,
     api_key: str | None,
@@ -113,6 +136,7 @@ def serve(
     max_body_bytes: int,
     max_queue: int | None = None,
     drain_seconds: float = 30.0,
+    named: list[str] | None = None,
 ) -> int:
     """``softprompt serve``: load the model, serve until SIGTERM or Ctrl-C.
 
@@ -121,9 +145,14 @@ def serve(
     with 0. If the engine's step loop dies, the process exits with 1 (``/health`` says 503 until
     then).
     """
-    folder = Path(adapters)
-    if not folder.is_dir():
+    folder = Path(adapters) if adapters is not None else None
+    if folder is None and not named:
+        raise UserError(
+            "give --adapters DIR (a folder of adapter folders), --adapter NAME=REF, or both"
+        )
+    if folder is not None and not folder.is_dir():
         raise UserError(f"adapters folder {adapters} does not exist (make it, even empty)")
+    fixed = fixed_adapters(named or [])
     if poll_seconds < 0:
         raise UserError("--poll-seconds must be 0 (no watching) or more")
     if max_body_bytes < 1024:
@@ -155,6 +184,7 @@ def serve(
         ServerConfig(
             model_name=api_name(model, base.name),
             adapters_dir=folder,
+            fixed_adapters=fixed,
             api_key=api_key,
             poll_seconds=poll_seconds,
             max_body_bytes=max_body_bytes,
@@ -171,7 +201,11 @@ def serve(
     if engine.runner.decode_path is not None:
         print(f"softprompt: {engine.runner.decode_path.summary()}", file=sys.stderr)
     print(f"softprompt: playground at {url}/", file=sys.stderr)
-    print(f"softprompt: adapters added to {folder} are served without a restart", file=sys.stderr)
+    if folder is not None:
+        print(
+            f"softprompt: adapters added to {folder} are served without a restart",
+            file=sys.stderr,
+        )
     if api_key:
         print("softprompt: /v1 requests need Authorization: Bearer <key>", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="softprompt: %(message)s")
