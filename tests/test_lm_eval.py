@@ -144,3 +144,59 @@ def test_lm_eval_scores_the_server_as_softprompt_does(
         for prompt, _ in ROWS:
             expected = engine.generate([prompt], [name], params)[0].text
             assert generated[prompt] == expected, (model, prompt)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_lm_eval_hf_with_peft_scores_a_softprompt_adapter_as_softprompt_does(
+    tiny_model_dir, tmp_path, monkeypatch, method
+):
+    """The other route: lm-eval's own ``hf`` model with ``peft=ADAPTER`` (PEFT loads the
+    folder); its log-likelihoods equal softprompt's for a prompt and a prefix adapter."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from softprompt.models import load_base_model
+    from softprompt.prefix import init_prefix
+    from softprompt.prompt import init_prompt
+    from softprompt.train import TrainConfig, save_trained, train
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    base = load_base_model(str(tiny_model_dir))
+    spm = SoftPromptModel(base)
+    texts = [f"{p} {CHOICES[label]}" for p, label in ROWS] * 2
+    config = TrainConfig(virtual_tokens=3, epochs=1, lr=0.1, batch_size=4, method=method)
+    rows = init_prompt(base, 3) if method == "prompt" else init_prefix(base, 3)
+    result = train(spm, "coach", rows, texts, texts[:2], config, progress=False)
+    folder = save_trained(spm, "coach", tmp_path / "coach", config, result, {})
+    data = tmp_path / "rows.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": p, "choices": CHOICES, "label": label}) + "\n"
+            for p, label in ROWS
+        )
+    )
+    (tmp_path / "choice.yaml").write_text(CHOICE_TASK.format(data=data))
+    out = simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={tiny_model_dir},peft={folder},dtype=float32",
+        tasks=["sp_choice"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        batch_size=1,
+        log_samples=True,
+        device="cpu",
+    )
+    from softprompt.evaluate import batch_loss
+    from softprompt.layout import example_layout
+
+    for sample in out["samples"]["sp_choice"]:
+        prompt = sample["doc"]["prompt"]
+        theirs = [float(r[0]) for r in sample["filtered_resps"]]
+        # softprompt's own scoring path (rank classification's), which serves prefixes too
+        rows = []
+        for c in CHOICES:
+            layout = example_layout(spm.tokenizer, Example(" " + c, prompt), 64, eos=False)
+            virtual = spm.virtual_ids("coach")
+            rows.append((virtual + layout.ids, len(virtual), layout.scored))
+        with torch.no_grad():
+            loss, _ = batch_loss(spm, rows, False, per_row=True)
+        assert theirs == pytest.approx((-loss).tolist(), abs=1e-3), prompt
