@@ -210,3 +210,14 @@ def test_train_method_prefix_saves_what_peft_loads(tiny_model_dir, tmp_path, cli
     # A prefix adapter cannot start a prompt.
     refused = cli_main("train", *common, "--init-from", str(out), "--output", str(tmp_path / "x"))
     assert refused.returncode == 2 and "--method prefix" in refused.stderr
+
+
+def test_forward_refuses_a_prefix_adapters_ids_instead_of_running_zero_rows(spm):
+    """``SoftPromptModel.forward`` embeds virtual ids; a prefix adapter's ids are placeholders
+    (zero rows), so running them would silently score a different model."""
+    spm.add_adapter(prefix_adapter(spm, "deep", init_prefix(spm.base, 3)))
+    spm.add_adapter(Adapter("shallow", init_prompt(spm.base, 2)))
+    text = spm.tokenizer("be kind")["input_ids"]
+    spm.forward(torch.tensor([spm.virtual_ids("shallow") + text]))  # a prompt adapter runs
+    with pytest.raises(UserError, match="prefix adapter 'deep'"):
+        spm.forward(torch.tensor([spm.virtual_ids("deep") + text]))

@@ -249,7 +249,25 @@ class SoftPromptModel:
         return self.embedding.weight.device
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
-        """Run the base model on token ids that may hold virtual ids (through ``inputs_embeds``)."""
+        """Run the base model on token ids that may hold prompt adapters' virtual ids (through
+        ``inputs_embeds``).
+
+        Raises:
+            UserError: the ids hold a prefix adapter's virtual ids: those are placeholders,
+                and its keys/values reach the model only through ``scored_logits`` (training,
+                evaluation) or the engine.
+        """
+        offset = self.vocab_size
+        for name, adapter in self.adapters.items():
+            end = offset + adapter.num_virtual_tokens
+            if adapter.method == "prefix" and bool(
+                ((input_ids >= offset) & (input_ids < end)).any()
+            ):
+                raise UserError(
+                    f"forward runs prompt adapters only; prefix adapter {name!r} is a deep "
+                    "prompt: score it with evaluate or scoring, generate with the engine"
+                )
+            offset = end
         return self.model(inputs_embeds=self.embed(input_ids), **kwargs)
 
     def scored_logits(
