@@ -1012,22 +1012,11 @@ def cmd_embeds(args: argparse.Namespace) -> int:
     return 0
 
 
-PUSHED = (
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-    "README.md",
-    "training_config.json",
-    "loss_log.json",
-    "loss.png",
-)
-"""What ``push`` uploads of an adapter folder, when present (never its held-out data)."""
-
-
 def cmd_push(args: argparse.Namespace) -> int:
     from huggingface_hub import ModelCard
     from huggingface_hub.utils import validate_repo_id
 
+    from .hub import ADAPTER_FILES
     from .prompt import load_adapter
 
     folder = Path(args.adapter)
@@ -1038,7 +1027,8 @@ def cmd_push(args: argparse.Namespace) -> int:
         raise UserError(f"{args.repo_id!r} is not a Hub repository id (owner/name): {exc}") from exc
     if "/" not in args.repo_id:
         raise UserError(f"{args.repo_id!r}: give the repository as owner/name")
-    files = [name for name in PUSHED if (folder / name).is_file()]
+    # what a Hub download fetches, when present (never the held-out data)
+    files = [name for name in ADAPTER_FILES if (folder / name).is_file()]
     card = folder / "README.md"
     metadata = ModelCard.load(card).data.to_dict() if card.is_file() else {}
     message = args.commit_message or f"Upload {folder.name} with softprompt"

@@ -73,7 +73,8 @@ ADAPTER_FILES = [
     "loss_log.json",
     "loss.png",
 ]
-"""What an adapter repository is downloaded for (its weights, config and card)."""
+"""An adapter folder's files on the Hub: what ``push`` uploads (when present; never the
+held-out data) and what a download fetches."""
 
 
 def hub_adapter(ref: str) -> tuple[str, str | None] | None:
