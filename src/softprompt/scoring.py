@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,19 +186,12 @@ def exact_match(
     shown: int = 3,
 ) -> TaskResult:
     """Greedy completions of every prompt through the engine, compared with the references."""
-    from .generate import generate
 
-    rows = task_rows(examples)
-    params = SamplingParams(max_new_tokens=max_new_tokens)
-    outputs = generate(spm, _requests(rows, adapter), params, batch_size)
-    hits = [normalise(o) == normalise(e.completion) for o, e in zip(outputs, rows, strict=True)]
-    return TaskResult(
-        adapter=adapter,
-        data=data_name,
-        metric="exact",
-        accuracy=sum(hits) / len(rows),
-        n=len(rows),
-        misses=_misses(rows, outputs, hits, shown),
+    def equal(reply: str, row: Example) -> bool:
+        return normalise(reply) == normalise(row.completion)
+
+    return _graded(
+        spm, examples, adapter, "exact", equal, data_name, max_new_tokens, batch_size, shown
     )
 
 
@@ -228,17 +221,38 @@ def pattern_match(
 ) -> TaskResult:
     """The share of greedy completions in which ``pattern`` is found (``re.search``, so
     ``^`` anchors it at the completion's start)."""
+    regex = compile_pattern(pattern)
+
+    def found(reply: str, row: Example) -> bool:
+        return regex.search(reply) is not None
+
+    return _graded(
+        spm, examples, adapter, "pattern", found, data_name, max_new_tokens, batch_size, shown
+    )
+
+
+def _graded(
+    spm: SoftPromptModel,
+    examples: Sequence[Example],
+    adapter: str | None,
+    metric: str,
+    hit: Callable[[str, Example], bool],
+    data_name: str,
+    max_new_tokens: int,
+    batch_size: int,
+    shown: int,
+) -> TaskResult:
+    """Greedy completions of every row through the engine, each judged by ``hit``."""
     from .generate import generate
 
-    regex = compile_pattern(pattern)
     rows = task_rows(examples)
     params = SamplingParams(max_new_tokens=max_new_tokens)
     outputs = generate(spm, _requests(rows, adapter), params, batch_size)
-    hits = [regex.search(o) is not None for o in outputs]
+    hits = [hit(o, e) for o, e in zip(outputs, rows, strict=True)]
     return TaskResult(
         adapter=adapter,
         data=data_name,
-        metric="pattern",
+        metric=metric,
         accuracy=sum(hits) / len(rows),
         n=len(rows),
         misses=_misses(rows, outputs, hits, shown),
