@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck install browser clean
+.PHONY: demo test lint typecheck docs docs-check screenshots install browser clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,7 +40,20 @@ browser:
 	  echo "installing Debian's chromium for the page tests" >&2; \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
 
-test: $(STAMP) lint typecheck browser
+# The docs site: `make docs` serves it with live reload; `make docs-check` builds it strictly
+# (broken links, anchors and API references fail), as make test does.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve -a 127.0.0.1:8001
+
+docs-check: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d build/site
+
+# The docs' screenshots, taken by the page tests' headless Chromium.
+screenshots: $(STAMP) browser
+	SOFTPROMPT_DOCS_SCREENSHOTS=docs/images $(BIN)/python -m pytest -q -n 0 \
+	  tests/test_demo_e2e.py tests/test_server.py -k "demo_runs_the_whole_guide or playground"
+
+test: $(STAMP) lint typecheck docs-check browser
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -27,8 +27,9 @@ def main() -> None:
     from softprompt.engine import SamplingParams
     from softprompt.generate import Request, generate
     from softprompt.models import embedded_model_dir, load_base_model
-    from softprompt.prompt import Adapter, SoftPromptModel, init_prompt
-    from softprompt.train import TrainConfig, train
+    from softprompt.prompt import Adapter, SoftPromptModel
+    from softprompt.tuning.init import init_prompt
+    from softprompt.tuning.train import TrainConfig, train
 
     embedded_model_dir()  # convert first, so the loads below are from the cached folder
     start = time.perf_counter()

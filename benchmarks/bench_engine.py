@@ -400,7 +400,7 @@ def run_prefix_reuse(spm, count: int = 32, virtual: int = 100) -> dict:
     """Prefill of ``count`` requests whose adapter has ``virtual`` tokens: text only after the
     cached prefix, against prefilling the adapter's rows with the text (no reuse)."""
     from softprompt.engine.runner import ModelRunner
-    from softprompt.prompt import init_prompt
+    from softprompt.tuning.init import init_prompt
 
     runner = ModelRunner(spm.model)
     rows = init_prompt(spm.base, virtual, "vocab", seed=7)
@@ -462,7 +462,8 @@ def _rss_mib() -> float:
 def run_memory(spm) -> dict:
     """Resident size with 1 and with 100 adapters of 20 virtual tokens loaded and used."""
     from softprompt.engine import Engine, EngineConfig, SamplingParams
-    from softprompt.prompt import Adapter, init_prompt
+    from softprompt.prompt import Adapter
+    from softprompt.tuning.init import init_prompt
 
     engine = Engine(spm.model, spm.tokenizer, EngineConfig(max_resident_adapters=128))
     sizes = {}
@@ -539,9 +540,9 @@ def main() -> None:
         Adapter,
         SoftPromptModel,
         adapter_config,
-        init_prompt,
         write_adapter_files,
     )
+    from softprompt.tuning.init import init_prompt
 
     model_dir = embedded_model_dir()
     base = load_base_model()

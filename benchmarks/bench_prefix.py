@@ -24,11 +24,11 @@ import json
 import torch
 
 from softprompt.data import load_texts
-from softprompt.evaluate import fitting_length
 from softprompt.models import load_base_model
-from softprompt.prefix import init_prefix
-from softprompt.prompt import SoftPromptModel, init_prompt
-from softprompt.train import TrainConfig, train
+from softprompt.prompt import SoftPromptModel
+from softprompt.rows import fitting_length
+from softprompt.tuning.init import init_prefix, init_prompt
+from softprompt.tuning.train import TrainConfig, train
 
 SETS = {"roles": "examples:role-prompts", "quotes": "examples:quotes"}
 PROMPTS = {
@@ -98,7 +98,7 @@ def main() -> None:
             results[(set_name, method, n, init)] = line
             print(json.dumps(line), flush=True)
             spm.remove_adapter(name)
-        from softprompt.evaluate import evaluate
+        from softprompt.insight.evaluate import evaluate
 
         base_loss = evaluate(spm, held, None).loss
         prompt8 = results[(set_name, "prompt", 8, "vocab")]

@@ -152,9 +152,9 @@ def main() -> None:
         Adapter,
         SoftPromptModel,
         adapter_config,
-        init_prompt,
         write_adapter_files,
     )
+    from softprompt.tuning.init import init_prompt
 
     base = load_base_model()
     spm = SoftPromptModel(base)

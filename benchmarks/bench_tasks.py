@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,10 +44,10 @@ import torch
 from softprompt.data import Example, load_texts
 from softprompt.engine import SamplingParams
 from softprompt.generate import Request, generate
+from softprompt.insight.scoring import choice_accuracy, in_context, pick_shots, task_rows
 from softprompt.layout import example_layout, prompt_ids
 from softprompt.models import embedded_model_dir, load_base_model
 from softprompt.prompt import SoftPromptModel, load_adapter
-from softprompt.scoring import choice_accuracy, in_context, pick_shots, task_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_task_sets import _qa  # noqa: E402  (the facts behind the pirate set)
@@ -229,6 +230,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--skip", nargs="*", default=[], help="run names to leave out")
+    parser.add_argument(
+        "--only", nargs="*", default=[], help="run names to keep (default: every run)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0],
+        help="train each method once per seed; the table gives each run's mean (default: 0)",
+    )  # fmt: skip
     parser.add_argument("--work", help="folder for the adapters (default: a temporary one)")
     args = parser.parse_args()
     import transformers
@@ -242,20 +250,24 @@ def main() -> None:
         print(json.dumps(record), flush=True)
         table.append(record)
 
+    def wanted(name: str) -> bool:
+        return name not in args.skip and (not args.only or name in args.only)
+
     for set_name in args.sets:
         judge = Judge(set_name)
         spm = SoftPromptModel(load_base_model())
         for name, rows in judge.contexts():
-            if name not in args.skip:
+            if wanted(name):
                 emit({"set": set_name, "run": name, **judge.score_softprompt(spm, rows, None)})
-        for name, flags in softprompt_runs(set_name):
-            if name in args.skip:
+        trained = [(n, f, s) for n, f in softprompt_runs(set_name) for s in args.seeds]
+        for name, flags, seed in trained:
+            if not wanted(name):
                 continue
-            out = work / set_name / name.replace(" ", "-")
+            out = work / set_name / f"{name.replace(' ', '-')}-seed{seed}"
             done = subprocess.run(
                 [str(softprompt), "train", "--data", f"examples:{set_name}", "--output", str(out),
                  "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                 "--overwrite", "--json", *flags],
+                 "--seed", str(seed), "--overwrite", "--json", *flags],
                 capture_output=True, text=True, check=False,
             )  # fmt: skip
             if done.returncode != 0:
@@ -266,28 +278,42 @@ def main() -> None:
             score = judge.score_softprompt(spm, judge.rows, adapter.name)
             spm.remove_adapter(adapter.name)
             emit(
-                {"set": set_name, "run": name, **score, "train_seconds": summary["seconds"],
-                 "parameters": summary["trainable_params"]}
+                {"set": set_name, "run": name, "seed": seed, **score,
+                 "train_seconds": summary["seconds"], "parameters": summary["trainable_params"]}
             )  # fmt: skip
-        for kind, name in (("prompt", "PEFT prompt 8"), ("lora", "PEFT LoRA r8 all-linear")):
-            if name in args.skip:
+        peft_runs = (("prompt", "PEFT prompt 8"), ("lora", "PEFT LoRA r8 all-linear"))
+        for (kind, name), seed in [(r, s) for r in peft_runs for s in args.seeds]:
+            if not wanted(name):
                 continue
             model, tokenizer, seconds, trainable = train_peft(
-                set_name, kind, args.epochs, args.batch_size, seed=0
+                set_name, kind, args.epochs, args.batch_size, seed=seed
             )
             score = judge.score_peft(model, tokenizer)
             emit(
-                {"set": set_name, "run": name, **score, "train_seconds": round(seconds, 1),
-                 "parameters": trainable}
+                {"set": set_name, "run": name, "seed": seed, **score,
+                 "train_seconds": round(seconds, 1), "parameters": trainable}
             )  # fmt: skip
-    print()
-    print("| set | method | accuracy | facts kept | training s | parameters |")
-    print("|---|---|---:|---:|---:|---:|")
+    print_table(table)
+
+
+def print_table(table: list[dict]) -> None:
+    """One Markdown row per (set, run): the mean over its seeds, and each seed's figure."""
+    runs: dict[tuple[str, str], list[dict]] = {}
     for r in table:
-        kept = f"{r['facts_kept']:.2f}" if "facts_kept" in r else ""
-        seconds = f"{r['train_seconds']:.0f}" if r.get("train_seconds") else ""
-        params = f"{r['parameters']:,}" if r.get("parameters") else ""
-        print(f"| {r['set']} | {r['run']} | {r['accuracy']:.2f} | {kept} | {seconds} | {params} |")
+        runs.setdefault((r["set"], r["run"]), []).append(r)
+    print()
+    print("| set | method | accuracy | per seed | facts kept | training s | parameters |")
+    print("|---|---|---:|---|---:|---:|---:|")
+    for (set_name, run), rs in runs.items():
+        acc = statistics.mean(r["accuracy"] for r in rs)
+        seeds = ", ".join(f"{r['accuracy']:.2f}" for r in rs) if len(rs) > 1 else ""
+        kept = ""
+        if "facts_kept" in rs[0]:
+            kept = f"{statistics.mean(r['facts_kept'] for r in rs):.2f}"
+        secs = [r["train_seconds"] for r in rs if r.get("train_seconds")]
+        seconds = f"{statistics.mean(secs):.0f}" if secs else ""
+        params = f"{rs[0]['parameters']:,}" if rs[0].get("parameters") else ""
+        print(f"| {set_name} | {run} | {acc:.2f} | {seeds} | {kept} | {seconds} | {params} |")
 
 
 if __name__ == "__main__":

@@ -32,10 +32,12 @@ import time
 import torch
 
 from softprompt.data import load_texts
-from softprompt.evaluate import batch_loss, evaluate, fitting_length, training_rows
+from softprompt.insight.evaluate import evaluate
 from softprompt.models import load_base_model
-from softprompt.prompt import Adapter, SoftPromptModel, init_prompt
-from softprompt.train import Task, TrainConfig, length_grouped_batches, train, train_tasks
+from softprompt.prompt import Adapter, SoftPromptModel
+from softprompt.rows import batch_loss, fitting_length, training_rows
+from softprompt.tuning.init import init_prompt
+from softprompt.tuning.train import Task, TrainConfig, length_grouped_batches, train, train_tasks
 
 VIRTUAL = 4
 BATCH = 8

@@ -354,9 +354,9 @@ def train_checks(name: str, spec, args, device, dtype) -> None:
         return tokens * steps / seconds
 
     def ours(compile_mode: str | None = None) -> dict[str, Any]:
-        from softprompt.evaluate import batch_loss
         from softprompt.models import BaseModel
         from softprompt.prompt import Adapter, SoftPromptModel
+        from softprompt.rows import batch_loss
 
         model = build_model(spec, device, dtype)
         spm = SoftPromptModel(BaseModel(model, tokenizer_for(spec["vocab_size"]), "random"))

@@ -95,7 +95,8 @@ def main() -> int:
     # One deep prompt (prefix tuning) among them, started from the model's own keys/values.
     from types import SimpleNamespace
 
-    from softprompt.prefix import PrefixShape, init_prefix, peft_config
+    from softprompt.prefix import PrefixShape, peft_config
+    from softprompt.tuning.init import init_prefix
 
     deep = init_prefix(SimpleNamespace(model=model, tokenizer=tokenizer), 6, "vocab", seed=5)
     deep_config = peft_config(6, PrefixShape.of(model), str(model_dir))

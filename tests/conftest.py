@@ -136,6 +136,23 @@ def check_report_page(facts: dict) -> None:
     ]
 
 
+def docs_screenshot(name: str) -> Path | None:
+    """Where a page test saves a screenshot for the docs: ``$SOFTPROMPT_DOCS_SCREENSHOTS/name``
+    when that is set (``make screenshots`` sets it to docs/images), else nowhere."""
+    folder = os.environ.get("SOFTPROMPT_DOCS_SCREENSHOTS")
+    if not folder:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder) / name
+
+
+def pinned(registry, name: str) -> int:
+    """Running requests of an engine's ``AdapterRegistry`` that hold adapter ``name`` now."""
+    with registry._lock:
+        entry = registry._entries.get(name) or registry._resident.get(name)
+        return entry.pins if entry else 0
+
+
 @pytest.fixture()
 def render_page():
     """Open an HTML file in headless Chromium; return its facts and save a full-page screenshot.
@@ -149,7 +166,7 @@ def render_page():
     if executable is None:
         pytest.fail("chromium is not installed: apt-get install chromium (.ci/run does)")
 
-    def render(page_path: Path, screenshot: Path) -> dict:
+    def render(page_path: Path, screenshot: Path, docs_name: str | None = None) -> dict:
         with sync_playwright() as p:
             browser = p.chromium.launch(
                 executable_path=executable,
@@ -168,6 +185,8 @@ def render_page():
             page.wait_for_load_state("load")
             facts = page.evaluate(PAGE_FACTS)
             page.screenshot(path=str(screenshot), full_page=True)
+            if docs_name and (shot := docs_screenshot(docs_name)):
+                page.screenshot(path=str(shot))  # the first screen, as a reader opens it
             browser.close()
         return facts
 

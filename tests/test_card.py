@@ -9,15 +9,15 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from softprompt.prompt import init_prompt
-from softprompt.train import TrainConfig, save_trained, train
+from softprompt.tuning.init import init_prompt
+from softprompt.tuning.train import TrainConfig, save_trained, train
 
 TEXTS = ["be kind every day", "be kind and brave", "kind hope every day"] * 3
 
 
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
 def test_the_card_carries_the_hubs_metadata_and_names_its_method(spm, tmp_path: Path, method):
-    from softprompt.prefix import init_prefix
+    from softprompt.tuning.init import init_prefix
 
     config = TrainConfig(virtual_tokens=3, epochs=1, lr=0.1, batch_size=4, method=method)
     rows = init_prompt(spm.base, 3) if method == "prompt" else init_prefix(spm.base, 3)

@@ -28,6 +28,30 @@ def kernels() -> cpu_kernels.CpuKernels:
     return loaded
 
 
+def decode_attention(
+    kernels: cpu_kernels.CpuKernels,
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor,
+    end: int,
+    heads: int,
+    scaling: float,
+) -> torch.Tensor:
+    """One decode step's attention through the kernel, writing the new key/value at column
+    ``end``, as the engine's ``DecodeStep`` calls it for one layer (keys stored transposed)."""
+    cpu_kernels._check(qkv)
+    batch, _, _, dim = keys.shape
+    step = cpu_kernels.DecodeStep(
+        kernels, [keys], [values], valid, slice(0, batch), end, cos, sin, heads
+    )
+    out = torch.empty(batch, heads * dim)
+    step.attention(0, qkv, scaling, out=out)
+    return out
+
+
 def _rotary(positions: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     inverse = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
     angles = positions.float()[:, None] * inverse[None]
@@ -88,7 +112,8 @@ def test_decode_attention_equals_the_torch_path(kernels, heads, kv_heads, dim, e
     step.attention(0, qkv, scaling, out=stepped)
     with pytest.raises(ValueError, match="expected a contiguous float32"):
         step.attention(0, qkv[:, :-1], scaling, out=stepped)
-    got = kernels.decode_attention(
+    got = decode_attention(
+        kernels,
         qkv,
         cos,
         signed,
@@ -114,12 +139,12 @@ def test_decode_attention_refuses_a_column_past_the_cache(kernels):
     cache = SlotCache(1, 1, 8, 2, 4, dtype=torch.float32, device="cpu")
     qkv, cos = torch.zeros(2, 24), torch.ones(2, 8)
     with pytest.raises(ValueError, match="out of range"):
-        kernels.decode_attention(
-            qkv, cos, cos, cache.keys[0], cache.values[0], cache.valid, 4, 1, 1.0
+        decode_attention(
+            kernels, qkv, cos, cos, cache.keys[0], cache.values[0], cache.valid, 4, 1, 1.0
         )
     with pytest.raises(ValueError, match="float32"):
-        kernels.decode_attention(
-            qkv.double(), cos, cos, cache.keys[0], cache.values[0], cache.valid, 3, 1, 1.0
+        decode_attention(
+            kernels, qkv.double(), cos, cos, cache.keys[0], cache.values[0], cache.valid, 3, 1, 1.0
         )
 
 

@@ -40,9 +40,9 @@ def test_demo_runs_the_whole_guide(tmp_path, render_page):
     assert "report.html" in proc.stdout
     assert report.count("data:image/png;base64,") == 3  # heatmap + two loss curves
     assert "The base model's weights are unchanged by training" in report
-    facts = render_page(tmp_path / "demo" / "report.html", tmp_path / "demo.png")
+    facts = render_page(tmp_path / "demo" / "report.html", tmp_path / "demo.png", "report.png")
     check_report_page(facts)
     # A second demo into the same folder replaces its own output without --overwrite.
-    from softprompt.demo import check_demo_output
+    from softprompt.cli.demo import check_demo_output
 
     check_demo_output(tmp_path / "demo")

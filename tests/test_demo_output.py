@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from softprompt.demo import check_demo_output
+from softprompt.cli.demo import check_demo_output
 from softprompt.errors import UserError
 
 
@@ -59,7 +59,7 @@ def test_overwrite_still_never_replaces_what_is_not_an_adapter_or_report(tmp_pat
 def test_an_earlier_demos_output_is_replaced(tmp_path):
     for name in ("quotes", "role-prompts"):
         _adapter(tmp_path / name)
-    from softprompt.report import GENERATOR_META
+    from softprompt.insight.report import GENERATOR_META
 
     (tmp_path / "report.html").write_text(f"<!doctype html><head>{GENERATOR_META}</head>")
     summary = {"written_by": "softprompt demo", "adapters": {}}

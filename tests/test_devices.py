@@ -23,7 +23,7 @@ ALLOWED = {
     # Copies to the host on purpose: file formats and checksums are host bytes.
     ("prompt.py", "base_checksum"): "hashes the weights' bytes",
     ("prompt.py", "write_adapter_files"): "safetensors files hold CPU tensors",
-    ("prompt.py", "init_prompt"): "initial rows are float32 on the CPU on every device",
+    ("init.py", "init_prompt"): "initial rows are float32 on the CPU on every device",
     ("prefix.py", "model_kv"): "a prefix's start is float32 on the CPU, as init_prompt's rows",
     ("prompt.py", "_read_weights"): "a pickled adapter loads to the CPU, then follows the model",
     ("embeds.py", "to_bytes"): "torch.save of a tensor for another process",
@@ -126,7 +126,7 @@ def test_auto_is_the_cpu_in_float32_here_and_bfloat16_is_allowed_on_the_cpu():
 
 
 def test_running_out_of_memory_is_one_line_with_what_to_try(cli_main, monkeypatch, tiny_model_dir):
-    import softprompt.commands as commands
+    import softprompt.cli.commands as commands
 
     def fail(args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -199,8 +199,9 @@ def test_bfloat16_on_a_gpu_without_it_is_one_clear_error(monkeypatch):
 def test_a_single_process_run_on_a_bare_cuda_device_loads(monkeypatch):
     # `softprompt train --device cuda` (no index, one process) once called
     # torch.cuda.set_device("cuda"), which PyTorch refuses; caught on an H200.
-    from softprompt import commands, device, models
-    from softprompt.distributed import launched
+    from softprompt import device, models
+    from softprompt.cli import commands
+    from softprompt.tuning.distributed import launched
 
     monkeypatch.setattr(device, "resolve", lambda d, t: (torch.device("cuda"), torch.float32))
     loaded = []

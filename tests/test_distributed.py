@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from softprompt.checkpoint import STATE_FILE, checkpoint_dir
 from softprompt.prompt import load_adapter
+from softprompt.tuning.checkpoint import STATE_FILE, checkpoint_dir
 
 
 def test_two_processes_train_what_one_does_and_survive_losing_one(

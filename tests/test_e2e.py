@@ -67,9 +67,9 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
 def test_peft_loads_our_adapter_with_the_same_loss(adapters):
     from peft import PeftModel
 
-    from softprompt.evaluate import training_rows
     from softprompt.models import load_base_model
     from softprompt.prompt import SoftPromptModel
+    from softprompt.rows import training_rows
 
     proc = cli(
         "eval",

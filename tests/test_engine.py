@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import pinned
 from softprompt.engine import Engine, EngineConfig, RequestError, SamplingParams
 from softprompt.generate import Request, generate
 from softprompt.prompt import Adapter
@@ -306,7 +307,7 @@ def test_registry_keeps_at_most_max_resident_and_never_frees_a_pinned_adapter(sp
     assert engine.registry.resident() == ["ad2", "ad3"]
     held = engine.submit("hope", "ad0", SamplingParams(max_new_tokens=30, ignore_eos=True))
     engine.step()
-    assert engine.registry.pinned("ad0") == 1
+    assert pinned(engine.registry, "ad0") == 1
     for name in ("ad1", "ad2", "ad3"):
         _alone(engine, "be kind", name, params)
     assert "ad0" in engine.registry.resident()  # pinned, so it stayed over the bound

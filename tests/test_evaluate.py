@@ -7,7 +7,8 @@ import json
 import pytest
 
 from softprompt.errors import UserError
-from softprompt.evaluate import evaluate, training_rows
+from softprompt.insight.evaluate import evaluate
+from softprompt.rows import training_rows
 
 
 def test_cut_texts_get_no_eos(spm):

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from softprompt.data import Example, Fields, load_texts
 from softprompt.errors import UserError
-from softprompt.evaluate import batch_loss, training_rows
 from softprompt.layout import chat_layout, example_layout
 from softprompt.prompt import Adapter
+from softprompt.rows import batch_loss, training_rows
 
 # A template with an end-of-turn token (the tiny tokenizer's EOS) after every turn.
 TEMPLATE = (

@@ -13,8 +13,8 @@ import torch
 
 from softprompt.data import Example
 from softprompt.engine import Engine, EngineConfig, SamplingParams
+from softprompt.insight.scoring import choice_accuracy
 from softprompt.prompt import Adapter, SoftPromptModel, adapter_config, write_adapter_files
-from softprompt.scoring import choice_accuracy
 from softprompt.server.app import ServerConfig, create_app
 from softprompt.server.run import ServerThread
 
@@ -156,9 +156,8 @@ def test_lm_eval_hf_with_peft_scores_a_softprompt_adapter_as_softprompt_does(
     from lm_eval.tasks import TaskManager
 
     from softprompt.models import load_base_model
-    from softprompt.prefix import init_prefix
-    from softprompt.prompt import init_prompt
-    from softprompt.train import TrainConfig, save_trained, train
+    from softprompt.tuning.init import init_prefix, init_prompt
+    from softprompt.tuning.train import TrainConfig, save_trained, train
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     base = load_base_model(str(tiny_model_dir))
@@ -185,8 +184,8 @@ def test_lm_eval_hf_with_peft_scores_a_softprompt_adapter_as_softprompt_does(
         log_samples=True,
         device="cpu",
     )
-    from softprompt.evaluate import batch_loss
     from softprompt.layout import example_layout
+    from softprompt.rows import batch_loss
 
     for sample in out["samples"]["sp_choice"]:
         prompt = sample["doc"]["prompt"]

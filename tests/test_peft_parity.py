@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt.evaluate import evaluate, training_rows
+from softprompt.insight.evaluate import evaluate
 from softprompt.models import load_base_model
 from softprompt.prompt import load_adapter
-from softprompt.train import TrainConfig, save_trained, train
+from softprompt.rows import training_rows
+from softprompt.tuning.train import TrainConfig, save_trained, train
 
 peft = pytest.importorskip("peft")
 
@@ -35,7 +36,7 @@ def peft_loss(peft_model, spm, texts: list[str]) -> float:
 
 
 def test_peft_loads_our_adapter_with_the_same_loss(spm, tiny_model_dir, tmp_path):
-    from softprompt.prompt import init_prompt
+    from softprompt.tuning.init import init_prompt
 
     config = TrainConfig(virtual_tokens=4, epochs=2, lr=0.1, batch_size=2)
     result = train(spm, "ours", init_prompt(spm.base, 4), TEXTS, TEXTS[:2], config, progress=False)

@@ -10,10 +10,10 @@ from softprompt.errors import UserError
 from softprompt.prompt import (
     Adapter,
     adapter_config,
-    init_prompt,
     load_adapter,
     write_adapter_files,
 )
+from softprompt.tuning.init import init_prompt
 
 
 def test_virtual_ids_map_to_prompt_rows(spm):

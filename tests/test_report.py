@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from conftest import check_report_page
-from softprompt.compare import compare, to_markdown
 from softprompt.data import Texts
 from softprompt.engine import SamplingParams
 from softprompt.errors import UserError
-from softprompt.inspection import inspect_adapter
-from softprompt.prompt import Adapter, init_prompt, load_adapter
-from softprompt.report import AdapterInfo, build_report, check_writable, write_report
-from softprompt.train import TrainConfig, save_trained, train
+from softprompt.insight.compare import compare, to_markdown
+from softprompt.insight.inspection import inspect_adapter
+from softprompt.insight.report import AdapterInfo, build_report, check_writable, write_report
+from softprompt.prompt import Adapter, load_adapter
+from softprompt.tuning.init import init_prompt
+from softprompt.tuning.train import TrainConfig, save_trained, train
 
 KIND = ["be kind every day", "be kind and brave", "kind hope every day"] * 3
 RIVER = ["the river and the mountain", "light on the river", "the mountain river"] * 3
@@ -150,7 +151,7 @@ def test_report_reuses_given_results(two_adapters, monkeypatch):
     spm, folders = two_adapters
     infos = [AdapterInfo.read(f.name, f) for f in folders]
     datasets = [Texts("kind-held", KIND[:3], "text")]
-    from softprompt.report import eval_matrix
+    from softprompt.insight.report import eval_matrix
 
     matrix = eval_matrix(spm, ["kind", "river"], datasets, 64)
     comparisons = compare(spm, ["be kind"], ["kind", "river"], SamplingParams(max_new_tokens=3))
@@ -158,8 +159,8 @@ def test_report_reuses_given_results(two_adapters, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("recomputed what was passed in")
 
-    monkeypatch.setattr("softprompt.report.eval_matrix", forbidden)
-    monkeypatch.setattr("softprompt.compare.compare", forbidden)
+    monkeypatch.setattr("softprompt.insight.report.eval_matrix", forbidden)
+    monkeypatch.setattr("softprompt.insight.compare.compare", forbidden)
     html = build_report(
         spm, infos, datasets, ["be kind"], SamplingParams(), matrix=matrix, comparisons=comparisons
     )

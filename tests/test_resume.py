@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from softprompt.checkpoint import STATE_FILE, checkpoint_dir
-from softprompt.evaluate import evaluate
-from softprompt.prompt import init_prompt, load_adapter
-from softprompt.train import TrainConfig, lr_factor, train
+from softprompt.insight.evaluate import evaluate
+from softprompt.prompt import load_adapter
+from softprompt.tuning.checkpoint import STATE_FILE, checkpoint_dir
+from softprompt.tuning.init import init_prompt
+from softprompt.tuning.train import TrainConfig, lr_factor, train
 from test_train import TEXTS
 
 
@@ -144,7 +145,7 @@ def test_resume_refuses_what_it_cannot_continue(tiny_model_dir, tmp_path, cli_ma
     # Leave a checkpoint behind as a killed run would: a finished run, then its last state.
     folder = checkpoint_dir(out)
     assert cli_main(*base).returncode == 0 and not folder.exists()
-    from softprompt import checkpoint
+    from softprompt.tuning import checkpoint
 
     original = checkpoint.remove
     checkpoint.remove = lambda path: None  # keep it this once
@@ -235,7 +236,7 @@ def test_resume_continues_an_interrupted_overwrite_and_refuses_other_arithmetic(
     """A run started with --overwrite over an existing adapter and stopped before its save can
     be resumed (the checkpoint describes it); another --dtype, or a checkpoint from a version
     with other settings, is refused in one line."""
-    from softprompt import checkpoint, train
+    from softprompt.tuning import checkpoint, train
 
     out = tmp_path / "run"
     base, _ = _short_run(tiny_model_dir, out, word_data)

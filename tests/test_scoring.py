@@ -14,8 +14,8 @@ from softprompt.data import Example
 from softprompt.engine import SamplingParams
 from softprompt.errors import UserError
 from softprompt.generate import Request, generate
+from softprompt.insight.scoring import choice_accuracy, exact_match
 from softprompt.prompt import Adapter
-from softprompt.scoring import choice_accuracy, exact_match
 
 LABELS = ["the river", "mountain", "small steps up", "courage and hope"]
 PROMPTS = [
@@ -115,7 +115,7 @@ def test_eval_metrics_from_the_cli(tiny_model_dir, tmp_path: Path, cli_main):
 
 
 def test_label_init_starts_from_the_labels_own_rows(spm):
-    from softprompt.prompt import init_prompt
+    from softprompt.tuning.init import init_prompt
 
     rows = init_prompt(spm.base, 6, "labels", labels=LABELS)
     table = spm.embedding.weight.detach()
@@ -149,7 +149,7 @@ def test_train_init_labels_from_the_cli(tiny_model_dir, tmp_path: Path, cli_main
 
 
 def test_shots_are_balanced_over_labels_and_put_before_each_prompt():
-    from softprompt.scoring import in_context, pick_shots
+    from softprompt.insight.scoring import in_context, pick_shots
 
     pool = [Example(completion=LABELS[i % 4], prompt=f"p{i}") for i in range(40)]
     shots = pick_shots(pool, 8, seed=3)
@@ -214,7 +214,7 @@ def _chat_loglik(spm, adapter, messages, candidate: str) -> float:
 
 
 def test_a_conversation_is_judged_on_its_last_assistant_turn():
-    from softprompt.scoring import in_context, task_rows
+    from softprompt.insight.scoring import in_context, task_rows
 
     rows = task_rows([Example(messages=c) for c in CHATS])
     assert [r.completion for r in rows] == ["the river", "mountain", "small steps up"]
@@ -262,8 +262,8 @@ def test_pattern_counts_the_greedy_chat_replies_that_match(spm):
     import re
 
     from softprompt.generate import engine_for
+    from softprompt.insight.scoring import pattern_match
     from softprompt.layout import chat_layout
-    from softprompt.scoring import pattern_match
 
     spm.tokenizer.chat_template = TEMPLATE
     spm.add_adapter(Adapter("a", torch.randn(3, spm.hidden_size) * 4))

@@ -16,6 +16,7 @@ import openai
 import pytest
 import torch
 
+from conftest import docs_screenshot
 from softprompt.engine import Engine, EngineConfig, SamplingParams
 from softprompt.prompt import Adapter, adapter_config, write_adapter_files
 from softprompt.server.app import ServerConfig, create_app
@@ -373,6 +374,8 @@ def test_playground_streams_side_by_side_columns_in_chromium(served):
             for c in page.query_selector_all(".column")
         }
         meta = page.inner_text(".column[data-model='ad5'] .meta")
+        if shot := docs_screenshot("playground.png"):
+            page.screenshot(path=str(shot))
         browser.close()
     assert set(columns) == {"tiny", "ad5"}
     for model, text in columns.items():
@@ -479,13 +482,84 @@ def test_chat_logprobs_in_the_chat_format(served, client):
     assert plain.choices[0].logprobs is None
 
 
+def _joined_legacy(chunks) -> dict:
+    """A streamed completion's choice 0: its text and its legacy logprobs, chunks joined."""
+    out = {"text": "", "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for chunk in chunks:
+        for c in chunk.choices:
+            out["text"] += c.text
+            if c.logprobs is not None:
+                for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    out[key] += getattr(c.logprobs, key)
+    return out
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_logprobs_equal_the_whole_answers(client, echo):
+    args = dict(model="ad3", prompt=PROMPTS[1], max_tokens=12, temperature=0, logprobs=2, echo=echo)
+    whole = client.completions.create(**args).choices[0]
+    joined = _joined_legacy(client.completions.create(**args, stream=True))
+    assert joined["text"] == whole.text
+    lp = whole.logprobs
+    assert joined["tokens"] == lp.tokens and joined["text_offset"] == lp.text_offset
+    assert joined["token_logprobs"] == pytest.approx(lp.token_logprobs, abs=1e-6)
+    assert joined["top_logprobs"] == lp.top_logprobs
+    if echo:
+        assert joined["token_logprobs"][0] is None and whole.text.startswith(PROMPTS[1])
+
+
+def test_streamed_echo_with_max_tokens_0_and_without_logprobs(served, client):
+    engine = served[3]
+    ids = engine.tokenizer(PROMPTS[0])["input_ids"]
+    scored = client.completions.create(
+        model="ad1", prompt=ids, max_tokens=0, logprobs=1, echo=True
+    ).choices[0]
+    chunks = list(
+        client.completions.create(
+            model="ad1", prompt=ids, max_tokens=0, logprobs=1, echo=True, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    joined = _joined_legacy(chunks)
+    assert joined["text"] == scored.text == engine.tokenizer.decode(ids)
+    assert joined["token_logprobs"] == pytest.approx(scored.logprobs.token_logprobs, abs=1e-6)
+    assert chunks[-1].usage.completion_tokens == 0
+    # echo alone: the prompt comes first, then the completion, no logprobs anywhere
+    plain = list(
+        client.completions.create(
+            model="ad1", prompt=PROMPTS[0], max_tokens=4, temperature=0, echo=True, stream=True
+        )
+    )
+    text = "".join(c.text for chunk in plain for c in chunk.choices)
+    assert text == PROMPTS[0] + _solo(engine, PROMPTS[0], "ad1", max_new_tokens=4)
+    assert all(c.logprobs is None for chunk in plain for c in chunk.choices)
+
+
+def test_streamed_chat_logprobs_equal_the_whole_answer(client):
+    args = dict(
+        model="ad4", messages=[{"role": "user", "content": "be kind"}], max_tokens=6,
+        temperature=0, logprobs=True, top_logprobs=2,
+    )  # fmt: skip
+    whole = client.chat.completions.create(**args).choices[0].logprobs.content
+    streamed = [
+        entry
+        for chunk in client.chat.completions.create(**args, stream=True)
+        for c in chunk.choices
+        if c.logprobs is not None
+        for entry in c.logprobs.content
+    ]
+    assert [e.token for e in streamed] == [e.token for e in whole]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in whole], abs=1e-6)
+    assert [[t.token for t in e.top_logprobs] for e in streamed] == [
+        [t.token for t in e.top_logprobs] for e in whole
+    ]
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
         ("completions", {"prompt": "hope", "max_tokens": 0}, "max_tokens"),
         ("completions", {"prompt": "hope", "logprobs": 6}, "logprobs"),
-        ("completions", {"prompt": "hope", "logprobs": 1, "stream": True}, "logprobs"),
-        ("completions", {"prompt": "hope", "echo": True, "stream": True}, "echo"),
         ("chat/completions", {"messages": [{"role": "user", "content": "hope"}],
                               "top_logprobs": 2}, "top_logprobs"),
         ("chat/completions", {"messages": [{"role": "user", "content": "hope"}],

@@ -20,6 +20,7 @@ import httpx
 import psutil
 import pytest
 
+from conftest import pinned
 from softprompt.engine import Engine, EngineConfig, SamplingParams
 from softprompt.server.app import ServerConfig, create_app
 from softprompt.server.run import ServerThread
@@ -162,7 +163,7 @@ def test_well_behaved_clients_get_their_answers_beside_misbehaving_ones(soak_ser
     # Nothing is left behind: no queued or running request, no output handle, no adapter hold.
     assert not engine.scheduler.running and not engine.scheduler.waiting
     assert not engine._handles and not engine._leases and not engine._incoming
-    assert all(engine.registry.pinned(name) == 0 for name in ADAPTERS)
+    assert all(pinned(engine.registry, name) == 0 for name in ADAPTERS)
     assert grown < MEMORY_BOUND, f"resident memory grew by {grown / 2**20:.0f} MiB"
 
 

@@ -9,10 +9,12 @@ import json
 import pytest
 import torch
 
-from softprompt import train as train_module
-from softprompt.evaluate import batch_loss, evaluate, training_rows
-from softprompt.prompt import Adapter, init_prompt, load_adapter
-from softprompt.train import Task, TrainConfig, task_losses, train_tasks
+from softprompt.insight.evaluate import evaluate
+from softprompt.prompt import Adapter, load_adapter
+from softprompt.rows import batch_loss, training_rows
+from softprompt.tuning import train as train_module
+from softprompt.tuning.init import init_prompt
+from softprompt.tuning.train import Task, TrainConfig, task_losses, train_tasks
 from test_cli import assert_user_error
 from test_resume import untimed
 from test_train import TEXTS

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from softprompt.errors import UserError
-from softprompt.evaluate import evaluate
-from softprompt.prompt import Adapter, init_prompt, load_adapter
-from softprompt.train import TrainConfig, save_trained, train, trainable_summary
+from softprompt.insight.evaluate import evaluate
+from softprompt.prompt import Adapter, load_adapter
+from softprompt.tuning.init import init_prompt
+from softprompt.tuning.train import TrainConfig, save_trained, train, trainable_summary
 
 TEXTS = [
     "be kind every day",
@@ -86,7 +87,7 @@ def test_failed_save_leaves_nothing(spm, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("softprompt.report.write_model_card", broken)
+    monkeypatch.setattr("softprompt.tuning.train.write_model_card", broken)
     with pytest.raises(RuntimeError):
         save_trained(spm, "tuned", tmp_path / "out", config, result)
     assert list(tmp_path.iterdir()) == []
@@ -169,7 +170,7 @@ def test_base_model_is_left_exactly_as_it_was(tiny_model_dir):
 
 
 def test_after_training_every_reader_sees_the_trained_rows(spm):
-    from softprompt.inspection import inspect_adapter
+    from softprompt.insight.inspection import inspect_adapter
 
     config = TrainConfig(virtual_tokens=4, epochs=2, lr=0.1, batch_size=4)
     start = init_prompt(spm.base, 4, "vocab")

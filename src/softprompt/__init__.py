@@ -7,15 +7,25 @@ and compare them, and serve many adapters from one base model in one running bat
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # the same names, seen statically (type checkers, IDEs, the API docs)
+    from .engine import Engine, EngineConfig, RequestError, SamplingParams
+    from .generate import Request, generate
+    from .insight.evaluate import EvalResult, evaluate
+    from .models import BaseModel, load_base_model
+    from .prompt import Adapter, SoftPromptModel, load_adapter
+    from .tuning.config import TrainConfig, TrainResult
+    from .tuning.init import init_prompt
+    from .tuning.train import save_trained, train
 
 # Public names and the module of each. They load on first use, so that `softprompt --help`
 # does not pay for importing torch.
 _EXPORTS = {
-    "EvalResult": "evaluate",
-    "evaluate": "evaluate",
+    "EvalResult": "insight.evaluate",
+    "evaluate": "insight.evaluate",
     "Engine": "engine",
     "EngineConfig": "engine",
     "RequestError": "engine",
@@ -26,12 +36,12 @@ _EXPORTS = {
     "load_base_model": "models",
     "Adapter": "prompt",
     "SoftPromptModel": "prompt",
-    "init_prompt": "prompt",
+    "init_prompt": "tuning.init",
     "load_adapter": "prompt",
-    "TrainConfig": "train",
-    "TrainResult": "train",
-    "save_trained": "train",
-    "train": "train",
+    "TrainConfig": "tuning.config",
+    "TrainResult": "tuning.config",
+    "save_trained": "tuning.train",
+    "train": "tuning.train",
 }
 
 

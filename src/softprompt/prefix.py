@@ -123,46 +123,6 @@ def model_kv(model: Any, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return keys.float().cpu(), values.float().cpu()
 
 
-def init_prefix(
-    base: Any,
-    num_virtual_tokens: int,
-    how: str = "vocab",
-    text: str | None = None,
-    seed: int = 0,
-    rows: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """A starting prefix (PEFT tensor, float32 on the CPU) for ``base``.
-
-    ``vocab``: the keys/values the model computes for ``num_virtual_tokens`` sampled vocabulary
-    tokens; ``text``: for the tokens of ``text`` (repeated or cut to length); ``random``:
-    Gaussian, each layer's keys and values scaled to the spread of that layer's real ones (those
-    of ``vocab``); ``file``: the keys/values of a prompt adapter's ``rows`` (deepening it);
-    ``labels``: the keys/values of ``rows`` made by ``init_prompt``'s ``labels``.
-    """
-    from .prompt import init_prompt
-
-    model = base.model
-    shape = PrefixShape.of(model)
-    if how in ("file", "labels"):
-        if rows is None:
-            raise UserError(
-                f"--init {how} needs " + ("--init-from ADAPTER" if how == "file" else "its rows")
-            )
-        start = rows.float()
-    else:
-        start = init_prompt(
-            base, num_virtual_tokens, "vocab" if how == "random" else how, text, seed
-        )
-    keys, values = model_kv(model, start)
-    if how == "random":
-        gen = torch.Generator().manual_seed(seed)
-        keys = torch.randn(keys.shape, generator=gen) * keys.std(dim=(1, 2, 3), keepdim=True)
-        values = torch.randn(values.shape, generator=gen) * values.std(dim=(1, 2, 3), keepdim=True)
-    prefix = join(keys, values)
-    assert prefix.shape[1] == shape.width
-    return prefix
-
-
 def norms(weights: torch.Tensor, shape: PrefixShape) -> tuple[list[float], list[float]]:
     """Mean norm per layer of a prefix's keys and of its values (one vector per head)."""
     keys, values = split(weights.float(), shape)

@@ -11,7 +11,6 @@ rows of one batch can each carry a different adapter. Files on disk are PEFT's p
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -364,69 +363,6 @@ def hidden_size_mismatch(adapter: Adapter, hidden_size: int) -> str | None:
         f"adapter {adapter.name!r} has token_dim {adapter.token_dim} but the base model "
         f"has hidden size {hidden_size} (it was made for {made_for})"
     )
-
-
-def init_prompt(
-    base: BaseModel,
-    num_virtual_tokens: int,
-    how: str = "vocab",
-    text: str | None = None,
-    seed: int = 0,
-    labels: list[str] | None = None,
-) -> torch.Tensor:
-    """Initial rows ``(num_virtual_tokens, hidden)`` for a new prompt.
-
-    ``labels`` (Lester et al. 2021, section 3.2, "class label" initialisation, for
-    classification): one row per label, the mean of its tokens' rows, in order; rows beyond the
-    labels are sampled from the vocabulary as ``vocab`` does, and with fewer rows than labels the
-    first labels are used.
-
-    ``vocab`` copies randomly chosen vocabulary rows (PEFT's SAMPLE_VOCAB); ``text`` copies the rows
-    of ``text``'s tokens, repeated or cut to length (PEFT's TEXT); ``random`` draws Gaussian rows
-    scaled so their expected norm equals the mean norm of the vocabulary rows. Llama-family models
-    do not normalise input embeddings, so an unscaled N(0, 1) row (norm ~ sqrt(hidden)) swamps them.
-
-    The rows are float32 on the CPU whatever the model's device and dtype, and the random draws
-    come from a CPU generator, so a seed gives the same start on every device.
-    """
-    embedding: nn.Module = base.model.get_input_embeddings()
-    weight = torch.as_tensor(embedding.weight).detach()  # (V, D), on the model's device
-    gen = torch.Generator().manual_seed(seed)
-    if how == "vocab":
-        if num_virtual_tokens > weight.shape[0]:
-            raise UserError(
-                f"--init vocab samples distinct vocabulary rows: {num_virtual_tokens} virtual "
-                f"tokens is more than the {weight.shape[0]} the vocabulary has"
-            )
-        rows = torch.randperm(weight.shape[0], generator=gen)[:num_virtual_tokens]
-        return weight[rows.to(weight.device)].float().cpu()
-    if how == "text":
-        if not text or not text.strip():
-            raise UserError("--init text needs a non-empty --init-text")
-        ids: list[int] = list(base.tokenizer(text)["input_ids"])
-        if not ids:
-            raise UserError(f"--init-text {text!r} gives no tokens")
-        ids = (ids * math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens]
-        return weight[torch.tensor(ids, device=weight.device)].float().cpu()
-    if how == "labels":
-        if not labels:
-            raise UserError("--init labels needs prompt/completion data (its completions)")
-        means = []
-        for label in labels[:num_virtual_tokens]:
-            ids = list(base.tokenizer(label, add_special_tokens=False)["input_ids"])
-            if not ids:
-                raise UserError(f"the label {label!r} gives no tokens")
-            means.append(weight[torch.tensor(ids, device=weight.device)].float().mean(dim=0))
-        rows = torch.stack(means).cpu()
-        if len(rows) < num_virtual_tokens:
-            rest = init_prompt(base, num_virtual_tokens - len(rows), "vocab", seed=seed)
-            rows = torch.cat([rows, rest])
-        return rows
-    if how == "random":
-        mean_norm = float(weight.float().norm(dim=1).mean())
-        rows = torch.randn(num_virtual_tokens, weight.shape[1], generator=gen)
-        return rows * (mean_norm / math.sqrt(weight.shape[1]))
-    raise UserError(f"unknown init {how!r}: use vocab, text, labels, random or file")
 
 
 def adapter_config(

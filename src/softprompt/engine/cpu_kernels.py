@@ -56,35 +56,6 @@ class CpuKernels:
         self._silu_mul.restype = None
         self._silu_mul.argtypes = [_ptr, _ptr, _i64, _i64, _int]
 
-    def decode_attention(
-        self,
-        qkv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        valid: torch.Tensor,
-        end: int,
-        heads: int,
-        scaling: float,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One decode step's attention, writing the new key/value at cache column ``end``.
-
-        qkv (B, (H + 2 KV)·Dh): the fused projection of each row's new token, before rotary.
-        cos, sin (B, Dh): rotary factors at each row's position, ``sin``'s first half negated.
-        keys, values (B, KV, C, Dh): the rows' cache slots (keys stored transposed: stride 1
-        along C). valid (B, C) bool: which columns before ``end`` hold real tokens (a new token
-        always sees itself at ``end``).
-        Returns (B, H·Dh), written into ``out`` when given (contiguous, that shape).
-        """
-        _check(qkv)
-        batch, _, _, dim = keys.shape
-        step = DecodeStep(self, [keys], [values], valid, slice(0, batch), end, cos, sin, heads)
-        out = _output(out, qkv, (batch, heads * dim))
-        step.attention(0, qkv, scaling, out=out)
-        return out
-
     def add_normalise(
         self,
         h: torch.Tensor,

@@ -216,12 +216,6 @@ class AdapterRegistry:
                 lease.adapter = None  # claimed but never run: its rows are read again if needed
             self._evict()
 
-    def pinned(self, name: str) -> int:
-        """Running requests that hold ``name`` now."""
-        with self._lock:
-            entry = self._entries.get(name) or self._resident.get(name)
-            return entry.pins if entry else 0
-
     def _ensure(self, entry: Lease) -> None:
         stale = self._stale(entry)
         if stale is not None:

@@ -279,6 +279,63 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
     if start_engine:
         engine.start()
 
+    ctx = _Context(engine, config, folder, metrics, started, app)
+    _add_openapi_examples(app, config.model_name)
+    _add_error_handlers(app)
+    _add_service_routes(app, ctx)
+    _add_openai_routes(app, ctx)
+    return app
+
+
+@dataclass
+class _Context:
+    """What the routes share: the engine, the settings, the adapter folder and the metrics."""
+
+    engine: Engine
+    config: ServerConfig
+    folder: AdapterFolder | None
+    metrics: Metrics
+    started: int
+    app: FastAPI
+
+    async def authorize(self, request: Request) -> None:  # async: no thread hop per request
+        if self.config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            token.strip().encode(), self.config.api_key.encode()
+        ):
+            raise APIError(
+                401,
+                "missing or wrong API key (send Authorization: Bearer <key>)",
+                code="invalid_api_key",
+            )
+
+    def outputs(self) -> _Outputs:
+        return _outputs(self.app.state)
+
+    def served(self) -> list[str]:
+        return self.folder.names() if self.folder is not None else []
+
+    async def resolve(self, model: str) -> str | None:
+        """The adapter for ``model`` (None: the base model); 404 when nothing has that name."""
+        if model == self.config.model_name:
+            return None
+        if model not in self.served() and self.folder is not None:
+            # A folder added a moment ago is served at once; the scan runs off the event loop,
+            # at most once per ``rescan_seconds`` however many unknown names are asked for.
+            await run_in_threadpool(self.folder.scan, self.config.rescan_seconds)
+        if model in self.served():
+            return model
+        raise APIError(
+            404, f"the model {model!r} does not exist", param="model", code="model_not_found"
+        )
+
+
+def _add_openapi_examples(app: FastAPI, model_name: str) -> None:
+    """The generated schema, with working example bodies (this server's base model)."""
+
     def openapi() -> dict[str, Any]:
         """The generated schema, with working example bodies (this server's base model)."""
         if app.openapi_schema is None:
@@ -287,13 +344,13 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
             examples = {
                 "CompletionRequest": {
-                    "model": config.model_name,
+                    "model": model_name,
                     "prompt": "I want you to act as a motivational coach.",
                     "max_tokens": 8,
                     "temperature": 0,
                 },
                 "ChatCompletionRequest": {
-                    "model": config.model_name,
+                    "model": model_name,
                     "messages": [{"role": "user", "content": "Say something kind."}],
                     "max_tokens": 8,
                 },
@@ -301,11 +358,15 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
             for name, example in examples.items():
                 body = schema["components"]["schemas"][name]
                 body["examples"] = [example]
-                body["properties"]["model"]["examples"] = [config.model_name]
+                body["properties"]["model"]["examples"] = [model_name]
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's error object: ours, validation, HTTP (404, 405) and crashes."""
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -335,39 +396,9 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
             500, "internal server error (see the server log)", "server_error"
         ).response()
 
-    async def authorize(request: Request) -> None:  # async: no thread hop per request
-        if config.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-            token.strip().encode(), config.api_key.encode()
-        ):
-            raise APIError(
-                401,
-                "missing or wrong API key (send Authorization: Bearer <key>)",
-                code="invalid_api_key",
-            )
 
-    def outputs() -> _Outputs:
-        return _outputs(app.state)
-
-    def served() -> list[str]:
-        return folder.names() if folder is not None else []
-
-    async def resolve(model: str) -> str | None:
-        """The adapter for ``model`` (None: the base model); 404 when nothing has that name."""
-        if model == config.model_name:
-            return None
-        if model not in served() and folder is not None:
-            # A folder added a moment ago is served at once; the scan runs off the event loop,
-            # at most once per ``rescan_seconds`` however many unknown names are asked for.
-            await run_in_threadpool(folder.scan, config.rescan_seconds)
-        if model in served():
-            return model
-        raise APIError(
-            404, f"the model {model!r} does not exist", param="model", code="model_not_found"
-        )
+def _add_service_routes(app: FastAPI, ctx: _Context) -> None:
+    """Health, Prometheus metrics and the playground page."""
 
     @app.get(
         "/health",
@@ -375,15 +406,15 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
         responses={503: {"model": ErrorResponse, "description": "not serving"}},
     )
     async def health() -> dict[str, str]:
-        if engine.failure is not None:
-            raise APIError(503, engine.failure, "server_error", code="engine_dead")
-        if engine.draining:
+        if ctx.engine.failure is not None:
+            raise APIError(503, ctx.engine.failure, "server_error", code="engine_dead")
+        if ctx.engine.draining:
             raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
         return {"status": "ok"}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
-        body, content_type = metrics.render()
+        body, content_type = ctx.metrics.render()
         return Response(body, media_type=content_type)
 
     @app.get("/", response_class=HTMLResponse, summary="the playground page")
@@ -391,18 +422,27 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
         page = resources.files(__package__).joinpath("playground.html").read_text("utf-8")
         return HTMLResponse(page)
 
-    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(authorize)])
+
+def _add_openai_routes(app: FastAPI, ctx: _Context) -> None:
+    """The OpenAI API: models, completions and chat completions, behind the API key."""
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(ctx.authorize)])
     async def models() -> ModelList:
-        if folder is not None:
-            await run_in_threadpool(folder.scan, config.rescan_seconds)
-        cards = [ModelCard(id=config.model_name, created=started)]
-        for name in served():
+        if ctx.folder is not None:
+            await run_in_threadpool(ctx.folder.scan, ctx.config.rescan_seconds)
+        cards = [ModelCard(id=ctx.config.model_name, created=ctx.started)]
+        for name in ctx.served():
             try:
-                length = engine.registry.length(name)
+                length = ctx.engine.registry.length(name)
             except RequestError:
                 continue  # removed between the scan and now
             cards.append(
-                ModelCard(id=name, created=started, parent=config.model_name, virtual_tokens=length)
+                ModelCard(
+                    id=name,
+                    created=ctx.started,
+                    parent=ctx.config.model_name,
+                    virtual_tokens=length,
+                )
             )
         return ModelList(data=cards)
 
@@ -410,14 +450,16 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
         "/v1/completions",
         response_model=Completion,
         responses=STREAMED,
-        dependencies=[Depends(authorize)],
+        dependencies=[Depends(ctx.authorize)],
         summary="complete prompts (stream: true for server-sent events)",
     )
     async def completions(body: CompletionRequest, request: Request) -> Any:
         prompts = _prompts(body.prompt)
-        adapter = await resolve(body.model)
-        job = _Job(engine, metrics, "completions", body, adapter, prompts, 16, outputs())
-        await job.submit(config.retry_after_seconds)
+        adapter = await ctx.resolve(body.model)
+        job = _Job(
+            ctx.engine, ctx.metrics, "completions", body, adapter, prompts, 16, ctx.outputs()
+        )
+        await job.submit(ctx.config.retry_after_seconds)
         if body.stream:
             return _sse(job.completion_chunks(request))
         await job.wait(request)
@@ -433,18 +475,18 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
         "/v1/chat/completions",
         response_model=ChatCompletion,
         responses=STREAMED,
-        dependencies=[Depends(authorize)],
+        dependencies=[Depends(ctx.authorize)],
         summary="chat with the base model's chat template (the adapter's virtual tokens first)",
     )
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-        adapter = await resolve(body.model)
-        prompt = _chat_prompt(engine, body)
+        adapter = await ctx.resolve(body.model)
+        prompt = _chat_prompt(ctx.engine, body)
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
         # Chat's default length, under the server's cap (a chat without max_tokens still runs).
-        default = min(CHAT_MAX_TOKENS, engine.config.max_new_tokens_cap)
-        job = _Job(engine, metrics, "chat", body, adapter, [prompt], default, outputs())
-        await job.submit(config.retry_after_seconds)
+        default = min(CHAT_MAX_TOKENS, ctx.engine.config.max_new_tokens_cap)
+        job = _Job(ctx.engine, ctx.metrics, "chat", body, adapter, [prompt], default, ctx.outputs())
+        await job.submit(ctx.config.retry_after_seconds)
         if body.stream:
             return _sse(job.chat_chunks(request))
         await job.wait(request)
@@ -460,8 +502,6 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
         return ChatCompletion(
             id=job.id, created=job.created, model=body.model, choices=choices, usage=job.usage()
         )
-
-    return app
 
 
 def _prompts(prompt: Any) -> list[str | list[int]]:
@@ -580,12 +620,13 @@ class _Job:
             self.top = body.logprobs
         if self.max_tokens == 0 and not self.echo:
             raise APIError(400, "max_tokens 0 needs echo (to score the prompt)", param="max_tokens")
-        if body.stream and (self.echo or self.top is not None):
-            param = "echo" if self.echo else "logprobs"
-            raise APIError(400, f"{param} with stream is not supported yet", param=param)
         self.id = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.choices = [_Choice() for _ in range(len(prompts) * body.n)]
+        self.sent = [0] * len(self.choices)
+        """Per choice, how many of its tokens (the echoed prompt's included) have been streamed,
+        and the length of their text pieces (where the next piece's ``text_offset`` starts)."""
+        self.sent_chars = [0] * len(self.choices)
         self.handles: list[Any] = []
         self.queue: asyncio.Queue[tuple[int, Output | None]] = asyncio.Queue()
         """Each choice's outputs; ``(-1, None)`` when the client has gone."""
@@ -744,23 +785,11 @@ class _Job:
         if self.top is None:
             return None
         tokenizer = self.engine.tokenizer
-        content = []
         entries = self.handles[index].seq.logprobs
         pieces = token_pieces(tokenizer, [e.token for e in entries])
-        for entry, piece in zip(entries, pieces, strict=True):
-            top = [
-                TopLogprob(token=t, logprob=v, bytes=list(t.encode()))
-                for t, v in ((tokenizer.decode([i]), v) for i, v in entry.top)
-            ]
-            content.append(
-                TokenLogprob(
-                    token=piece,
-                    logprob=entry.logprob,
-                    bytes=list(piece.encode()),
-                    top_logprobs=top,
-                )
-            )
-        return ChatLogprobs(content=content)
+        return ChatLogprobs(
+            content=[_chat_entry(tokenizer, p, e) for p, e in zip(pieces, entries, strict=True)]
+        )
 
     def usage(self) -> Usage:
         if self.max_tokens == 0:  # echo alone: the one token made is not part of the answer
@@ -820,10 +849,54 @@ class _Job:
             self.cancel()
             self.metrics.request(self.endpoint, status)
 
+    def _scored(self, index: int) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Choice ``index``'s tokens so far (the prompt's first under echo) with their entries:
+        what ``completion_choices`` gives in one piece, as far as the stream has come."""
+        seq = self.handles[index].seq
+        upto = self.choices[index].tokens if self.max_tokens else 0
+        ids: list[int] = list(seq.output_ids[:upto])
+        entries: list[TokenLogprobs | None] = list(seq.logprobs[:upto])
+        if self.echo:
+            ids = list(seq.prompt_ids) + ids
+            entries = list(seq.prompt_logprobs or [None] * len(seq.prompt_ids)) + entries
+        return ids, entries
+
+    def _unsent(self, index: int) -> tuple[list[str], list[int], list[TokenLogprobs | None], int]:
+        """The tokens of choice ``index`` not streamed yet: their text pieces (spaced as in
+        the whole answer), ids, entries, and where the first piece starts in the choice's text."""
+        ids, entries = self._scored(index)
+        sent, self.sent[index] = self.sent[index], len(ids)
+        context = min(sent, 6)  # token_pieces' window: the same pieces as over the whole answer
+        pieces = token_pieces(self.engine.tokenizer, ids[sent - context :])[context:]
+        at = self.sent_chars[index]
+        self.sent_chars[index] += sum(len(t) for t in pieces)
+        return pieces, ids[sent:], entries[sent:], at
+
     def completion_chunks(self, request: Request) -> AsyncIterator[str]:
+        tokenizer = self.engine.tokenizer
+        echoed = [False] * len(self.choices)
+
         def piece(index: int, out: Output) -> dict:
             reason = self.choices[index].reason if out.finished else None
-            return {"index": index, "text": out.text, "logprobs": None, "finish_reason": reason}
+            text = out.text if self.max_tokens else ""  # max_tokens 0: the token made is dropped
+            if self.echo and not echoed[index]:
+                echoed[index] = True
+                prompt = self.prompts[index // self.body.n]
+                text = (prompt if isinstance(prompt, str) else tokenizer.decode(prompt)) + text
+            logprobs = None
+            if self.top is not None:
+                pieces, _, entries, at = self._unsent(index)
+                offsets = [at + sum(len(t) for t in pieces[:i]) for i in range(len(pieces))]
+                logprobs = LegacyLogprobs(
+                    tokens=pieces,
+                    token_logprobs=[None if e is None else e.logprob for e in entries],
+                    top_logprobs=[
+                        None if e is None else {tokenizer.decode([i]): v for i, v in e.top}
+                        for e in entries
+                    ],
+                    text_offset=offsets,
+                ).model_dump()
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
         return self._stream(request, "text_completion", piece)
 
@@ -845,7 +918,16 @@ class _Job:
                 reason = self.choices[index].reason
             else:
                 delta, reason = {"content": out.text}, None
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+            logprobs = None
+            if self.top is not None:
+                pieces, _, entries, _ = self._unsent(index)
+                content = [
+                    _chat_entry(self.engine.tokenizer, p, e)
+                    for p, e in zip(pieces, entries, strict=True)
+                    if e is not None
+                ]
+                logprobs = ChatLogprobs(content=content).model_dump()
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
 
         async for event in self._stream(request, "chat.completion.chunk", piece):
             yield event
@@ -879,6 +961,17 @@ def token_pieces(tokenizer: Any, ids: list[int], window: int = 6) -> list[str]:
         before = tokenizer.decode(ids[start:i]) if i > start else ""
         pieces.append(tokenizer.decode(ids[start : i + 1])[len(before) :])
     return pieces
+
+
+def _chat_entry(tokenizer: Any, piece: str, entry: TokenLogprobs) -> TokenLogprob:
+    """One token of the chat format's ``logprobs.content``: its text, and its alternatives."""
+    top = [
+        TopLogprob(token=t, logprob=v, bytes=list(t.encode()))
+        for t, v in ((tokenizer.decode([i]), v) for i, v in entry.top)
+    ]
+    return TokenLogprob(
+        token=piece, logprob=entry.logprob, bytes=list(piece.encode()), top_logprobs=top
+    )
 
 
 def _legacy_logprobs(

@@ -20,7 +20,7 @@ from datetime import timedelta
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

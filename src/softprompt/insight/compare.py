@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .engine import SamplingParams
-from .errors import UserError
-from .generate import Request, generate
-from .prompt import SoftPromptModel
+from ..engine import SamplingParams
+from ..errors import UserError
+from ..generate import Request, generate
+from ..prompt import SoftPromptModel
 
 if TYPE_CHECKING:
     from rich.console import Console

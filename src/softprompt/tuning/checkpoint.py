@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .data import Example, as_example
-from .errors import UserError
+from ..data import Example, as_example
+from ..errors import UserError
 
 STATE_FILE = "state.pt"
 FORMAT = 1

@@ -1,19 +1,18 @@
-"""The ``softprompt`` command: parses arguments, builds configs, calls the library.
+"""The ``softprompt`` command line: one function per command adds its arguments; the
+helpers shared by several commands (model, adapters, data, tasks, generation) follow.
 
-Heavy imports (torch, transformers) happen inside the commands so ``--help`` answers at once.
-Mistakes a user can fix end as one line on stderr and exit status 2.
+``docs/cli.md`` is written from this parser at build time.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
+from ..device import DTYPES, device_name
 from . import commands
-from .device import DTYPES, device_name, out_of_memory
-from .errors import Interrupted, UserError
+
+Commands = argparse._SubParsersAction  # what add_subparsers returns
 
 EPILOG = """examples:
   softprompt demo
@@ -30,59 +29,6 @@ EPILOG = """examples:
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if _needs_hub(args):
-        from .hub import go_offline_if_unreachable
-
-        go_offline_if_unreachable()
-    try:
-        return int(args.func(args) or 0)
-    except UserError as exc:
-        # One line, whatever a library put in the message.
-        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"softprompt: error: {message}", file=sys.stderr)
-        return 2
-    except Interrupted as exc:
-        if str(exc):
-            print(str(exc), file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("softprompt: interrupted", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        if not out_of_memory(exc):
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
-        print(
-            f"softprompt: error: out of memory ({first}); "
-            "try a smaller --batch-size (serve: --max-batch-size) or --dtype bfloat16",
-            file=sys.stderr,
-        )
-        return 2
-
-
-def _needs_hub(args: argparse.Namespace) -> bool:
-    """Whether a --model, --data or adapter names something that is neither local nor bundled
-    (a Hub id: then a quick look decides whether to go offline)."""
-    data = getattr(args, "data", None) or []
-    refs = [getattr(args, "model", None), getattr(args, "eval_data", None)]
-    refs += data if isinstance(data, list) else [data]
-    if any(ref and not ref.startswith("examples:") and not Path(ref).exists() for ref in refs):
-        return True
-    if getattr(args, "command", None) == "push":  # push reads a local folder
-        return False
-    from .hub import hub_adapter
-
-    adapters = getattr(args, "adapter", None) or []
-    adapters = [*(adapters if isinstance(adapters, list) else [adapters])]
-    if getattr(args, "command", None) == "serve":  # NAME=REF
-        adapters = [a.partition("=")[2] for a in adapters]
-    adapters.append(getattr(args, "init_from", None))
-    return any(ref and hub_adapter(ref) is not None for ref in adapters)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="softprompt",
@@ -93,6 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    add_demo(sub)
+    add_train(sub)
+    add_generate(sub)
+    add_eval(sub)
+    add_compare(sub)
+    add_inspect(sub)
+    add_report(sub)
+    add_serve(sub)
+    add_embeds(sub)
+    add_push(sub)
+    return parser
+
+
+def add_demo(sub: Commands) -> None:
     demo = sub.add_parser(
         "demo",
         help="reproduce the PEFT prompt-tuning guide offline, end to end",
@@ -114,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(demo)
     demo.set_defaults(func=commands.cmd_demo)
 
+
+def add_train(sub: Commands) -> None:
     train = sub.add_parser(
         "train",
         help="train a soft prompt (or several at once) on a dataset",
@@ -233,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", action="store_true", help="print a JSON summary")
     train.set_defaults(func=commands.cmd_train)
 
+
+def add_generate(sub: Commands) -> None:
     gen = sub.add_parser(
         "generate",
         help="complete prompts with the base model and adapters",
@@ -271,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per request")
     gen.set_defaults(func=commands.cmd_generate)
 
+
+def add_eval(sub: Commands) -> None:
     ev = sub.add_parser(
         "eval",
         help="loss, perplexity and task accuracy of the base model and adapters",
@@ -301,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--json", action="store_true", help="print one JSON list of records")
     ev.set_defaults(func=commands.cmd_eval)
+
+
+def add_compare(sub: Commands) -> None:
     cmp = sub.add_parser(
         "compare",
         help="base model vs adapters, side by side on the same prompts",
@@ -316,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     style.add_argument("--markdown", action="store_true", help="print Markdown tables")
     cmp.set_defaults(func=commands.cmd_compare)
 
+
+def add_inspect(sub: Commands) -> None:
     ins = sub.add_parser(
         "inspect",
         help="nearest vocabulary tokens and norms of an adapter's virtual tokens",
@@ -329,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="print JSON")
     ins.set_defaults(func=commands.cmd_inspect)
 
+
+def add_report(sub: Commands) -> None:
     rep = sub.add_parser(
         "report",
         help="one self-contained HTML page of what tuning did",
@@ -368,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.set_defaults(func=commands.cmd_report)
 
+
+def add_serve(sub: Commands) -> None:
     srv = sub.add_parser(
         "serve",
         help="an OpenAI-compatible server for the base model and every adapter in a folder",
@@ -440,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.set_defaults(func=commands.cmd_serve)
 
+
+def add_embeds(sub: Commands) -> None:
     emb = sub.add_parser(
         "embeds",
         help="the prompt_embeds tensor that serves an adapter on vLLM",
@@ -459,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(emb)
     emb.set_defaults(func=commands.cmd_embeds)
 
+
+def add_push(sub: Commands) -> None:
     push = sub.add_parser(
         "push",
         help="upload an adapter folder to the Hugging Face Hub",
@@ -480,7 +459,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     push.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
     push.set_defaults(func=commands.cmd_push)
-    return parser
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -621,7 +599,3 @@ def _generation_args(
     p.add_argument(
         "--seed", type=int, default=0, help="seed of each sampled request (default: %(default)s)"
     )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .prompt import Adapter, SoftPromptModel
+from ..prompt import Adapter, SoftPromptModel
 
 
 @dataclass
@@ -102,8 +102,8 @@ def inspect_prefix(spm: SoftPromptModel, adapter: Adapter, sample: int = 64) -> 
     """Per-layer key and value norms of a prefix adapter against the model's own for ``sample``
     random vocabulary tokens in a row: a prefix far off that scale is one attention has never
     met the like of (as with PEFT's N(0, 1) start)."""
-    from .prefix import model_kv, norms
-    from .prompt import init_prompt
+    from ..prefix import model_kv, norms
+    from ..tuning.init import init_prompt
 
     shape = spm.prefix_shape
     key_norms, value_norms = norms(adapter.weights.detach(), shape)

@@ -1,63 +1,27 @@
-"""Mean per-token loss and perplexity of the base model and of adapters on examples.
+"""Token rows and their loss, the one definition training and evaluation share.
 
-Each example is tokenised as in training (``layout``: ``[virtual][text][eos]`` for a text, the
-EOS only where the text really ends; prompt/completion and chat examples are scored on their
-completions and assistant turns only). The first text token is not scored for anyone: the base
-model has no context to predict it from, so scoring it for adapters only would flatter them.
-Every model is thus scored on exactly the same tokens.
+A row is ``[virtual ids][text ids]`` with a mark per text token saying whether the loss covers
+it (``layout``: a completion, an assistant turn, or every token of a plain text, and the EOS
+where the text really ends). ``training_rows`` builds them, ``batch_loss`` scores a batch of them
+in one forward (``SoftPromptModel.scored_logits``); ``tuning.train`` steps on that loss and
+``insight.evaluate`` reports it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .data import Example, as_example, pad_left
-from .errors import UserError
 from .layout import example_layout
 from .prompt import SoftPromptModel
 
 Row = tuple[list[int], int, list[bool]]
 """``(ids, n_virtual, scored)``: one row's token ids, virtual ids first, how many of them there
 are, and for each text token whether the loss covers it."""
-
-
-@dataclass
-class EvalResult:
-    """Loss summed and counted over scored tokens; ``loss`` is their mean (nats per token)."""
-
-    adapter: str | None
-    data: str
-    loss: float
-    tokens: int
-    cut: int = 0
-    """Texts longer than ``max_length``, cut (and scored without an EOS)."""
-    n: int = 0
-    """Examples evaluated."""
-    context: str | None = None
-    """What stood before each prompt for a baseline (``instruction``, ``8-shot``); None: none."""
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.loss) if self.loss < 700 else math.inf
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "adapter": self.adapter,
-            "data": self.data,
-            "loss": self.loss,
-            "perplexity": self.perplexity,
-            "tokens": self.tokens,
-            "texts_cut": self.cut,
-            "metric": "loss",
-            "n": self.n,
-            "context": self.context,
-        }
 
 
 MAX_LENGTH_CAP = 256
@@ -144,40 +108,3 @@ def batch_loss(
     row_of = torch.repeat_interleave(torch.arange(len(rows)), counts).to(device)
     sums = per_token.new_zeros(len(rows)).index_add(0, row_of, per_token)
     return sums, counts.tolist()
-
-
-@torch.no_grad()
-def evaluate(
-    spm: SoftPromptModel,
-    texts: Sequence[str | Example],
-    adapter: str | None,
-    data_name: str = "",
-    batch_size: int = 8,
-    max_length: int | None = None,
-) -> EvalResult:
-    """Mean per-token loss of ``adapter`` (None: the base model) on ``texts``.
-
-    ``max_length`` (text tokens, EOS included) defaults to what the longest text needs, up to
-    ``MAX_LENGTH_CAP``; longer texts are cut and counted in the result's ``cut``.
-
-    Raises:
-        UserError: no token would be scored (no texts, or none with a token after the first).
-    """
-    if max_length is None:
-        max_length = fitting_length(spm, texts)
-    rows, cut = training_rows(spm, texts, adapter, max_length)
-    # Sorting by length keeps padding, and so wasted work, small.
-    rows.sort(key=lambda r: len(r[0]))
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        loss, n = batch_loss(spm, rows[start : start + batch_size], skip_first=True)
-        total += float(loss)
-        count += n
-    if count == 0:
-        raise UserError(
-            f"nothing to score in {data_name or 'the evaluation texts'}: "
-            f"{len(texts)} texts, none with a token after its first"
-        )
-    return EvalResult(
-        adapter=adapter, data=data_name, loss=total / count, tokens=count, cut=cut, n=len(texts)
-    )

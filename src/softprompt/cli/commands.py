@@ -14,10 +14,13 @@ from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import Interrupted, UserError
+from ..errors import Interrupted, UserError
 
 if TYPE_CHECKING:
-    from .data import Example, Fields
+    from ..data import Example, Fields
+    from ..prompt import Adapter, SoftPromptModel
+    from ..tuning.config import TrainConfig, TrainResult
+    from ..tuning.distributed import Group
 
 
 def _quiet() -> None:
@@ -34,9 +37,9 @@ def _quiet() -> None:
 def _load_base(args: argparse.Namespace, group: Any = None) -> Any:
     """The base model of ``--model`` on ``--device`` in ``--dtype`` (flags a command lacks
     take their defaults). In a data-parallel ``group``, joins it first (on this process's GPU)."""
-    from .device import resolve
-    from .distributed import device_for, setup
-    from .models import load_base_model
+    from ..device import resolve
+    from ..models import load_base_model
+    from ..tuning.distributed import device_for, setup
 
     device, dtype = resolve(getattr(args, "device", "auto"), getattr(args, "dtype", "auto"))
     if group is not None:
@@ -50,14 +53,14 @@ def _load_base(args: argparse.Namespace, group: Any = None) -> Any:
 
 
 def _load_model(args: argparse.Namespace, group: Any = None) -> Any:
-    from .prompt import SoftPromptModel
+    from ..prompt import SoftPromptModel
 
     return SoftPromptModel(_load_base(args, group))
 
 
 def _read_adapters(folders: list[str], allow_pickle: bool) -> list[Any]:
     """Read adapter folders (before any model is loaded, so bad ones fail fast)."""
-    from .prompt import load_adapter
+    from ..prompt import load_adapter
 
     adapters = [load_adapter(folder, allow_pickle=allow_pickle) for folder in folders]
     names = [a.name for a in adapters]
@@ -96,14 +99,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig
+    from ..tuning.checkpoint import checkpoint_dir
+    from ..tuning.distributed import launched
 
     if args.init_from and args.init not in (None, "file"):
         raise UserError(
             f"--init-from starts from an adapter's rows; it cannot go with --init {args.init}"
         )
     specs = _task_specs(args)
-    config = TrainConfig(
+    config = _train_config(args)
+    group = launched()
+    if not group.main:
+        args.json = True  # only rank 0 prints (and writes)
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues a run and --overwrite starts over: give one")
+    _quiet()
+    _load_task_data(args, specs, config)
+    output = Path(args.output)
+    checkpoints = checkpoint_dir(output)
+    _check_train_outputs(args, specs, output, checkpoints)
+    source = _init_source(args, config)
+    spm = _load_model(args, group)
+    _announce_training(args, specs, config, spm, group, source)
+    starts = {spec.name: _start_rows(spm, spec, config, source) for spec in specs}
+    if not args.json:
+        _print_training_plan(specs)
+    results = _run_training(args, specs, config, spm, starts, checkpoints, group)
+    _check_trained(args, specs, config, spm, results, checkpoints)
+    replace = args.overwrite or args.resume
+    summaries = _save_trained(args, specs, config, spm, results, group, replace)
+    return _end_training(args, specs, results, summaries, checkpoints, group)
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """``train``'s flags as a ``TrainConfig`` (defaults that depend on the method filled in)."""
+    from ..tuning.config import TrainConfig
+
+    return TrainConfig(
         virtual_tokens=args.virtual_tokens,
         method=args.method,
         init=args.init or ("file" if args.init_from else "vocab"),
@@ -121,27 +153,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         patience=args.patience,
         checkpoint_every=args.checkpoint_every,
     )
-    from .checkpoint import STATE_FILE, checkpoint_dir
-    from .checkpoint import remove as remove_checkpoint
-    from .distributed import PeerLost, barrier, launched, shutdown
-    from .files import check_output
 
-    group = launched()
-    if not group.main:
-        args.json = True  # only rank 0 prints (and writes)
-    if args.resume and args.overwrite:
-        raise UserError("--resume continues a run and --overwrite starts over: give one")
-    _quiet()
-    from .data import heldout_source, load_texts, split_heldout
-    from .prompt import init_prompt, load_adapter
-    from .train import (
-        HELDOUT_FILE,
-        Task,
-        rescue_trained,
-        save_trained,
-        train_tasks,
-        trainable_summary,
-    )
+
+def _load_task_data(args: argparse.Namespace, specs: list[_TaskSpec], config: TrainConfig) -> None:
+    """Each task's training and held-out examples: ``--eval-data``, a bundled set's held-out
+    part, or a split of the data kept in the adapter folder (``HELDOUT_FILE``)."""
+    from ..data import heldout_source, load_texts, split_heldout
+    from ..tuning.config import HELDOUT_FILE
 
     for spec in specs:
         data = load_texts(spec.data, spec.field, args.max_samples, _fields(args))
@@ -164,8 +182,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
             spec.eval_texts = spec.split
             spec.eval_source = HELDOUT_FILE
-    output = Path(args.output)
-    checkpoints = checkpoint_dir(output)
+
+
+def _check_train_outputs(
+    args: argparse.Namespace, specs: list[_TaskSpec], output: Path, checkpoints: Path
+) -> None:
+    """Refuse to replace what the user made, and settle a left-over checkpoint: resume it
+    (``--resume``), remove it (``--overwrite``), or stop with a line saying which to give."""
+    from ..files import check_output
+    from ..tuning.checkpoint import STATE_FILE
+    from ..tuning.checkpoint import remove as remove_checkpoint
+
     if args.resume and not (checkpoints / STATE_FILE).is_file():
         raise UserError(
             f"nothing to resume for {output}: no checkpoint at {checkpoints} (a run writes one "
@@ -184,6 +211,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "add --resume to continue it, or --overwrite to start over"
             )
         remove_checkpoint(checkpoints)
+
+
+def _init_source(args: argparse.Namespace, config: TrainConfig) -> Adapter | None:
+    """The adapter ``--init-from`` names (None without it); its length becomes the run's."""
+    from ..prompt import load_adapter
+
     source = None
     if config.init == "file":
         source = load_adapter(config.init_from or "", allow_pickle=args.allow_pickle)
@@ -193,7 +226,18 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "with --method prefix"
             )
         config.virtual_tokens = source.num_virtual_tokens
-    spm = _load_model(args, group)
+    return source
+
+
+def _announce_training(
+    args: argparse.Namespace,
+    specs: list[_TaskSpec],
+    config: TrainConfig,
+    spm: SoftPromptModel,
+    group: Group,
+    source: Adapter | None,
+) -> None:
+    """Checks that need the model, the max length the data needs, and what the loss covers."""
     if config.method == "prefix":
         shape = spm.prefix_shape  # refuses a model whose cache a prefix cannot fit
         if source is not None and source.method == "prefix":
@@ -201,7 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             if mismatch:
                 raise UserError(f"--init-from {config.init_from}: {mismatch}")
     if args.max_length is None:
-        from .evaluate import MAX_LENGTH_CAP, fitting_length
+        from ..rows import MAX_LENGTH_CAP, fitting_length
 
         config.max_length = fitting_length(spm, [t for spec in specs for t in spec.texts])
         if not args.json:
@@ -212,7 +256,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
             print(f"max length: {config.max_length} text tokens ({why})")
     if not args.json:
-        from .evaluate import scored_tokens, training_rows
+        from ..rows import scored_tokens, training_rows
 
         for spec in specs:
             if spec.format in _COVERS:
@@ -234,51 +278,72 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"--init-from adapter has token_dim {source.token_dim}, the model has {spm.hidden_size}"
         )
 
-    def start_for(spec: _TaskSpec) -> Any:
-        """The rows training starts from (per task: ``--init labels`` reads its labels)."""
-        if source is not None and source.method == config.method:
-            return source.weights  # continue the adapter as it is
-        rows = source.weights if source is not None else None  # a prompt to deepen
-        if config.init == "labels":
-            if spec.format != "completion":
-                raise UserError(
-                    f"--init labels starts from the completions of prompt/completion data; "
-                    f"{spec.data} holds {_KINDS[spec.format]}"
-                )
-            labels = list(dict.fromkeys(e.completion for e in spec.texts))
-            rows = init_prompt(spm.base, config.virtual_tokens, "labels", None, config.seed, labels)
-            if config.method == "prompt":
-                return rows
-        if config.method == "prefix":
-            from .prefix import init_prefix
 
-            return init_prefix(
-                spm.base,
-                config.virtual_tokens,
-                config.init,
-                config.init_text,
-                config.seed,
-                rows=rows,
+def _start_rows(
+    spm: SoftPromptModel, spec: _TaskSpec, config: TrainConfig, source: Adapter | None
+) -> Any:
+    """The rows training starts from (per task: ``--init labels`` reads its labels)."""
+    from ..tuning.init import init_prefix, init_prompt
+
+    if source is not None and source.method == config.method:
+        return source.weights  # continue the adapter as it is
+    rows = source.weights if source is not None else None  # a prompt to deepen
+    if config.init == "labels":
+        if spec.format != "completion":
+            raise UserError(
+                f"--init labels starts from the completions of prompt/completion data; "
+                f"{spec.data} holds {_KINDS[spec.format]}"
             )
-        return init_prompt(
-            spm.base, config.virtual_tokens, config.init, config.init_text, config.seed
+        labels = list(dict.fromkeys(e.completion for e in spec.texts))
+        rows = init_prompt(spm.base, config.virtual_tokens, "labels", None, config.seed, labels)
+        if config.method == "prompt":
+            return rows
+    if config.method == "prefix":
+        return init_prefix(
+            spm.base,
+            config.virtual_tokens,
+            config.init,
+            config.init_text,
+            config.seed,
+            rows=rows,
         )
+    return init_prompt(spm.base, config.virtual_tokens, config.init, config.init_text, config.seed)
 
-    starts = {spec.name: start_for(spec) for spec in specs}
-    if not args.json:
-        for spec in specs:
-            print(
-                f"training {spec.name} on {spec.data} ({len(spec.texts)} {_KINDS[spec.format]}, "
-                f"field {spec.field!r}); held out: {len(spec.eval_texts)}"
-                + (
-                    f" from {spec.eval_source}"
-                    if spec.split is None
-                    else f" of {spec.data}, kept in {spec.output / HELDOUT_FILE}"
-                )
+
+def _print_training_plan(specs: list[_TaskSpec]) -> None:
+    from ..tuning.config import HELDOUT_FILE
+
+    for spec in specs:
+        print(
+            f"training {spec.name} on {spec.data} ({len(spec.texts)} {_KINDS[spec.format]}, "
+            f"field {spec.field!r}); held out: {len(spec.eval_texts)}"
+            + (
+                f" from {spec.eval_source}"
+                if spec.split is None
+                else f" of {spec.data}, kept in {spec.output / HELDOUT_FILE}"
             )
-        if len(specs) > 1:
-            print(f"{len(specs)} prompts in one run, their rows sharing batches")
+        )
+    if len(specs) > 1:
+        print(f"{len(specs)} prompts in one run, their rows sharing batches")
+
+
+def _run_training(
+    args: argparse.Namespace,
+    specs: list[_TaskSpec],
+    config: TrainConfig,
+    spm: SoftPromptModel,
+    starts: dict[str, Any],
+    checkpoints: Path,
+    group: Group,
+) -> list[TrainResult]:
+    """``train_tasks``, stopped cleanly by Ctrl-C, SIGTERM or a lost data-parallel peer (the
+    message says whether a checkpoint to ``--resume`` from is kept)."""
     import signal
+
+    from ..tuning.checkpoint import STATE_FILE
+    from ..tuning.config import Task
+    from ..tuning.distributed import PeerLost
+    from ..tuning.train import train_tasks
 
     def stopped(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -321,6 +386,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise Interrupted(message) from exc
     finally:
         signal.signal(signal.SIGTERM, previous)
+    return results
+
+
+def _check_trained(
+    args: argparse.Namespace,
+    specs: list[_TaskSpec],
+    config: TrainConfig,
+    spm: SoftPromptModel,
+    results: list[TrainResult],
+    checkpoints: Path,
+) -> None:
+    """Say what was resumed and cut; a changed base model is a bug (the rows are rescued)."""
+    from ..tuning.train import rescue_trained
+
     if results[0].resumed_from is not None and not args.json:
         print(f"resumed at step {results[0].resumed_from} from {checkpoints}")
     for spec, result in zip(specs, results, strict=True):
@@ -340,6 +419,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "training changed the base model's weights; the trained prompts were kept in "
                 + ", ".join(str(k) for k in rescued)
             )
+
+
+def _save_trained(
+    args: argparse.Namespace,
+    specs: list[_TaskSpec],
+    config: TrainConfig,
+    spm: SoftPromptModel,
+    results: list[TrainResult],
+    group: Group,
+    replace: bool,
+) -> list[dict[str, Any]]:
+    """Save each adapter (rank 0) and return the JSON summaries."""
+    from ..tuning.train import save_trained
+
     summaries = []
     for spec, result in zip(specs, results, strict=True):
         extra = {
@@ -381,6 +474,22 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "resumed_from": result.resumed_from,
             }
         )
+    return summaries
+
+
+def _end_training(
+    args: argparse.Namespace,
+    specs: list[_TaskSpec],
+    results: list[TrainResult],
+    summaries: list[dict[str, Any]],
+    checkpoints: Path,
+    group: Group,
+) -> int:
+    """Remove the finished run's checkpoint, let every process go, print the summary."""
+    from ..tuning.checkpoint import remove as remove_checkpoint
+    from ..tuning.distributed import barrier, shutdown
+    from ..tuning.train import trainable_summary
+
     if group.main:
         remove_checkpoint(checkpoints)  # the run is done and saved
     barrier(group)
@@ -428,7 +537,7 @@ _COVERS = {"completion": "completions", "chat": "assistant turns"}
 
 def _fields(args: argparse.Namespace) -> Fields:
     """The fields ``--prompt-field``, ``--completion-field`` and ``--messages-field`` name."""
-    from .data import Fields
+    from ..data import Fields
 
     return Fields(
         prompt=getattr(args, "prompt_field", None),
@@ -474,7 +583,7 @@ def _task_specs(args: argparse.Namespace) -> list[_TaskSpec]:
 def _data_and_field(source: str) -> tuple[str, str | None]:
     """``DATA[:FIELD]``: the whole of ``source`` when it names data (a bundled set, an existing
     path), else split at its last colon when what follows looks like a field name."""
-    from .data import EXAMPLE_PREFIX, EXAMPLES
+    from ..data import EXAMPLE_PREFIX, EXAMPLES
 
     if source.startswith(EXAMPLE_PREFIX):
         parts = source[len(EXAMPLE_PREFIX) :].split(":")
@@ -493,7 +602,7 @@ def _data_and_field(source: str) -> tuple[str, str | None]:
 
 
 def _read_requests(path: str, names: list[str]) -> list[Any]:
-    from .generate import Request
+    from ..generate import Request
 
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -526,7 +635,7 @@ def _read_requests(path: str, names: list[str]) -> list[Any]:
 
 def _generate_config(args: argparse.Namespace) -> Any:
     """The sampling parameters the generation flags give; a bad value names its flag."""
-    from .engine import RequestError, SamplingParams
+    from ..engine import RequestError, SamplingParams
 
     try:
         return SamplingParams(
@@ -546,13 +655,13 @@ def _generate_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import Request
+    from ..generate import Request
 
     config = _generate_config(args)
     if bool(args.prompt) == bool(args.requests):
         raise UserError("give --prompt (repeatable) or --requests FILE.jsonl, not both")
     _quiet()
-    from .generate import generate
+    from ..generate import generate
 
     adapters = _read_adapters(args.adapter, args.allow_pickle)
     spm = _load_model(args)
@@ -592,8 +701,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _quiet()
-    from .data import load_texts
-    from .evaluate import MAX_LENGTH_CAP, evaluate
+    from ..data import load_texts
+    from ..insight.evaluate import evaluate
+    from ..rows import MAX_LENGTH_CAP
 
     if args.batch_size < 1 or (args.max_length is not None and args.max_length < 2):
         raise UserError("--batch-size must be at least 1 and --max-length at least 2")
@@ -648,7 +758,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _task_options(args: argparse.Namespace, metrics: list[str]) -> list[str] | None:
     """Checks the task flags before anything is loaded; returns the ``--choices`` list."""
-    from .scoring import compile_pattern
+    from ..insight.scoring import compile_pattern
 
     if args.few_shot < 0:
         raise UserError("--few-shot must be 0 or more")
@@ -667,7 +777,7 @@ def _task_datasets(datasets: list[Any], metrics: list[str]) -> list[Any]:
     reference); plain texts are refused."""
     from dataclasses import replace
 
-    from .scoring import task_rows
+    from ..insight.scoring import task_rows
 
     out = []
     for d in datasets:
@@ -698,8 +808,8 @@ def _task_plan(
 def _eval_runs(args: argparse.Namespace, datasets: list[Any]) -> list[list[tuple[Any, Any]]]:
     """Per dataset, the base model's runs: ``(context, examples)``, zero-shot first, then with
     ``--instruction`` and ``--few-shot K`` shots (the baselines an adapter is judged against)."""
-    from .data import heldout_source, load_texts
-    from .scoring import in_context, pick_shots, task_rows
+    from ..data import heldout_source, load_texts
+    from ..insight.scoring import in_context, pick_shots, task_rows
 
     runs = []
     for d in datasets:
@@ -734,7 +844,7 @@ def _training_part(source: str, heldout_source: Any, adapter_folders: list[str])
     training data of an adapter that records ``source`` as its held-out data."""
     if source.endswith(":heldout") and heldout_source(source.removesuffix(":heldout")) == source:
         return source.removesuffix(":heldout")
-    from .report import AdapterInfo
+    from ..insight.report import AdapterInfo
 
     for folder in adapter_folders:
         info = AdapterInfo.read(Path(folder).name, Path(folder))
@@ -757,7 +867,7 @@ def _task_results(
     choices: list[str] | None,
     batch_size: int,
 ) -> list[Any]:
-    from .scoring import choice_accuracy, exact_match, pattern_match
+    from ..insight.scoring import choice_accuracy, exact_match, pattern_match
 
     out = []
     for metric in (m for m in metrics if m != "loss"):
@@ -828,7 +938,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if any(not p.strip() for p in args.prompt):
         raise UserError("a --prompt is empty; give some text")
     _quiet()
-    from .compare import compare, print_tables, to_markdown
+    from ..insight.compare import compare, print_tables, to_markdown
 
     adapters = _read_adapters(args.adapter, args.allow_pickle)
     spm = _load_model(args)
@@ -848,11 +958,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise UserError("--top-k must be at least 1")
-    from .prompt import load_adapter
+    from ..prompt import load_adapter
 
     adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
     _quiet()
-    from .inspection import inspect_adapter
+    from ..insight.inspection import inspect_adapter
 
     spm = _load_model(args)
     spm.add_adapter(adapter)
@@ -860,7 +970,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     if adapter.method == "prefix":
-        from .inspection import inspect_prefix
+        from ..insight.inspection import inspect_prefix
 
         deep = inspect_prefix(spm, adapter)
         if args.json:
@@ -913,7 +1023,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import check_writable
+    from ..insight.report import check_writable
 
     config = _generate_config(args)
     if args.max_length is not None and args.max_length < 2:
@@ -924,9 +1034,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UserError("a --prompt is empty; give some text")
     loaded = _read_adapters(args.adapter, args.allow_pickle)
     _quiet()
-    from .data import load_texts
+    from ..data import load_texts
+    from ..insight.report import AdapterInfo, build_report, write_report
     from .demo import GUIDE_PROMPTS
-    from .report import AdapterInfo, build_report, write_report
 
     metrics = list(dict.fromkeys(args.metric or []))
     choices = _task_options(args, metrics)
@@ -958,7 +1068,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server.run import serve
+    from ..server.run import serve
 
     _quiet()
     return serve(
@@ -994,8 +1104,8 @@ def cmd_embeds(args: argparse.Namespace) -> int:
             "which prompt_embeds (input rows) cannot carry; serve it with softprompt"
         )
     _quiet()
-    from .embeds import prompt_embeds, to_base64, to_bytes
-    from .files import write_bytes
+    from ..embeds import prompt_embeds, to_base64, to_bytes
+    from ..files import write_bytes
 
     base = _load_base(args)
     try:
@@ -1016,8 +1126,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     from huggingface_hub import ModelCard
     from huggingface_hub.utils import validate_repo_id
 
-    from .hub import ADAPTER_FILES
-    from .prompt import load_adapter
+    from ..hub import ADAPTER_FILES
+    from ..prompt import load_adapter
 
     folder = Path(args.adapter)
     load_adapter(folder, allow_pickle=args.allow_pickle)  # a folder that is not one fails here

@@ -17,113 +17,16 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
+from ..errors import UserError
 from .plots import plot_heatmap, plot_losses, png_data_uri
 
 if TYPE_CHECKING:
+    from ..data import Texts
+    from ..engine import SamplingParams
+    from ..prompt import SoftPromptModel
     from .compare import Comparison
-    from .data import Texts
-    from .engine import SamplingParams
     from .evaluate import EvalResult
-    from .prompt import SoftPromptModel
     from .scoring import TaskResult
-    from .train import TrainConfig, TrainResult
-
-
-def write_model_card(
-    path: Path,
-    name: str,
-    base: str,
-    config: TrainConfig,
-    result: TrainResult,
-    extra: dict[str, Any],
-) -> None:
-    """A README.md with what the adapter is, how it was trained and what it measured, and the
-    metadata the Hub and PEFT read (``library_name: peft``, ``base_model``, tags, the held-out
-    loss as a ``model-index`` result), so the folder can be uploaded as it is."""
-    before, after = result.loss_before, result.loss_after
-    data = extra.get("data", "?")
-    prefix = config.method == "prefix"
-    what = (
-        "A deep prompt (prefix tuning, Li and Liang 2021: keys and values at every layer)"
-        if prefix
-        else "A soft prompt (prompt tuning, Lester et al. 2021)"
-    )
-    kind = "PREFIX_TUNING" if prefix else "PROMPT_TUNING"
-    lines = [
-        "---",
-        _card_metadata(name, base, config, after, extra).to_yaml(),
-        "---",
-        f"# {name}",
-        "",
-        f"{what} for `{base}`, trained with softprompt.",
-        f"It is a PEFT {kind} adapter: `peft.PeftModel.from_pretrained` loads it too.",
-        *(
-            ["The base weights were softprompt's embedded build (the Q4_1 GGUF, dequantised)."]
-            if base == "HuggingFaceTB/SmolLM2-135M-Instruct"
-            else []
-        ),
-        "",
-        "| | |",
-        "|---|---|",
-        f"| virtual tokens | {config.virtual_tokens} (init: {config.init}) |",
-        f"| trainable parameters | {result.trainable_params:,d} of {result.total_params:,d} |",
-        f"| training data | `{data}` ({result.samples // config.epochs} texts, "
-        f"{config.epochs} epochs) |",
-        f"| held-out data | `{extra.get('eval_data', '?')}` |",
-        f"| held-out loss | {before:.3f} before, {after:.3f} after (nats/token) |",
-        f"| training time | {result.seconds:.0f} s |",
-        "",
-        "![loss](loss.png)",
-        "",
-        "Use it:",
-        "",
-        "```",
-        f'softprompt generate --adapter {name} --prompt "..."',
-        "```",
-        "",
-    ]
-    path.write_text("\n".join(lines))
-
-
-def _card_metadata(
-    name: str, base: str, config: TrainConfig, loss: float, extra: dict[str, Any]
-) -> Any:
-    """The card's YAML metadata, through huggingface_hub's own model (so the Hub reads it)."""
-    from huggingface_hub import EvalResult, ModelCardData
-
-    data, held = extra.get("data"), extra.get("eval_data")
-    # Only Hub dataset ids are datasets the Hub can link; local files and bundled sets are not.
-    hub = [d for d in (data,) if isinstance(d, str) and _hub_id(d)]
-    results = []
-    if isinstance(held, str) and loss == loss:  # a real held-out loss (not NaN)
-        results.append(
-            EvalResult(
-                task_type="text-generation",
-                dataset_type=held,
-                dataset_name=held,
-                metric_type="loss",
-                metric_value=round(float(loss), 4),
-                metric_name="held-out loss (nats/token)",
-            )
-        )
-    return ModelCardData(
-        library_name="peft",
-        base_model=base,
-        pipeline_tag="text-generation",
-        tags=["prefix-tuning" if config.method == "prefix" else "prompt-tuning", "softprompt"],
-        datasets=hub or None,
-        model_name=name,
-        eval_results=results or None,
-    )
-
-
-def _hub_id(source: str) -> bool:
-    """Whether ``source`` reads as a Hub dataset id (``owner/name``), not a local path."""
-    if source.startswith("examples:") or Path(source).exists():
-        return False
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
 @dataclass
@@ -156,7 +59,7 @@ class AdapterInfo:
 
     def heldout_source(self) -> str | None:
         """The held-out data this adapter was evaluated on, as a loadable source, if known."""
-        from .train import HELDOUT_FILE
+        from ..tuning.config import HELDOUT_FILE
 
         recorded = self.training.get("eval_data")
         if recorded == HELDOUT_FILE and (self.folder / HELDOUT_FILE).is_file():
@@ -169,7 +72,7 @@ class AdapterInfo:
 
     def owns(self, data: str) -> bool:
         """Whether ``data`` is this adapter's own domain (its training or held-out data)."""
-        from .data import heldout_source
+        from ..data import heldout_source
 
         own = {self.training.get("data"), self.training.get("eval_data"), self.heldout_source()}
         own.add(heldout_source(str(self.training.get("data") or "")))
@@ -249,7 +152,7 @@ GENERATOR_META = '<meta name=generator content="softprompt report">'
 
 def write_report(html: str, output: Path) -> None:
     """Write ``html`` to ``output`` through a temporary file, so no half page is ever left."""
-    from .files import write_text
+    from ..files import write_text
 
     try:
         write_text(output, html)

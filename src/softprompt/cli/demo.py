@@ -14,17 +14,19 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .compare import compare, print_tables
-from .data import load_texts
-from .device import resolve
-from .engine import SamplingParams
-from .errors import UserError
-from .files import check_output, write_text
-from .generate import Request, generate
-from .models import load_base_model
-from .prompt import SoftPromptModel, init_prompt, load_adapter
-from .report import AdapterInfo, build_report, eval_matrix, is_report, write_report
-from .train import TrainConfig, save_trained, train, trainable_summary
+from ..data import load_texts
+from ..device import resolve
+from ..engine import SamplingParams
+from ..errors import UserError
+from ..files import check_output, write_text
+from ..generate import Request, generate
+from ..insight.compare import compare, print_tables
+from ..insight.report import AdapterInfo, build_report, eval_matrix, is_report, write_report
+from ..models import load_base_model
+from ..prompt import SoftPromptModel, load_adapter
+from ..tuning.config import TrainConfig
+from ..tuning.init import init_prompt
+from ..tuning.train import save_trained, train, trainable_summary
 
 GUIDE_PROMPTS = [
     "I want you to act as a motivational coach. ",

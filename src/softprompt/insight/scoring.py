@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from .data import Example
-from .engine import SamplingParams
-from .errors import UserError
-from .evaluate import MAX_LENGTH_CAP, Row, batch_loss, fitting_length
-from .layout import example_layout
-from .prompt import SoftPromptModel
+from ..data import Example
+from ..engine import SamplingParams
+from ..errors import UserError
+from ..layout import example_layout
+from ..prompt import SoftPromptModel
+from ..rows import MAX_LENGTH_CAP, Row, batch_loss, fitting_length
 
 METRICS = ("loss", "choice", "exact", "pattern")
 
@@ -99,7 +99,7 @@ def _label(example: Example) -> str:
 
 
 def _requests(rows: Sequence[Example], adapter: str | None) -> list[Any]:
-    from .generate import Request
+    from ..generate import Request
 
     return [Request(_label(e), adapter, messages=e.messages) for e in rows]
 
@@ -243,7 +243,7 @@ def _graded(
     shown: int,
 ) -> TaskResult:
     """Greedy completions of every row through the engine, each judged by ``hit``."""
-    from .generate import generate
+    from ..generate import generate
 
     rows = task_rows(examples)
     params = SamplingParams(max_new_tokens=max_new_tokens)

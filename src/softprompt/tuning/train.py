@@ -1,0 +1,588 @@
+"""Training a soft prompt: only its rows get gradients; the base model stays frozen.
+
+``train(spm, name, texts, eval_texts, config)`` is one plain loop (AdamW on the prompt rows,
+cross-entropy on the text tokens); ``save_trained`` writes the PEFT files and everything beside
+them into a staging folder and puts it in place (see ``files``), so a failed save leaves nothing
+half-written; if the output cannot be written after training, the trained prompt is rescued to
+a folder the error names, never thrown away.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from ..data import Example, as_example
+from ..errors import UserError
+from ..files import check_output, put_in_place, staging_dir
+from ..insight.evaluate import evaluate
+from ..prompt import Adapter, SoftPromptModel, adapter_config, write_adapter_files
+from ..rows import batch_loss, scored_tokens, training_rows
+from .card import write_model_card
+from .config import HELDOUT_FILE, Task, TrainConfig, TrainResult
+from .distributed import SINGLE, Group
+from .distributed import sum_ as dist_sum
+
+
+def trainable_summary(trainable: int, total: int) -> str:
+    """The line PEFT's ``print_trainable_parameters`` prints."""
+    return (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || "
+        f"trainable%: {100 * trainable / total:.4f}"
+    )
+
+
+def train(
+    spm: SoftPromptModel,
+    name: str,
+    initial: torch.Tensor,
+    texts: Sequence[str | Example],
+    eval_texts: Sequence[str | Example],
+    config: TrainConfig,
+    progress: bool = True,
+    checkpoints: Path | None = None,
+    resume: bool = False,
+    group: Group = SINGLE,
+) -> TrainResult:
+    """Add adapter ``name`` with rows ``initial`` to ``spm`` and train it on ``texts``.
+
+    The rows kept at the end (loaded in ``spm`` under ``name``) are those of the best held-out
+    evaluation (the loss log's ``best_step``), which may be the starting rows themselves.
+    ``train_tasks`` with one task; see it for the arguments.
+    """
+    task = Task(name=name, initial=initial, texts=texts, eval_texts=eval_texts)
+    return train_tasks(spm, [task], config, progress, checkpoints, resume, group)[0]
+
+
+def train_tasks(
+    spm: SoftPromptModel,
+    tasks: list[Task],
+    config: TrainConfig,
+    progress: bool = True,
+    checkpoints: Path | None = None,
+    resume: bool = False,
+    group: Group = SINGLE,
+) -> list[TrainResult]:
+    """Train one prompt per task in one run over ``spm``: rows of all tasks share batches.
+
+    Each step is one forward and backward over a batch drawn from all tasks' rows pooled; each
+    task's loss is the mean over its own tokens in the batch, so its gradient is the one a batch
+    of only its rows would give, whatever else shares the batch. A task with no row in a batch
+    is not stepped (AdamW skips it). Each task is evaluated on its own held-out texts and keeps
+    its own best rows; ``config.patience`` stops the run when no task has improved for that many
+    evaluations. One task is plain single-prompt training.
+
+    Args:
+        checkpoints: folder for this run's checkpoint (``checkpoint.checkpoint_dir``); None
+            writes none.
+        resume: continue from the checkpoint there (same settings, data and model).
+        group: the data-parallel process group (``distributed``): each process trains on its
+            share of every batch of ``batch_size`` x processes rows; only rank 0 writes.
+
+    Returns:
+        One result per task, in order; each task's adapter is left in ``spm`` with its best rows.
+
+    Raises:
+        UserError: ``resume`` without a usable checkpoint (see ``checkpoint.load``).
+    """
+    from tqdm.auto import tqdm
+
+    run = _Run(spm, tasks, config, checkpoints, group)
+    state = run.checkpoint.load(checkpoints, run.fingerprint) if resume and checkpoints else None
+    first_epoch, skip = run.begin(state)
+    bar = tqdm(
+        total=run.total_steps,
+        initial=run.step,
+        desc=f"training {'+'.join(t.name for t in tasks)}",
+        unit="step",
+        disable=not (progress and group.main),
+        dynamic_ncols=True,
+    )
+    stop = False
+    for epoch in range(first_epoch, config.epochs + 1):
+        if epoch != first_epoch or state is None:
+            run.epoch_rng = run.order.getstate()
+        else:
+            run.order.setstate(run.epoch_rng)
+        batches = length_grouped_batches(run.rows, run.global_batch, run.order)
+        for index, batch in enumerate(batches):
+            if epoch == first_epoch and index < skip:
+                continue
+            run.train_step(batch, epoch)
+            bar.update(1)
+            run.show(bar, epoch, "loss")
+            if config.eval_every and run.step % config.eval_every == 0:
+                run.held_out(epoch)
+                run.show(bar, epoch, "heldout")
+                stop = run.stalled()
+            if stop:
+                break
+            if config.checkpoint_every and run.step % config.checkpoint_every == 0:
+                run.save_checkpoint(epoch, index + 1, run.epoch_rng)
+        if not config.eval_every and not stop:
+            run.held_out(epoch)
+            run.show(bar, epoch, "heldout")
+            stop = run.stalled()
+        if stop:
+            for res in run.results:
+                res.stopped_early = True
+            break
+        run.save_checkpoint(epoch + 1, 0, run.order.getstate())
+    bar.close()
+    return run.finish()
+
+
+class _Run:
+    """One ``train_tasks`` run's state and bookkeeping: the prompts being trained, their
+    optimiser and schedule, the pooled rows, each task's best rows and results, and the
+    checkpoint that holds all of it. ``train_tasks`` is the loop over epochs and batches."""
+
+    def __init__(
+        self,
+        spm: SoftPromptModel,
+        tasks: list[Task],
+        config: TrainConfig,
+        checkpoints: Path | None,
+        group: Group,
+    ) -> None:
+        from . import checkpoint
+
+        self.checkpoint = checkpoint
+        self.spm, self.tasks, self.config = spm, tasks, config
+        self.checkpoints, self.group = checkpoints, group
+        self.n_tasks = len(tasks)
+        self.fingerprint: dict[str, Any] = {
+            "config": config.fingerprint(),
+            "tasks": [t.name for t in tasks],
+            "data": checkpoint.texts_digest(
+                *(texts for t in tasks for texts in (t.texts, t.eval_texts))
+            ),
+            "model": spm.base.name,
+            "hidden_size": spm.hidden_size,
+            "vocab_size": spm.vocab_size,
+            "virtual_tokens": [int(t.initial.shape[0]) for t in tasks],
+            "processes": group.world,
+            # What changes the arithmetic: a resumed run on another dtype or device is another run.
+            "dtype": str(spm.embedding.weight.dtype).removeprefix("torch."),
+            "device": spm.device.type,
+        }
+        self.rows: list[tuple[list[int], int, list[bool], int]] = []  # ids, n_virtual, scored, task
+        self.params: list[torch.Tensor] = []
+        self.results: list[TrainResult] = []
+        self.global_batch = config.batch_size * group.world
+        self.order = random.Random(config.seed)
+        self.epoch_rng = self.order.getstate()
+        self.step = 0
+        self.stepping = 0.0  # seconds spent in training steps (evaluations, checkpoints left out)
+        self.start = time.perf_counter()  # the checkpoints' clock
+
+    def begin(self, state: dict[str, Any] | None) -> tuple[int, int]:
+        """Add the prompts (from ``state``'s rows when resuming), build the optimiser, the rows
+        and the schedule, then evaluate the start or restore the checkpoint. Returns the epoch
+        and the batch within it to start from."""
+        spm, config, tasks = self.spm, self.config, self.tasks
+        torch.manual_seed(config.seed)
+        if config.compile:
+            spm.compile()
+        self.params = [
+            spm.add_adapter(
+                Adapter(
+                    name=t.name,
+                    weights=state["rows"][i] if state is not None else t.initial,
+                    config=_method_config(spm, config, int(t.initial.shape[0])),
+                ),
+                trainable=True,
+            )
+            for i, t in enumerate(tasks)
+        ]
+        base_params = sum(p.numel() for p in spm.model.parameters())
+        self.results = [
+            TrainResult(
+                name=t.name, trainable_params=p.numel(), total_params=base_params + p.numel()
+            )
+            for t, p in zip(tasks, self.params, strict=True)
+        ]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
+        for i, (t, res) in enumerate(zip(tasks, self.results, strict=True)):
+            task_rows, res.texts_cut = training_rows(spm, t.texts, t.name, config.max_length)
+            res.scored_tokens, res.text_tokens = scored_tokens(task_rows)
+            self.rows += [(ids, n_virtual, scored, i) for ids, n_virtual, scored in task_rows]
+        steps_per_epoch = (len(self.rows) + self.global_batch - 1) // self.global_batch
+        self.total_steps = steps_per_epoch * config.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(config.schedule, config.warmup, self.total_steps)
+        )
+        self.best = [p.detach().clone() for p in self.params]
+        self.best_loss = [math.inf] * self.n_tasks
+        self.since_best = [0] * self.n_tasks
+        first_epoch, skip = 1, 0
+        self.start = time.perf_counter()  # restarted below, after the first evaluation
+        if state is None:
+            checksum = spm.base_checksum()
+            for res in self.results:
+                res.base_checksum_before = checksum
+            self.held_out(0)
+        else:
+            first_epoch, skip = self.restore(state)
+        self.start = time.perf_counter()
+        return first_epoch, skip
+
+    def train_step(self, batch: list[tuple[list[int], int, list[bool], int]], epoch: int) -> None:
+        """One optimisation step on ``batch`` (this process's share of it), all tasks at once."""
+        group, params, n_tasks = self.group, self.params, self.n_tasks
+        began = time.perf_counter()
+        mine = batch[group.rank :: group.world]
+        if mine:
+            totals, counts = task_losses(self.spm, mine, n_tasks)
+        else:  # a last batch smaller than the processes: this one only joins the sums
+            totals = torch.stack([p.sum().float() * 0.0 for p in params])
+            counts = torch.zeros(n_tasks, device=totals.device)
+        # Each task's summed loss and scored tokens over every process: each process divides
+        # its sums by the whole batch's token counts, so summed gradients are the whole batch's.
+        sums = dist_sum(group, torch.cat([totals.detach().float(), counts]))
+        loss = (totals / sums[n_tasks:].clamp(min=1)).sum()
+        host = sums.tolist()
+        global_totals, global_counts = host[:n_tasks], host[n_tasks:]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for i, p in enumerate(params):
+            if global_counts[i] == 0:
+                p.grad = None  # not in this batch anywhere: AdamW leaves it alone
+            elif group.active:
+                if p.grad is None:  # in the batch, but only in other processes' shares
+                    p.grad = torch.zeros_like(p)
+                dist_sum(group, p.grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.stepping += time.perf_counter() - began
+        for i, res in enumerate(self.results):
+            if global_counts[i] > 0:
+                value = float(global_totals[i] / global_counts[i])
+                res.samples += sum(1 for row in batch if row[3] == i)
+                res.steps.append({"step": self.step, "epoch": epoch, "loss": value})
+
+    def held_out(self, epoch: int) -> None:
+        """Evaluate every task on its held-out texts; keep each task's best rows."""
+        for i, (t, res) in enumerate(zip(self.tasks, self.results, strict=True)):
+            ev = evaluate(
+                self.spm,
+                t.eval_texts,
+                t.name,
+                batch_size=self.config.eval_batch_size,
+                max_length=self.config.max_length,
+            )
+            res.evals.append(
+                {
+                    "epoch": epoch,
+                    "step": self.step,
+                    "loss": ev.loss,
+                    "tokens": ev.tokens,
+                    "train_seconds": round(self.stepping, 3),
+                }
+            )
+            if ev.loss < self.best_loss[i]:
+                self.best[i] = self.params[i].detach().clone()
+                self.best_loss[i], self.since_best[i] = ev.loss, 0
+                res.best_step = self.step
+            else:
+                self.since_best[i] += 1
+
+    def stalled(self) -> bool:
+        """``config.patience`` evaluations without a better one, for every task."""
+        return bool(self.config.patience) and min(self.since_best) >= self.config.patience
+
+    def show(self, bar: Any, epoch: int, key: str) -> None:
+        """The progress bar's figures: the last step's loss, or the held-out loss(es)."""
+        results = self.results
+        if self.n_tasks == 1:
+            value = (
+                results[0].evals[-1]["loss"] if key == "heldout" else results[0].steps[-1]["loss"]
+            )
+            bar.set_postfix({"epoch": epoch, key: f"{value:.3f}"})
+        elif key == "heldout":
+            bar.set_postfix(
+                {"epoch": epoch, key: "/".join(f"{r.evals[-1]['loss']:.3f}" for r in results)}
+            )
+        else:
+            bar.set_postfix(epoch=epoch)
+
+    def save_checkpoint(self, epoch: int, done_in_epoch: int, rng: Any) -> None:
+        """Everything needed to go on from here (rank 0 only; nothing without a folder)."""
+        if self.checkpoints is None or not self.group.main:
+            return
+        self.checkpoint.save(
+            self.checkpoints,
+            {
+                "fingerprint": self.fingerprint,
+                "rows": [p.detach().float().cpu() for p in self.params],
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "step": self.step,
+                "epoch": epoch,
+                "done_in_epoch": done_in_epoch,
+                "epoch_rng": _rng_to_lists(rng),
+                "torch_rng": torch.get_rng_state(),
+                "best": [b.float().cpu() for b in self.best],
+                "best_loss": self.best_loss,
+                "since_best": self.since_best,
+                "stepping": self.stepping,
+                "results": [
+                    {
+                        "steps": res.steps,
+                        "evals": res.evals,
+                        "seconds": res.seconds + time.perf_counter() - self.start,
+                        "samples": res.samples,
+                        "best_step": res.best_step,
+                        "base_checksum_before": res.base_checksum_before,
+                    }
+                    for res in self.results
+                ],
+            },
+        )
+
+    def restore(self, state: dict[str, Any]) -> tuple[int, int]:
+        """Take up a checkpoint's state; returns its epoch and the batches done in it."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.epoch_rng = _rng_from_lists(state["epoch_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.best = [b.to(p) for b, p in zip(state["best"], self.params, strict=True)]
+        self.best_loss = [float(v) for v in state["best_loss"]]
+        self.since_best = [int(v) for v in state["since_best"]]
+        self.stepping = float(state["stepping"])
+        for res, saved in zip(self.results, state["results"], strict=True):
+            res.steps, res.evals = list(saved["steps"]), list(saved["evals"])
+            res.seconds, res.samples = float(saved["seconds"]), int(saved["samples"])
+            res.best_step = int(saved["best_step"])
+            res.base_checksum_before = saved["base_checksum_before"]
+            res.resumed_from = self.step
+        return int(state["epoch"]), int(state["done_in_epoch"])
+
+    def finish(self) -> list[TrainResult]:
+        """Leave each task's best rows in the model, frozen; close the results' clocks."""
+        elapsed = time.perf_counter() - self.start
+        checksum = self.spm.base_checksum()
+        with torch.no_grad():
+            for p, b in zip(self.params, self.best, strict=True):
+                p.copy_(b)
+                p.requires_grad_(False)
+        for res in self.results:
+            res.seconds += elapsed
+            res.base_checksum_after = checksum
+        return self.results
+
+
+def task_losses(
+    spm: SoftPromptModel, rows: list[tuple[list[int], int, list[bool], int]], n_tasks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy per task over ``rows`` (``(ids, n_virtual, scored, task)``) in one
+    forward,
+    and each task's scored token count (float, on the same device)."""
+    if n_tasks == 1:
+        total, count = batch_loss(spm, [(i, n, s) for i, n, s, _ in rows], skip_first=False)
+        return total.reshape(1), total.new_tensor([float(count)])
+    per_row, counts = batch_loss(
+        spm, [(i, n, s) for i, n, s, _ in rows], skip_first=False, per_row=True
+    )
+    task = per_row.new_tensor([t for *_, t in rows], dtype=torch.long)
+    totals = per_row.new_zeros(n_tasks).index_add(0, task, per_row)
+    token_counts = per_row.new_zeros(n_tasks).index_add(0, task, per_row.new_tensor(counts))
+    return totals, token_counts
+
+
+def _method_config(spm: SoftPromptModel, config: TrainConfig, n: int) -> dict[str, Any]:
+    """The PEFT config an adapter of ``config.method`` carries (empty for prompt tuning, whose
+    file config is written at save time)."""
+    if config.method == "prompt":
+        return {}
+    from ..prefix import peft_config
+
+    return peft_config(n, spm.prefix_shape, spm.base.name)
+
+
+def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The learning rate's multiplier at each step: linear warm-up, then the schedule."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _rng_to_lists(state: Any) -> list[Any]:
+    """``random.Random.getstate()`` as lists (what ``torch.load(weights_only=True)`` reads)."""
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_from_lists(saved: list[Any]) -> Any:
+    version, internal, gauss = saved
+    return (version, tuple(internal), gauss)
+
+
+RowT = TypeVar("RowT", bound=tuple[Any, ...])
+
+
+def length_grouped_batches(
+    rows: list[RowT], batch_size: int, rng: random.Random
+) -> list[list[RowT]]:
+    """Shuffled batches of rows of similar length: less padding, so less wasted compute.
+
+    Rows are shuffled, cut into windows of 8 batches, sorted by length inside each window, and the
+    resulting batches shuffled again, so every epoch still sees a different order.
+    """
+    shuffled = rows[:]
+    rng.shuffle(shuffled)
+    window = batch_size * 8
+    batches = []
+    for start in range(0, len(shuffled), window):
+        chunk = sorted(shuffled[start : start + window], key=lambda r: len(r[0]))
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def save_trained(
+    spm: SoftPromptModel,
+    name: str,
+    output: str | Path,
+    config: TrainConfig,
+    result: TrainResult,
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    heldout: Sequence[str | Example] | None = None,
+) -> Path:
+    """Write adapter ``name`` to ``output``: PEFT files, config, loss log, plot and model card.
+
+    Everything is written into a staging sibling folder first, then put in place atomically
+    (``files.put_in_place``). Whatever goes wrong, the trained rows are not lost: they are
+    rescued to a folder (``rescue``) that the error names.
+
+    Raises:
+        UserError: ``output`` exists and is not empty (unless ``overwrite``), or cannot be written
+            (an ``OSError`` such as a full disk or a refused permission); the message says where
+            the trained prompt was rescued to.
+    """
+    weights, peft_config, loss_log = _adapter_parts(spm, name, config, result)
+    tmp: Path | None = None
+    target = Path(output)
+    try:
+        target = check_output(output, overwrite)
+        tmp = staging_dir(target)
+        write_adapter_files(tmp, weights, peft_config)
+        (tmp / "training_config.json").write_text(
+            json.dumps({**asdict(config), **(extra or {}), "base_model": spm.base.name}, indent=2)
+            + "\n"
+        )
+        (tmp / "loss_log.json").write_text(json.dumps(loss_log, indent=2) + "\n")
+        from ..insight.plots import plot_losses
+
+        plot_losses(result, tmp / "loss.png")
+        write_model_card(tmp / "README.md", name, spm.base.name, config, result, extra or {})
+        if heldout is not None:
+            (tmp / HELDOUT_FILE).write_text(
+                "".join(json.dumps(as_example(t).as_json()) + "\n" for t in heldout)
+            )
+        tmp.chmod(0o755)
+        put_in_place(tmp, target)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        rescued = rescue(name, weights, peft_config, loss_log)
+        if isinstance(exc, OSError | UserError):
+            where = (
+                f"the trained prompt was saved to {rescued} instead; move it into place with "
+                f"`mv {rescued} {target}`"
+                if rescued
+                else "and it could not be saved anywhere else either"
+            )
+            why = (
+                exc
+                if isinstance(exc, UserError)
+                else f"cannot save {target}: {exc.strerror or exc}"
+            )
+            raise UserError(f"{why}; {where}") from exc
+        if rescued:
+            print(f"softprompt: the trained prompt was saved to {rescued}", file=sys.stderr)
+        raise
+    return target
+
+
+def _adapter_parts(
+    spm: SoftPromptModel, name: str, config: TrainConfig, result: TrainResult
+) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
+    """A trained adapter's rows, its PEFT config and its loss log."""
+    weights = spm.adapter_weights(name)
+    adapter = Adapter(name=name, weights=weights)
+    peft_config = (
+        adapter_config(adapter, spm.base.name, init=config.init, init_text=config.init_text)
+        if config.method == "prompt"
+        else _method_config(spm, config, adapter.num_virtual_tokens)
+    )
+    loss_log = {
+        "steps": result.steps,
+        "evals": result.evals,
+        "seconds": result.seconds,
+        "samples": result.samples,
+        "texts_cut": result.texts_cut,
+        "trainable_params": result.trainable_params,
+        "total_params": result.total_params,
+        "base_checksum_before": result.base_checksum_before,
+        "base_checksum_after": result.base_checksum_after,
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
+        "resumed_from": result.resumed_from,
+    }
+    return weights, peft_config, loss_log
+
+
+def rescue_trained(
+    spm: SoftPromptModel, name: str, config: TrainConfig, result: TrainResult
+) -> Path | None:
+    """Keep a trained adapter that a check after training refuses to save (see ``rescue``)."""
+    return rescue(name, *_adapter_parts(spm, name, config, result))
+
+
+def rescue(
+    name: str, weights: torch.Tensor, peft_config: dict[str, Any], loss_log: dict[str, Any]
+) -> Path | None:
+    """Save a trained prompt that could not go where asked; returns where it went, or None.
+
+    Tries a ``rescued/`` folder in softprompt's cache, then the system's temporary folder.
+    """
+    from ..models import cache_dir
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for root in (cache_dir() / "rescued", Path(tempfile.gettempdir()) / "softprompt-rescued"):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix=f"{name}-{stamp}-", dir=root))
+            write_adapter_files(folder, weights, peft_config)
+            (folder / "loss_log.json").write_text(json.dumps(loss_log, indent=2) + "\n")
+            folder.chmod(0o755)
+            return folder
+        except OSError:
+            continue
+    return None
