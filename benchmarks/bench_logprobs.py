@@ -84,7 +84,7 @@ def main() -> None:
             seen[way].append(tokens / seconds)
             print(json.dumps({"round": round_, "way": way, "tok_s": round(tokens / seconds, 1)}))
     step_ms = 1000 * engine.stats.decode_seconds / max(1, engine.stats.steps)
-    picks = time_pick_tokens(len(prompts), spm.vocab_size, params, args.new_tokens)
+    picks = time_pick_tokens(len(prompts), spm.vocab_size, ways)
     print()
     print(f"torch threads {torch.get_num_threads()}; tok/s per round, median, ratio to none")
     print("| way | tok/s per round | median | vs none |")
@@ -103,15 +103,10 @@ def main() -> None:
         print(f"| {way} | {ms:.3f} | {ms / step_ms:.2%} |")
 
 
-def time_pick_tokens(rows: int, vocab: int, params, new_tokens: int) -> dict[str, float]:
+def time_pick_tokens(rows: int, vocab: int, ways: dict[str, list]) -> dict[str, float]:
     """Median milliseconds of ``pick_tokens`` per way, calls alternating way by way."""
     from softprompt.engine.sampling import pick_tokens
 
-    ways = {
-        "none": [params(None)] * rows,
-        "one": [params(5)] + [params(None)] * (rows - 1),
-        "all": [params(5)] * rows,
-    }
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(rows, vocab, generator=generator)
     seen = torch.zeros(rows, vocab, dtype=torch.bool)

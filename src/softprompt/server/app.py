@@ -760,25 +760,23 @@ class _Job:
         tokenizer = self.engine.tokenizer
         out = []
         for i, choice in enumerate(self.choices):
-            seq = self.handles[i].seq
             text = choice.text if self.max_tokens else ""
-            ids = list(seq.output_ids) if self.max_tokens else []
-            entries: list[TokenLogprobs | None] = list(seq.logprobs)[: len(ids)]
-            head = ""
-            if self.echo:
-                prompt = self.prompts[i // self.body.n]
-                head = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
-                ids = list(seq.prompt_ids) + ids
-                entries = list(seq.prompt_logprobs or [None] * len(seq.prompt_ids)) + entries
+            head = self._echoed_prompt(i) if self.echo else ""
             logprobs = None
             if self.top is not None:
-                logprobs = _legacy_logprobs(tokenizer, ids, entries)
+                ids, entries = self._scored(i)
+                logprobs = _legacy_logprobs(tokenizer, token_pieces(tokenizer, ids), entries)
             out.append(
                 CompletionChoice(
                     index=i, text=head + text, logprobs=logprobs, finish_reason=choice.reason
                 )
             )
         return out
+
+    def _echoed_prompt(self, index: int) -> str:
+        """The text ``echo`` puts before choice ``index``'s completion: its prompt."""
+        prompt = self.prompts[index // self.body.n]
+        return prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(prompt)
 
     def chat_logprobs(self, index: int) -> ChatLogprobs | None:
         """A finished chat choice's ``logprobs`` (None when not asked for)."""
@@ -851,7 +849,7 @@ class _Job:
 
     def _scored(self, index: int) -> tuple[list[int], list[TokenLogprobs | None]]:
         """Choice ``index``'s tokens so far (the prompt's first under echo) with their entries:
-        what ``completion_choices`` gives in one piece, as far as the stream has come."""
+        the whole answer's once it has finished, as far as the stream has come before."""
         seq = self.handles[index].seq
         upto = self.choices[index].tokens if self.max_tokens else 0
         ids: list[int] = list(seq.output_ids[:upto])
@@ -861,16 +859,16 @@ class _Job:
             entries = list(seq.prompt_logprobs or [None] * len(seq.prompt_ids)) + entries
         return ids, entries
 
-    def _unsent(self, index: int) -> tuple[list[str], list[int], list[TokenLogprobs | None], int]:
+    def _unsent(self, index: int) -> tuple[list[str], list[TokenLogprobs | None], int]:
         """The tokens of choice ``index`` not streamed yet: their text pieces (spaced as in
-        the whole answer), ids, entries, and where the first piece starts in the choice's text."""
+        the whole answer), entries, and where the first piece starts in the choice's text."""
         ids, entries = self._scored(index)
         sent, self.sent[index] = self.sent[index], len(ids)
         context = min(sent, 6)  # token_pieces' window: the same pieces as over the whole answer
         pieces = token_pieces(self.engine.tokenizer, ids[sent - context :])[context:]
         at = self.sent_chars[index]
         self.sent_chars[index] += sum(len(t) for t in pieces)
-        return pieces, ids[sent:], entries[sent:], at
+        return pieces, entries[sent:], at
 
     def completion_chunks(self, request: Request) -> AsyncIterator[str]:
         tokenizer = self.engine.tokenizer
@@ -881,21 +879,11 @@ class _Job:
             text = out.text if self.max_tokens else ""  # max_tokens 0: the token made is dropped
             if self.echo and not echoed[index]:
                 echoed[index] = True
-                prompt = self.prompts[index // self.body.n]
-                text = (prompt if isinstance(prompt, str) else tokenizer.decode(prompt)) + text
+                text = self._echoed_prompt(index) + text
             logprobs = None
             if self.top is not None:
-                pieces, _, entries, at = self._unsent(index)
-                offsets = [at + sum(len(t) for t in pieces[:i]) for i in range(len(pieces))]
-                logprobs = LegacyLogprobs(
-                    tokens=pieces,
-                    token_logprobs=[None if e is None else e.logprob for e in entries],
-                    top_logprobs=[
-                        None if e is None else {tokenizer.decode([i]): v for i, v in e.top}
-                        for e in entries
-                    ],
-                    text_offset=offsets,
-                ).model_dump()
+                pieces, entries, at = self._unsent(index)
+                logprobs = _legacy_logprobs(tokenizer, pieces, entries, at).model_dump()
             return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
         return self._stream(request, "text_completion", piece)
@@ -920,7 +908,7 @@ class _Job:
                 delta, reason = {"content": out.text}, None
             logprobs = None
             if self.top is not None:
-                pieces, _, entries, _ = self._unsent(index)
+                pieces, entries, _ = self._unsent(index)
                 content = [
                     _chat_entry(self.engine.tokenizer, p, e)
                     for p, e in zip(pieces, entries, strict=True)
@@ -975,12 +963,12 @@ def _chat_entry(tokenizer: Any, piece: str, entry: TokenLogprobs) -> TokenLogpro
 
 
 def _legacy_logprobs(
-    tokenizer: Any, ids: list[int], entries: list[TokenLogprobs | None]
+    tokenizer: Any, tokens: list[str], entries: list[TokenLogprobs | None], at: int = 0
 ) -> LegacyLogprobs:
-    """OpenAI's legacy ``logprobs`` object for tokens ``ids`` (each with its entry, or None
-    where there is no log-probability: the first prompt token)."""
-    tokens = token_pieces(tokenizer, ids)
-    offsets, at = [], 0
+    """OpenAI's legacy ``logprobs`` object for tokens whose text pieces are ``tokens`` (each
+    with its entry, or None where there is no log-probability: the first prompt token), the
+    first of them at ``at`` in the choice's text."""
+    offsets = []
     for token in tokens:
         offsets.append(at)
         at += len(token)
