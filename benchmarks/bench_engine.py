@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -236,7 +237,23 @@ class VllmPeer:
         self.alive = record is not None
         return None if record is None else record["seconds"]
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the peer has used so far, user and system, all its threads (Linux)."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def pause(self, paused: bool) -> None:
+        """Stop the peer's every thread (SIGSTOP) while the engine runs, or let it go on, so
+        that nothing it leaves spinning after a run (OpenMP workers waiting for more work)
+        takes a core from the engine."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGSTOP if paused else signal.SIGCONT)
+
     def close(self) -> None:
+        self.pause(False)
         if self.process.poll() is None:
             assert self.process.stdin is not None
             self.process.stdin.close()  # end of input: the peer returns
@@ -300,6 +317,7 @@ def run_side_by_side(
     rounds: int,
     peer: VllmPeer | None,
     torch_decode: bool = False,
+    pause_peer: bool = True,
 ) -> tuple[dict, dict | None, dict | None]:
     """(c) and (f), alternating: each round runs every request once through the engine and once
     through vLLM, in turn (c then f, then f then c, ...), so both meet the same machine (its
@@ -309,7 +327,10 @@ def run_side_by_side(
     growing to the full batch).
 
     ``torch_decode``: a third participant in every round, the same engine with its decode steps
-    on PyTorch's kernels instead of the fused C ones (``cpu_kernels.py``): what they gain."""
+    on PyTorch's kernels instead of the fused C ones (``cpu_kernels.py``): what they gain.
+
+    ``pause_peer``: vLLM's process is stopped (SIGSTOP) while the engine runs, so it cannot
+    take a core; either way the CPU time each side used while the other ran is reported."""
     from softprompt.engine import Engine, EngineConfig, SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -346,14 +367,32 @@ def run_side_by_side(
     if torch_decode:
         ways["c_torch"] = engine_run(False)
     runs: dict[str, list[float]] = {way: [] for way in ways}
+    # CPU seconds the side that should be idle used during the other side's runs: the peer
+    # during the engine's (0 when paused), this process during vLLM's.
+    stray: dict[str, list[float]] = {"peer_during_engine": [], "engine_during_vllm": []}
     names = list(ways)
     for index in range(rounds):
         # Each round in another order: c f [t], then f [t] c, ...
         shift = index % len(names)
         for way in names[shift:] + names[:shift]:
-            seconds = ways[way]()
+            if way == "f":
+                before = time.process_time()
+                seconds = ways[way]()
+                stray["engine_during_vllm"].append(round(time.process_time() - before, 2))
+            else:
+                if peer is not None and pause_peer:
+                    peer.pause(True)
+                before = peer.cpu_seconds() if peer is not None else None
+                seconds = ways[way]()
+                after = peer.cpu_seconds() if peer is not None else None
+                if peer is not None and pause_peer:
+                    peer.pause(False)
+                if before is not None and after is not None:
+                    stray["peer_during_engine"].append(round(after - before, 2))
             if seconds is not None:
                 runs[way].append(seconds)
+    if peer is not None:
+        emit({"idle_side_cpu_seconds": stray, "peer_paused_during_engine": pause_peer})
     tokens = len(requests) * new_tokens
 
     def record(way: str, runs: list[float], **extra) -> dict:
@@ -524,6 +563,11 @@ def main() -> None:
         help="weights and KV cache of the engine and of vLLM, the same on both sides; both: "
         "(c) and (f) side by side at each dtype (the other parts at float32)",
     )
+    parser.add_argument(
+        "--no-pause-peer",
+        action="store_true",
+        help="leave vLLM's process running while the engine runs (default: stopped, SIGSTOP)",
+    )
     parser.add_argument("--vllm-python", default=str(HERE.parent / ".venv-vllm" / "bin" / "python"))
     parser.add_argument(
         "--skip", action="append", default=[], choices=list("abcdef") + ["prefix", "memory"]
@@ -597,6 +641,7 @@ def main() -> None:
                     args.rounds,
                     peer,
                     args.torch_decode,
+                    pause_peer=not args.no_pause_peer,
                 )
             finally:
                 if peer is not None:

@@ -13,6 +13,7 @@ from softprompt.engine.autotune import CACHE_FILE, DecodePath, cache_key, decide
 
 MKL_FUSED, MKL_PLAIN = DecodePath(True, True), DecodePath(True, False)
 ONEDNN_FUSED, ONEDNN_PLAIN = DecodePath(False, True), DecodePath(False, False)
+PANELS = DecodePath(False, True, panel_linear=True)
 
 
 def test_the_fastest_path_wins_and_a_near_tie_goes_to_fewer_extras():
@@ -22,6 +23,9 @@ def test_the_fastest_path_wins_and_a_near_tie_goes_to_fewer_extras():
     assert pick({MKL_FUSED: 10.0, ONEDNN_FUSED: 10.1}) == ONEDNN_FUSED
     assert pick({ONEDNN_PLAIN: 10.0, ONEDNN_FUSED: 10.15}) == ONEDNN_FUSED
     assert pick({ONEDNN_PLAIN: 10.0, ONEDNN_FUSED: 12.0}) == ONEDNN_PLAIN
+    # the panel linears: when faster, and not in a tie with oneDNN
+    assert pick({ONEDNN_FUSED: 10.0, PANELS: 8.0, MKL_FUSED: 12.0}) == PANELS
+    assert pick({ONEDNN_FUSED: 10.0, PANELS: 9.9}) == ONEDNN_FUSED
 
 
 def test_a_decision_is_measured_once_then_read_from_the_cache(tmp_path):
@@ -51,11 +55,15 @@ def test_the_key_names_what_the_decision_depends_on(monkeypatch):
 
     key = cache_key((30, 576), 32)
     assert key != cache_key((30, 576), 64) and key != cache_key((24, 576), 32)
+    # a decision among fewer paths does not stand for one with a new candidate
+    among = cache_key((30, 576), 32, [ONEDNN_FUSED, MKL_FUSED])
+    assert among != cache_key((30, 576), 32, [ONEDNN_FUSED, MKL_FUSED, PANELS])
+    assert among == cache_key((30, 576), 32, [MKL_FUSED, ONEDNN_FUSED])
     monkeypatch.setattr(torch, "__version__", "0.0.1")
     assert key != cache_key((30, 576), 32)
 
 
-@pytest.mark.parametrize("fastest", [MKL_FUSED, ONEDNN_PLAIN])
+@pytest.mark.parametrize("fastest", [MKL_FUSED, ONEDNN_PLAIN, PANELS])
 def test_the_engine_runs_the_path_measured_fastest(tiny_model_dir, tmp_path, monkeypatch, fastest):
     from softprompt.engine.runner import ModelRunner
     from softprompt.models import load_base_model
@@ -69,7 +77,9 @@ def test_the_engine_runs_the_path_measured_fastest(tiny_model_dir, tmp_path, mon
 
     def fake_time(self, batch: int, context: int = 48) -> float:
         lean = self.lean
-        path = DecodePath(lean.lm_head.full_batch is not None, lean.kernels is not None)
+        head = lean.lm_head
+        on_panels = head._panel_kernels is not None
+        path = DecodePath(head.full_batch is not None, lean.kernels is not None, on_panels)
         timed.append(path)
         return 1.0 if path == fastest else 2.0
 
@@ -77,7 +87,7 @@ def test_the_engine_runs_the_path_measured_fastest(tiny_model_dir, tmp_path, mon
     base = load_base_model(str(tiny_model_dir))
     engine = Engine(base.model, base.tokenizer, EngineConfig(max_batch_size=4))
     # every combination, in turn, twice
-    assert timed == [MKL_FUSED, MKL_PLAIN, ONEDNN_FUSED, ONEDNN_PLAIN] * 2
+    assert timed == [MKL_FUSED, MKL_PLAIN, ONEDNN_FUSED, ONEDNN_PLAIN, PANELS] * 2
     decision = engine.runner.decode_path
     assert decision is not None and decision.picked == fastest and decision.measured
     lean = engine.runner.lean
@@ -85,6 +95,10 @@ def test_the_engine_runs_the_path_measured_fastest(tiny_model_dir, tmp_path, mon
     assert all((p.full_batch == 4) == fastest.full_batch_pack for p in lean.packed_linears())
     if not fastest.full_batch_pack:
         assert all(p.batch_packed is None for p in lean.packed_linears())  # MKL's copy freed
+    # Only the copy of the weights the chosen path reads is kept.
+    for linear in lean.packed_linears():
+        assert (linear.panels is not None) == fastest.panel_linear
+        assert (linear.packed is None) == fastest.panel_linear
     # The next engine on this machine reads the decision instead of measuring.
     timed.clear()
     second = Engine(base.model, base.tokenizer, EngineConfig(max_batch_size=4))
@@ -95,3 +109,11 @@ def test_the_engine_runs_the_path_measured_fastest(tiny_model_dir, tmp_path, mon
     forced = Engine(base.model, base.tokenizer, EngineConfig(max_batch_size=8, cpu_kernels=False))
     assert timed == [] and forced.runner.decode_path.picked == MKL_PLAIN
     assert forced.runner.lean.kernels is None
+    monkeypatch.delenv("SOFTPROMPT_FULL_BATCH_PACK")
+    monkeypatch.setenv("SOFTPROMPT_PANEL_LINEAR", "1")
+    on_panels = Engine(base.model, base.tokenizer, EngineConfig(max_batch_size=8))
+    assert timed == [] and on_panels.runner.decode_path.picked == PANELS
+    assert all(p.packed is None for p in on_panels.runner.lean.packed_linears())
+    monkeypatch.setenv("SOFTPROMPT_PANEL_LINEAR", "0")
+    Engine(base.model, base.tokenizer, EngineConfig(max_batch_size=16))  # a new key: measured
+    assert PANELS not in timed and len(timed) == 8

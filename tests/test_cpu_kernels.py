@@ -177,6 +177,59 @@ def test_silu_mul_equals_swiglu_across_the_float_range(kernels):
     assert torch.isnan(nan).all()
 
 
+@pytest.mark.parametrize(
+    ("rows", "in_features", "out_features"),
+    [(64, 576, 960), (61, 576, 3072), (1, 1536, 576), (13, 33, 49), (6, 5, 16), (7, 3, 17)],
+)
+def test_panel_linear_equals_the_matrix_product(kernels, rows, in_features, out_features):
+    # Every tile shape: full 6-row tiles and each remainder (1..5 rows), full and partial
+    # panels of 16 columns.
+    generator = torch.Generator().manual_seed(rows * out_features)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    x = torch.randn(rows, in_features, generator=generator)
+    panels = cpu_kernels.weight_panels(weight)
+    assert panels.shape == (-(-out_features // 16), in_features, 16)
+    got = kernels.panel_linear(x, panels, out_features)
+    expected = (x.double() @ weight.double().T).float()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    # Leading dimensions are kept, like F.linear's; a non-contiguous x is read correctly.
+    wide = torch.randn(2, 3, in_features * 2, generator=generator)[..., ::2]
+    torch.testing.assert_close(
+        kernels.panel_linear(wide, panels, out_features),
+        F.linear(wide, weight),
+        rtol=1e-5,
+        atol=1e-4,
+    )
+
+
+def test_panel_linear_refuses_panels_of_another_weight(kernels):
+    panels = cpu_kernels.weight_panels(torch.randn(32, 8))
+    with pytest.raises(ValueError, match="panels do not match"):
+        kernels.panel_linear(torch.randn(4, 9), panels, 32)
+    with pytest.raises(ValueError, match="panels do not match"):
+        kernels.panel_linear(torch.randn(4, 8), panels, 48)
+
+
+def test_a_packed_linear_on_panels_keeps_only_that_copy(kernels):
+    from softprompt.engine.packed import PackedLinear
+
+    linear = torch.nn.Linear(40, 24)
+    x = torch.randn(5, 40)
+    packed = PackedLinear.of(linear, full_batch=5)
+    packed.use_panels(kernels)
+    torch.testing.assert_close(packed(x), linear(x).detach(), rtol=1e-5, atol=1e-5)
+    packed.keep_only(panels=True)
+    assert packed.packed is None and packed.batch_packed is None
+    assert packed.nbytes() == 2 * 40 * 16 * 4  # two panels of 16 columns
+    torch.testing.assert_close(packed(x), linear(x).detach(), rtol=1e-5, atol=1e-5)
+    other = PackedLinear.of(linear)
+    other.use_panels(kernels)
+    other.use_panels(None)
+    other.keep_only(panels=False)
+    assert other.panels is None and other.nbytes() > 0
+    torch.testing.assert_close(other(x), linear(x).detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_load_builds_once_into_the_cache_and_falls_back_without_a_compiler(tmp_path, monkeypatch):
     monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path))
     cpu_kernels.load.cache_clear()

@@ -90,7 +90,9 @@ def _reference(model, pad_id: int, eos_id: int, rows, penalty: float, max_new_to
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.5])
-@pytest.mark.parametrize("packed", ["no", "onednn", "onednn+mkl", "fixed-shape", "torch-decode"])
+@pytest.mark.parametrize(
+    "packed", ["no", "onednn", "onednn+mkl", "panels", "fixed-shape", "torch-decode"]
+)
 def test_matches_reference_generate_on_a_mixed_batch(tiny_model_dir, penalty, packed):
     from softprompt.models import load_base_model
 
@@ -104,12 +106,16 @@ def test_matches_reference_generate_on_a_mixed_batch(tiny_model_dir, penalty, pa
     # rounded up to a bucket), run eagerly; 20 slots for 18 cases round 18 rows up to 20.
     # torch-decode: the lean forward's decode steps on PyTorch's kernels, not the fused C ones
     # (which every other packed case runs where a C compiler is found).
+    # panels: every linear layer, prefill and decode, on the C kernel's panel linear.
+    if packed == "panels" and not shutil.which("cc"):
+        pytest.skip("the panel linears need a C compiler")
     config = EngineConfig(
         max_batch_size=len(cases) + (2 if packed == "fixed-shape" else 0),
         packed_weights=packed != "no",
         full_batch_pack=packed in ("onednn+mkl", "torch-decode"),
         graphs=packed == "fixed-shape",
         cpu_kernels=False if packed == "torch-decode" else (True if shutil.which("cc") else None),
+        panel_linear=packed == "panels",
     )
     engine = Engine(served.model, served.tokenizer, config)
     assert (engine.runner.graphed is not None) == (packed == "fixed-shape")
@@ -121,6 +127,10 @@ def test_matches_reference_generate_on_a_mixed_batch(tiny_model_dir, penalty, pa
         mkl = config.max_batch_size if packed in ("onednn+mkl", "torch-decode") else None
         assert lean.lm_head.full_batch == mkl
         assert lean.lm_head.batch_packed is None  # no MKL copy before a full batch needs it
+        on_panels = [p.panels is not None for p in lean.packed_linears()]
+        assert on_panels == [packed == "panels"] * len(on_panels)
+        if packed == "panels":  # the panels are the only copy kept
+            assert all(p.packed is None for p in lean.packed_linears())
     raw = _raw(16)
     for name, rows in raw.items():
         engine.add_adapter(name, Adapter(name, rows))

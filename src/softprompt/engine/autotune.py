@@ -1,17 +1,20 @@
 """The CPU decode path chosen by measuring this machine, not assumed from another.
 
-The lean forward has two switches whose worth depends on the CPU: MKL's sgemm on weights packed
-for a full decode batch (``PackedLinear.full_batch``; 15% faster than oneDNN on the Intel machine
-it was written on, 2x slower on an AMD EPYC Zen 4, where MKL's fast paths do not run) and the
-fused C kernels for attention, RMSNorm and SwiGLU (``cpu_kernels.py``). ``tune`` times a few full
+The lean forward has switches whose worth depends on the CPU: how its linear layers run
+(oneDNN on packed weights; MKL's sgemm on weights packed for a full decode batch,
+``PackedLinear.full_batch``, 15% faster than oneDNN on the Intel machine it was written on, 2x
+slower on an AMD EPYC Zen 4, where MKL's fast paths do not run; or the C kernel's panel linear,
+``cpu_kernels.py``, 1.3x faster than oneDNN over the model's layers on an AMD EPYC Zen 3 with
+AVX2) and the fused C kernels for attention, RMSNorm and SwiGLU. ``tune`` times a few full
 decode steps of the real model on each combination and keeps the fastest. The decision is
 cached in ``$SOFTPROMPT_CACHE/engine-paths.json`` under a key of the CPU (model name and the
-instruction-set flags that matter), the torch version, the thread count and the model's shape,
-so the next start reads it instead of measuring (delete the file to measure again, e.g. after
-a measurement on a busy machine).
+instruction-set flags that matter), the torch version, the thread count, the model's shape and
+the candidates, so the next start reads it instead of measuring (delete the file to measure
+again, e.g. after a measurement on a busy machine).
 
-Forcing a path: ``EngineConfig.full_batch_pack`` / ``cpu_kernels`` (True or False), or the
-environment: ``SOFTPROMPT_FULL_BATCH_PACK=0|1``, ``SOFTPROMPT_CPU_KERNELS=0|1``.
+Forcing a path: ``EngineConfig.full_batch_pack`` / ``cpu_kernels`` / ``panel_linear`` (True or
+False), or the environment: ``SOFTPROMPT_FULL_BATCH_PACK=0|1``, ``SOFTPROMPT_CPU_KERNELS=0|1``,
+``SOFTPROMPT_PANEL_LINEAR=0|1``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma", "asimd
 """The CPU flags that change which kernels are fast."""
 CACHE_FILE = "engine-paths.json"
 ENV_PACK = "SOFTPROMPT_FULL_BATCH_PACK"
+ENV_PANELS = "SOFTPROMPT_PANEL_LINEAR"
 
 
 @dataclass(frozen=True)
@@ -41,10 +45,15 @@ class DecodePath:
 
     full_batch_pack: bool
     cpu_kernels: bool
+    panel_linear: bool = False
+    """Linear layers on the C kernel's panel layout (``cpu_kernels.py``) instead of oneDNN/MKL."""
 
     def label(self) -> str:
-        mkl = "MKL at full batch" if self.full_batch_pack else "oneDNN"
-        return f"{mkl}, {'fused C kernels' if self.cpu_kernels else 'PyTorch ops'}"
+        if self.panel_linear:
+            linear = "C panel linears"
+        else:
+            linear = "MKL at full batch" if self.full_batch_pack else "oneDNN"
+        return f"{linear}, {'fused C kernels' if self.cpu_kernels else 'PyTorch ops'}"
 
 
 @dataclass
@@ -80,8 +89,11 @@ def cpu_signature() -> dict[str, Any]:
     return {"model": name, "flags": sorted(f for f in FLAGS if f in flags)}
 
 
-def cache_key(model_shape: Sequence[int], max_batch: int) -> str:
-    """What the decision depends on, hashed: CPU, torch, threads, model shape, batch."""
+def cache_key(
+    model_shape: Sequence[int], max_batch: int, candidates: Sequence[DecodePath] = ()
+) -> str:
+    """What the decision depends on, hashed: CPU, torch, threads, model shape, batch, and the
+    paths it chose among (a new candidate is measured, not ruled out by an old decision)."""
     parts = {
         "cpu": cpu_signature(),
         "torch": torch.__version__,
@@ -89,6 +101,8 @@ def cache_key(model_shape: Sequence[int], max_batch: int) -> str:
         "shape": list(model_shape),
         "batch": max_batch,
     }
+    if candidates:
+        parts["candidates"] = sorted(p.label() for p in candidates)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -104,11 +118,13 @@ def forced(name: str, configured: bool | None) -> bool | None:
 
 def pick(timings: dict[DecodePath, float]) -> DecodePath:
     """The fastest path; a tie (within 2%) goes to the one with fewer extras (less memory,
-    fewer moving parts): oneDNN over MKL, then the kernels over none (they save memory
-    traffic and were never slower where measured)."""
+    fewer moving parts): oneDNN over MKL and over the panel linears, then the kernels over
+    none (they save memory traffic and were never slower where measured)."""
     best = min(timings.values())
     near = [p for p, t in timings.items() if t <= best * 1.02]
-    return min(near, key=lambda p: (p.full_batch_pack, not p.cpu_kernels, timings[p]))
+    return min(
+        near, key=lambda p: (p.full_batch_pack, p.panel_linear, not p.cpu_kernels, timings[p])
+    )
 
 
 def read_cached(folder: Path, key: str) -> Decision | None:

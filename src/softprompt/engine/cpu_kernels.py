@@ -55,6 +55,9 @@ class CpuKernels:
         self._silu_mul = lib.sp_silu_mul
         self._silu_mul.restype = None
         self._silu_mul.argtypes = [_ptr, _ptr, _i64, _i64, _int]
+        self._panel_linear = lib.sp_panel_linear
+        self._panel_linear.restype = None
+        self._panel_linear.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _ptr, _int]
 
     def add_normalise(
         self,
@@ -83,6 +86,35 @@ class CpuKernels:
         out = _output(out, gate_up, (rows, width))
         self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width, torch.get_num_threads())
         return out
+
+    def panel_linear(
+        self, x: torch.Tensor, panels: torch.Tensor, out_features: int
+    ) -> torch.Tensor:
+        """``x @ W.T`` for x (..., K), W (out_features, K) laid out by ``weight_panels``."""
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            raise ValueError("CPU kernels take float32 CPU tensors")
+        in_features = x.shape[-1]
+        if panels.shape != (-(-out_features // 16), in_features, 16):
+            raise ValueError("panel_linear: panels do not match x and out_features")
+        x = x.contiguous()
+        out = x.new_empty(*x.shape[:-1], out_features)
+        rows = x.numel() // in_features if in_features else 0
+        if rows:
+            self._panel_linear(
+                x.data_ptr(), rows, in_features, panels.data_ptr(), out_features,
+                out.data_ptr(), torch.get_num_threads(),
+            )  # fmt: skip
+        return out
+
+
+def weight_panels(weight: torch.Tensor) -> torch.Tensor:
+    """A linear weight (N, K) laid out for ``panel_linear``: (ceil(N / 16), K, 16), panel p
+    holding output columns 16p .. 16p+15 row by row along K (zero columns pad the last)."""
+    n, k = weight.shape
+    count = -(-n // 16)
+    padded = weight.detach().new_zeros(count * 16, k, dtype=torch.float32)
+    padded[:n] = weight.detach()
+    return padded.view(count, 16, k).transpose(1, 2).contiguous()
 
 
 class DecodeStep:

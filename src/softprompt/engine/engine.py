@@ -96,6 +96,11 @@ class EngineConfig:
     ``cpu_kernels.py`` (attention over the slot cache, RMSNorm, SwiGLU), compiled on first use
     (None: when a C compiler is found, ``$SOFTPROMPT_CPU_KERNELS`` is not 0 and they are
     measured faster)."""
+    panel_linear: bool | None = None
+    """With the fused CPU kernels, linear layers on the C kernel's panel layout instead of
+    oneDNN/MKL (1.3x faster than oneDNN over the embedded model's layers on an AMD EPYC with
+    AVX2; None: if measured faster at start-up, ``$SOFTPROMPT_PANEL_LINEAR`` 0 or 1 forces it).
+    Only the chosen layout's copy of the weights is kept."""
     tune: bool = True
     """Measure the undecided CPU decode switches above at start-up (a few decode steps per
     combination, once per machine, torch version and model shape; ``autotune.py``). False:
@@ -220,6 +225,7 @@ class Engine:
             cpu_kernels=self.config.cpu_kernels,
             full_batch_pack=self.config.full_batch_pack,
             tune=self.config.tune,
+            panel_linear=self.config.panel_linear,
         )
         self.registry = AdapterRegistry(
             self.runner.prefixes, self._check_adapter, self.config.max_resident_adapters

@@ -5,13 +5,16 @@ small batches of a decode step that wastes most of the time (measured on this pr
 machine: a 576x1536 float32 projection at batch 32 took 1.16 ms plain and 0.44 ms packed). The
 engine runs a shadow of the caller's model whose ``nn.Linear`` layers hold packed copies of their
 weights; every other module, parameter and buffer is shared, and the caller's model is untouched.
-The price is one extra copy of the linear weights.
+The price is one extra copy of the linear weights. Where the CPU decode path measured fastest
+is the C kernel's panel linear (``cpu_kernels.py``, ``autotune.py``), that layout is the copy
+kept instead.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,13 +47,43 @@ class PackedLinear(nn.Module):
         self.full_batch = full_batch if full_batch and _has_mkl_pack() else None
         self._weight = rebuild if rebuild is not None else weight.detach
         self.batch_packed: torch.Tensor | None = None
+        self.panels: torch.Tensor | None = None
+        """The weight laid out for the C kernel's panel linear (``cpu_kernels.py``), when in
+        use; every call then takes it, whatever its row count."""
+        self._panel_kernels: Any = None
 
     @classmethod
     def of(cls, linear: nn.Linear, full_batch: int | None = None) -> PackedLinear:
         """The packed form of ``linear`` (its weight and bias are shared, not copied)."""
         return cls(linear.weight, linear.bias, full_batch)
 
+    def use_panels(self, kernels: Any) -> None:
+        """Run on the C kernel's panel linear (``kernels``: a ``CpuKernels``), laying the
+        weight out for it on first use; ``None``: back to oneDNN/MKL (the panels are kept until
+        ``keep_only`` drops them)."""
+        if kernels is not None and self.panels is None:
+            from .cpu_kernels import weight_panels
+
+            self.panels = weight_panels(self._weight())
+        self._panel_kernels = kernels
+
+    def keep_only(self, panels: bool) -> None:
+        """Free the copies the chosen path does not read: with ``panels``, oneDNN's and MKL's;
+        without, the panels."""
+        if panels:
+            if self.panels is None or self._panel_kernels is None:
+                raise RuntimeError("keep_only(panels=True) before use_panels")
+            self.packed = None
+            self.batch_packed = None
+            self.full_batch = None
+        else:
+            self.panels = None
+            self._panel_kernels = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._panel_kernels is not None:
+            out = self._panel_kernels.panel_linear(x, self.panels, self.out_features)
+            return out if self.bias is None else out.add_(self.bias)
         if self.full_batch and x.numel() == self.full_batch * self.in_features:
             if self.batch_packed is None:
                 self._pack_full_batch()
@@ -69,9 +102,13 @@ class PackedLinear(nn.Module):
         """Bytes of the packed copies. MKL's buffer is reserved about three times larger than
         the weight but only the weight's size of it is written, so only that much is resident
         (measured: +660 MiB RSS for the embedded model's 513 MiB of linear weights)."""
-        total = self.packed.numel() * self.packed.element_size()
+        total = 0
+        if self.packed is not None:
+            total += self.packed.numel() * self.packed.element_size()
         if self.batch_packed is not None:
-            total += self.out_features * self.in_features * self.packed.element_size()
+            total += self.out_features * self.in_features * 4
+        if self.panels is not None:
+            total += self.panels.numel() * self.panels.element_size()
         return total
 
 

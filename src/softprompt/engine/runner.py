@@ -13,7 +13,16 @@ from typing import Any
 import torch
 
 from ..prompt import Adapter
-from .autotune import ENV_PACK, Decision, DecodePath, cache_key, decide, forced, time_steps
+from .autotune import (
+    ENV_PACK,
+    ENV_PANELS,
+    Decision,
+    DecodePath,
+    cache_key,
+    decide,
+    forced,
+    time_steps,
+)
 from .cpu_kernels import ENV, CpuKernels
 from .cpu_kernels import load as load_cpu_kernels
 from .graphs import GraphedDecode
@@ -43,6 +52,8 @@ class ModelRunner:
     full_batch_pack: whether a full batch runs on MKL's copy (``None``: if measured faster;
         the weights for it are packed only then).
     tune: measure the undecided switches (else: MKL off, the kernels on where they build).
+    panel_linear: linear layers on the C kernel's panel layout instead of oneDNN/MKL (``None``:
+        if measured faster, with the fused kernels; only that copy of the weights is kept).
     """
 
     def __init__(
@@ -55,8 +66,10 @@ class ModelRunner:
         cpu_kernels: bool | None = None,
         full_batch_pack: bool | None = None,
         tune: bool = True,
+        panel_linear: bool | None = None,
     ):
         self._kernels_forced = cpu_kernels
+        self._panels_forced = panel_linear
         if pack is None:
             pack = can_pack(model)
         self.packed = bool(pack)
@@ -117,18 +130,34 @@ class ModelRunner:
             wanted = forced(ENV, None) if self._kernels_forced is None else self._kernels_forced
             fused = [True, False] if wanted is None and tune else [wanted is not False]
         candidates = [DecodePath(m, k) for m in mkl for k in fused]
+        panels = forced(ENV_PANELS, self._panels_forced)
+        if panels and kernels is None:
+            raise RuntimeError(
+                "the panel linears were asked for but the CPU kernels are not available"
+            )
+        if kernels is not None and True in fused and panels is not False:
+            # The panel linears come from the same library as the fused kernels: with them.
+            with_panels = DecodePath(False, True, panel_linear=True)
+            if panels:
+                candidates = [with_panels]
+            elif tune:  # unmeasured, oneDNN stays: the panel kernel is written for AVX2
+                candidates.append(with_panels)
 
         def measure(path: DecodePath) -> float:
             self._set_decode_path(path, full_batch, kernels)
             return self._time_decode(full_batch or 1)
 
         shape = (self.num_layers, self.hidden_size, self.num_kv_heads, self.head_dim)
-        key = cache_key((*shape, self.vocab_size), full_batch or 1)
+        key = cache_key((*shape, self.vocab_size), full_batch or 1, candidates)
         decision = decide(candidates, measure, key, cache_dir() if tune else None)
         self._set_decode_path(decision.picked, full_batch, kernels)
-        if not decision.picked.full_batch_pack:
-            for linear in lean.packed_linears():
-                linear.batch_packed = None  # MKL's copy, if a measurement made it
+        for linear in lean.packed_linears():
+            if decision.picked.panel_linear:
+                linear.keep_only(panels=True)
+            else:
+                linear.keep_only(panels=False)
+                if not decision.picked.full_batch_pack:
+                    linear.batch_packed = None  # MKL's copy, if a measurement made it
         if decision.measured:
             log.info(decision.summary())
         return decision
@@ -141,6 +170,7 @@ class ModelRunner:
         lean.kernels = kernels if path.cpu_kernels else None
         for linear in lean.packed_linears():
             linear.full_batch = full_batch if path.full_batch_pack else None
+            linear.use_panels(kernels if path.panel_linear else None)
 
     def _time_decode(self, batch: int, context: int = 48) -> float:
         """Median ms of a decode step of ``batch`` rows over ``context`` cached columns."""
