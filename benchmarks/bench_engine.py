@@ -646,11 +646,13 @@ def main() -> None:
             finally:
                 if peer is not None:
                     peer.close()
-        suffix = "" if dtype == dtypes[0] else f"_{dtype}"
+        suffix = "" if dtype == "float32" else f"_{dtype}"
         results["c" + suffix], results["f" + suffix], results["c_torch" + suffix] = c, f, c_torch
     if "d" not in args.skip:
         results["d"] = run_base_static(spm, requests, args.new_tokens)
-    if "e" not in args.skip:
+    if "e" not in args.skip and results.get("c") is None:
+        emit({"way": "e", "skipped": "the arrival rate is set from (c) at float32, not run"})
+    elif "e" not in args.skip:
         capacity = args.requests / results["c"]["seconds"]
         for policy in ("continuous", "static"):
             results[f"e_{policy}"] = run_arrivals(
@@ -680,6 +682,9 @@ def main() -> None:
                 "c_over_f": ratio("c", "f"),
                 "c_over_f_bfloat16": ratio("c_bfloat16", "f_bfloat16"),
                 "c_over_f_median_of_rounds": (results.get("f") or {}).get("c_over_f_median"),
+                "c_over_f_bfloat16_median_of_rounds": (results.get("f_bfloat16") or {}).get(
+                    "c_over_f_median"
+                ),
                 "fused_over_torch_decode_median_of_rounds": (results.get("c_torch") or {}).get(
                     "fused_over_torch_median"
                 ),
