@@ -125,6 +125,37 @@ def test_auto_is_the_cpu_in_float32_here_and_bfloat16_is_allowed_on_the_cpu():
     assert resolve("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
 
 
+@pytest.mark.parametrize("native", [False, True, None])
+def test_bfloat16_on_a_cpu_without_bf16_instructions_says_float32_is_faster(
+    monkeypatch, caplog, native
+):
+    import softprompt.device as device
+
+    monkeypatch.setattr(device, "native_cpu_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="softprompt.device"):
+        assert device.resolve("cpu", "bfloat16")[1] == torch.bfloat16
+        assert device.resolve("cpu", "float32")[1] == torch.float32
+    warned = [r.getMessage() for r in caplog.records]
+    if native is False:
+        assert len(warned) == 1 and "no bfloat16 instructions" in warned[0]
+        assert "float32 is the fast choice here" in warned[0]
+    else:  # the CPU has them, or its flags cannot be read: nothing to say
+        assert warned == []
+
+
+def test_native_cpu_bf16_reads_the_cpus_flags(tmp_path):
+    from softprompt.device import native_cpu_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma avx512f\n")
+    assert native_cpu_bf16(info) is False
+    info.write_text("model name\t: Xeon\nflags\t\t: avx2 avx512f avx512_bf16 amx_tile\n")
+    assert native_cpu_bf16(info) is True
+    info.write_text("Features\t: fp asimd sve bf16\n")  # Arm
+    assert native_cpu_bf16(info) is True
+    assert native_cpu_bf16(tmp_path / "missing") is None
+
+
 def test_running_out_of_memory_is_one_line_with_what_to_try(cli_main, monkeypatch, tiny_model_dir):
     import softprompt.cli.commands as commands
 

@@ -8,13 +8,17 @@ their optimizer stay float32 whatever the model's dtype, and adapter files are f
 
 from __future__ import annotations
 
+import logging
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "bfloat16")
@@ -81,7 +85,26 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             raise UserError(f"--dtype bfloat16: {gpu} does not support it; use --dtype float32")
     if name == "auto":
         return torch.float32
+    if name == "bfloat16" and device.type == "cpu" and native_cpu_bf16() is False:
+        log.warning(
+            "--dtype bfloat16: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), so "
+            "bfloat16 runs on slow conversions: the engine was about 6x slower than in float32 "
+            "on an AVX2 AMD EPYC (docs/benchmarks/engine.md); float32 is the fast choice here"
+        )
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def native_cpu_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
+    """Whether this CPU has bfloat16 arithmetic instructions (x86 AVX512-BF16 or AMX, Arm BF16);
+    None where its flags cannot be read."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")) and ":" in line:
+            return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(line.split(":", 1)[1].split()))
+    return None
 
 
 def resolve(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
