@@ -130,6 +130,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--virtual-tokens", type=int, default=8)
     parser.add_argument("--skip", action="append", default=[], help="steps or accuracy")
+    parser.add_argument(
+        "--start", choices=["softprompt", "peft"], default="softprompt",
+        help="starting rows: softprompt's --init vocab draw for --seed, or the rows PEFT's "
+        "SAMPLE_VOCAB draws in bench_tasks.py's PEFT run of that seed",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ways", default="abc", help="which of the accuracy runs a, b, c to make (default: all)"
+    )
     args = parser.parse_args()
     import transformers
 
@@ -139,7 +147,10 @@ def main() -> None:
     examples = load_texts(f"examples:{SET}").examples
     heldout = task_rows(load_texts(f"examples:{SET}:heldout").examples)
     layouts = [example_layout(spm.tokenizer, e, 256) for e in examples]
-    start = init_prompt(base, args.virtual_tokens, "vocab", seed=args.seed)
+    if args.start == "peft":
+        start = peft_start(args.seed, args.virtual_tokens)
+    else:
+        start = init_prompt(base, args.virtual_tokens, "vocab", seed=args.seed)
     order = batches(len(layouts), args.batch_size, args.epochs, args.seed)
 
     if "steps" not in args.skip:
@@ -162,24 +173,31 @@ def main() -> None:
     if "accuracy" in args.skip:
         return
     table = []
-    began = time.perf_counter()
-    peft = PeftLoop(spm, start)
-    for batch in order:
-        peft.step([layouts[i] for i in batch])
-    rows = peft.rows()
-    peft.remove()
-    table.append(("a. PEFT loop, random batches, last rows", accuracy_of(spm, rows, "a", heldout),
-                  time.perf_counter() - began))  # fmt: skip
-    print(json.dumps({"way": table[-1][0], "accuracy": table[-1][1]}), flush=True)
-    began = time.perf_counter()
-    ours = OursLoop(spm, start, "b")
-    for batch in order:
-        ours.step([layouts[i] for i in batch])
-    rows = ours.rows()
-    spm.remove_adapter("b")
-    table.append(("b. softprompt step, the same random batches, last rows",
-                  accuracy_of(spm, rows, "b", heldout), time.perf_counter() - began))  # fmt: skip
-    print(json.dumps({"way": table[-1][0], "accuracy": table[-1][1]}), flush=True)
+    if "a" in args.ways:
+        began = time.perf_counter()
+        peft = PeftLoop(spm, start)
+        for batch in order:
+            peft.step([layouts[i] for i in batch])
+        rows = peft.rows()
+        peft.remove()
+        accuracy = accuracy_of(spm, rows, "a", heldout)
+        way = "a. PEFT loop, random batches, last rows"
+        table.append((way, accuracy, time.perf_counter() - began))
+        print(json.dumps({"way": table[-1][0], "accuracy": table[-1][1]}), flush=True)
+    if "b" in args.ways:
+        began = time.perf_counter()
+        ours = OursLoop(spm, start, "b")
+        for batch in order:
+            ours.step([layouts[i] for i in batch])
+        rows = ours.rows()
+        spm.remove_adapter("b")
+        accuracy = accuracy_of(spm, rows, "b", heldout)
+        way = "b. softprompt step, the same random batches, last rows"
+        table.append((way, accuracy, time.perf_counter() - began))
+        print(json.dumps({"way": table[-1][0], "accuracy": table[-1][1]}), flush=True)
+    if "c" not in args.ways:
+        print_table(args, table)
+        return
     began = time.perf_counter()
     config = TrainConfig(
         virtual_tokens=args.virtual_tokens, epochs=args.epochs, batch_size=args.batch_size,
@@ -192,12 +210,36 @@ def main() -> None:
     table.append(("c. softprompt train (length-grouped batches, best held-out rows)",
                   accuracy_of(spm, rows, "c", heldout), time.perf_counter() - began))  # fmt: skip
     print(json.dumps({"way": table[-1][0], "accuracy": table[-1][1]}), flush=True)
+    print_table(args, table)
+
+
+def print_table(args: argparse.Namespace, table: list) -> None:
     print()
-    print(f"seed {args.seed}, {args.epochs} epochs, batch {args.batch_size}, lr {LR}")
+    print(f"seed {args.seed} ({args.start}'s start), {args.epochs} epochs, "
+          f"batch {args.batch_size}, lr {LR}")  # fmt: skip
     print("| way | held-out accuracy | seconds |")
     print("|---|---:|---:|")
     for way, acc, seconds in table:
         print(f"| {way} | {acc:.2f} | {seconds:.0f} |")
+
+
+def peft_start(seed: int, virtual_tokens: int) -> torch.Tensor:
+    """The rows PEFT's SAMPLE_VOCAB draws in ``bench_tasks.py``'s PEFT prompt run of ``seed``
+    (the same calls in the same order, so the same random numbers)."""
+    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from softprompt.models import embedded_model_dir
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=torch.float32)
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=virtual_tokens,
+        prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,
+    )
+    peft = get_peft_model(model, config)
+    return peft.prompt_encoder["default"].embedding.weight.detach().clone()
 
 
 if __name__ == "__main__":
