@@ -94,17 +94,27 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def native_cpu_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
-    """Whether this CPU has bfloat16 arithmetic instructions (x86 AVX512-BF16 or AMX, Arm BF16);
-    None where its flags cannot be read."""
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str | None, set[str] | None]:
+    """This CPU's model name and instruction-set flags (x86 ``flags``, Arm ``Features``) as
+    ``/proc/cpuinfo`` gives them; None for what it does not say (or where it cannot be read)."""
+    name, flags = None, None
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return None
+        return None, None
     for line in text.splitlines():
-        if line.startswith(("flags", "Features")) and ":" in line:
-            return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(line.split(":", 1)[1].split()))
-    return None
+        if line.startswith("model name") and ":" in line and name is None:
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith(("flags", "Features")) and ":" in line and flags is None:
+            flags = set(line.split(":", 1)[1].split())
+    return name, flags
+
+
+def native_cpu_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
+    """Whether this CPU has bfloat16 arithmetic instructions (x86 AVX512-BF16 or AMX, Arm BF16);
+    None where its flags cannot be read."""
+    flags = cpu_info(cpuinfo)[1]
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16", "bf16"} & flags)
 
 
 def resolve(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:

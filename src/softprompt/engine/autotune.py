@@ -77,16 +77,13 @@ class Decision:
 
 def cpu_signature() -> dict[str, Any]:
     """The CPU as it matters for kernel speed: model name and the relevant flags."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith(("flags", "Features")) and ":" in line:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"model": name, "flags": sorted(f for f in FLAGS if f in flags)}
+    from ..device import cpu_info
+
+    name, flags = cpu_info()
+    return {
+        "model": name or platform.processor() or platform.machine(),
+        "flags": sorted(f for f in FLAGS if f in (flags or ())),
+    }
 
 
 def cache_key(

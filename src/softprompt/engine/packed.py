@@ -67,18 +67,19 @@ class PackedLinear(nn.Module):
             self.panels = weight_panels(self._weight())
         self._panel_kernels = kernels
 
-    def keep_only(self, panels: bool) -> None:
+    def keep_only(self, panels: bool, mkl: bool = False) -> None:
         """Free the copies the chosen path does not read: with ``panels``, oneDNN's and MKL's;
-        without, the panels."""
+        without, the panels, and MKL's unless ``mkl``."""
         if panels:
             if self.panels is None or self._panel_kernels is None:
                 raise RuntimeError("keep_only(panels=True) before use_panels")
             self.packed = None
-            self.batch_packed = None
             self.full_batch = None
         else:
             self.panels = None
             self._panel_kernels = None
+        if panels or not mkl:
+            self.batch_packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._panel_kernels is not None:

@@ -151,13 +151,8 @@ class ModelRunner:
         key = cache_key((*shape, self.vocab_size), full_batch or 1, candidates)
         decision = decide(candidates, measure, key, cache_dir() if tune else None)
         self._set_decode_path(decision.picked, full_batch, kernels)
-        for linear in lean.packed_linears():
-            if decision.picked.panel_linear:
-                linear.keep_only(panels=True)
-            else:
-                linear.keep_only(panels=False)
-                if not decision.picked.full_batch_pack:
-                    linear.batch_packed = None  # MKL's copy, if a measurement made it
+        for linear in lean.packed_linears():  # the copies measuring made for the losers
+            linear.keep_only(decision.picked.panel_linear, mkl=decision.picked.full_batch_pack)
         if decision.measured:
             log.info(decision.summary())
         return decision
