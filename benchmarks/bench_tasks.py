@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -253,6 +254,11 @@ def main() -> None:
         "--seeds", type=int, nargs="+", default=[0],
         help="train each method once per seed; the table gives each run's mean (default: 0)",
     )  # fmt: skip
+    parser.add_argument(
+        "--train-flags", default="",
+        help="more flags for every softprompt train run, as one string after = (e.g. "
+        "--train-flags=--no-group-by-length); written in each run's record",
+    )  # fmt: skip
     parser.add_argument("--work", help="folder for the adapters (default: a temporary one)")
     args = parser.parse_args()
     import transformers
@@ -286,7 +292,8 @@ def main() -> None:
                 [str(softprompt), "train", "--data", f"examples:{set_name}", "--output", str(out),
                  "--eval-data", f"examples:{set_name}",
                  "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                 "--seed", str(seed), "--overwrite", "--json", *flags],
+                 "--seed", str(seed), "--overwrite", "--json", *flags,
+                 *shlex.split(args.train_flags)],
                 capture_output=True, text=True, check=False,
             )  # fmt: skip
             if done.returncode != 0:
@@ -298,7 +305,8 @@ def main() -> None:
             spm.remove_adapter(adapter.name)
             emit(
                 {"set": set_name, "run": name, "seed": seed, **score,
-                 "train_seconds": summary["seconds"], "parameters": summary["trainable_params"]}
+                 "train_seconds": summary["seconds"], "parameters": summary["trainable_params"],
+                 **({"train_flags": args.train_flags} if args.train_flags else {})}
             )  # fmt: skip
         peft_runs = (("prompt", "PEFT prompt 8"), ("lora", "PEFT LoRA r8 all-linear"))
         for (kind, name), seed in [(r, s) for r in peft_runs for s in args.seeds]:

@@ -50,6 +50,17 @@ def test_a_decision_is_measured_once_then_read_from_the_cache(tmp_path):
     assert not decide([MKL_PLAIN], measure, "k3", tmp_path).measured and len(calls) == 12
 
 
+def test_retune_measures_again_and_replaces_the_cached_decision(tmp_path, monkeypatch):
+    # A decision cached while the machine was busy: MKL measured faster then.
+    busy = {MKL_FUSED: 5.0, ONEDNN_FUSED: 9.0}
+    assert decide([MKL_FUSED, ONEDNN_FUSED], busy.get, "k", tmp_path).picked == MKL_FUSED
+    quiet = {MKL_FUSED: 9.0, ONEDNN_FUSED: 5.0}
+    assert decide([MKL_FUSED, ONEDNN_FUSED], quiet.get, "k", tmp_path).picked == MKL_FUSED
+    fresh = decide([MKL_FUSED, ONEDNN_FUSED], quiet.get, "k", tmp_path, retune=True)
+    assert fresh.measured and fresh.picked == ONEDNN_FUSED
+    assert decide([MKL_FUSED, ONEDNN_FUSED], busy.get, "k", tmp_path).picked == ONEDNN_FUSED
+
+
 def test_the_key_names_what_the_decision_depends_on(monkeypatch):
     import torch
 
@@ -99,11 +110,32 @@ def test_the_engine_runs_the_path_measured_fastest(tiny_model_dir, tmp_path, mon
     for linear in lean.packed_linears():
         assert (linear.panels is not None) == fastest.panel_linear
         assert (linear.packed is None) == fastest.panel_linear
-    # The next engine on this machine reads the decision instead of measuring.
+    # The next engine on this machine reads the decision instead of measuring, and packs
+    # oneDNN's copy of a weight only when the path kept reads it.
+    from softprompt.engine import packed
+
+    onednn_packs: list[tuple[int, ...]] = []
+    pack = packed._onednn_pack
+    monkeypatch.setattr(
+        packed, "_onednn_pack", lambda w: onednn_packs.append(tuple(w.shape)) or pack(w)
+    )
     timed.clear()
     second = Engine(base.model, base.tokenizer, EngineConfig(max_batch_size=4))
     assert timed == [] and second.runner.decode_path.picked == fastest
+    shapes = [(p.out_features, p.in_features) for p in second.runner.lean.packed_linears()]
+    engine_packs = [s for s in onednn_packs if s != (4, 8)]  # (4, 8): can_pack's probe
+    assert engine_packs == ([] if fastest.panel_linear else shapes)
     assert not second.runner.decode_path.measured
+    # Asked to, it measures again (the config's switch or the environment's).
+    config = EngineConfig(max_batch_size=4, retune=True)
+    assert Engine(base.model, base.tokenizer, config).runner.decode_path.measured
+    monkeypatch.setenv("SOFTPROMPT_RETUNE", "1")
+    assert Engine(
+        base.model, base.tokenizer, EngineConfig(max_batch_size=4)
+    ).runner.decode_path.measured
+    monkeypatch.delenv("SOFTPROMPT_RETUNE")
+    assert len(timed) == 20
+    timed.clear()
     # Forcing both switches measures nothing.
     monkeypatch.setenv("SOFTPROMPT_FULL_BATCH_PACK", "1")
     forced = Engine(base.model, base.tokenizer, EngineConfig(max_batch_size=8, cpu_kernels=False))

@@ -179,3 +179,28 @@ def test_after_training_every_reader_sees_the_trained_rows(spm):
     assert not torch.allclose(trained, start)
     view = inspect_adapter(spm, spm.adapters["tuned"])
     assert [t.norm for t in view.tokens] == pytest.approx(trained.norm(dim=1).tolist())
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_epoch_batches_cover_every_row_once(grouped):
+    import random
+
+    from softprompt.tuning.train import epoch_batches, length_grouped_batches
+
+    rows = [([0] * (1 + (i * 7) % 13), i) for i in range(50)]
+    batches = epoch_batches(rows, 8, random.Random(3), grouped)
+    assert sorted(r[1] for b in batches for r in b) == list(range(50))
+    assert sorted(len(b) for b in batches) == [2] + [8] * 6  # 50 rows
+    sorted_inside = all([len(r[0]) for r in b] == sorted(len(r[0]) for r in b) for b in batches)
+    # Grouped: the same batches as length_grouped_batches (every one sorted by length);
+    # not grouped: the shuffled order, which on these lengths leaves some batch unsorted.
+    assert sorted_inside is grouped
+    if grouped:
+        assert batches == length_grouped_batches(rows, 8, random.Random(3))
+
+
+def test_no_group_by_length_is_recorded_with_the_adapter(spm, tmp_path):
+    config, result = _train(spm, group_by_length=False, epochs=1)
+    save_trained(spm, "tuned", tmp_path / "a", config, result)
+    saved = json.loads((tmp_path / "a" / "training_config.json").read_text())
+    assert saved["group_by_length"] is False

@@ -149,6 +149,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         compile=args.compile,
         warmup=args.warmup,
         schedule=args.schedule,
+        group_by_length=args.group_by_length,
         eval_every=args.eval_every,
         patience=args.patience,
         checkpoint_every=args.checkpoint_every,
@@ -1086,6 +1087,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         drain_seconds=args.drain_seconds,
         named=args.adapter,
+        retune=args.retune,
     )
 
 

@@ -153,6 +153,13 @@ def add_train(sub: Commands) -> None:
         help="learning rate after the warm-up; linear and cosine end at 0 (default: %(default)s)",
     )
     train.add_argument(
+        "--group-by-length",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="batch examples of similar length together, so less padding is computed; "
+        "--no-group-by-length: plain shuffled batches (default: %(default)s)",
+    )
+    train.add_argument(
         "--eval-every",
         type=int,
         default=0,
@@ -405,6 +412,12 @@ def add_serve(sub: Commands) -> None:
         help="requests waiting for a place in the batch at most; beyond it, 429 with "
         "Retry-After, and one request (prompts x n) may not ask for more (default: 4 x "
         "--max-batch-size)",
+    )
+    srv.add_argument(
+        "--retune",
+        action="store_true",
+        help="on the CPU, measure the decode paths again even if this machine has a decision "
+        "cached (one made while the machine was busy), and cache the new one",
     )
     srv.add_argument(
         "--drain-seconds",

@@ -37,6 +37,7 @@ FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma", "asimd
 CACHE_FILE = "engine-paths.json"
 ENV_PACK = "SOFTPROMPT_FULL_BATCH_PACK"
 ENV_PANELS = "SOFTPROMPT_PANEL_LINEAR"
+ENV_RETUNE = "SOFTPROMPT_RETUNE"
 
 
 @dataclass(frozen=True)
@@ -177,12 +178,15 @@ def decide(
     key: str,
     folder: Path | None,
     rounds: int = 2,
+    retune: bool = False,
 ) -> Decision:
     """The cached decision for ``key``, else each candidate measured ``rounds`` times in turn
-    and the fastest kept (and cached). One candidate is taken as it is, unmeasured."""
+    and the fastest kept (and cached). One candidate is taken as it is, unmeasured.
+    ``retune``: measure even when a decision is cached (one measured on a busy machine, or
+    before a change the key cannot see), and cache the new one in its place."""
     if len(candidates) == 1:
         return Decision(candidates[0], {}, False, key)
-    if folder is not None:
+    if folder is not None and not retune:
         cached = read_cached(folder, key)
         if cached is not None and cached.picked in candidates:
             return cached

@@ -107,6 +107,9 @@ class EngineConfig:
     """Measure the undecided CPU decode switches above at start-up (a few decode steps per
     combination, once per machine, torch version and model shape; ``autotune.py``). False:
     MKL off, the kernels on where they build."""
+    retune: bool = False
+    """Measure those switches again even when this machine has a decision cached, and cache the
+    new one (``$SOFTPROMPT_RETUNE=1`` does the same): for a decision measured on a busy machine."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -228,6 +231,7 @@ class Engine:
             full_batch_pack=self.config.full_batch_pack,
             tune=self.config.tune,
             panel_linear=self.config.panel_linear,
+            retune=self.config.retune,
         )
         self.registry = AdapterRegistry(
             self.runner.prefixes, self._check_adapter, self.config.max_resident_adapters

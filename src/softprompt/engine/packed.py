@@ -42,7 +42,9 @@ class PackedLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        self.packed: torch.Tensor | None = None
+        """oneDNN's copy, made at its first use (or by ``keep_only`` when it is the one kept), so
+        a layer that runs on the panels never holds it."""
         self.bias = None if bias is None else bias.detach()
         self.full_batch = full_batch if full_batch and _has_mkl_pack() else None
         self._weight = rebuild if rebuild is not None else weight.detach
@@ -69,7 +71,10 @@ class PackedLinear(nn.Module):
 
     def keep_only(self, panels: bool, mkl: bool = False) -> None:
         """Free the copies the chosen path does not read: with ``panels``, oneDNN's and MKL's;
-        without, the panels, and MKL's unless ``mkl``."""
+        without, the panels, and MKL's unless ``mkl``; oneDNN's copy is made now if it is kept,
+        so the first request does not wait for it."""
+        if not panels and self.packed is None:
+            self.packed = _onednn_pack(self._weight())
         if panels:
             if self.panels is None or self._panel_kernels is None:
                 raise RuntimeError("keep_only(panels=True) before use_panels")
@@ -91,6 +96,8 @@ class PackedLinear(nn.Module):
             return torch.ops.mkl._mkl_linear(
                 x, self.batch_packed, self.shape_only, self.bias, self.full_batch
             )
+        if self.packed is None:
+            self.packed = _onednn_pack(self._weight())
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def _pack_full_batch(self) -> None:
@@ -111,6 +118,11 @@ class PackedLinear(nn.Module):
         if self.panels is not None:
             total += self.panels.numel() * self.panels.element_size()
         return total
+
+
+def _onednn_pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` reordered for oneDNN's inner product."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
 def _has_mkl_pack() -> bool:

@@ -8,6 +8,7 @@ slot cache, so rows of any length, with any adapter prefix or none, run in one f
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from ..prompt import Adapter
 from .autotune import (
     ENV_PACK,
     ENV_PANELS,
+    ENV_RETUNE,
     Decision,
     DecodePath,
     cache_key,
@@ -67,6 +69,7 @@ class ModelRunner:
         full_batch_pack: bool | None = None,
         tune: bool = True,
         panel_linear: bool | None = None,
+        retune: bool = False,
     ):
         self._kernels_forced = cpu_kernels
         self._panels_forced = panel_linear
@@ -110,10 +113,11 @@ class ModelRunner:
         self.device = embedding.weight.device
         self.dtype = embedding.weight.dtype
         if self.lean is not None and self.packed:
-            self.decode_path = self._choose_decode_path(full_batch, full_batch_pack, tune)
+            retune = retune or os.environ.get(ENV_RETUNE) == "1"
+            self.decode_path = self._choose_decode_path(full_batch, full_batch_pack, tune, retune)
 
     def _choose_decode_path(
-        self, full_batch: int | None, full_batch_pack: bool | None, tune: bool
+        self, full_batch: int | None, full_batch_pack: bool | None, tune: bool, retune: bool
     ) -> Decision:
         """Set the CPU decode path: forced switches as given, the rest measured (or cached)."""
         from ..models import cache_dir
@@ -149,7 +153,7 @@ class ModelRunner:
 
         shape = (self.num_layers, self.hidden_size, self.num_kv_heads, self.head_dim)
         key = cache_key((*shape, self.vocab_size), full_batch or 1, candidates)
-        decision = decide(candidates, measure, key, cache_dir() if tune else None)
+        decision = decide(candidates, measure, key, cache_dir() if tune else None, retune=retune)
         self._set_decode_path(decision.picked, full_batch, kernels)
         for linear in lean.packed_linears():  # the copies measuring made for the losers
             linear.keep_only(decision.picked.panel_linear, mkl=decision.picked.full_batch_pack)

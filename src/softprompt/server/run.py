@@ -137,6 +137,7 @@ def serve(
     max_queue: int | None = None,
     drain_seconds: float = 30.0,
     named: list[str] | None = None,
+    retune: bool = False,
 ) -> int:
     """``softprompt serve``: load the model, serve until SIGTERM or Ctrl-C.
 
@@ -171,7 +172,10 @@ def serve(
 
     try:
         config = EngineConfig(
-            max_batch_size=max_batch_size, max_new_tokens_cap=max_tokens_cap, max_queue=max_queue
+            max_batch_size=max_batch_size,
+            max_new_tokens_cap=max_tokens_cap,
+            max_queue=max_queue,
+            retune=retune,
         )
     except ValueError as exc:
         raise UserError("--" + str(exc).replace("_", "-", 2)) from exc

@@ -52,6 +52,8 @@ class TrainConfig:
     """Steps over which the learning rate rises linearly from 0 to ``lr``."""
     schedule: str = "constant"
     """After the warm-up: constant, linear (to 0 at the last step) or cosine (to 0)."""
+    group_by_length: bool = True
+    """Batch rows of similar length together (less padding); False: plain shuffled batches."""
     eval_every: int = 0
     """Held-out evaluation every this many steps; 0: at each epoch's end."""
     patience: int = 0

@@ -115,7 +115,7 @@ def train_tasks(
             run.epoch_rng = run.order.getstate()
         else:
             run.order.setstate(run.epoch_rng)
-        batches = length_grouped_batches(run.rows, run.global_batch, run.order)
+        batches = epoch_batches(run.rows, run.global_batch, run.order, config.group_by_length)
         for index, batch in enumerate(batches):
             if epoch == first_epoch and index < skip:
                 continue
@@ -441,6 +441,17 @@ def _rng_from_lists(saved: list[Any]) -> Any:
 
 
 RowT = TypeVar("RowT", bound=tuple[Any, ...])
+
+
+def epoch_batches(
+    rows: list[RowT], batch_size: int, rng: random.Random, group_by_length: bool
+) -> list[list[RowT]]:
+    """One epoch's batches: ``length_grouped_batches``, or plain shuffled ones."""
+    if group_by_length:
+        return length_grouped_batches(rows, batch_size, rng)
+    shuffled = rows[:]
+    rng.shuffle(shuffled)
+    return [shuffled[i : i + batch_size] for i in range(0, len(shuffled), batch_size)]
 
 
 def length_grouped_batches(
