@@ -121,6 +121,8 @@ def test_two_adapters_share_one_base(spm):
         {"init": "file"},
         {"epochs": 0},
         {"lr": 0},
+        {"weight_decay": -0.1},
+        {"weight_decay": 1.0},
         {"batch_size": 0},
         {"max_length": 1},
     ],
@@ -199,8 +201,13 @@ def test_epoch_batches_cover_every_row_once(grouped):
         assert batches == length_grouped_batches(rows, 8, random.Random(3))
 
 
-def test_no_group_by_length_is_recorded_with_the_adapter(spm, tmp_path):
-    config, result = _train(spm, group_by_length=False, epochs=1)
+def test_batching_and_weight_decay_are_applied_and_recorded(spm, tmp_path):
+    plain = _train(spm, epochs=1)[1]
+    rows = spm.adapters["tuned"].weights.detach().clone()
+    spm.remove_adapter("tuned")
+    config, result = _train(spm, group_by_length=False, weight_decay=0.5, epochs=1)
+    assert not torch.equal(spm.adapters["tuned"].weights, rows)
+    assert result.steps != plain.steps  # other batches: other losses along the way
     save_trained(spm, "tuned", tmp_path / "a", config, result)
     saved = json.loads((tmp_path / "a" / "training_config.json").read_text())
-    assert saved["group_by_length"] is False
+    assert saved["group_by_length"] is False and saved["weight_decay"] == 0.5

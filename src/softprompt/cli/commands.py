@@ -143,6 +143,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         init_from=args.init_from,
         epochs=args.epochs,
         lr=args.lr if args.lr is not None else (1e-2 if args.method == "prefix" else 3e-2),
+        weight_decay=args.weight_decay,
         batch_size=args.batch_size,
         max_length=64 if args.max_length is None else args.max_length,  # None: from the data
         seed=args.seed,

@@ -135,6 +135,12 @@ def add_train(sub: Commands) -> None:
     train.add_argument(
         "--lr", type=float, help="learning rate (default: 0.03; 0.01 with --method prefix)"
     )
+    train.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="AdamW's decoupled weight decay on the prompt's rows (default: %(default)s)",
+    )
     train.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
     train.add_argument(
         "--max-length",

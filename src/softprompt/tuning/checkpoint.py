@@ -28,6 +28,8 @@ from ..errors import UserError
 
 STATE_FILE = "state.pt"
 FORMAT = 1
+ADDED = {"weight_decay": 0.0, "group_by_length": True}
+"""Settings added after the first checkpoints were written, with the value those runs had."""
 FLAGS = {"dtype": "--dtype", "device": "--device", "model": "--model"}
 """The flag that sets each fingerprint entry, named when a resume is refused."""
 
@@ -101,6 +103,8 @@ def load(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     theirs = state.get("fingerprint", {})
     for key, value in fingerprint.items():
         old = theirs.get(key)
+        if key == "config" and isinstance(old, dict):
+            old = {**ADDED, **old}
         if old == value:
             continue
         if key == "config" and isinstance(old, dict):

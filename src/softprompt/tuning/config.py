@@ -39,6 +39,8 @@ class TrainConfig:
     """Adapter folder whose rows start training (init file)."""
     epochs: int = 5
     lr: float = 3e-2
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay on the prompt rows (PyTorch's AdamW default is 0.01)."""
     batch_size: int = 8
     max_length: int = 64
     """Text tokens per example, EOS included. A text that does not fit is cut and gets no EOS."""
@@ -78,6 +80,8 @@ class TrainConfig:
             raise UserError(f"--seed must be from 0 to {2**63 - 1}")
         if not self.lr > 0:
             raise UserError("--lr must be positive")
+        if not 0 <= self.weight_decay < 1:
+            raise UserError("--weight-decay must be from 0 to below 1")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise UserError("--batch-size must be at least 1")
         if self.max_length < 2:

@@ -213,7 +213,9 @@ class _Run:
             )
             for t, p in zip(tasks, self.params, strict=True)
         ]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.lr, weight_decay=config.weight_decay
+        )
         for i, (t, res) in enumerate(zip(tasks, self.results, strict=True)):
             task_rows, res.texts_cut = training_rows(spm, t.texts, t.name, config.max_length)
             res.scored_tokens, res.text_tokens = scored_tokens(task_rows)
