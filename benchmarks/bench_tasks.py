@@ -13,7 +13,8 @@ completion-only loss (the assistant turns only, for chat), judged on the held-ou
 Methods:
   - the base model zero-shot, with an instruction, and with 4 and 8 examples in context
     (chat: as earlier turns), from the training part;
-  - softprompt prompt tuning, 8 and 20 virtual tokens (``--init vocab``, lr 0.03, the defaults),
+  - softprompt prompt tuning, 8 and 20 virtual tokens (``--init vocab``, lr 0.03, the defaults:
+    for task data, weight decay 0.01 and shuffled batches since 2026-12-02),
     and 8 started from the label words (``--init labels``, classification only);
   - softprompt prefix tuning, 8 virtual tokens (lr 0.01; ``--init labels`` for classification);
   - PEFT prompt tuning, 8 virtual tokens, SAMPLE_VOCAB init, lr 0.03 (the guide's method);

@@ -163,6 +163,16 @@ def test_train_on_prompt_completion_data_says_what_it_scores(tiny_model_dir, tmp
     assert held and all(set(r) == {"prompt", "completion"} for r in held)
     config = json.loads((out / "training_config.json").read_text())
     assert config["data_format"] == "completion"
+    # Prompt tuning on task data decays its rows and shuffles its batches by default (measured
+    # best); a prefix or a plain-text run does neither.
+    assert config["weight_decay"] == 0.01 and config["group_by_length"] is False
+    prefix = cli_main(
+        "train", "--model", str(tiny_model_dir), "--data", str(data), "--output",
+        str(tmp_path / "prefix"), "--epochs", "1", "--virtual-tokens", "2", "--method", "prefix",
+    )  # fmt: skip
+    assert prefix.returncode == 0, prefix.stderr
+    prefix_config = json.loads((tmp_path / "prefix" / "training_config.json").read_text())
+    assert prefix_config["weight_decay"] == 0.0 and prefix_config["group_by_length"] is True
     evaluated = cli_main(
         "eval", "--model", str(tiny_model_dir), "--adapter", str(out),
         "--data", str(out / "heldout.jsonl"), "--json",

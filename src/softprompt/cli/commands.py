@@ -7,6 +7,7 @@ answers at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..tuning.checkpoint import checkpoint_dir
+    from ..tuning.config import TASK_WEIGHT_DECAY
     from ..tuning.distributed import launched
 
     if args.init_from and args.init not in (None, "file"):
@@ -115,6 +117,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("--resume continues a run and --overwrite starts over: give one")
     _quiet()
     _load_task_data(args, specs, config)
+    if config.method == "prompt" and all(spec.format != "text" for spec in specs):
+        # Prompt tuning on task data: the settings measured best (tuning/config.py), unless given.
+        config = dataclasses.replace(
+            config,
+            weight_decay=TASK_WEIGHT_DECAY if args.weight_decay is None else args.weight_decay,
+            group_by_length=bool(args.group_by_length),
+        )
     output = Path(args.output)
     checkpoints = checkpoint_dir(output)
     _check_train_outputs(args, specs, output, checkpoints)
@@ -143,14 +152,14 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         init_from=args.init_from,
         epochs=args.epochs,
         lr=args.lr if args.lr is not None else (1e-2 if args.method == "prefix" else 3e-2),
-        weight_decay=args.weight_decay,
+        weight_decay=0.0 if args.weight_decay is None else args.weight_decay,
         batch_size=args.batch_size,
         max_length=64 if args.max_length is None else args.max_length,  # None: from the data
         seed=args.seed,
         compile=args.compile,
         warmup=args.warmup,
         schedule=args.schedule,
-        group_by_length=args.group_by_length,
+        group_by_length=args.group_by_length is not False,
         eval_every=args.eval_every,
         patience=args.patience,
         checkpoint_every=args.checkpoint_every,
