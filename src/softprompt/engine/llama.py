@@ -76,10 +76,13 @@ def _fused(
         bias = _fused_bias(linears)
         return PlainLinear(_fused_weight(linears, norm), bias, owned=True)
     bias = _fused_bias(linears)
-    # The plain combined weight is not kept: MKL's copy, if ever needed, is rebuilt from the
-    # model's own tensors.
+    # The plain combined weight is not kept: each copy the chosen path reads (oneDNN's, MKL's,
+    # the panels) is built from the model's own tensors when it is made, so the layer gets a
+    # zero-stride stand-in of the right shape.
+    first = linears[0].weight
+    shape = (sum(lin.out_features for lin in linears), first.shape[1])
     return PackedLinear(
-        _fused_weight(linears, norm),
+        first.new_zeros(()).expand(shape),
         bias,
         full_batch,
         rebuild=lambda: _fused_weight(linears, norm),
