@@ -25,7 +25,7 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     from softprompt.data import load_texts
     from softprompt.engine import SamplingParams
-    from softprompt.generate import Request, generate
+    from softprompt.generation import Request, generate
     from softprompt.models import embedded_model_dir, load_base_model
     from softprompt.prompt import Adapter, SoftPromptModel
     from softprompt.tuning.init import init_prompt

@@ -49,7 +49,7 @@ import torch
 
 from softprompt.data import Example, load_texts
 from softprompt.engine import SamplingParams
-from softprompt.generate import Request, generate
+from softprompt.generation import Request, generate
 from softprompt.insight.scoring import choice_accuracy, in_context, pick_shots, task_rows
 from softprompt.layout import example_layout, prompt_ids
 from softprompt.models import embedded_model_dir, load_base_model

@@ -147,7 +147,7 @@ def test_generation_matches_inputs_embeds_reference(adapters):
     transformers' generate() on the untouched base model with the trained rows prepended,
     token for token, up to the reference's EOS."""
     from softprompt.engine import SamplingParams
-    from softprompt.generate import engine_for
+    from softprompt.generation import engine_for
     from softprompt.models import load_base_model
     from softprompt.prompt import SoftPromptModel, load_adapter
 

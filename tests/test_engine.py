@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from conftest import pinned
 from softprompt.engine import Engine, EngineConfig, RequestError, SamplingParams
-from softprompt.generate import Request, generate
+from softprompt.generation import Request, generate
 from softprompt.prompt import Adapter
 
 PROMPTS = [

@@ -184,7 +184,7 @@ def test_train_on_prompt_completion_data_says_what_it_scores(tiny_model_dir, tmp
 
 def test_generate_chat_sends_the_trained_chat_layout(spm, tiny_model_dir, cli_main):
     from softprompt.engine import SamplingParams
-    from softprompt.generate import Request, engine_for, generate
+    from softprompt.generation import Request, engine_for, generate
 
     spm.tokenizer.chat_template = TEMPLATE
     spm.add_adapter(Adapter("a", torch.randn(3, spm.hidden_size) * 4))

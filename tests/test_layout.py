@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 from pathlib import Path
 
 import softprompt
@@ -116,3 +117,18 @@ def test_public_names_import_from_the_package():
         assert getattr(softprompt, name) is not None, name
     mod = importlib.import_module("softprompt")
     assert set(mod.__all__) >= {"SoftPromptModel", "train", "evaluate", "generate", "Engine"}
+
+
+def test_public_names_are_never_shadowed_by_submodules():
+    # Importing a submodule binds its name on the package; a module named like a public function
+    # would then shadow it (``from softprompt import generate`` gave a module). Import them all.
+    import pkgutil
+
+    for info in pkgutil.walk_packages(softprompt.__path__, "softprompt."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+    shadowed = [n for n in softprompt.__all__ if inspect.ismodule(getattr(softprompt, n))]
+    assert not shadowed, f"public names bound to modules: {shadowed}"
+    from softprompt import generate
+
+    assert callable(generate) and not inspect.ismodule(generate)

@@ -13,7 +13,7 @@ import torch
 from softprompt.data import Example
 from softprompt.engine import SamplingParams
 from softprompt.errors import UserError
-from softprompt.generate import Request, generate
+from softprompt.generation import Request, generate
 from softprompt.insight.scoring import choice_accuracy, exact_match
 from softprompt.prompt import Adapter
 
@@ -261,7 +261,7 @@ def test_per_row_choices_rank_each_row_among_its_own(spm):
 def test_pattern_counts_the_greedy_chat_replies_that_match(spm):
     import re
 
-    from softprompt.generate import engine_for
+    from softprompt.generation import engine_for
     from softprompt.insight.scoring import pattern_match
     from softprompt.layout import chat_layout
 

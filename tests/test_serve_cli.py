@@ -160,7 +160,7 @@ def test_embeds_fed_to_the_base_model_give_softprompts_own_output(
     tiny_model_dir, adapter_dir, tmp_path, cli_main
 ):
     from softprompt.engine import SamplingParams
-    from softprompt.generate import engine_for
+    from softprompt.generation import engine_for
     from softprompt.models import load_base_model
     from softprompt.prompt import SoftPromptModel, load_adapter
 

@@ -143,7 +143,7 @@ def test_base_model_is_left_exactly_as_it_was(tiny_model_dir):
     """Module tree, state_dict keys and values, and the input embedding object are untouched
     by every softprompt call, so save_pretrained and PEFT see the caller's own model."""
     from softprompt.engine import SamplingParams
-    from softprompt.generate import Request, generate
+    from softprompt.generation import Request, generate
     from softprompt.models import load_base_model
     from softprompt.prompt import SoftPromptModel
 

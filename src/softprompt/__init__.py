@@ -13,7 +13,7 @@ from .errors import UserError
 
 if TYPE_CHECKING:  # the same names, seen statically (type checkers, IDEs, the API docs)
     from .engine import Engine, EngineConfig, RequestError, SamplingParams
-    from .generate import Request, generate
+    from .generation import Request, generate
     from .insight.evaluate import EvalResult, evaluate
     from .models import BaseModel, load_base_model
     from .prompt import Adapter, SoftPromptModel, load_adapter
@@ -30,8 +30,8 @@ _EXPORTS = {
     "EngineConfig": "engine",
     "RequestError": "engine",
     "SamplingParams": "engine",
-    "Request": "generate",
-    "generate": "generate",
+    "Request": "generation",
+    "generate": "generation",
     "BaseModel": "models",
     "load_base_model": "models",
     "Adapter": "prompt",

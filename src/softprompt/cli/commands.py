@@ -613,7 +613,7 @@ def _data_and_field(source: str) -> tuple[str, str | None]:
 
 
 def _read_requests(path: str, names: list[str]) -> list[Any]:
-    from ..generate import Request
+    from ..generation import Request
 
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -666,13 +666,13 @@ def _generate_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from ..generate import Request
+    from ..generation import Request
 
     config = _generate_config(args)
     if bool(args.prompt) == bool(args.requests):
         raise UserError("give --prompt (repeatable) or --requests FILE.jsonl, not both")
     _quiet()
-    from ..generate import generate
+    from ..generation import generate
 
     adapters = _read_adapters(args.adapter, args.allow_pickle)
     spm = _load_model(args)

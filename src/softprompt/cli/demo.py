@@ -19,7 +19,7 @@ from ..device import resolve
 from ..engine import SamplingParams
 from ..errors import UserError
 from ..files import check_output, write_text
-from ..generate import Request, generate
+from ..generation import Request, generate
 from ..insight.compare import compare, print_tables
 from ..insight.report import AdapterInfo, build_report, eval_matrix, is_report, write_report
 from ..models import load_base_model

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..engine import SamplingParams
 from ..errors import UserError
-from ..generate import Request, generate
+from ..generation import Request, generate
 from ..prompt import SoftPromptModel
 
 if TYPE_CHECKING:

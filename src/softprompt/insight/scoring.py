@@ -99,7 +99,7 @@ def _label(example: Example) -> str:
 
 
 def _requests(rows: Sequence[Example], adapter: str | None) -> list[Any]:
-    from ..generate import Request
+    from ..generation import Request
 
     return [Request(_label(e), adapter, messages=e.messages) for e in rows]
 
@@ -243,7 +243,7 @@ def _graded(
     shown: int,
 ) -> TaskResult:
     """Greedy completions of every row through the engine, each judged by ``hit``."""
-    from ..generate import generate
+    from ..generation import generate
 
     rows = task_rows(examples)
     params = SamplingParams(max_new_tokens=max_new_tokens)
