@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from conftest import pinned
 from softprompt.engine import Engine, EngineConfig, RequestError, SamplingParams
 from softprompt.generation import Request, generate
-from softprompt.prompt import Adapter
+from softprompt.models import load_base_model
+from softprompt.prompt import Adapter, SoftPromptModel
 
 PROMPTS = [
     "i want you to act as a",
@@ -636,6 +637,21 @@ def test_generate_front_follows_the_adapters_loaded_in_the_model(spm):
     assert generate(spm, [r for r in requests if r.adapter != "b"], params) == [
         text for text, r in zip(first, requests, strict=True) if r.adapter != "b"
     ]
+
+
+def test_an_adapter_replaced_under_the_same_name_is_served_as_replaced(spm, tiny_model_dir):
+    rows = _raw(16)
+    spm.add_adapter(Adapter("x", rows["a"]))
+    params = SamplingParams(max_new_tokens=6)
+    requests = [Request(p, "x") for p in PROMPTS[:3]]
+    old = generate(spm, requests, params)
+    spm.remove_adapter("x")
+    spm.add_adapter(Adapter("x", rows["b"]))
+    fresh = SoftPromptModel(load_base_model(str(tiny_model_dir)))
+    fresh.add_adapter(Adapter("x", rows["b"]))
+    want = generate(fresh, requests, params)
+    assert want != old  # the two adapters answer differently
+    assert generate(spm, requests, params) == want
 
 
 def test_length_groups_bound_the_padding_of_each_prefill():

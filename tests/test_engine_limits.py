@@ -203,3 +203,65 @@ def test_a_step_loop_that_dies_says_so_and_ends_every_request(spm):
         assert result.finish_reason == "error" and "stopped" in (result.error or "")
     with pytest.raises(ShuttingDown):
         engine.submit("hope")
+
+
+def _adapter_folder(folder, rows: int, hidden: int, seed: int = 5):
+    folder.mkdir(exist_ok=True)
+    weights = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(seed))
+    write_adapter_files(folder, weights, adapter_config(Adapter(folder.name, weights), "tiny"))
+    return folder
+
+
+def test_reading_an_adapter_file_holds_no_lock(spm, tmp_path, monkeypatch):
+    # A slow disk (or a large adapter) read for one request must not stall the registry for
+    # every other request and for the engine's own prepare/release.
+    import threading
+
+    from softprompt.engine import registry as registry_module
+
+    engine = _engine(spm)
+    engine.add_adapter("slow", _adapter_folder(tmp_path / "slow", 4, spm.hidden_size))
+    reading, finish = threading.Event(), threading.Event()
+    real = registry_module.load_adapter
+
+    def slow_load(*args, **kwargs):
+        reading.set()
+        finish.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(registry_module, "load_adapter", slow_load)
+    claimed: list = []
+    claimer = threading.Thread(target=lambda: claimed.append(engine.registry.claim("slow")))
+    claimer.start()
+    try:
+        assert reading.wait(10)
+        answered: list = []
+        other = threading.Thread(
+            target=lambda: answered.append(
+                (engine.registry.length("a"), engine.registry.names(), engine.registry.nbytes())
+            )
+        )
+        other.start()
+        other.join(2)
+        assert answered, "the registry was held while one adapter's file was read"
+        lease = engine.registry.claim("a")  # an adapter in memory: claimed at once
+        engine.registry.release(lease)
+    finally:
+        finish.set()
+        claimer.join(10)
+    assert claimed and claimed[0].adapter is not None
+    engine.registry.release(claimed[0])
+
+
+def test_the_context_check_uses_the_adapter_that_runs(spm, tmp_path):
+    # The registry recorded 4 virtual tokens when the folder was added; the folder now holds
+    # 200, and that is what a request would run with.
+    engine = _engine(spm)
+    folder = _adapter_folder(tmp_path / "grows", 4, spm.hidden_size)
+    engine.add_adapter("grows", folder)
+    _adapter_folder(folder, 200, spm.hidden_size)
+    prompt = " ".join(["be"] * 100)
+    with pytest.raises(RequestError, match="context"):
+        engine.submit(prompt, "grows", SamplingParams(max_new_tokens=2))
+    assert engine.load() == {"running": 0, "waiting": 0}
+    assert engine.registry._entries["grows"].pins == 0

@@ -50,11 +50,14 @@ def engine_for(spm: SoftPromptModel, batch_size: int = 32) -> Engine:
     if engine is None or engine.config.max_batch_size != batch_size:
         engine = Engine(spm.model, spm.tokenizer, EngineConfig(max_batch_size=batch_size))
         spm._engine = engine  # type: ignore[attr-defined]
-    served = set(engine.adapters())
-    for name in served - set(spm.adapters):
-        engine.remove_adapter(name)
+    # Compared by identity, not name: an adapter removed and another added under its name is
+    # served as the new one.
+    served = {name: engine.registry.source(name) for name in engine.adapters()}
+    for name, source in served.items():
+        if spm.adapters.get(name) is not source:
+            engine.remove_adapter(name)
     for name, adapter in spm.adapters.items():
-        if name not in served:
+        if served.get(name) is not adapter:
             engine.add_adapter(name, adapter)
     return engine
 

@@ -341,7 +341,10 @@ class Engine:
         try:
             for seq in seqs:
                 # The adapter is held from now on: removing it lets its queued requests finish.
-                leases.append(self.registry.claim(seq.adapter) if seq.adapter else None)
+                lease = self.registry.claim(seq.adapter) if seq.adapter else None
+                leases.append(lease)
+                if lease is not None:  # its rows as read now, which are what will run
+                    self._check_context(len(seq.prompt_ids), lease.adapter.num_virtual_tokens)
             with self._lock:
                 if self._stopping or self._drain_until is not None:
                     raise ShuttingDown("the server is shutting down and takes no new requests")
@@ -396,16 +399,19 @@ class Engine:
                 f"{self.config.max_new_tokens_cap}",
                 field="max_new_tokens",
             )
-        if virtual + len(ids) >= self.runner.max_length:
-            raise RequestError(
-                f"the prompt has {len(ids)} tokens (plus {virtual} virtual); the model's context "
-                f"is {self.runner.max_length} tokens",
-                field="prompt",
-            )
+        self._check_context(len(ids), virtual)
         seq = Sequence(ids, adapter, params)
         if params.stop:
             seq.stops = StopMatcher(params.stop)
         return seq
+
+    def _check_context(self, tokens: int, virtual: int) -> None:
+        if virtual + tokens >= self.runner.max_length:
+            raise RequestError(
+                f"the prompt has {tokens} tokens (plus {virtual} virtual); the model's context "
+                f"is {self.runner.max_length} tokens",
+                field="prompt",
+            )
 
     def generate(
         self,
@@ -468,6 +474,14 @@ class Engine:
             if request_id in self._handles:
                 self._cancels.add(request_id)
         self._wake.set()
+
+    def room(self) -> int | None:
+        """Places free in the queue now (None: the queue is not bounded)."""
+        if self.config.max_queue is None:
+            return None
+        with self._lock:
+            waiting = len(self._incoming) + len(self.scheduler.waiting)
+        return max(0, self.config.max_queue - waiting)
 
     def load(self) -> dict[str, int]:
         """Requests in the running batch, and waiting for a place in it."""
@@ -611,6 +625,7 @@ class Engine:
                 if lease is not None:
                     self.registry.prepare(lease)
                     seq.prefix_length = lease.prefix.length if lease.prefix is not None else 0
+                    self._check_context(len(seq.prompt_ids), seq.prefix_length)
                 if seq.params.temperature > 0:
                     seq.generator = make_generator(seq.params.seed, self.runner.device)
             except Exception as exc:  # noqa: BLE001 - this request's alone

@@ -51,6 +51,8 @@ class Lease:
     version: int = -1
     pins: int = 0
     removed: bool = False
+    source: Adapter | None = None
+    """The adapter given in memory (None: read from ``path``)."""
 
 
 class AdapterRegistry:
@@ -88,7 +90,7 @@ class AdapterRegistry:
                 raise RequestError(f"an adapter named {name!r} is already registered")
         if isinstance(source, Adapter):
             self._check(source)
-            entry = Lease(name, None, source, length=source.num_virtual_tokens)
+            entry = Lease(name, None, source, length=source.num_virtual_tokens, source=source)
         else:
             path = Path(source)
             # Read now to refuse a bad folder at once; read again when it becomes resident.
@@ -125,6 +127,14 @@ class AdapterRegistry:
                 raise RequestError(f"unknown adapter {name!r}")
             return entry.length
 
+    def source(self, name: str) -> Adapter | Path:
+        """What ``name`` was added from: the ``Adapter`` given in memory, or its folder."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                raise RequestError(f"unknown adapter {name!r}")
+            return entry.path if entry.path is not None else entry.source
+
     def resident(self) -> list[str]:
         """Names with a prefix in memory, least recently used first."""
         with self._lock:
@@ -154,14 +164,18 @@ class AdapterRegistry:
             entry = self._entries.get(name)
             if entry is None:
                 raise RequestError(f"unknown adapter {name!r}", field="adapter")
-            entry.pins += 1
-            try:
-                if entry.adapter is None:
-                    assert entry.path is not None
-                    entry.adapter = self._read(entry.name, entry.path)
-            except BaseException:
-                entry.pins -= 1
-                raise
+            entry.pins += 1  # from here on nothing frees its rows
+            path = entry.path if entry.adapter is None else None
+        if path is None:
+            return entry
+        try:
+            adapter = self._read(entry.name, path)  # outside the lock: a slow disk stalls no one
+        except BaseException:
+            self.release(entry)
+            raise
+        with self._lock:
+            if entry.adapter is None:  # another claim may have read it meanwhile
+                entry.adapter = adapter
         return entry
 
     def prepare(self, lease: Lease) -> None:

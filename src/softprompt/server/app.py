@@ -95,6 +95,16 @@ class ServerConfig:
     """A request for an unknown model rescans the adapters folder at most this often."""
     retry_after_seconds: int = 1
     """What a 429 (queue full) asks the client to wait before retrying."""
+    max_messages: int = 256
+    """Chat messages per request at most. Laying a conversation out as it was trained renders
+    the template once per assistant turn (work that grows with the square of the messages), so
+    the count is refused before any of it is done."""
+    public_metrics: bool = False
+    """With an API key: answer ``/metrics`` without it (for a scraper that cannot send one)."""
+
+    def __post_init__(self) -> None:
+        if self.max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
 
 
 class APIError(Exception):
@@ -232,6 +242,18 @@ class HostCheck:
         await self.app(scope, receive, send)
 
 
+class WatchLoop:
+    """ASGI middleware that starts the event loop's lag readings (``Metrics.watch_loop``) on
+    the loop serving the first request."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        self.metrics.watch_loop()
+        await self.app(scope, receive, send)
+
+
 def _hostname(header: str) -> str:
     """The host of a ``Host`` header value, without its port, lower case."""
     header = header.strip().lower()
@@ -261,6 +283,7 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
         responses=ERRORS,  # type: ignore[arg-type]
     )
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(WatchLoop, metrics=metrics)  # type: ignore[arg-type]
     if config.allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=config.allowed_hosts)  # type: ignore[arg-type]
     app.state.engine = engine
@@ -314,6 +337,31 @@ class _Context:
 
     def outputs(self) -> _Outputs:
         return _outputs(self.app.state)
+
+    def check_counts(self, endpoint: str, count: int, n: int) -> None:
+        """Refuse a request of ``count`` sequences (prompts x n) from the counts alone, before
+        any work: 400 when it is above the queue, 429 when the queue has no room for it now."""
+        limit = self.engine.config.max_queue
+        if limit is None:
+            return
+        if count > limit:
+            self.metrics.request(endpoint, 400)
+            raise APIError(
+                400,
+                f"{count} sequences (prompts x n) in one request is above this server's queue "
+                f"of {limit} (--max-queue)",
+                param="n" if n > 1 else "prompt",
+            )
+        room = self.engine.room()
+        if room is not None and count > room:
+            self.metrics.request(endpoint, 429)
+            raise APIError(
+                429,
+                f"the queue is full ({limit - room} of {limit} places taken); retry later",
+                "rate_limit_error",
+                code="queue_full",
+                retry_after=self.config.retry_after_seconds,
+            )
 
     def served(self) -> list[str]:
         return self.folder.names() if self.folder is not None else []
@@ -455,19 +503,20 @@ def _add_openai_routes(app: FastAPI, ctx: _Context) -> None:
     )
     async def completions(body: CompletionRequest, request: Request) -> Any:
         prompts = _prompts(body.prompt)
+        ctx.check_counts("completions", len(prompts) * body.n, body.n)
         adapter = await ctx.resolve(body.model)
         job = _Job(
-            ctx.engine, ctx.metrics, "completions", body, adapter, prompts, 16, ctx.outputs()
+            ctx.engine, ctx.metrics, "completions", body, adapter, len(prompts), 16, ctx.outputs()
         )
-        await job.submit(ctx.config.retry_after_seconds)
+        await job.submit(ctx.config.retry_after_seconds, lambda: prompts)
         if body.stream:
-            return _sse(job.completion_chunks(request))
+            return _EventStream(job, job.completion_chunks(request))
         await job.wait(request)
         return Completion(
             id=job.id,
             created=job.created,
             model=body.model,
-            choices=job.completion_choices(),
+            choices=await run_in_threadpool(job.completion_choices),  # detokenizing: off the loop
             usage=job.usage(),
         )
 
@@ -479,28 +528,33 @@ def _add_openai_routes(app: FastAPI, ctx: _Context) -> None:
         summary="chat with the base model's chat template (the adapter's virtual tokens first)",
     )
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
+        limit = ctx.config.max_messages
+        if len(body.messages) > limit:  # before any template work, which grows as its square
+            ctx.metrics.request("chat", 400)
+            raise APIError(
+                400,
+                f"{len(body.messages)} messages is above this server's limit of {limit} "
+                "(--max-messages)",
+                param="messages",
+                code="too_many_messages",
+            )
+        ctx.check_counts("chat", body.n, body.n)
         adapter = await ctx.resolve(body.model)
-        prompt = _chat_prompt(ctx.engine, body)
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
         # Chat's default length, under the server's cap (a chat without max_tokens still runs).
         default = min(CHAT_MAX_TOKENS, ctx.engine.config.max_new_tokens_cap)
-        job = _Job(ctx.engine, ctx.metrics, "chat", body, adapter, [prompt], default, ctx.outputs())
-        await job.submit(ctx.config.retry_after_seconds)
+        job = _Job(ctx.engine, ctx.metrics, "chat", body, adapter, 1, default, ctx.outputs())
+        await job.submit(ctx.config.retry_after_seconds, lambda: [_chat_prompt(ctx.engine, body)])
         if body.stream:
-            return _sse(job.chat_chunks(request))
+            return _EventStream(job, job.chat_chunks(request))
         await job.wait(request)
-        choices = [
-            ChatChoice(
-                index=i,
-                message=AssistantMessage(content=c.text),
-                logprobs=job.chat_logprobs(i),
-                finish_reason=c.reason,
-            )
-            for i, c in enumerate(job.choices)
-        ]
         return ChatCompletion(
-            id=job.id, created=job.created, model=body.model, choices=choices, usage=job.usage()
+            id=job.id,
+            created=job.created,
+            model=body.model,
+            choices=await run_in_threadpool(job.chat_choices),  # detokenizing: off the loop
+            usage=job.usage(),
         )
 
 
@@ -531,12 +585,24 @@ def _chat_prompt(engine: Engine, body: ChatCompletionRequest) -> list[int]:
         raise APIError(400, str(exc), param="messages") from exc
 
 
-def _sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        events,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+class _EventStream(StreamingResponse):
+    """A job's server-sent events. Whatever ends the response (the last event, or a client that
+    left before its first byte, when the events' generator never ran and so never cleans up),
+    the job ends with it."""
+
+    def __init__(self, job: _Job, events: AsyncIterator[str]) -> None:
+        super().__init__(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.job = job
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.close()
 
 
 class _Outputs:
@@ -560,7 +626,10 @@ class _Outputs:
                 if self._scheduled:
                     return
                 self._scheduled = True
-            self.loop.call_soon_threadsafe(self._drain)
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop has closed: nobody is left to read it
+                pass
 
         return put
 
@@ -598,7 +667,7 @@ class _Job:
         endpoint: str,
         body: Any,
         adapter: str | None,
-        prompts: list[str | list[int]],
+        prompt_count: int,
         default_max_tokens: int,
         outputs: _Outputs,
     ) -> None:
@@ -607,7 +676,9 @@ class _Job:
             raise APIError(400, f"{bad} is not supported by this server", param=bad)
         self.engine, self.metrics, self.endpoint = engine, metrics, endpoint
         self.outputs = outputs
-        self.body, self.adapter, self.prompts = body, adapter, prompts
+        self.body, self.adapter = body, adapter
+        self.prompts: list[str | list[int]] = []
+        """One engine prompt per prompt of the request (text or token ids), set by ``submit``."""
         self.max_tokens = default_max_tokens if body.max_tokens is None else body.max_tokens
         self.echo = bool(getattr(body, "echo", False))
         self.top: int | None = None
@@ -622,7 +693,7 @@ class _Job:
             raise APIError(400, "max_tokens 0 needs echo (to score the prompt)", param="max_tokens")
         self.id = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.choices = [_Choice() for _ in range(len(prompts) * body.n)]
+        self.choices = [_Choice() for _ in range(prompt_count * body.n)]
         self.sent = [0] * len(self.choices)
         """Per choice, how many of its tokens (the echoed prompt's included) have been streamed,
         and the length of their text pieces (where the next piece's ``text_offset`` starts)."""
@@ -634,6 +705,8 @@ class _Job:
         self.submitted = 0.0
         self.first_token = False
         self.open = len(self.choices)
+        self.counted = False
+        """Whether the request's outcome is in the metrics."""
 
     def _params(self, choice: int) -> SamplingParams:
         body = self.body
@@ -655,10 +728,22 @@ class _Job:
         except RequestError as exc:
             raise _bad_request(exc) from exc
 
-    async def submit(self, retry_after: int = 1) -> None:
-        """Queue every choice with the engine, or none of them: 400 when one cannot run, 429
-        when the queue has no room for all of them, 503 while shutting down."""
+    async def submit(
+        self, retry_after: int, prompts: Callable[[], list[str | list[int]]]
+    ) -> None:
+        """Make the request's prompts (``prompts``: chat templates, tokenizing) and queue every
+        choice with the engine, or none of them, on a worker thread, never on the event loop:
+        400 when one cannot run, 429 when the queue has no room for all of them, 503 while
+        shutting down."""
         self.submitted = time.perf_counter()
+        try:
+            await run_in_threadpool(self._submit, retry_after, prompts)
+        except asyncio.CancelledError:  # the thread has finished: what it queued is cancelled
+            self.cancel()
+            raise
+
+    def _submit(self, retry_after: int, prompts: Callable[[], list[str | list[int]]]) -> None:
+        self.prompts = prompts()
         n = self.body.n
         requests: list[tuple[Any, str | None, SamplingParams | None, Any]] = [
             (
@@ -672,15 +757,15 @@ class _Job:
         try:
             self.handles = self.engine.submit_many(requests)
         except QueueFull as exc:
-            self.metrics.request(self.endpoint, 429)
+            self.count(429)
             raise APIError(
                 429, str(exc), "rate_limit_error", code="queue_full", retry_after=retry_after
             ) from exc
         except ShuttingDown as exc:
-            self.metrics.request(self.endpoint, 503)
+            self.count(503)
             raise APIError(503, str(exc), "server_error", code="shutting_down") from exc
         except RequestError as exc:
-            self.metrics.request(self.endpoint, 400)
+            self.count(400)
             raise _bad_request(exc) from exc
         self.prompt_tokens = sum(len(h.seq.prompt_ids) for h in self.handles[::n])
 
@@ -688,6 +773,18 @@ class _Job:
         for handle in self.handles:
             if not handle.seq.finished:
                 handle.cancel()
+
+    def count(self, status: int) -> None:
+        """Record the request's outcome in the metrics, once."""
+        if not self.counted:
+            self.counted = True
+            self.metrics.request(self.endpoint, status)
+
+    def close(self) -> None:
+        """End the request: nothing of it keeps running (a client that left: 499)."""
+        self.cancel()
+        if self.open:
+            self.count(499)
 
     async def _next(self, request: Request | None) -> list[tuple[int, Output]] | None:
         """The outputs that have arrived (waiting for one); None once the client has gone."""
@@ -738,7 +835,7 @@ class _Job:
         try:
             while self.open:
                 if await self._next(None) is None:
-                    self.metrics.request(self.endpoint, 499)
+                    self.count(499)
                     return
         except asyncio.CancelledError:
             self.cancel()
@@ -746,12 +843,12 @@ class _Job:
         finally:
             watcher.cancel()
         self._fail_on_error()
-        self.metrics.request(self.endpoint, 200)
+        self.count(200)
 
     def _fail_on_error(self) -> None:
         failed = [c.error for c in self.choices if c.error]
         if failed:
-            self.metrics.request(self.endpoint, 500)
+            self.count(500)
             raise APIError(500, f"generation failed: {failed[0]}", "server_error")
 
     def completion_choices(self) -> list[CompletionChoice]:
@@ -777,6 +874,18 @@ class _Job:
         """The text ``echo`` puts before choice ``index``'s completion: its prompt."""
         prompt = self.prompts[index // self.body.n]
         return prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(prompt)
+
+    def chat_choices(self) -> list[ChatChoice]:
+        """The finished choices of a chat request, with their ``logprobs`` when asked for."""
+        return [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=c.text),
+                logprobs=self.chat_logprobs(i),
+                finish_reason=c.reason,
+            )
+            for i, c in enumerate(self.choices)
+        ]
 
     def chat_logprobs(self, index: int) -> ChatLogprobs | None:
         """A finished chat choice's ``logprobs`` (None when not asked for)."""
@@ -827,15 +936,14 @@ class _Job:
                     return
                 # What arrived while the client was being served goes out as one chunk per
                 # choice: under load, fewer and larger events for server and client alike.
-                for index, out in _merged(items):
-                    if out.finish_reason == "error":
-                        status = 500
-                        message = f"generation failed: {out.error}"
-                        error = {"error": {"message": message, "type": "server_error"}}
-                        yield f"data: {json.dumps(error)}\n\n"
-                        continue
-                    if out.text or out.finished:
-                        yield self._chunk(kind, [piece(index, out)])
+                merged = _merged(items)
+                if self.top is None and not self.echo:
+                    events, failed = self._events(kind, merged, piece)
+                else:  # logprobs and echo detokenize: off the event loop
+                    events, failed = await run_in_threadpool(self._events, kind, merged, piece)
+                status = 500 if failed else status
+                for event in events:
+                    yield event
             if self.body.stream_options and self.body.stream_options.include_usage:
                 yield self._chunk(kind, [], self.usage())
             yield "data: [DONE]\n\n"
@@ -845,7 +953,22 @@ class _Job:
             if self.open:
                 status = 499
             self.cancel()
-            self.metrics.request(self.endpoint, status)
+            self.count(status)
+
+    def _events(
+        self, kind: str, merged: list[tuple[int, Output]], piece: Callable[[int, Output], dict]
+    ) -> tuple[list[str], bool]:
+        """The server-sent events for outputs that arrived, and whether one is an error."""
+        events, failed = [], False
+        for index, out in merged:
+            if out.finish_reason == "error":
+                failed = True
+                message = f"generation failed: {out.error}"
+                error = {"error": {"message": message, "type": "server_error"}}
+                events.append(f"data: {json.dumps(error)}\n\n")
+            elif out.text or out.finished:
+                events.append(self._chunk(kind, [piece(index, out)]))
+        return events, failed
 
     def _scored(self, index: int) -> tuple[list[int], list[TokenLogprobs | None]]:
         """Choice ``index``'s tokens so far (the prompt's first under echo) with their entries:

@@ -8,6 +8,8 @@ process (tests) never mix their numbers.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -63,6 +65,10 @@ class _EngineCollector:
         )
 
 
+LAG_INTERVAL = 0.05
+"""Seconds between two readings of the event loop's lag."""
+
+
 class Metrics:
     """The server's metrics; ``render()`` gives the Prometheus text and its content type."""
 
@@ -81,6 +87,30 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=self.registry,
         )
+
+        self.loop_lag = Histogram(
+            "softprompt_event_loop_lag_seconds",
+            f"How late the server's event loop woke from a {LAG_INTERVAL * 1000:g} ms sleep, "
+            "read continuously: work done on the loop delays every client by this much.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self._watched: asyncio.AbstractEventLoop | None = None
+        self._lag_task: asyncio.Task[None] | None = None
+
+    def watch_loop(self) -> None:
+        """Read the running event loop's lag from now on (once per loop; called per request)."""
+        loop = asyncio.get_running_loop()
+        if self._watched is loop:
+            return
+        self._watched = loop
+        self._lag_task = loop.create_task(self._read_lag())
+
+    async def _read_lag(self) -> None:
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(LAG_INTERVAL)
+            self.loop_lag.observe(max(0.0, time.perf_counter() - start - LAG_INTERVAL))
 
     def request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
