@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +266,24 @@ def test_the_context_check_uses_the_adapter_that_runs(spm, tmp_path):
         engine.submit(prompt, "grows", SamplingParams(max_new_tokens=2))
     assert engine.load() == {"running": 0, "waiting": 0}
     assert engine.registry._entries["grows"].pins == 0
+
+
+def test_a_vanished_adapter_folder_is_never_fetched_from_the_hub(spm, tmp_path, monkeypatch):
+    # A name found in a local folder ("adapters/foo", relative, as `serve --adapters adapters`
+    # gives it) whose folder is deleted must not become a Hub repository id.
+    import shutil
+
+    from softprompt import hub
+
+    fetched: list = []
+    monkeypatch.setattr(hub, "download_adapter", lambda *a, **k: fetched.append(a) or "")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adapters").mkdir()
+    folder = _adapter_folder(tmp_path / "adapters" / "foo", 4, spm.hidden_size)
+    engine = _engine(spm)
+    engine.add_adapter("foo", Path("adapters") / "foo")
+    shutil.rmtree(folder)
+    with pytest.raises(RequestError, match="foo"):
+        engine.submit("be kind", "foo", SamplingParams(max_new_tokens=2))
+    assert fetched == []
+    assert engine.load() == {"running": 0, "waiting": 0}

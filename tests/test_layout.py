@@ -132,3 +132,21 @@ def test_public_names_are_never_shadowed_by_submodules():
     from softprompt import generate
 
     assert callable(generate) and not inspect.ismodule(generate)
+
+
+def test_the_python_floor_is_the_one_the_tests_run_on():
+    # The server catches asyncio.wait_for's timeout as TimeoutError, which asyncio's timeout is
+    # only from Python 3.11; CI runs the suite on 3.11 (docs/testing.md).
+    import re
+    import sys
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    spec = project["project"]["requires-python"]
+    found = re.fullmatch(r">=\s*(\d+)\.(\d+)", spec.strip())
+    assert found, spec
+    floor = (int(found[1]), int(found[2]))
+    assert floor >= (3, 11), spec
+    assert sys.version_info[:2] >= floor
+    ruff = project["tool"]["ruff"].get("target-version")
+    assert ruff in (None, f"py{floor[0]}{floor[1]}"), ruff

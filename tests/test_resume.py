@@ -163,6 +163,12 @@ def test_resume_refuses_what_it_cannot_continue(tiny_model_dir, tmp_path, cli_ma
     assert done.returncode == 2 and "add --resume to continue it" in done.stderr
     done = cli_main(*rest, "--resume", "--lr", "0.01")
     assert done.returncode == 2 and "its --lr is 0.03, this run's is 0.01" in done.stderr
+    # Every difference in the one line, so a user fixes them all in one retry.
+    done = cli_main(*rest, "--resume", "--lr", "0.01", "--batch-size", "4", "--dtype", "bfloat16")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    for said in ("its --lr is 0.03, this run's is 0.01", "its --batch-size is 8, this run's is 4"):
+        assert said in done.stderr, done.stderr
+    assert "its --dtype is 'float32', this run's is 'bfloat16'" in done.stderr
     held_file.write_text(json.dumps({"text": "hope and courage"}) + "\n")
     done = cli_main(*rest, "--resume")
     assert done.returncode == 2 and "made on other texts" in done.stderr

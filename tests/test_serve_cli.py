@@ -150,6 +150,7 @@ def test_serve_bad_inputs(tiny_model_dir, adapter_dir, tmp_path, cli_main):
         (["--poll-seconds", "-1"], "--poll-seconds"),
         (["--max-body-bytes", "10"], "--max-body-bytes"),
         (["--max-batch-size", "0"], "--max-batch-size must be at least 1"),
+        (["--max-messages", "0"], "--max-messages must be at least 1"),
     ):
         proc = cli_main("serve", "--adapters", str(adapter_dir), "--port", "0", *args)
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
@@ -226,3 +227,27 @@ def test_serve_named_adapters_beside_or_without_a_folder(tiny_model_dir, adapter
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_serving_beyond_loopback_without_a_key_warns_in_one_line(tiny_model_dir, adapter_dir):
+    env = {k: v for k, v in os.environ.items() if k != "SOFTPROMPT_API_KEY"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "softprompt.cli", "serve", "--model", str(tiny_model_dir)]
+        + ["--adapters", str(adapter_dir), "--port", "0", "--host", "0.0.0.0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        while not lines or "playground at" not in lines[-1]:
+            line = proc.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        warnings = [line for line in lines if "warning" in line]
+        assert len(warnings) == 1 and "no API key" in warnings[0], "".join(lines)
+        assert "0.0.0.0" in warnings[0] and "SOFTPROMPT_API_KEY" in warnings[0]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

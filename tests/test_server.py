@@ -575,3 +575,21 @@ def test_logprobs_requests_it_cannot_serve_are_refused_by_name(served, path, bod
     )
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == param
+
+
+def test_with_an_api_key_metrics_docs_and_the_schema_need_it_too(served, tiny_model_dir):
+    url, _, _, engine = served
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for path in ("/metrics", "/docs", "/redoc", "/openapi.json"):
+        refused = httpx.get(url + path)
+        assert refused.status_code == 401, (path, refused.status_code)
+        assert refused.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(url + path, headers=auth).status_code == 200, path
+    assert httpx.get(url + "/health").status_code == 200  # for load balancers
+    # A scraper that cannot send the key: --public-metrics opens /metrics alone.
+    config = ServerConfig(model_name="tiny", api_key=KEY, public_metrics=True)
+    other_app = create_app(engine, config, start_engine=False)
+    other_app.state.close = lambda: None  # the engine is the module's server's
+    with ServerThread(other_app) as other:
+        assert httpx.get(other + "/metrics").status_code == 200
+        assert httpx.get(other + "/openapi.json").status_code == 401

@@ -400,7 +400,9 @@ def write_adapter_files(folder: Path, weights: torch.Tensor, config: dict[str, A
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def load_adapter(path: str | Path, allow_pickle: bool = False, name: str | None = None) -> Adapter:
+def load_adapter(
+    path: str | Path, allow_pickle: bool = False, name: str | None = None, hub: bool = True
+) -> Adapter:
     """Read a PEFT prompt-tuning, P-tuning or prefix-tuning adapter folder.
 
     Args:
@@ -409,14 +411,17 @@ def load_adapter(path: str | Path, allow_pickle: bool = False, name: str | None 
             loads offline).
         allow_pickle: accept ``adapter_model.bin`` (a pickle) when there is no safetensors file.
         name: the name to load it under; defaults to the folder's (or repository's) name.
+        hub: whether ``path`` may name a Hub repository. False for paths that came from a local
+            folder (a server's adapters folder): a folder deleted meanwhile is then an error,
+            never a download of whatever a Hub repository of that name holds.
 
     Raises:
         UserError: not an adapter folder, not a prompt-learning adapter, corrupt or refused weights.
     """
     from .hub import download_adapter, hub_adapter
 
-    if (hub := hub_adapter(str(path))) is not None:
-        repo_id, revision = hub
+    if hub and (repo := hub_adapter(str(path))) is not None:
+        repo_id, revision = repo
         name = name or repo_id.split("/")[1]
         path = download_adapter(repo_id, revision)
     folder = Path(path)

@@ -1098,6 +1098,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_seconds=args.drain_seconds,
         named=args.adapter,
         retune=args.retune,
+        max_messages=args.max_messages,
+        public_metrics=args.public_metrics,
     )
 
 

@@ -421,6 +421,20 @@ def add_serve(sub: Commands) -> None:
         "--max-batch-size)",
     )
     srv.add_argument(
+        "--max-messages",
+        type=int,
+        default=256,
+        help="chat messages per request at most, refused before any template work (the layout "
+        "a conversation was trained in renders the template once per assistant turn) "
+        "(default: %(default)s)",
+    )
+    srv.add_argument(
+        "--public-metrics",
+        action="store_true",
+        help="with an API key, answer /metrics without it (for a Prometheus scraper that "
+        "cannot send one); /docs and /openapi.json still need it",
+    )
+    srv.add_argument(
         "--retune",
         action="store_true",
         help="on the CPU, measure the decode paths again even if this machine has a decision "

@@ -344,7 +344,9 @@ class Engine:
                 lease = self.registry.claim(seq.adapter) if seq.adapter else None
                 leases.append(lease)
                 if lease is not None:  # its rows as read now, which are what will run
-                    self._check_context(len(seq.prompt_ids), lease.adapter.num_virtual_tokens)
+                    rows = lease.adapter
+                    virtual = rows.num_virtual_tokens if rows is not None else lease.length
+                    self._check_context(len(seq.prompt_ids), virtual)
             with self._lock:
                 if self._stopping or self._drain_until is not None:
                     raise ShuttingDown("the server is shutting down and takes no new requests")

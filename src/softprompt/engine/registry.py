@@ -133,7 +133,10 @@ class AdapterRegistry:
             entry = self._entries.get(name)
             if entry is None:
                 raise RequestError(f"unknown adapter {name!r}")
-            return entry.path if entry.path is not None else entry.source
+            if entry.path is not None:
+                return entry.path
+            assert entry.source is not None  # one or the other, from add()
+            return entry.source
 
     def resident(self) -> list[str]:
         """Names with a prefix in memory, least recently used first."""
@@ -250,7 +253,7 @@ class AdapterRegistry:
     def _read(self, name: str, path: Path) -> Adapter:
         """The adapter in folder ``path``, checked against the model; any failure is its own."""
         try:
-            adapter = load_adapter(path, name=name)
+            adapter = load_adapter(path, name=name, hub=False)  # a folder, never a Hub id
         except Exception as exc:  # noqa: BLE001 - any load failure is that adapter's alone
             raise RequestError(f"adapter {name!r}: {exc}") from exc
         self._check(adapter)

@@ -11,7 +11,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
 from types import SimpleNamespace
@@ -111,7 +111,7 @@ def build_report(
         "<h1>softprompt report</h1>",
         f"<p class=meta>Base model <code>{escape(spm.base.name)}</code>, "
         f"{len(adapters)} adapter(s), {len(datasets)} dataset(s). Written "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.</p>",
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC.</p>",
         _preservation(adapters, checksum, matrix[0]),
         _task_section(tasks) if tasks else "",
         _eval_section(adapters, datasets, matrix),

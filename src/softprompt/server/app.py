@@ -9,6 +9,7 @@ named after its folder; the base model is served under its own name.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -242,6 +243,36 @@ class HostCheck:
         await self.app(scope, receive, send)
 
 
+def key_matches(header: str, key: str) -> bool:
+    """Whether an ``Authorization`` header value carries ``Bearer <key>`` (constant time)."""
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(
+        token.strip().encode(), key.encode()
+    )
+
+
+def _wrong_key() -> APIError:
+    return APIError(
+        401, "missing or wrong API key (send Authorization: Bearer <key>)", code="invalid_api_key"
+    )
+
+
+class KeyGuard:
+    """ASGI middleware answering 401 to requests for ``paths`` without the API key: what the
+    /v1 routes' own check does not cover (metrics, the API docs and their schema)."""
+
+    def __init__(self, app: Any, key: str, paths: frozenset[str]) -> None:
+        self.app, self.key, self.paths = app, key, paths
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope.get("path") in self.paths:
+            headers = dict(scope.get("headers") or [])
+            if not key_matches(headers.get(b"authorization", b"").decode("latin-1"), self.key):
+                await _wrong_key().response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class WatchLoop:
     """ASGI middleware that starts the event loop's lag readings (``Metrics.watch_loop``) on
     the loop serving the first request."""
@@ -284,6 +315,15 @@ def create_app(engine: Engine, config: ServerConfig, start_engine: bool = True) 
     )
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)  # type: ignore[arg-type]
     app.add_middleware(WatchLoop, metrics=metrics)  # type: ignore[arg-type]
+    if config.api_key is not None:
+        guarded = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+        if not config.public_metrics:
+            guarded.add("/metrics")
+        app.add_middleware(
+            KeyGuard,  # type: ignore[arg-type]
+            key=config.api_key,
+            paths=frozenset(guarded),
+        )
     if config.allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=config.allowed_hosts)  # type: ignore[arg-type]
     app.state.engine = engine
@@ -324,16 +364,8 @@ class _Context:
     async def authorize(self, request: Request) -> None:  # async: no thread hop per request
         if self.config.api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-            token.strip().encode(), self.config.api_key.encode()
-        ):
-            raise APIError(
-                401,
-                "missing or wrong API key (send Authorization: Bearer <key>)",
-                code="invalid_api_key",
-            )
+        if not key_matches(request.headers.get("authorization", ""), self.config.api_key):
+            raise _wrong_key()
 
     def outputs(self) -> _Outputs:
         return _outputs(self.app.state)
@@ -626,10 +658,8 @@ class _Outputs:
                 if self._scheduled:
                     return
                 self._scheduled = True
-            try:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is left to read
                 self.loop.call_soon_threadsafe(self._drain)
-            except RuntimeError:  # the loop has closed: nobody is left to read it
-                pass
 
         return put
 
@@ -728,9 +758,7 @@ class _Job:
         except RequestError as exc:
             raise _bad_request(exc) from exc
 
-    async def submit(
-        self, retry_after: int, prompts: Callable[[], list[str | list[int]]]
-    ) -> None:
+    async def submit(self, retry_after: int, prompts: Callable[[], list[str | list[int]]]) -> None:
         """Make the request's prompts (``prompts``: chat templates, tokenizing) and queue every
         choice with the engine, or none of them, on a worker thread, never on the event loop:
         400 when one cannot run, 429 when the queue has no room for all of them, 503 while

@@ -91,6 +91,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def exposure_warning(bound: str, api_key: str | None) -> str | None:
+    """The one-line warning for a server bound beyond loopback with no API key, or None."""
+    if api_key or is_loopback(bound):
+        return None
+    return (
+        f"softprompt: warning: listening on {bound} with no API key: anyone who can reach this "
+        "address can use the model (set SOFTPROMPT_API_KEY)"
+    )
+
+
 def api_name(model: str | None, recorded: str) -> str:
     """The base model's name in the API: its Hub id, or a local folder's own name (never its
     path on this machine, which unauthenticated clients would see in /v1/models)."""
@@ -138,6 +148,8 @@ def serve(
     drain_seconds: float = 30.0,
     named: list[str] | None = None,
     retune: bool = False,
+    max_messages: int = 256,
+    public_metrics: bool = False,
 ) -> int:
     """``softprompt serve``: load the model, serve until SIGTERM or Ctrl-C.
 
@@ -160,6 +172,8 @@ def serve(
         raise UserError("--max-body-bytes must be at least 1024")
     if drain_seconds < 0:
         raise UserError("--drain-seconds must be 0 or more")
+    if max_messages < 1:
+        raise UserError("--max-messages must be at least 1")
     if max_queue is None:
         max_queue = 4 * max_batch_size
     sock = bind(host, port)  # before loading the model: a busy port fails at once
@@ -192,6 +206,8 @@ def serve(
             api_key=api_key,
             poll_seconds=poll_seconds,
             max_body_bytes=max_body_bytes,
+            max_messages=max_messages,
+            public_metrics=public_metrics,
             # No key on a loopback address: answer only to loopback names (DNS rebinding).
             allowed_hosts=LOOPBACK_NAMES | {bound} if not api_key and is_loopback(bound) else None,
         ),
@@ -204,6 +220,9 @@ def serve(
         print(f"  {name}", file=sys.stderr)
     if engine.runner.decode_path is not None:
         print(f"softprompt: {engine.runner.decode_path.summary()}", file=sys.stderr)
+    warning = exposure_warning(bound, api_key)
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"softprompt: playground at {url}/", file=sys.stderr)
     if folder is not None:
         print(
@@ -211,7 +230,11 @@ def serve(
             file=sys.stderr,
         )
     if api_key:
-        print("softprompt: /v1 requests need Authorization: Bearer <key>", file=sys.stderr)
+        print(
+            "softprompt: /v1, /metrics and the API docs need Authorization: Bearer <key>"
+            + (" (/metrics is open: --public-metrics)" if public_metrics else ""),
+            file=sys.stderr,
+        )
     logging.basicConfig(level=logging.INFO, format="softprompt: %(message)s")
     server = uvicorn.Server(
         uvicorn.Config(app, log_level="info", lifespan="off", timeout_graceful_shutdown=5)

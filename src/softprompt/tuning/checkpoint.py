@@ -83,7 +83,7 @@ def load(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
 
     Raises:
         UserError: no checkpoint, a damaged one, or one made by a run with other settings, data
-            or model (the message names the first difference).
+            or model (the message names every difference).
     """
     path = folder / STATE_FILE
     if not path.is_file():
@@ -101,6 +101,7 @@ def load(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a softprompt checkpoint this version can read")
     theirs = state.get("fingerprint", {})
+    why: list[str] = []
     for key, value in fingerprint.items():
         old = theirs.get(key)
         if key == "config" and isinstance(old, dict):
@@ -108,34 +109,38 @@ def load(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
         if old == value:
             continue
         if key == "config" and isinstance(old, dict):
-            why = _config_difference(old, value)
+            why.extend(_config_differences(old, value))
         elif key == "data":
-            why = "it was made on other texts (training or held-out) than this run's"
+            why.append("it was made on other texts (training or held-out) than this run's")
         elif key in FLAGS:
-            why = f"its {FLAGS[key]} is {old!r}, this run's is {value!r}"
+            why.append(f"its {FLAGS[key]} is {old!r}, this run's is {value!r}")
         else:
-            why = f"its {key.replace('_', ' ')} is {old!r}, this run's is {value!r}"
+            why.append(f"its {key.replace('_', ' ')} is {old!r}, this run's is {value!r}")
+    if why:  # every difference at once: one retry fixes them all
         raise UserError(
-            f"the checkpoint at {folder} belongs to another run: {why}; resume with the same "
-            "settings, or start over with --overwrite"
+            f"the checkpoint at {folder} belongs to another run: {'; '.join(why)}; resume with "
+            "the same settings, or start over with --overwrite"
         )
     return state
 
 
-def _config_difference(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
-    """The first setting on which two runs' configs differ, as a user reads it."""
+def _config_differences(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """Every setting on which two runs' configs differ, as a user reads them."""
+    found = []
     for field in [*ours, *(f for f in theirs if f not in ours)]:
         if field not in ours:
-            return (
+            found.append(
                 f"it was written by another softprompt version (its setting {field!r} is "
                 "unknown to this one)"
             )
-        if field not in theirs:
-            return f"it was written by another softprompt version (it has no setting {field!r})"
-        if theirs[field] != ours[field]:
+        elif field not in theirs:
+            found.append(
+                f"it was written by another softprompt version (it has no setting {field!r})"
+            )
+        elif theirs[field] != ours[field]:
             flag = "--" + field.replace("_", "-")
-            return f"its {flag} is {theirs[field]!r}, this run's is {ours[field]!r}"
-    return "its settings differ from this run's"
+            found.append(f"its {flag} is {theirs[field]!r}, this run's is {ours[field]!r}")
+    return found or ["its settings differ from this run's"]
 
 
 def remove(folder: Path) -> None:
