@@ -218,7 +218,7 @@ def test_fixed_shape_decode_steps_match_while_rows_join_leave_and_the_cache_grow
     fixed = _engine(spm, max_batch_size=6, graphs=True)
     assert fixed.runner.graphed is not None and plain.runner.graphed is None
     plan = [(i % len(PROMPTS), ADAPTERS[i % 3], 3 * i, 20 + 13 * i) for i in range(8)]
-    results = []
+    results, peak = [], 0
     for engine in (plain, fixed):
         handles: list = [None] * len(plan)
         step = 0
@@ -228,10 +228,11 @@ def test_fixed_shape_decode_steps_match_while_rows_join_leave_and_the_cache_grow
                     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
                     handles[i] = engine.submit(PROMPTS[prompt], adapter, params)
             engine.step()
+            peak = max(peak, engine.cache.capacity)
             step += 1
         results.append([h.result().token_ids for h in handles])
     assert results[0] == results[1]
-    assert fixed.cache.capacity > 64  # it grew while running
+    assert peak > 64  # it grew while running
     assert max(len(r) for r in results[1]) == 20 + 13 * 7
 
 
@@ -652,6 +653,29 @@ def test_an_adapter_replaced_under_the_same_name_is_served_as_replaced(spm, tiny
     want = generate(fresh, requests, params)
     assert want != old  # the two adapters answer differently
     assert generate(spm, requests, params) == want
+
+
+def test_the_cache_gives_back_what_one_long_request_grew(spm):
+    # A captured decode step attends over the cache's whole capacity: capacity kept after one
+    # long request would make every later step slower for good (graphs=True runs that step
+    # eagerly on the CPU).
+    engine = Engine(spm.model, spm.tokenizer, EngineConfig(max_batch_size=2, graphs=True))
+    initial = engine.cache.capacity
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    want = engine.generate(["be kind"], None, params)[0].token_ids
+    short = engine.submit("be kind", None, SamplingParams(max_new_tokens=40, ignore_eos=True))
+    engine.step()
+    long = engine.submit(" ".join(["be"] * 150), None, params)
+    engine.step()
+    grown = engine.cache.capacity
+    assert grown >= 4 * initial
+    while not long.seq.finished:
+        engine.step()
+    # the long row has left, the short one still runs
+    assert not short.seq.finished and engine.cache.capacity <= grown // 2
+    assert short.result().finish_reason == "length"
+    assert engine.cache.capacity == initial  # idle: back to where it started
+    assert engine.generate(["be kind"], None, params)[0].token_ids == want
 
 
 def test_length_groups_bound_the_padding_of_each_prefill():

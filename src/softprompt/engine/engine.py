@@ -864,9 +864,12 @@ class Engine:
             handle.deliver(out)
 
     def _leave(self) -> None:
+        before = len(self.scheduler.running)
         for source, target in self.scheduler.remove_finished():
             self.cache.move(source, target)
             self.seen[target] = self.seen[source]
+        if 0 < len(self.scheduler.running) < before:
+            self.cache.fit(len(self.scheduler.running))  # a long row that left: give it back
         with self._lock:  # submissions add leases from other threads
             ended = [r for r, (seq, _) in self._leases.items() if seq.finished]
             done = [self._leases.pop(r) for r in ended]

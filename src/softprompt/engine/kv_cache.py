@@ -12,7 +12,8 @@ out. That keeps every decode step one batched forward with a shared write column
   the whole cache every step).
 
 Buffers start small and grow by doubling; when the write column reaches the capacity, columns no
-row uses any more are dropped first. Tensors live on the device and in the dtype they are made
+row uses any more are dropped first. When rows leave, what a long request grew is given back
+(``fit``): memory, and a captured decode step's work, follow the capacity. Tensors live on the device and in the dtype they are made
 with, taken from the model.
 """
 
@@ -81,6 +82,7 @@ class SlotCache(Cache):
     ) -> None:
         self.num_layers = num_layers
         self.shape = (slots, num_heads, max(capacity, 1), head_dim)
+        self.initial_capacity = self.shape[2]
         self.dtype, self.device = dtype, torch.device(device)
         self.keys = [self._zeros(keys=True) for _ in range(num_layers)]
         self.values = [self._zeros(keys=False) for _ in range(num_layers)]
@@ -147,14 +149,14 @@ class SlotCache(Cache):
         if first:
             self._shift(live, -first)
         if self.end + columns > self.capacity:
-            self._grow(max(2 * self.capacity, self.end + columns))
+            self._resize(max(2 * self.capacity, self.end + columns))
 
     def make_room_before(self, length: int, live: int) -> None:
         """Ensure ``end >= length``, so a row that long fits right-aligned (shifts right once)."""
         if length > self.end:
             extra = length - self.end
             if self.end + extra > self.capacity:
-                self._grow(max(2 * self.capacity, self.end + extra))
+                self._resize(max(2 * self.capacity, self.end + extra))
             self._shift(live, extra)
 
     def place(self, slot: int, source: SlotCache, row: int, length: int) -> None:
@@ -209,9 +211,28 @@ class SlotCache(Cache):
         self.end += query_length
 
     def reset(self) -> None:
-        """Forget every row (the buffers are kept for reuse)."""
+        """Forget every row; buffers grown past the initial capacity are given back."""
         self.end = 0
         self.valid.zero_()
+        self.fit(0)
+
+    def fit(self, live: int) -> None:
+        """After rows left: drop the columns no live row (slots ``0 .. live - 1``) uses, and
+        shrink the buffers to the smallest doubling of the initial capacity that holds twice
+        what is left, when that at least halves them (so a long request's growth is given back
+        without resizing back and forth)."""
+        if self.capacity <= self.initial_capacity:
+            return
+        used = self.valid[:live, : self.end].any(dim=0)
+        first = int(used.float().argmax()) if bool(used.any()) else self.end
+        target = self.initial_capacity
+        while target < 2 * (self.end - first):
+            target *= 2
+        if 2 * target > self.capacity:
+            return
+        if first:
+            self._shift(live, -first)
+        self._resize(target)
 
     def _shift(self, live: int, by: int) -> None:
         """Move the first ``live`` slots' columns by ``by`` (right if positive), and ``end``."""
@@ -230,14 +251,17 @@ class SlotCache(Cache):
         self.valid[:live, end + by :] = False
         self.end = end + by
 
-    def _grow(self, capacity: int) -> None:
+    def _resize(self, capacity: int) -> None:
+        """New buffers of ``capacity`` columns holding the first ``min(old, new)`` columns (a
+        smaller one only ever when ``end`` fits in it)."""
         slots, heads, old, dim = self.shape
         self.shape = (slots, heads, capacity, dim)
+        kept = min(old, capacity)
         for buffers, keys in ((self.keys, True), (self.values, False)):
             for i, buffer in enumerate(buffers):
-                bigger = self._zeros(keys=keys)
-                bigger[:, :, :old] = buffer
-                buffers[i] = bigger
+                resized = self._zeros(keys=keys)
+                resized[:, :, :kept] = buffer[:, :, :kept]
+                buffers[i] = resized
         valid = torch.zeros(slots, capacity, dtype=torch.bool, device=self.device)
-        valid[:, :old] = self.valid
+        valid[:, :kept] = self.valid[:, :kept]
         self.valid = valid
