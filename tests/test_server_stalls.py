@@ -120,28 +120,36 @@ def test_prompts_times_n_over_the_queue_are_refused_from_the_counts(limited, mon
 
 def test_a_full_queue_refuses_a_request_before_tokenizing_it(limited, monkeypatch):
     url, _, engine = limited
-    slow = _slow_decode(engine)
+    # The engine's decode steps wait until the test lets them go, so the queue stays full.
+    go = threading.Event()
+    runner = engine.runner
+    original = runner.decode
+
+    def held(*args, **kwargs):
+        go.wait(30)
+        return original(*args, **kwargs)
+
+    runner.decode = held
+    long = {"model": "tiny", "prompt": "be kind", "max_tokens": 8, "ignore_eos": True}
+    threads = [
+        threading.Thread(target=lambda: httpx.post(f"{url}/v1/completions", json=long, timeout=60))
+        for _ in range(QUEUE + 4)
+    ]
     try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while engine.load()["waiting"] < QUEUE:
+            assert time.monotonic() < deadline, engine.load()
+            time.sleep(0.01)
+        tokenized = _Calls(monkeypatch, engine, "_prompt_ids")
         with httpx.Client(base_url=url, timeout=30) as http:
-            long = {"model": "tiny", "prompt": "be kind", "max_tokens": 64, "ignore_eos": True}
-            threads = [
-                threading.Thread(
-                    target=lambda: httpx.post(f"{url}/v1/completions", json=long, timeout=60)
-                )
-                for _ in range(QUEUE + 4)
-            ]
-            for t in threads:
-                t.start()
-            deadline = time.monotonic() + 10
-            while engine.load()["waiting"] < QUEUE:
-                assert time.monotonic() < deadline, engine.load()
-                time.sleep(0.01)
-            tokenized = _Calls(monkeypatch, engine, "_prompt_ids")
             full = http.post("/v1/completions", json={**long, "prompt": "hope"})
-            assert full.status_code == 429, full.text
-            assert tokenized.count == 0
+        assert full.status_code == 429, full.text
+        assert tokenized.count == 0
     finally:
-        slow.undo()
+        go.set()
+        del runner.decode
         for t in threads:
             t.join()
 

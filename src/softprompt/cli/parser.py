@@ -423,7 +423,7 @@ def add_serve(sub: Commands) -> None:
     srv.add_argument(
         "--max-messages",
         type=int,
-        default=256,
+        default=128,
         help="chat messages per request at most, refused before any template work (the layout "
         "a conversation was trained in renders the template once per assistant turn) "
         "(default: %(default)s)",

@@ -13,8 +13,8 @@ out. That keeps every decode step one batched forward with a shared write column
 
 Buffers start small and grow by doubling; when the write column reaches the capacity, columns no
 row uses any more are dropped first. When rows leave, what a long request grew is given back
-(``fit``): memory, and a captured decode step's work, follow the capacity. Tensors live on the device and in the dtype they are made
-with, taken from the model.
+(``fit``): memory, and a captured decode step's work, follow the capacity. Tensors live on the
+device and in the dtype they are made with, taken from the model.
 """
 
 from __future__ import annotations

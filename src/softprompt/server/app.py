@@ -20,11 +20,12 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -55,6 +56,8 @@ from .protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+_Body = TypeVar("_Body", bound=BaseModel)
 
 CHAT_MAX_TOKENS = 256
 """Chat's default ``max_tokens`` (lowered to the server's cap when that is lower)."""
@@ -96,7 +99,7 @@ class ServerConfig:
     """A request for an unknown model rescans the adapters folder at most this often."""
     retry_after_seconds: int = 1
     """What a 429 (queue full) asks the client to wait before retrying."""
-    max_messages: int = 256
+    max_messages: int = 128
     """Chat messages per request at most. Laying a conversation out as it was trained renders
     the template once per assistant turn (work that grows with the square of the messages), so
     the count is refused before any of it is done."""
@@ -370,6 +373,70 @@ class _Context:
     def outputs(self) -> _Outputs:
         return _outputs(self.app.state)
 
+    async def parse(self, request: Request, model: type[_Body], endpoint: str) -> _Body:
+        """The request's body as ``model``, decoded and validated on a worker thread; the counts
+        a limit bounds (messages, prompts x n) are read from the decoded JSON first, so a body
+        at the size limit costs no validation of what is refused anyway."""
+        raw = await request.body()  # read already, up to the limit (BodyLimit)
+        return await run_in_threadpool(self._parse, raw, model, endpoint)
+
+    def _parse(self, raw: bytes, model: type[_Body], endpoint: str) -> _Body:
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:  # not JSON, or not UTF-8
+            self.metrics.request(endpoint, 400)
+            raise APIError(400, "the request body is not valid JSON") from exc
+        if isinstance(data, dict):
+            self._check_before_validation(endpoint, data)
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from exc
+
+    def _check_before_validation(self, endpoint: str, data: dict[str, Any]) -> None:
+        """Refuse from the decoded JSON what a limit refuses whatever the rest holds: too many
+        messages or content parts, too many prompts x n, unsupported lists and maps."""
+        for name in ("logit_bias", "tools"):
+            if data.get(name):
+                self.metrics.request(endpoint, 400)
+                raise APIError(400, f"{name} is not supported by this server", param=name)
+        n = data.get("n", 1)
+        n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+        if endpoint == "chat":
+            messages = data.get("messages")
+            if isinstance(messages, list):
+                self.check_messages(messages)
+            self.check_counts(endpoint, n, n)
+            return
+        prompt = data.get("prompt")
+        count = 1
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            count = len(prompt)  # a list of prompts (one list of ints is one prompt)
+        self.check_counts(endpoint, count * n, n)
+
+    def check_messages(self, messages: list[Any]) -> None:
+        """Refuse a chat over ``max_messages`` messages, or content parts, before any work (the
+        template's work grows with the square of the messages)."""
+        limit = self.config.max_messages
+        parts = sum(
+            len(m["content"]) if isinstance(m, dict) and isinstance(m.get("content"), list) else 1
+            for m in messages
+        )
+        if len(messages) <= limit and parts <= limit:
+            return
+        self.metrics.request("chat", 400)
+        said = (
+            f"{len(messages)} messages is"
+            if len(messages) > limit
+            else f"{parts} content parts in the messages is"
+        )
+        raise APIError(
+            400,
+            f"{said} above this server's limit of {limit} (--max-messages)",
+            param="messages",
+            code="too_many_messages",
+        )
+
     def check_counts(self, endpoint: str, count: int, n: int) -> None:
         """Refuse a request of ``count`` sequences (prompts x n) from the counts alone, before
         any work: 400 when it is above the queue, 429 when the queue has no room for it now."""
@@ -422,6 +489,11 @@ def _add_openapi_examples(app: FastAPI, model_name: str) -> None:
             from fastapi.openapi.utils import get_openapi
 
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = schema["components"]["schemas"]
+            for model in (CompletionRequest, ChatCompletionRequest):  # read by _Context.parse
+                found = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(found.pop("$defs", {}))
+                components[model.__name__] = found
             examples = {
                 "CompletionRequest": {
                     "model": model_name,
@@ -532,10 +604,11 @@ def _add_openai_routes(app: FastAPI, ctx: _Context) -> None:
         responses=STREAMED,
         dependencies=[Depends(ctx.authorize)],
         summary="complete prompts (stream: true for server-sent events)",
+        openapi_extra=_request_body(CompletionRequest),
     )
-    async def completions(body: CompletionRequest, request: Request) -> Any:
+    async def completions(request: Request) -> Any:
+        body = await ctx.parse(request, CompletionRequest, "completions")
         prompts = _prompts(body.prompt)
-        ctx.check_counts("completions", len(prompts) * body.n, body.n)
         adapter = await ctx.resolve(body.model)
         job = _Job(
             ctx.engine, ctx.metrics, "completions", body, adapter, len(prompts), 16, ctx.outputs()
@@ -558,19 +631,10 @@ def _add_openai_routes(app: FastAPI, ctx: _Context) -> None:
         responses=STREAMED,
         dependencies=[Depends(ctx.authorize)],
         summary="chat with the base model's chat template (the adapter's virtual tokens first)",
+        openapi_extra=_request_body(ChatCompletionRequest),
     )
-    async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-        limit = ctx.config.max_messages
-        if len(body.messages) > limit:  # before any template work, which grows as its square
-            ctx.metrics.request("chat", 400)
-            raise APIError(
-                400,
-                f"{len(body.messages)} messages is above this server's limit of {limit} "
-                "(--max-messages)",
-                param="messages",
-                code="too_many_messages",
-            )
-        ctx.check_counts("chat", body.n, body.n)
+    async def chat(request: Request) -> Any:
+        body = await ctx.parse(request, ChatCompletionRequest, "chat")
         adapter = await ctx.resolve(body.model)
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
@@ -588,6 +652,12 @@ def _add_openai_routes(app: FastAPI, ctx: _Context) -> None:
             choices=await run_in_threadpool(job.chat_choices),  # detokenizing: off the loop
             usage=job.usage(),
         )
+
+
+def _request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI entry of a JSON body that a route reads itself (``_Context.parse``)."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def _prompts(prompt: Any) -> list[str | list[int]]:

@@ -148,7 +148,7 @@ def serve(
     drain_seconds: float = 30.0,
     named: list[str] | None = None,
     retune: bool = False,
-    max_messages: int = 256,
+    max_messages: int = 128,
     public_metrics: bool = False,
 ) -> int:
     """``softprompt serve``: load the model, serve until SIGTERM or Ctrl-C.
