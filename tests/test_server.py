@@ -299,7 +299,8 @@ def test_malformed_bodies_keys_and_huge_bodies_never_break_the_server(served, cl
 
 def test_metrics_count_requests_tokens_and_time_to_first_token(served, client):
     client.completions.create(model="ad4", prompt="be kind", max_tokens=3, temperature=0)
-    text = httpx.get(served[0] + "/metrics").text
+    auth = {"Authorization": f"Bearer {KEY}"}  # the server has a key: /metrics needs it too
+    text = httpx.get(served[0] + "/metrics", headers=auth).text
     for name in (
         'softprompt_requests_total{endpoint="completions",status="200"}',
         "softprompt_prompt_tokens_total",
