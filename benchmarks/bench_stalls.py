@@ -57,8 +57,7 @@ def write_adapters(folder: Path) -> None:
 
 def start(python: str, folder: Path, flags: list[str]) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [python, "-m", "softprompt.cli", "serve", "--adapters", str(folder), "--port", "0"]
-        + flags,
+        [python, "-m", "softprompt.cli", "serve", "--adapters", str(folder), "--port", "0"] + flags,
         stderr=subprocess.PIPE,
         text=True,
     )
