@@ -34,6 +34,7 @@ def chat(count: int) -> dict:
 
 
 BODIES = {
+    "chat 128 messages (the limit)": ("/v1/chat/completions", chat(128)),
     "chat 250 messages": ("/v1/chat/completions", chat(250)),
     "chat 1,000 messages": ("/v1/chat/completions", chat(1000)),
     "chat 2,000 messages (75 KB)": ("/v1/chat/completions", chat(2000)),
@@ -58,6 +59,7 @@ def write_adapters(folder: Path) -> None:
 def start(python: str, folder: Path, flags: list[str]) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [python, "-m", "softprompt.cli", "serve", "--adapters", str(folder), "--port", "0"] + flags,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -68,6 +70,8 @@ def start(python: str, folder: Path, flags: list[str]) -> tuple[subprocess.Popen
         if not line:
             raise SystemExit("the server did not start:\n" + "".join(lines))
         lines.append(line)
+    # Its log goes on to stderr: read it, or a full pipe would stall the server.
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
     return proc, lines[-1].split("playground at ")[1].strip().rstrip("/")
 
 

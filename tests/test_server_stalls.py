@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from softprompt.engine import Engine, EngineConfig
-from softprompt.server import app as app_module
+from softprompt.server import jobs as jobs_module
 from softprompt.server.app import ServerConfig, create_app
 from softprompt.server.run import ServerThread
 from test_server import CHAT_TEMPLATE, _slow_decode, _write_adapter
@@ -74,7 +74,7 @@ def _chat(count: int, model: str = "tiny", **extra) -> dict:
 
 def test_a_chat_over_the_message_limit_is_refused_before_the_template_runs(limited, monkeypatch):
     url, _, _ = limited
-    layouts = _Calls(monkeypatch, app_module, "chat_layout")
+    layouts = _Calls(monkeypatch, jobs_module, "chat_layout")
     with httpx.Client(base_url=url, timeout=30) as http:
         refused = http.post("/v1/chat/completions", json=_chat(MESSAGES + 1))
         assert refused.status_code == 400, refused.text
@@ -88,8 +88,8 @@ def test_a_chat_over_the_message_limit_is_refused_before_the_template_runs(limit
 
 def test_templates_tokenizing_and_logprobs_run_off_the_event_loop(limited, monkeypatch):
     url, _, engine = limited
-    layouts = _Calls(monkeypatch, app_module, "chat_layout")
-    pieces = _Calls(monkeypatch, app_module, "token_pieces")
+    layouts = _Calls(monkeypatch, jobs_module, "chat_layout")
+    pieces = _Calls(monkeypatch, jobs_module, "token_pieces")
     tokenized = _Calls(monkeypatch, engine, "_prompt_ids")
     with httpx.Client(base_url=url, timeout=30) as http:
         chat = http.post("/v1/chat/completions", json=_chat(3, logprobs=True, top_logprobs=2))
