@@ -162,8 +162,13 @@ def main() -> None:
     if "throughput" not in args.skip:
         # Tokens/s alone, side by side: one epoch of each, alternating, best of two each (the
         # 6-epoch runs above are minutes apart, and this machine's speed drifts between them).
-        one = TrainConfig(virtual_tokens=VIRTUAL, epochs=1, batch_size=BATCH, eval_every=10**9)
-        one.max_length = config.max_length
+        one = TrainConfig(
+            virtual_tokens=VIRTUAL,
+            epochs=1,
+            batch_size=BATCH,
+            eval_every=10**9,
+            max_length=config.max_length,
+        )
         best = {"recipe": 0.0, "softprompt": 0.0}
         for turn in range(2):
             r = recipe(texts, held, 1, start_rows)

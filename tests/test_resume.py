@@ -53,7 +53,7 @@ def test_the_rows_kept_are_those_of_the_best_evaluation(spm):
     assert result.best_step == result.evals[best]["step"]
     assert result.loss_after == losses[best] < losses[-1]
     # What is loaded (and would be saved) scores exactly the best evaluation's loss.
-    kept = evaluate(spm, UNLIKE, "tuned", batch_size=16, max_length=config.max_length)
+    kept = evaluate(spm, UNLIKE, "tuned", batch_size=16, max_length=result.config.max_length)
     assert kept.loss == pytest.approx(losses[best], abs=1e-6)
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -211,3 +212,72 @@ def test_batching_and_weight_decay_are_applied_and_recorded(spm, tmp_path):
     save_trained(spm, "tuned", tmp_path / "a", config, result)
     saved = json.loads((tmp_path / "a" / "training_config.json").read_text())
     assert saved["group_by_length"] is False and saved["weight_decay"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a chat template, as a folder the CLI can load."""
+    import shutil
+
+    from test_formats import TEMPLATE
+
+    folder = tmp_path_factory.mktemp("chat-model") / "tiny"
+    shutil.copytree(tiny_model_dir, folder)
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = TEMPLATE
+    config_file.write_text(json.dumps(config))
+    return folder
+
+
+ROWS = {
+    "text": [{"text": t} for t in TEXTS[:8]],
+    "completion": [
+        {"prompt": p, "completion": c}
+        for p, c in [("be kind", "every day"), ("hope is", "a light"), ("be brave", "and kind")] * 3
+    ],
+    "chat": [
+        {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}
+        for u, a in [("be kind", "every day"), ("hope is", "a light"), ("be brave", "and kind")] * 3
+    ],
+}
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+@pytest.mark.parametrize("kind", list(ROWS))
+def test_the_cli_and_the_python_api_resolve_the_same_settings(
+    kind, method, chat_model_dir, tmp_path, cli_main
+):
+    # Settings are resolved once (TrainConfig.resolve): the same data and the same flags give
+    # the same run from `softprompt train` and from `train()`, every default included.
+    from softprompt.data import load_texts
+    from softprompt.models import load_base_model
+    from softprompt.prompt import SoftPromptModel
+    from softprompt.tuning.config import RunConfig
+    from softprompt.tuning.init import init_prefix
+
+    data, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[kind]))
+    held.write_text("".join(json.dumps(r) + "\n" for r in ROWS[kind][:3]))
+    out = tmp_path / "adapter"
+    done = cli_main(
+        "train", "--model", str(chat_model_dir), "--data", str(data), "--eval-data", str(held),
+        "--method", method, "--epochs", "1", "--output", str(out), "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    recorded = json.loads((out / "training_config.json").read_text())
+    cli = {k: recorded[k] for k in RunConfig.__dataclass_fields__}
+
+    spm = SoftPromptModel(load_base_model(str(chat_model_dir)))
+    texts = load_texts(str(data)).examples
+    held_texts = load_texts(str(held)).examples
+    make = init_prompt if method == "prompt" else init_prefix
+    start = make(spm.base, 8)
+    result = train(spm, "t", start, texts, held_texts, TrainConfig(epochs=1, method=method))
+    assert result.config is not None
+    assert asdict(result.config) == cli
+    task_data = kind != "text" and method == "prompt"
+    assert cli["weight_decay"] == (0.01 if task_data else 0.0)
+    assert cli["group_by_length"] is (not task_data)
+    assert cli["lr"] == (3e-2 if method == "prompt" else 1e-2)
+    assert cli["max_length"] < 64  # fitted to the data on the model, not the fallback

@@ -7,7 +7,6 @@ answers at once.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from ..errors import Interrupted, UserError
 if TYPE_CHECKING:
     from ..data import Example, Fields
     from ..prompt import Adapter, SoftPromptModel
-    from ..tuning.config import TrainConfig, TrainResult
+    from ..tuning.config import RunConfig, TrainConfig, TrainResult
     from ..tuning.distributed import Group
 
 
@@ -101,7 +100,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..tuning.checkpoint import checkpoint_dir
-    from ..tuning.config import TASK_WEIGHT_DECAY
     from ..tuning.distributed import launched
 
     if args.init_from and args.init not in (None, "file"):
@@ -109,26 +107,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"--init-from starts from an adapter's rows; it cannot go with --init {args.init}"
         )
     specs = _task_specs(args)
-    config = _train_config(args)
+    asked = _train_config(args)
     group = launched()
     if not group.main:
         args.json = True  # only rank 0 prints (and writes)
     if args.resume and args.overwrite:
         raise UserError("--resume continues a run and --overwrite starts over: give one")
     _quiet()
-    _load_task_data(args, specs, config)
-    if config.method == "prompt" and all(spec.format != "text" for spec in specs):
-        # Prompt tuning on task data: the settings measured best (tuning/config.py), unless given.
-        config = dataclasses.replace(
-            config,
-            weight_decay=TASK_WEIGHT_DECAY if args.weight_decay is None else args.weight_decay,
-            group_by_length=bool(args.group_by_length),
-        )
+    _load_task_data(args, specs, asked)
     output = Path(args.output)
     checkpoints = checkpoint_dir(output)
     _check_train_outputs(args, specs, output, checkpoints)
-    source = _init_source(args, config)
+    source = _init_source(args, asked)
     spm = _load_model(args, group)
+    config = _resolve(specs, asked, spm, source)  # every default, decided once, from here on
     _announce_training(args, specs, config, spm, group, source)
     starts = {spec.name: _start_rows(spm, spec, config, source) for spec in specs}
     if not args.json:
@@ -141,28 +133,46 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    """``train``'s flags as a ``TrainConfig`` (defaults that depend on the method filled in)."""
+    """``train``'s flags as a ``TrainConfig``: what the user asked; a flag not given stays None,
+    for ``TrainConfig.resolve`` to decide from the data."""
     from ..tuning.config import TrainConfig
 
     return TrainConfig(
         virtual_tokens=args.virtual_tokens,
         method=args.method,
-        init=args.init or ("file" if args.init_from else "vocab"),
+        init=args.init,
         init_text=args.init_text,
         init_from=args.init_from,
         epochs=args.epochs,
-        lr=args.lr if args.lr is not None else (1e-2 if args.method == "prefix" else 3e-2),
-        weight_decay=0.0 if args.weight_decay is None else args.weight_decay,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
         batch_size=args.batch_size,
-        max_length=64 if args.max_length is None else args.max_length,  # None: from the data
+        max_length=args.max_length,
         seed=args.seed,
         compile=args.compile,
         warmup=args.warmup,
         schedule=args.schedule,
-        group_by_length=args.group_by_length is not False,
+        group_by_length=args.group_by_length,
         eval_every=args.eval_every,
         patience=args.patience,
         checkpoint_every=args.checkpoint_every,
+    )
+
+
+def _resolve(
+    specs: list[_TaskSpec], asked: TrainConfig, spm: SoftPromptModel, source: Adapter | None
+) -> RunConfig:
+    """The run's settings: those asked for, the rest decided by the data, the loaded model (the
+    length the longest example needs) and the ``--init-from`` adapter (its length)."""
+    from ..rows import fitting_length
+
+    fitted = None
+    if asked.max_length is None:
+        fitted = fitting_length(spm, [t for spec in specs for t in spec.texts])
+    return asked.resolve(
+        [spec.format for spec in specs],
+        fitted_length=fitted,
+        source_tokens=source.num_virtual_tokens if source is not None else None,
     )
 
 
@@ -229,21 +239,20 @@ def _init_source(args: argparse.Namespace, config: TrainConfig) -> Adapter | Non
     from ..prompt import load_adapter
 
     source = None
-    if config.init == "file":
-        source = load_adapter(config.init_from or "", allow_pickle=args.allow_pickle)
+    if config.init_from:
+        source = load_adapter(config.init_from, allow_pickle=args.allow_pickle)
         if source.method == "prefix" and config.method == "prompt":
             raise UserError(
                 f"--init-from {config.init_from} is a prefix (deep prompt) adapter; continue it "
                 "with --method prefix"
             )
-        config.virtual_tokens = source.num_virtual_tokens
     return source
 
 
 def _announce_training(
     args: argparse.Namespace,
     specs: list[_TaskSpec],
-    config: TrainConfig,
+    config: RunConfig,
     spm: SoftPromptModel,
     group: Group,
     source: Adapter | None,
@@ -255,17 +264,15 @@ def _announce_training(
             mismatch = shape.mismatch(source.config, source.token_dim)
             if mismatch:
                 raise UserError(f"--init-from {config.init_from}: {mismatch}")
-    if args.max_length is None:
-        from ..rows import MAX_LENGTH_CAP, fitting_length
+    if args.max_length is None and not args.json:
+        from ..rows import MAX_LENGTH_CAP
 
-        config.max_length = fitting_length(spm, [t for spec in specs for t in spec.texts])
-        if not args.json:
-            why = (
-                "the longest training text's, EOS included"
-                if config.max_length < MAX_LENGTH_CAP
-                else "the cap; longer texts are cut, --max-length sets another"
-            )
-            print(f"max length: {config.max_length} text tokens ({why})")
+        why = (
+            "the longest training text's, EOS included"
+            if config.max_length < MAX_LENGTH_CAP
+            else "the cap; longer texts are cut, --max-length sets another"
+        )
+        print(f"max length: {config.max_length} text tokens ({why})")
     if not args.json:
         from ..rows import scored_tokens, training_rows
 
@@ -291,7 +298,7 @@ def _announce_training(
 
 
 def _start_rows(
-    spm: SoftPromptModel, spec: _TaskSpec, config: TrainConfig, source: Adapter | None
+    spm: SoftPromptModel, spec: _TaskSpec, config: RunConfig, source: Adapter | None
 ) -> Any:
     """The rows training starts from (per task: ``--init labels`` reads its labels)."""
     from ..tuning.init import init_prefix, init_prompt
@@ -341,7 +348,7 @@ def _print_training_plan(specs: list[_TaskSpec]) -> None:
 def _run_training(
     args: argparse.Namespace,
     specs: list[_TaskSpec],
-    config: TrainConfig,
+    config: RunConfig,
     spm: SoftPromptModel,
     starts: dict[str, Any],
     checkpoints: Path,
@@ -403,7 +410,7 @@ def _run_training(
 def _check_trained(
     args: argparse.Namespace,
     specs: list[_TaskSpec],
-    config: TrainConfig,
+    config: RunConfig,
     spm: SoftPromptModel,
     results: list[TrainResult],
     checkpoints: Path,
@@ -435,7 +442,7 @@ def _check_trained(
 def _save_trained(
     args: argparse.Namespace,
     specs: list[_TaskSpec],
-    config: TrainConfig,
+    config: RunConfig,
     spm: SoftPromptModel,
     results: list[TrainResult],
     group: Group,

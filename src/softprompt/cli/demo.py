@@ -33,9 +33,14 @@ GUIDE_PROMPTS = [
     "There are two nice things that should matter to you:",
 ]
 # (adapter name, bundled data, training budget sized to keep the demo within 5 minutes on 2 cores)
+# (plain texts: resolved as such, with every default decided here)
 TASKS = [
-    ("role-prompts", "examples:role-prompts", TrainConfig(epochs=2, lr=6e-2, max_length=56)),
-    ("quotes", "examples:quotes", TrainConfig(epochs=2, lr=6e-2)),
+    (
+        "role-prompts",
+        "examples:role-prompts",
+        TrainConfig(epochs=2, lr=6e-2, max_length=56).resolve(["text"]),
+    ),
+    ("quotes", "examples:quotes", TrainConfig(epochs=2, lr=6e-2, max_length=64).resolve(["text"])),
 ]
 GENERATION = SamplingParams(max_new_tokens=40, repetition_penalty=1.5)
 SUMMARY = "summary.json"

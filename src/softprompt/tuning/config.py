@@ -15,10 +15,10 @@ if TYPE_CHECKING:
     import torch
 
 TASK_WEIGHT_DECAY = 0.01
-"""``train``'s weight decay for prompt tuning on prompt/completion or chat data, where its
-batches are also plain shuffled ones (not grouped by length): on the routing set, 8-token
-prompts over 3 seeds reached a mean held-out accuracy of 0.80 so (PEFT's loop: 0.78), against
-0.58 length-grouped without decay (docs/benchmarks/tasks.md)."""
+"""The weight decay of prompt tuning on prompt/completion or chat data, whose batches are then
+plain shuffled ones (not grouped by length); measured in docs/benchmarks/tasks.md."""
+DEFAULT_MAX_LENGTH = 64
+"""Text tokens per example when neither the user nor the data (through the model) says more."""
 INITS = ("vocab", "text", "labels", "random", "file")
 
 
@@ -29,28 +29,33 @@ HELDOUT_FILE = "heldout.jsonl"
 """Held-out texts split off the training data, kept beside the adapter they evaluated."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """How to train one soft prompt. Defaults give a clear held-out gain on the embedded model."""
+    """How to train one soft prompt: the settings asked for. A field left at None is decided by
+    ``resolve`` from the run's data (``softprompt train`` and ``train()`` both resolve, so the
+    same data gets the same settings either way); the loop runs on the resolved ``RunConfig``.
+    """
 
     virtual_tokens: int = 8
-    """Number of virtual tokens (rows of the prompt)."""
+    """Number of virtual tokens (rows of the prompt); an ``init_from`` adapter's own count wins."""
     method: str = "prompt"
     """prompt (prompt tuning: input rows) or prefix (prefix tuning: keys/values at every layer)."""
-    init: str = "vocab"
-    """vocab (random vocabulary rows), text (rows of --init-text), random (scale-matched), file."""
+    init: str | None = None
+    """vocab (random vocabulary rows), text (rows of --init-text), labels, random
+    (scale-matched), file. None: file with ``init_from``, else vocab."""
     init_text: str | None = None
     init_from: str | None = None
     """Adapter folder whose rows start training (init file)."""
     epochs: int = 5
-    lr: float = 3e-2
-    weight_decay: float = 0.0
-    """AdamW's decoupled weight decay on the prompt rows (PyTorch's AdamW default is 0.01).
-    ``softprompt train`` uses ``TASK_WEIGHT_DECAY`` for prompt tuning on prompt/completion or
-    chat data unless told otherwise."""
+    lr: float | None = None
+    """None: 3e-2 for prompt tuning, 1e-2 for prefix tuning."""
+    weight_decay: float | None = None
+    """AdamW's decoupled weight decay on the prompt rows. None: ``TASK_WEIGHT_DECAY`` for prompt
+    tuning on prompt/completion or chat data, else 0."""
     batch_size: int = 8
-    max_length: int = 64
-    """Text tokens per example, EOS included. A text that does not fit is cut and gets no EOS."""
+    max_length: int | None = None
+    """Text tokens per example, EOS included; a text that does not fit is cut and gets no EOS.
+    None: what the longest training example needs on the model (``rows.fitting_length``)."""
     seed: int = 0
     heldout_fraction: float = 0.1
     """Share of the data held out for evaluation when no eval data is given."""
@@ -61,9 +66,9 @@ class TrainConfig:
     """Steps over which the learning rate rises linearly from 0 to ``lr``."""
     schedule: str = "constant"
     """After the warm-up: constant, linear (to 0 at the last step) or cosine (to 0)."""
-    group_by_length: bool = True
-    """Batch rows of similar length together (less padding); False: plain shuffled batches
-    (``softprompt train``'s default for prompt tuning on prompt/completion or chat data)."""
+    group_by_length: bool | None = None
+    """Batch rows of similar length together (less padding); False: plain shuffled batches.
+    None: False for prompt tuning on prompt/completion or chat data, else True."""
     eval_every: int = 0
     """Held-out evaluation every this many steps; 0: at each epoch's end."""
     patience: int = 0
@@ -76,7 +81,7 @@ class TrainConfig:
             raise UserError("--virtual-tokens must be at least 1")
         if self.method not in METHODS:
             raise UserError(f"--method must be one of {', '.join(METHODS)}")
-        if self.init not in INITS:
+        if self.init is not None and self.init not in INITS:
             raise UserError(f"--init must be one of {', '.join(INITS)}")
         if self.init == "text" and not (self.init_text and self.init_text.strip()):
             raise UserError("--init text needs --init-text")
@@ -86,13 +91,13 @@ class TrainConfig:
             raise UserError("--epochs must be at least 1")
         if not 0 <= self.seed < 2**63:
             raise UserError(f"--seed must be from 0 to {2**63 - 1}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise UserError("--lr must be positive")
-        if not 0 <= self.weight_decay < 1:
+        if self.weight_decay is not None and not 0 <= self.weight_decay < 1:
             raise UserError("--weight-decay must be from 0 to below 1")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise UserError("--batch-size must be at least 1")
-        if self.max_length < 2:
+        if self.max_length is not None and self.max_length < 2:
             raise UserError("--max-length must be at least 2")
         if not 0 < self.heldout_fraction < 1:
             raise UserError("the held-out fraction must be between 0 and 1")
@@ -106,6 +111,56 @@ class TrainConfig:
         ):
             if value < 0:
                 raise UserError(f"{flag} must be 0 or more")
+
+    def resolve(
+        self,
+        formats: Sequence[str],
+        fitted_length: int | None = None,
+        source_tokens: int | None = None,
+    ) -> RunConfig:
+        """The complete settings of a run: those asked for, and for each left at None what the
+        run's data decides. The one place a default is decided.
+
+        Args:
+            formats: the formats of the training data (text, completion, chat), one per task.
+            fitted_length: what the longest training example needs on the model (the loaded
+                model tokenizes); used when ``max_length`` is None.
+            source_tokens: the virtual tokens of the ``init_from`` adapter, when there is one.
+        """
+        task_data = bool(formats) and all(f != "text" for f in formats)
+        tuned_for_tasks = self.method == "prompt" and task_data
+        fields = asdict(self)
+        fields.update(
+            virtual_tokens=self.virtual_tokens if source_tokens is None else source_tokens,
+            init=self.init or ("file" if self.init_from else "vocab"),
+            lr=self.lr if self.lr is not None else (1e-2 if self.method == "prefix" else 3e-2),
+            weight_decay=(
+                self.weight_decay
+                if self.weight_decay is not None
+                else (TASK_WEIGHT_DECAY if tuned_for_tasks else 0.0)
+            ),
+            max_length=(
+                self.max_length
+                if self.max_length is not None
+                else (fitted_length if fitted_length is not None else DEFAULT_MAX_LENGTH)
+            ),
+            group_by_length=(
+                self.group_by_length if self.group_by_length is not None else not tuned_for_tasks
+            ),
+        )
+        return RunConfig(**fields)
+
+
+@dataclass(frozen=True)
+class RunConfig(TrainConfig):
+    """A run's settings with every default decided (``TrainConfig.resolve``): what the loop
+    runs on, what ``training_config.json`` records and what a resume must match."""
+
+    init: str = "vocab"
+    lr: float = 3e-2
+    weight_decay: float = 0.0
+    max_length: int = DEFAULT_MAX_LENGTH
+    group_by_length: bool = True
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run that wrote the checkpoint."""
@@ -141,6 +196,8 @@ class TrainResult:
     stopped_early: bool = False
     resumed_from: int | None = None
     """Step the run was resumed from (None: it ran from the start)."""
+    config: RunConfig | None = None
+    """The settings the run ran with, every default decided."""
 
     @property
     def loss_before(self) -> float:

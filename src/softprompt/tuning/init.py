@@ -19,12 +19,13 @@ if TYPE_CHECKING:
 def init_prompt(
     base: BaseModel,
     num_virtual_tokens: int,
-    how: str = "vocab",
+    how: str | None = "vocab",
     text: str | None = None,
     seed: int = 0,
     labels: list[str] | None = None,
 ) -> torch.Tensor:
-    """Initial rows ``(num_virtual_tokens, hidden)`` for a new prompt.
+    """Initial rows ``(num_virtual_tokens, hidden)`` for a new prompt (``how`` None: vocab, as
+    a ``TrainConfig`` that leaves ``init`` to be decided resolves it without ``init_from``).
 
     ``labels`` (Lester et al. 2021, section 3.2, "class label" initialisation, for
     classification): one row per label, the mean of its tokens' rows, in order; rows beyond the
@@ -42,6 +43,7 @@ def init_prompt(
     embedding: nn.Module = base.model.get_input_embeddings()
     weight = torch.as_tensor(embedding.weight).detach()  # (V, D), on the model's device
     gen = torch.Generator().manual_seed(seed)
+    how = how or "vocab"
     if how == "vocab":
         if num_virtual_tokens > weight.shape[0]:
             raise UserError(
@@ -82,12 +84,12 @@ def init_prompt(
 def init_prefix(
     base: Any,
     num_virtual_tokens: int,
-    how: str = "vocab",
+    how: str | None = "vocab",
     text: str | None = None,
     seed: int = 0,
     rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A starting prefix (PEFT tensor, float32 on the CPU) for ``base``.
+    """A starting prefix (PEFT tensor, float32 on the CPU) for ``base`` (``how`` None: vocab).
 
     ``vocab``: the keys/values the model computes for ``num_virtual_tokens`` sampled vocabulary
     tokens; ``text``: for the tokens of ``text`` (repeated or cut to length); ``random``:
@@ -97,6 +99,7 @@ def init_prefix(
     """
     model = base.model
     shape = PrefixShape.of(model)
+    how = how or "vocab"
     if how in ("file", "labels"):
         if rows is None:
             raise UserError(

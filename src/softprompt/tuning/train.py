@@ -28,9 +28,9 @@ from ..errors import UserError
 from ..files import check_output, put_in_place, staging_dir
 from ..insight.evaluate import evaluate
 from ..prompt import Adapter, SoftPromptModel, adapter_config, write_adapter_files
-from ..rows import batch_loss, scored_tokens, training_rows
+from ..rows import batch_loss, fitting_length, scored_tokens, training_rows
 from .card import write_model_card
-from .config import HELDOUT_FILE, Task, TrainConfig, TrainResult
+from .config import HELDOUT_FILE, RunConfig, Task, TrainConfig, TrainResult
 from .distributed import SINGLE, Group
 from .distributed import sum_ as dist_sum
 
@@ -98,6 +98,7 @@ def train_tasks(
     """
     from tqdm.auto import tqdm
 
+    config = resolved(spm, config, tasks)
     run = _Run(spm, tasks, config, checkpoints, group)
     state = run.checkpoint.load(checkpoints, run.fingerprint) if resume and checkpoints else None
     first_epoch, skip = run.begin(state)
@@ -143,6 +144,26 @@ def train_tasks(
     return run.finish()
 
 
+def resolved(spm: SoftPromptModel, config: TrainConfig, tasks: Sequence[Task]) -> RunConfig:
+    """``config`` with every default decided by the tasks' data (``TrainConfig.resolve``); a
+    ``RunConfig`` is already resolved."""
+    if isinstance(config, RunConfig):
+        return config
+    formats = [_format(t.texts) for t in tasks]
+    fitted = None
+    if config.max_length is None:
+        fitted = fitting_length(spm, [text for t in tasks for text in t.texts])
+    counts = {int(t.initial.shape[0]) for t in tasks}  # the rows it starts from decide
+    return config.resolve(
+        formats, fitted_length=fitted, source_tokens=counts.pop() if len(counts) == 1 else None
+    )
+
+
+def _format(texts: Sequence[str | Example]) -> str:
+    first = texts[0] if texts else ""
+    return "text" if isinstance(first, str) else first.format
+
+
 class _Run:
     """One ``train_tasks`` run's state and bookkeeping: the prompts being trained, their
     optimiser and schedule, the pooled rows, each task's best rows and results, and the
@@ -152,7 +173,7 @@ class _Run:
         self,
         spm: SoftPromptModel,
         tasks: list[Task],
-        config: TrainConfig,
+        config: RunConfig,
         checkpoints: Path | None,
         group: Group,
     ) -> None:
@@ -384,6 +405,7 @@ class _Run:
         for res in self.results:
             res.seconds += elapsed
             res.base_checksum_after = checksum
+            res.config = self.config
         return self.results
 
 
@@ -496,6 +518,7 @@ def save_trained(
             (an ``OSError`` such as a full disk or a refused permission); the message says where
             the trained prompt was rescued to.
     """
+    config = ran_with(config, result)
     weights, peft_config, loss_log = _adapter_parts(spm, name, config, result)
     tmp: Path | None = None
     target = Path(output)
@@ -544,7 +567,7 @@ def save_trained(
 
 
 def _adapter_parts(
-    spm: SoftPromptModel, name: str, config: TrainConfig, result: TrainResult
+    spm: SoftPromptModel, name: str, config: RunConfig, result: TrainResult
 ) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
     """A trained adapter's rows, its PEFT config and its loss log."""
     weights = spm.adapter_weights(name)
@@ -575,7 +598,15 @@ def rescue_trained(
     spm: SoftPromptModel, name: str, config: TrainConfig, result: TrainResult
 ) -> Path | None:
     """Keep a trained adapter that a check after training refuses to save (see ``rescue``)."""
-    return rescue(name, *_adapter_parts(spm, name, config, result))
+    return rescue(name, *_adapter_parts(spm, name, ran_with(config, result), result))
+
+
+def ran_with(config: TrainConfig, result: TrainResult) -> RunConfig:
+    """The settings a result was trained with: its own (every default decided), else
+    ``config``'s resolved for plain texts (a result not made by ``train``)."""
+    if result.config is not None:
+        return result.config
+    return config if isinstance(config, RunConfig) else config.resolve(["text"])
 
 
 def rescue(
