@@ -157,12 +157,12 @@ def test_native_cpu_bf16_reads_the_cpus_flags(tmp_path):
 
 
 def test_running_out_of_memory_is_one_line_with_what_to_try(cli_main, monkeypatch, tiny_model_dir):
-    import softprompt.cli.commands as commands
+    import softprompt.cli.evaluation as evaluation
 
     def fail(args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(commands, "_load_model", fail)
+    monkeypatch.setattr(evaluation, "load_model", fail)
     done = cli_main("eval", "--model", str(tiny_model_dir), "--data", "examples:quotes:heldout")
     err = done.stderr
     assert done.returncode == 2 and err.count("\n") == 1
@@ -231,12 +231,12 @@ def test_a_single_process_run_on_a_bare_cuda_device_loads(monkeypatch):
     # `softprompt train --device cuda` (no index, one process) once called
     # torch.cuda.set_device("cuda"), which PyTorch refuses; caught on an H200.
     from softprompt import device, models
-    from softprompt.cli import commands
+    from softprompt.cli import common
     from softprompt.tuning.distributed import launched
 
     monkeypatch.setattr(device, "resolve", lambda d, t: (torch.device("cuda"), torch.float32))
     loaded = []
     monkeypatch.setattr(models, "load_base_model", lambda *a, **k: loaded.append(k) or "base")
     args = argparse.Namespace(model=None, device="cuda", dtype="auto")
-    assert commands._load_base(args, launched()) == "base"
+    assert common.load_base(args, launched()) == "base"
     assert loaded[0]["device"] == torch.device("cuda")

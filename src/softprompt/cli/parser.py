@@ -10,7 +10,10 @@ import argparse
 import os
 
 from ..device import DTYPES, device_name
-from . import commands
+from . import evaluation as eval_cmds
+from . import generation as gen_cmds
+from . import sharing as share_cmds
+from . import train as train_cmds
 
 Commands = argparse._SubParsersAction  # what add_subparsers returns
 
@@ -72,7 +75,7 @@ def add_demo(sub: Commands) -> None:
         "when an earlier demo did not write them",
     )
     _model_arg(demo)
-    demo.set_defaults(func=commands.cmd_demo)
+    demo.set_defaults(func=train_cmds.cmd_demo)
 
 
 def add_train(sub: Commands) -> None:
@@ -207,7 +210,7 @@ def add_train(sub: Commands) -> None:
         help="let --init-from read a pickle adapter_model.bin",
     )
     train.add_argument("--json", action="store_true", help="print a JSON summary")
-    train.set_defaults(func=commands.cmd_train)
+    train.set_defaults(func=train_cmds.cmd_train)
 
 
 def add_generate(sub: Commands) -> None:
@@ -247,7 +250,7 @@ def add_generate(sub: Commands) -> None:
         help="requests decoded together at most (default: %(default)s)",
     )
     gen.add_argument("--json", action="store_true", help="one JSON object per request")
-    gen.set_defaults(func=commands.cmd_generate)
+    gen.set_defaults(func=gen_cmds.cmd_generate)
 
 
 def add_eval(sub: Commands) -> None:
@@ -280,7 +283,7 @@ def add_eval(sub: Commands) -> None:
         help="new tokens at most for --metric exact and pattern (default: %(default)s)",
     )
     ev.add_argument("--json", action="store_true", help="print one JSON list of records")
-    ev.set_defaults(func=commands.cmd_eval)
+    ev.set_defaults(func=eval_cmds.cmd_eval)
 
 
 def add_compare(sub: Commands) -> None:
@@ -297,7 +300,7 @@ def add_compare(sub: Commands) -> None:
     style = cmp.add_mutually_exclusive_group()
     style.add_argument("--json", action="store_true", help="print JSON")
     style.add_argument("--markdown", action="store_true", help="print Markdown tables")
-    cmp.set_defaults(func=commands.cmd_compare)
+    cmp.set_defaults(func=gen_cmds.cmd_compare)
 
 
 def add_inspect(sub: Commands) -> None:
@@ -312,7 +315,7 @@ def add_inspect(sub: Commands) -> None:
     ins.add_argument("--top-k", type=int, default=5, help="default: %(default)s")
     ins.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
     ins.add_argument("--json", action="store_true", help="print JSON")
-    ins.set_defaults(func=commands.cmd_inspect)
+    ins.set_defaults(func=eval_cmds.cmd_inspect)
 
 
 def add_report(sub: Commands) -> None:
@@ -353,7 +356,7 @@ def add_report(sub: Commands) -> None:
         help="text tokens per example, EOS included (default: what the longest text needs, up "
         "to 256)",
     )
-    rep.set_defaults(func=commands.cmd_report)
+    rep.set_defaults(func=eval_cmds.cmd_report)
 
 
 def add_serve(sub: Commands) -> None:
@@ -447,7 +450,7 @@ def add_serve(sub: Commands) -> None:
         help="on SIGTERM or Ctrl-C, how long running requests may finish (new ones get 503); "
         'the rest end with finish_reason "abort" (default: %(default)s)',
     )
-    srv.set_defaults(func=commands.cmd_serve)
+    srv.set_defaults(func=share_cmds.cmd_serve)
 
 
 def add_embeds(sub: Commands) -> None:
@@ -468,7 +471,7 @@ def add_embeds(sub: Commands) -> None:
     emb.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     emb.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
     _model_arg(emb)
-    emb.set_defaults(func=commands.cmd_embeds)
+    emb.set_defaults(func=gen_cmds.cmd_embeds)
 
 
 def add_push(sub: Commands) -> None:
@@ -492,7 +495,7 @@ def add_push(sub: Commands) -> None:
         "nothing",
     )
     push.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
-    push.set_defaults(func=commands.cmd_push)
+    push.set_defaults(func=share_cmds.cmd_push)
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
