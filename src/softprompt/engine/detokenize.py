@@ -1,8 +1,8 @@
 """Text of many sequences at once, decoding only each one's newest tokens.
 
-Decoding a whole completion again at every step costs more per token the longer it gets (about
-45 µs a row at 32 tokens on this project's CPU, so 3 ms a step for 64 rows: as long as a GPU's
-whole decode step). Here each step decodes, for every row in one call into the tokenizer's Rust
+Decoding a whole completion again at every step costs more per token the longer it gets (at a
+GPU's speeds, as long as the whole decode step; docs/benchmarks/engine.md). Here each step
+decodes, for every row in one call into the tokenizer's Rust
 side, only a short window: the tokens since the last committed point, with one earlier token of
 context so that decoders which treat the first token specially (SentencePiece's leading space)
 give the same text as a whole decode. Text that ends in an incomplete UTF-8 character (shown as

@@ -77,9 +77,8 @@ class EngineConfig:
     prefill_padding: float = 1.0
     """Joining requests are prefilled in groups of similar length, a new group whenever padding
     would exceed this share of a group's positions (1.0: one group; 0.2: at most a fifth
-    padding, a few more forwards). One group stays the default: on the engine benchmark's 64
-    requests (21.8% padding) grouping saved at most 4% of prefill, and no padding at all cost 8%
-    (``benchmarks/bench_prefill.py``, AMD EPYC Zen 3)."""
+    padding, a few more forwards). One group is the default: grouping was not measured to pay
+    (docs/benchmarks/engine.md, ``benchmarks/bench_prefill.py``)."""
     policy: str = "continuous"
     """``continuous`` (join between steps) or ``static`` (a new batch when the last one ends)."""
     packed_weights: bool | None = None
@@ -90,8 +89,8 @@ class EngineConfig:
     on a GPU, for Llama-family models). On the CPU, True runs the same step eagerly."""
     full_batch_pack: bool | None = None
     """With packed weights, a second copy packed for MKL at ``max_batch_size`` rows for full
-    decode batches (a loaded server's): 15% faster on the Intel machine it was written on, 2x
-    slower on an AMD EPYC. None: measured on this machine at start-up, the decision cached
+    decode batches (a loaded server's); faster on some CPUs, slower on others
+    (docs/benchmarks/engine.md). None: measured on this machine at start-up, the decision cached
     (``autotune.py``; ``$SOFTPROMPT_FULL_BATCH_PACK`` 0 or 1 forces it)."""
     cpu_kernels: bool | None = None
     """With the lean forward on the CPU, decode steps run the fused C kernels of
@@ -100,8 +99,8 @@ class EngineConfig:
     measured faster)."""
     panel_linear: bool | None = None
     """With the fused CPU kernels, linear layers on the C kernel's panel layout instead of
-    oneDNN/MKL (1.3x faster than oneDNN over the embedded model's layers on an AMD EPYC with
-    AVX2; None: if measured faster at start-up, ``$SOFTPROMPT_PANEL_LINEAR`` 0 or 1 forces it).
+    oneDNN/MKL (written for AVX2; None: if measured faster at start-up,
+    ``$SOFTPROMPT_PANEL_LINEAR`` 0 or 1 forces it; figures in docs/benchmarks/engine.md).
     Only the chosen layout's copy of the weights is kept."""
     tune: bool = True
     """Measure the undecided CPU decode switches above at start-up (a few decode steps per
@@ -519,8 +518,8 @@ class Engine:
         """Run steps in the calling thread whenever there is work, until ``stop()``.
 
         The server calls this from the main thread and serves HTTP from another: on the CPU,
-        torch's small operations launched from a secondary thread took twice as long here
-        (OpenMP), and the engine's steps with them about 15% longer.
+        torch's small operations run slower from a secondary thread (OpenMP; figures in
+        docs/benchmarks/engine.md).
         """
         if self.background:
             raise RuntimeError("the engine is already running")

@@ -1,8 +1,8 @@
 """Faster CPU linear layers for serving: oneDNN kernels on weights packed once, up front.
 
 PyTorch's default CPU matmul re-reads the weight in its plain layout on every call; for the
-small batches of a decode step that wastes most of the time (measured on this project's 2-core
-machine: a 576x1536 float32 projection at batch 32 took 1.16 ms plain and 0.44 ms packed). The
+small batches of a decode step that wastes most of the time (figures in
+docs/benchmarks/engine.md). The
 engine runs a shadow of the caller's model whose ``nn.Linear`` layers hold packed copies of their
 weights; every other module, parameter and buffer is shared, and the caller's model is untouched.
 The price is one extra copy of the linear weights. Where the CPU decode path measured fastest
@@ -25,8 +25,8 @@ class PackedLinear(nn.Module):
 
     With ``full_batch`` set, inputs of exactly that many rows (a full decode batch, what a
     loaded server runs) take MKL's sgemm on a second copy of the weight packed for that row count
-    (measured on this project's 2-core machine: a decode step of the embedded model at batch 64
-    took 189 ms against 221 ms on oneDNN alone). MKL packs for one row count only, so every other
+    (faster on some CPUs, slower on others: ``autotune`` decides). MKL packs for one row count
+    only, so every other
     batch stays on oneDNN. The MKL copy is made at the first full batch, so an engine that never
     fills its batch (the CLI's short lists) never holds it. ``rebuild`` gives the plain weight
     again for that (default: ``weight`` itself, which is then kept; pass it for a weight made

@@ -169,8 +169,8 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(dim=-1)`` for (B, V), the same index in every case (the first of tied
     maxima, the first NaN).
 
-    On the CPU ``argmax`` over vocabulary-wide rows is slow (3.6 ms at 64 x 49,152, about 2% of
-    a decode step; this takes 0.9 ms): so the maximum of each chunk of columns is taken first,
+    On the CPU ``argmax`` over vocabulary-wide rows is slow (docs/benchmarks/engine.md), so the
+    maximum of each chunk of columns is taken first,
     then ``argmax`` runs over the chunk maxima and within the one chunk holding the first
     maximum. Elsewhere (a GPU) plain ``argmax``.
     """
