@@ -23,11 +23,12 @@ def main() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    from softprompt.adapters import Adapter
     from softprompt.data import load_texts
     from softprompt.engine import SamplingParams
     from softprompt.generation import Request, generate
     from softprompt.models import embedded_model_dir, load_base_model
-    from softprompt.prompt import Adapter, SoftPromptModel
+    from softprompt.prompt import SoftPromptModel
     from softprompt.tuning.init import init_prompt
     from softprompt.tuning.train import TrainConfig, train
 

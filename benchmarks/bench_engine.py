@@ -443,7 +443,7 @@ def run_prefix_reuse(spm, count: int = 32, virtual: int = 100) -> dict:
 
     runner = ModelRunner(spm.model)
     rows = init_prompt(spm.base, virtual, "vocab", seed=7)
-    from softprompt.prompt import Adapter
+    from softprompt.adapters import Adapter
 
     prefix = runner.prefix(Adapter("long", rows))
     texts = [spm.text_ids(p) for p, _ in workload(spm, count, ["x"])]
@@ -500,8 +500,8 @@ def _rss_mib() -> float:
 
 def run_memory(spm) -> dict:
     """Resident size with 1 and with 100 adapters of 20 virtual tokens loaded and used."""
+    from softprompt.adapters import Adapter
     from softprompt.engine import Engine, EngineConfig, SamplingParams
-    from softprompt.prompt import Adapter
     from softprompt.tuning.init import init_prompt
 
     engine = Engine(spm.model, spm.tokenizer, EngineConfig(max_resident_adapters=128))
@@ -578,14 +578,10 @@ def main() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    from softprompt.adapters import Adapter, adapter_config, write_adapter_files
     from softprompt.engine.autotune import cpu_signature
     from softprompt.models import embedded_model_dir, load_base_model
-    from softprompt.prompt import (
-        Adapter,
-        SoftPromptModel,
-        adapter_config,
-        write_adapter_files,
-    )
+    from softprompt.prompt import SoftPromptModel
     from softprompt.tuning.init import init_prompt
 
     model_dir = embedded_model_dir()

@@ -42,11 +42,12 @@ def main() -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
+    from softprompt.adapters import Adapter
     from softprompt.engine import Engine, EngineConfig, SamplingParams
     from softprompt.engine.autotune import cpu_signature
     from softprompt.engine.scheduler import length_groups
     from softprompt.models import load_base_model
-    from softprompt.prompt import Adapter, SoftPromptModel
+    from softprompt.prompt import SoftPromptModel
     from softprompt.tuning.init import init_prompt
 
     base = load_base_model()

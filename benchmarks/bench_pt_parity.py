@@ -27,11 +27,12 @@ import time
 
 import torch
 
+from softprompt.adapters import Adapter
 from softprompt.data import load_texts
 from softprompt.insight.scoring import choice_accuracy, task_rows
 from softprompt.layout import example_layout
 from softprompt.models import load_base_model
-from softprompt.prompt import Adapter, SoftPromptModel
+from softprompt.prompt import SoftPromptModel
 from softprompt.tuning.config import Task, TrainConfig
 from softprompt.tuning.init import init_prompt
 from softprompt.tuning.train import task_losses, train_tasks

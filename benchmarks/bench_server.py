@@ -147,13 +147,9 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     from bench_engine import workload
 
+    from softprompt.adapters import Adapter, adapter_config, write_adapter_files
     from softprompt.models import load_base_model
-    from softprompt.prompt import (
-        Adapter,
-        SoftPromptModel,
-        adapter_config,
-        write_adapter_files,
-    )
+    from softprompt.prompt import SoftPromptModel
     from softprompt.tuning.init import init_prompt
 
     base = load_base_model()

@@ -45,8 +45,8 @@ BODIES = {
 
 
 def write_adapters(folder: Path) -> None:
+    from softprompt.adapters import Adapter, adapter_config, write_adapter_files
     from softprompt.models import load_base_model
-    from softprompt.prompt import Adapter, adapter_config, write_adapter_files
 
     base = load_base_model()
     hidden = base.model.config.hidden_size

@@ -47,13 +47,14 @@ from pathlib import Path
 
 import torch
 
+from softprompt.adapters import load_adapter
 from softprompt.data import Example, load_texts
 from softprompt.engine import SamplingParams
 from softprompt.generation import Request, generate
 from softprompt.insight.scoring import choice_accuracy, in_context, pick_shots, task_rows
 from softprompt.layout import example_layout, prompt_ids
 from softprompt.models import embedded_model_dir, load_base_model
-from softprompt.prompt import SoftPromptModel, load_adapter
+from softprompt.prompt import SoftPromptModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_task_sets import _qa  # noqa: E402  (the facts behind the pirate set)

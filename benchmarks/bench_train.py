@@ -31,10 +31,11 @@ import time
 
 import torch
 
+from softprompt.adapters import Adapter
 from softprompt.data import load_texts
 from softprompt.insight.evaluate import evaluate
 from softprompt.models import load_base_model
-from softprompt.prompt import Adapter, SoftPromptModel
+from softprompt.prompt import SoftPromptModel
 from softprompt.rows import batch_loss, fitting_length, training_rows
 from softprompt.tuning.init import init_prompt
 from softprompt.tuning.train import Task, TrainConfig, length_grouped_batches, train, train_tasks

@@ -28,8 +28,9 @@ def main() -> None:
     import transformers
     from peft import PeftModel
 
+    from softprompt.adapters import load_adapter
     from softprompt.models import embedded_model_dir, load_base_model
-    from softprompt.prompt import SoftPromptModel, load_adapter
+    from softprompt.prompt import SoftPromptModel
 
     transformers.utils.logging.set_verbosity_error()
     judge = Judge("routing")

@@ -189,8 +189,8 @@ def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def serve_checks(name: str, spec, args, device, dtype) -> None:
+    from softprompt.adapters import Adapter
     from softprompt.engine import Engine, EngineConfig, SamplingParams
-    from softprompt.prompt import Adapter
 
     model = build_model(spec, device, dtype)
     tokenizer = tokenizer_for(spec["vocab_size"])
@@ -279,7 +279,7 @@ def serve_checks(name: str, spec, args, device, dtype) -> None:
 
         from peft import PeftModel
 
-        from softprompt.prompt import adapter_config, write_adapter_files
+        from softprompt.adapters import adapter_config, write_adapter_files
 
         with tempfile.TemporaryDirectory() as tmp:
             folders = {}
@@ -354,8 +354,9 @@ def train_checks(name: str, spec, args, device, dtype) -> None:
         return tokens * steps / seconds
 
     def ours(compile_mode: str | None = None) -> dict[str, Any]:
+        from softprompt.adapters import Adapter
         from softprompt.models import BaseModel
-        from softprompt.prompt import Adapter, SoftPromptModel
+        from softprompt.prompt import SoftPromptModel
         from softprompt.rows import batch_loss
 
         model = build_model(spec, device, dtype)

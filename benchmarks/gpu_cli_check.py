@@ -78,8 +78,8 @@ def main() -> int:
     spec = TINY if args.tiny else CONFIGS["135M"]
     ok = True
 
+    from softprompt.adapters import Adapter, adapter_config, write_adapter_files
     from softprompt.engine import Engine, EngineConfig, SamplingParams
-    from softprompt.prompt import Adapter, adapter_config, write_adapter_files
 
     model_dir, adapters_dir = out / "model", out / "adapters"
     model = build_model(spec, torch.device("cpu"), torch.float32)

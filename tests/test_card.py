@@ -87,7 +87,7 @@ def test_adapters_load_from_the_hub_cache_offline(spm, tmp_path: Path, cli_main,
     import huggingface_hub.constants as hub_constants
     from huggingface_hub import scan_cache_dir
 
-    from softprompt.prompt import load_adapter
+    from softprompt.adapters import load_adapter
 
     config = TrainConfig(virtual_tokens=3, epochs=1, lr=0.1, batch_size=4)
     result = train(spm, "kind", init_prompt(spm.base, 3), TEXTS, TEXTS[:3], config, progress=False)

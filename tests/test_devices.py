@@ -22,10 +22,10 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "softprompt"
 ALLOWED = {
     # Copies to the host on purpose: file formats and checksums are host bytes.
     ("prompt.py", "base_checksum"): "hashes the weights' bytes",
-    ("prompt.py", "write_adapter_files"): "safetensors files hold CPU tensors",
+    ("adapters.py", "write_adapter_files"): "safetensors files hold CPU tensors",
     ("init.py", "init_prompt"): "initial rows are float32 on the CPU on every device",
     ("prefix.py", "model_kv"): "a prefix's start is float32 on the CPU, as init_prompt's rows",
-    ("prompt.py", "_read_weights"): "a pickled adapter loads to the CPU, then follows the model",
+    ("adapters.py", "_read_weights"): "a pickled adapter loads to the CPU, then follows the model",
     ("embeds.py", "to_bytes"): "torch.save of a tensor for another process",
     ("train.py", "save_checkpoint"): "a checkpoint's rows are saved from the CPU",
     ("checkpoint.py", "load"): "a checkpoint loads to the CPU, then follows the model",
@@ -176,8 +176,8 @@ def test_an_adapter_trained_on_a_gpu_loads_and_runs_on_the_cpu():
     serve on a CPU model of the same hidden size."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from softprompt.adapters import load_adapter
     from softprompt.engine import Engine, SamplingParams
-    from softprompt.prompt import load_adapter
 
     folder = Path(__file__).parent / "data" / "gpu-trained-quotes"
     adapter = load_adapter(folder)

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from softprompt.prompt import load_adapter
+from softprompt.adapters import load_adapter
 from softprompt.tuning.checkpoint import STATE_FILE, checkpoint_dir
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from softprompt.prompt import Adapter, adapter_config, write_adapter_files
+from softprompt.adapters import Adapter, adapter_config, write_adapter_files
 
 pytestmark = pytest.mark.slow
 

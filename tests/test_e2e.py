@@ -146,10 +146,11 @@ def test_generation_matches_inputs_embeds_reference(adapters):
     """The engine's greedy output (packed weights, cached prefix, mixed batch) equals
     transformers' generate() on the untouched base model with the trained rows prepended,
     token for token, up to the reference's EOS."""
+    from softprompt.adapters import load_adapter
     from softprompt.engine import SamplingParams
     from softprompt.generation import engine_for
     from softprompt.models import load_base_model
-    from softprompt.prompt import SoftPromptModel, load_adapter
+    from softprompt.prompt import SoftPromptModel
 
     untouched = load_base_model()
     spm = SoftPromptModel(load_base_model())

@@ -16,10 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import pinned
+from softprompt.adapters import Adapter
 from softprompt.engine import Engine, EngineConfig, RequestError, SamplingParams
 from softprompt.generation import Request, generate
 from softprompt.models import load_base_model
-from softprompt.prompt import Adapter, SoftPromptModel
+from softprompt.prompt import SoftPromptModel
 
 PROMPTS = [
     "i want you to act as a",
@@ -305,7 +306,7 @@ def test_a_retrained_adapter_gets_a_new_prefix(spm):
 
 
 def test_registry_keeps_at_most_max_resident_and_never_frees_a_pinned_adapter(spm, tmp_path):
-    from softprompt.prompt import adapter_config, write_adapter_files
+    from softprompt.adapters import adapter_config, write_adapter_files
 
     engine = Engine(spm.model, spm.tokenizer, EngineConfig(max_resident_adapters=2))
     for i in range(4):

@@ -12,10 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from softprompt.adapters import Adapter, adapter_config, write_adapter_files
 from softprompt.engine import Engine, EngineConfig, RequestError, SamplingParams
 from softprompt.engine.engine import QueueFull, ShuttingDown
 from softprompt.engine.stops import StopMatcher
-from softprompt.prompt import Adapter, adapter_config, write_adapter_files
 
 
 def _engine(spm, **config) -> Engine:

@@ -28,7 +28,7 @@ def test_cut_texts_get_no_eos(spm):
 
 
 def test_cut_rows_keep_their_virtual_tokens(spm):
-    from softprompt.prompt import Adapter
+    from softprompt.adapters import Adapter
 
     spm.add_adapter(Adapter("a", spm.embedding.weight[:3].detach().clone()))
     rows, cut = training_rows(spm, ["be kind every day and small steps"], "a", max_length=3)

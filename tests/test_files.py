@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from softprompt import files
+from softprompt.adapters import load_adapter
 from softprompt.errors import UserError
-from softprompt.prompt import load_adapter
 from softprompt.tuning.train import TrainConfig, save_trained, train
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from softprompt.adapters import Adapter
 from softprompt.data import Example, Fields, load_texts
 from softprompt.errors import UserError
 from softprompt.layout import chat_layout, example_layout
-from softprompt.prompt import Adapter
 from softprompt.rows import batch_loss, training_rows
 
 # A template with an end-of-turn token (the tiny tokenizer's EOS) after every turn.

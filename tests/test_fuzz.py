@@ -15,9 +15,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from softprompt.adapters import CONFIG_FILE, TENSOR_NAME, WEIGHTS_FILE, load_adapter
 from softprompt.data import load_texts
 from softprompt.errors import UserError
-from softprompt.prompt import CONFIG_FILE, TENSOR_NAME, WEIGHTS_FILE, load_adapter
 
 FUZZ = settings(
     max_examples=150,

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from softprompt.adapters import Adapter, adapter_config, write_adapter_files
 from softprompt.data import Example
 from softprompt.engine import Engine, EngineConfig, SamplingParams
 from softprompt.insight.scoring import choice_accuracy
-from softprompt.prompt import Adapter, SoftPromptModel, adapter_config, write_adapter_files
+from softprompt.prompt import SoftPromptModel
 from softprompt.server.app import ServerConfig, create_app
 from softprompt.server.run import ServerThread
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from softprompt.adapters import Adapter
 from softprompt.engine import Engine, EngineConfig, RequestError, SamplingParams
-from softprompt.prompt import Adapter
 
 PROMPTS = ["i want you to act as a", "be kind", "there are two nice things that should matter"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from softprompt.adapters import load_adapter
 from softprompt.insight.evaluate import evaluate
 from softprompt.models import load_base_model
-from softprompt.prompt import load_adapter
 from softprompt.rows import training_rows
 from softprompt.tuning.train import TrainConfig, save_trained, train
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from softprompt.adapters import Adapter, load_adapter, write_adapter_files
 from softprompt.errors import UserError
 from softprompt.insight.evaluate import evaluate
 from softprompt.models import load_base_model
 from softprompt.prefix import PrefixShape, join, model_kv, peft_config, split
-from softprompt.prompt import Adapter, load_adapter, write_adapter_files
 from softprompt.rows import batch_loss, training_rows
 from softprompt.tuning.init import init_prefix, init_prompt
 from test_peft_parity import TEXTS, peft_loss

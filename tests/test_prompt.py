@@ -6,13 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from softprompt.adapters import Adapter, adapter_config, load_adapter, write_adapter_files
 from softprompt.errors import UserError
-from softprompt.prompt import (
-    Adapter,
-    adapter_config,
-    load_adapter,
-    write_adapter_files,
-)
 from softprompt.tuning.init import init_prompt
 
 

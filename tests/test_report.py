@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from conftest import check_report_page
+from softprompt.adapters import Adapter, load_adapter
 from softprompt.data import Texts
 from softprompt.engine import SamplingParams
 from softprompt.errors import UserError
 from softprompt.insight.compare import compare, to_markdown
 from softprompt.insight.inspection import inspect_adapter
 from softprompt.insight.report import AdapterInfo, build_report, check_writable, write_report
-from softprompt.prompt import Adapter, load_adapter
 from softprompt.tuning.init import init_prompt
 from softprompt.tuning.train import TrainConfig, save_trained, train
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from softprompt.adapters import load_adapter
 from softprompt.insight.evaluate import evaluate
-from softprompt.prompt import load_adapter
 from softprompt.tuning.checkpoint import STATE_FILE, checkpoint_dir
 from softprompt.tuning.init import init_prompt
 from softprompt.tuning.train import TrainConfig, lr_factor, train

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from softprompt.adapters import Adapter
 from softprompt.data import Example
 from softprompt.engine import SamplingParams
 from softprompt.errors import UserError
 from softprompt.generation import Request, generate
 from softprompt.insight.scoring import choice_accuracy, exact_match
-from softprompt.prompt import Adapter
 
 LABELS = ["the river", "mountain", "small steps up", "courage and hope"]
 PROMPTS = [

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from softprompt.prompt import Adapter, adapter_config, write_adapter_files
+from softprompt.adapters import Adapter, adapter_config, write_adapter_files
 
 
 @pytest.fixture()
@@ -160,10 +160,11 @@ def test_serve_bad_inputs(tiny_model_dir, adapter_dir, tmp_path, cli_main):
 def test_embeds_fed_to_the_base_model_give_softprompts_own_output(
     tiny_model_dir, adapter_dir, tmp_path, cli_main
 ):
+    from softprompt.adapters import load_adapter
     from softprompt.engine import SamplingParams
     from softprompt.generation import engine_for
     from softprompt.models import load_base_model
-    from softprompt.prompt import SoftPromptModel, load_adapter
+    from softprompt.prompt import SoftPromptModel
 
     out = tmp_path / "embeds.pt"
     prompt = "i want you to act as a poet"

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from conftest import docs_screenshot
+from softprompt.adapters import Adapter, adapter_config, write_adapter_files
 from softprompt.engine import Engine, EngineConfig, SamplingParams
-from softprompt.prompt import Adapter, adapter_config, write_adapter_files
 from softprompt.server.app import ServerConfig, create_app
 from softprompt.server.run import ServerThread
 

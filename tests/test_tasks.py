@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
+from softprompt.adapters import Adapter, load_adapter
 from softprompt.insight.evaluate import evaluate
-from softprompt.prompt import Adapter, load_adapter
 from softprompt.rows import batch_loss, training_rows
 from softprompt.tuning import train as train_module
 from softprompt.tuning.init import init_prompt

@@ -6,9 +6,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from softprompt.adapters import Adapter, load_adapter
 from softprompt.errors import UserError
 from softprompt.insight.evaluate import evaluate
-from softprompt.prompt import Adapter, load_adapter
 from softprompt.tuning.init import init_prompt
 from softprompt.tuning.train import TrainConfig, save_trained, train, trainable_summary
 

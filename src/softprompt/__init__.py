@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 from .errors import UserError
 
 if TYPE_CHECKING:  # the same names, seen statically (type checkers, IDEs, the API docs)
+    from .adapters import Adapter, load_adapter
     from .engine import Engine, EngineConfig, RequestError, SamplingParams
     from .generation import Request, generate
     from .insight.evaluate import EvalResult, evaluate
     from .models import BaseModel, load_base_model
-    from .prompt import Adapter, SoftPromptModel, load_adapter
+    from .prompt import SoftPromptModel
     from .tuning.config import TrainConfig, TrainResult
     from .tuning.init import init_prompt
     from .tuning.train import save_trained, train
@@ -34,10 +35,10 @@ _EXPORTS = {
     "generate": "generation",
     "BaseModel": "models",
     "load_base_model": "models",
-    "Adapter": "prompt",
+    "Adapter": "adapters",
     "SoftPromptModel": "prompt",
     "init_prompt": "tuning.init",
-    "load_adapter": "prompt",
+    "load_adapter": "adapters",
     "TrainConfig": "tuning.config",
     "TrainResult": "tuning.config",
     "save_trained": "tuning.train",

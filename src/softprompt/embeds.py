@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .prompt import Adapter, hidden_size_mismatch
+from .adapters import Adapter, hidden_size_mismatch
 
 
 @torch.no_grad()

@@ -55,7 +55,7 @@ def load_model(args: argparse.Namespace, group: Any = None) -> Any:
 
 def read_adapters(folders: list[str], allow_pickle: bool) -> list[Any]:
     """Read adapter folders (before any model is loaded, so bad ones fail fast)."""
-    from ..prompt import load_adapter
+    from ..adapters import load_adapter
 
     adapters = [load_adapter(folder, allow_pickle=allow_pickle) for folder in folders]
     names = [a.name for a in adapters]

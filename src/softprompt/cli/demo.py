@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ..adapters import load_adapter
 from ..data import load_texts
 from ..device import resolve
 from ..engine import SamplingParams
@@ -23,7 +24,7 @@ from ..generation import Request, generate
 from ..insight.compare import compare, print_tables
 from ..insight.report import AdapterInfo, build_report, eval_matrix, is_report, write_report
 from ..models import load_base_model
-from ..prompt import SoftPromptModel, load_adapter
+from ..prompt import SoftPromptModel
 from ..tuning.config import TrainConfig
 from ..tuning.init import init_prompt
 from ..tuning.train import save_trained, train, trainable_summary

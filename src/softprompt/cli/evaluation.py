@@ -261,7 +261,7 @@ def _print_task_results(tasks: list[Any]) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise UserError("--top-k must be at least 1")
-    from ..prompt import load_adapter
+    from ..adapters import load_adapter
 
     adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
     quiet()

@@ -45,8 +45,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     from huggingface_hub import ModelCard
     from huggingface_hub.utils import validate_repo_id
 
+    from ..adapters import load_adapter
     from ..hub import ADAPTER_FILES
-    from ..prompt import load_adapter
 
     folder = Path(args.adapter)
     load_adapter(folder, allow_pickle=args.allow_pickle)  # a folder that is not one fails here

@@ -22,8 +22,9 @@ from .common import (
 )
 
 if TYPE_CHECKING:
+    from ..adapters import Adapter
     from ..data import Example
-    from ..prompt import Adapter, SoftPromptModel
+    from ..prompt import SoftPromptModel
     from ..tuning.config import RunConfig, TrainConfig, TrainResult
     from ..tuning.distributed import Group
 
@@ -166,7 +167,7 @@ def _check_train_outputs(
 
 def _init_source(args: argparse.Namespace, config: TrainConfig) -> Adapter | None:
     """The adapter ``--init-from`` names (None without it); its length becomes the run's."""
-    from ..prompt import load_adapter
+    from ..adapters import load_adapter
 
     source = None
     if config.init_from:

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..adapters import Adapter, hidden_size_mismatch
 from ..device import out_of_memory
 from ..errors import UserError
-from ..prompt import Adapter, hidden_size_mismatch
 from .detokenize import Detokenizer
 from .registry import AdapterRegistry
 from .runner import ModelRunner

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..prompt import Adapter, load_adapter
+from ..adapters import Adapter, load_adapter
 from .sampling import RequestError
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..prompt import Adapter
+from ..adapters import Adapter
 from .autotune import (
     ENV_PACK,
     ENV_PANELS,

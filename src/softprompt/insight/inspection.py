@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..prompt import Adapter, SoftPromptModel
+from ..adapters import Adapter
+from ..prompt import SoftPromptModel
 
 
 @dataclass

@@ -23,11 +23,12 @@ from typing import Any, TypeVar
 
 import torch
 
+from ..adapters import Adapter, adapter_config, write_adapter_files
 from ..data import Example, as_example
 from ..errors import UserError
 from ..files import check_output, put_in_place, staging_dir
 from ..insight.evaluate import evaluate
-from ..prompt import Adapter, SoftPromptModel, adapter_config, write_adapter_files
+from ..prompt import SoftPromptModel
 from ..rows import batch_loss, fitting_length, scored_tokens, training_rows
 from .card import write_model_card
 from .config import HELDOUT_FILE, RunConfig, Task, TrainConfig, TrainResult
