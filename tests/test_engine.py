@@ -569,6 +569,26 @@ def test_a_request_that_breaks_the_model_fails_alone(spm):
     assert 0 < len(breakers[1].result().token_ids) < 12
 
 
+def test_a_row_whose_text_cannot_be_decoded_fails_alone(spm):
+    # The batched detokenizing fails; the engine decodes row by row and fails only that row.
+    engine = _engine(spm, max_batch_size=8)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    expected = [_alone(engine, p, None, params).text for p in PROMPTS[:3]]
+    texts = engine.detokenizer.texts
+    bad = engine.submit("courage", None, params)
+
+    def failing(seqs):
+        if any(seq is bad.seq for seq in seqs):
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "planted")
+        return texts(seqs)
+
+    engine.detokenizer.texts = failing  # type: ignore[method-assign]
+    handles = [engine.submit(p, None, params) for p in PROMPTS[:3]]
+    assert [h.result().text for h in handles] == expected
+    result = bad.result()
+    assert result.finish_reason == "error" and "cannot decode the output" in (result.error or "")
+
+
 def test_a_request_that_runs_out_of_memory_fails_alone_with_what_to_try(spm):
     engine = _engine(spm, max_batch_size=8)
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -44,6 +44,24 @@ if TYPE_CHECKING:
     from ..prompt import SoftPromptModel
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def one_by_one(
+    items: list[T], run: Callable[[T], R], failed: Callable[[T, Exception], R]
+) -> list[R]:
+    """``run`` on each item alone, after a batched run of them all failed: only the items that
+    fail again fail, each with ``failed(item, exc)`` as its result."""
+    results = []
+    for item in items:
+        try:
+            results.append(run(item))
+        except Exception as exc:  # noqa: BLE001 - this item's alone
+            results.append(failed(item, exc))
+    return results
+
 
 Sink = Callable[[Output], None]
 """Where a request's outputs go, called from the engine's thread."""
@@ -647,13 +665,12 @@ class Engine:
             try:
                 self._prefill_group(group)
             except Exception:  # noqa: BLE001 - find the request that fails and fail it alone
-                for item in group:
-                    try:
-                        self._prefill_group([item])
-                    except Exception as exc:  # noqa: BLE001
-                        log.warning("request %s failed in prefill: %s", item[0].request_id, exc)
-                        self._finish(item[0], "error", self._failure(exc))
+                one_by_one(group, lambda item: self._prefill_group([item]), self._failed_prefill)
         self.stats.prefill_seconds += time.perf_counter() - started
+
+    def _failed_prefill(self, item: tuple[Sequence, Any], exc: Exception) -> None:
+        log.warning("request %s failed in prefill: %s", item[0].request_id, exc)
+        self._finish(item[0], "error", self._failure(exc))
 
     def _prefill_group(self, group: list[tuple[Sequence, Any]]) -> None:
         seqs = [seq for seq, _ in group]
@@ -701,18 +718,18 @@ class Engine:
             ok = list(range(batch))
         except Exception:  # noqa: BLE001 - run rows one by one to fail only the bad ones
             log.exception("a decode step of %d rows failed; running its rows one by one", batch)
-            rows, ok = [], []
-            for i in range(batch):
-                try:
-                    rows.append(
-                        self.runner.decode(
-                            self.cache, slice(i, i + 1), tokens[i : i + 1], positions[i : i + 1]
-                        )
-                    )
-                    ok.append(i)
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("request %s failed in decode: %s", running[i].request_id, exc)
-                    self._finish(running[i], "error", self._failure(exc))
+
+            def alone(i: int) -> torch.Tensor | None:
+                rows = slice(i, i + 1)
+                return self.runner.decode(self.cache, rows, tokens[rows], positions[rows])
+
+            def failed(i: int, exc: Exception) -> None:
+                log.warning("request %s failed in decode: %s", running[i].request_id, exc)
+                self._finish(running[i], "error", self._failure(exc))
+
+            each = one_by_one(list(range(batch)), alone, failed)
+            ok = [i for i, row in enumerate(each) if row is not None]
+            rows = [row for row in each if row is not None]
             logits = torch.cat(rows) if rows else tokens.new_zeros(0)
         self.cache.advance(1)
         self.stats.steps += 1
@@ -768,13 +785,12 @@ class Engine:
         try:
             texts = self.detokenizer.texts(going)
         except Exception:  # noqa: BLE001 - detokenize row by row to fail only the bad rows
-            texts = []
-            for seq in going:
-                try:
-                    texts.append(self.detokenizer.texts([seq])[0])
-                except Exception as exc:  # noqa: BLE001
-                    texts.append("")
-                    self._finish(seq, "error", f"cannot decode the output: {exc}")
+
+            def undecodable(seq: Sequence, exc: Exception) -> str:
+                self._finish(seq, "error", f"cannot decode the output: {exc}")
+                return ""
+
+            texts = one_by_one(going, lambda seq: self.detokenizer.texts([seq])[0], undecodable)
         for seq, text in zip(going, texts, strict=True):
             if seq.finished:
                 continue
@@ -792,34 +808,27 @@ class Engine:
         logprobs: dict[int, TokenLogprobs],
     ) -> torch.Tensor:
         """``pick_tokens`` row by row; a row that raises gets ``FAILED``."""
-        tokens = []
-        for j, seq in enumerate(seqs):
-            row = index[j : j + 1]
 
-            def seen(row: torch.Tensor = row) -> torch.Tensor:
-                return self.seen[row]
+        def alone(j: int) -> int:
+            own: dict[int, TokenLogprobs] = {}
+            token = pick_tokens(
+                logits[j : j + 1],
+                [seqs[j].params],
+                lambda: self.seen[index[j : j + 1]],
+                [len(seqs[j].output_ids)],
+                self.eos,
+                [seqs[j].generator],  # type: ignore[list-item]
+                own,
+            )[0]
+            if 0 in own:
+                logprobs[j] = own[0]
+            return int(token)
 
-            try:
-                own: dict[int, TokenLogprobs] = {}
-                tokens.append(
-                    int(
-                        pick_tokens(
-                            logits[j : j + 1],
-                            [seq.params],
-                            seen,
-                            [len(seq.output_ids)],
-                            self.eos,
-                            [seq.generator],  # type: ignore[list-item]
-                            own,
-                        )[0]
-                    )
-                )
-                if 0 in own:
-                    logprobs[j] = own[0]
-            except Exception:  # noqa: BLE001
-                log.exception("request %s failed choosing its next token", seq.request_id)
-                tokens.append(FAILED)
-        return torch.tensor(tokens)
+        def failed(j: int, exc: Exception) -> int:
+            log.error("request %s failed choosing its next token: %s", seqs[j].request_id, exc)
+            return FAILED
+
+        return torch.tensor(one_by_one(list(range(len(seqs))), alone, failed))
 
     def _advance(self, seq: Sequence, text: str) -> None:
         """Hand out what the newest token of ``seq`` adds to its ``text``, or finish it."""
