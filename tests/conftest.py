@@ -217,3 +217,35 @@ def word_data(tmp_path: Path):
         return train_file, held_file
 
     return make
+
+
+def start_serve(args: list[str], env: dict[str, str] | None = None):
+    """``softprompt serve ARGS`` in its own process, read up to its "playground at" line:
+    ``(process, base URL, the start-up lines)``. The caller stops the process."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "softprompt.cli", "serve", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    while not lines or "playground at" not in lines[-1]:
+        line = proc.stderr.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    return proc, lines[-1].split("playground at ")[1].strip().rstrip("/"), lines
+
+
+def with_chat_template(model_dir: Path, target: Path, template: str) -> Path:
+    """A copy of the model folder ``model_dir`` at ``target`` whose tokenizer has ``template``
+    as its chat template (for the CLI, which loads models from folders)."""
+    shutil.copytree(model_dir, target)
+    config_file = target / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = template
+    config_file.write_text(json.dumps(config))
+    return target

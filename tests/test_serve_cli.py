@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import httpx
 import pytest
 import torch
 
+from conftest import start_serve
 from softprompt.adapters import Adapter, adapter_config, write_adapter_files
 
 
@@ -31,20 +31,10 @@ def adapter_dir(tiny_model_dir: Path, tmp_path: Path) -> Path:
 
 def test_serve_prints_where_it_serves_and_answers(tiny_model_dir, adapter_dir):
     env = {**os.environ, "SOFTPROMPT_API_KEY": "k"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "softprompt.cli", "serve", "--model", str(tiny_model_dir)]
-        + ["--adapters", str(adapter_dir), "--port", "0"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+    proc, url, lines = start_serve(
+        ["--model", str(tiny_model_dir), "--adapters", str(adapter_dir), "--port", "0"], env
     )
     try:
-        lines = []
-        assert proc.stderr is not None
-        while not lines or "playground at" not in lines[-1]:
-            line = proc.stderr.readline()
-            assert line, "".join(lines)
-            lines.append(line)
         text = "".join(lines)
         assert "serving 2 models at http://127.0.0.1:" in text and "kind" in text
         # start-up says which CPU decode path runs and what the choice rests on
@@ -64,19 +54,8 @@ def test_serve_prints_where_it_serves_and_answers(tiny_model_dir, adapter_dir):
 
 def _start(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """``softprompt serve ARGS`` on a free port: the process and its base URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "softprompt.cli", "serve", "--port", "0", *args],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert proc.stderr is not None
-    lines: list[str] = []
-    while not lines or "playground at" not in lines[-1]:
-        line = proc.stderr.readline()
-        assert line, "".join(lines)
-        lines.append(line)
-    return proc, lines[-1].split("playground at ")[1].strip().rstrip("/")
+    proc, url, _ = start_serve(["--port", "0", *args], env)
+    return proc, url
 
 
 def test_sigterm_drains_then_aborts_what_is_still_running_and_exits_0(
@@ -232,20 +211,12 @@ def test_serve_named_adapters_beside_or_without_a_folder(tiny_model_dir, adapter
 
 def test_serving_beyond_loopback_without_a_key_warns_in_one_line(tiny_model_dir, adapter_dir):
     env = {k: v for k, v in os.environ.items() if k != "SOFTPROMPT_API_KEY"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "softprompt.cli", "serve", "--model", str(tiny_model_dir)]
-        + ["--adapters", str(adapter_dir), "--port", "0", "--host", "0.0.0.0"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+    proc, _, lines = start_serve(
+        ["--model", str(tiny_model_dir), "--adapters", str(adapter_dir)]
+        + ["--port", "0", "--host", "0.0.0.0"],
+        env,
     )
     try:
-        assert proc.stderr is not None
-        lines: list[str] = []
-        while not lines or "playground at" not in lines[-1]:
-            line = proc.stderr.readline()
-            assert line, "".join(lines)
-            lines.append(line)
         warnings = [line for line in lines if "warning" in line]
         assert len(warnings) == 1 and "no API key" in warnings[0], "".join(lines)
         assert "0.0.0.0" in warnings[0] and "SOFTPROMPT_API_KEY" in warnings[0]

@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import pinned
+from conftest import pinned, start_serve, with_chat_template
 from softprompt.engine import Engine, EngineConfig, SamplingParams
 from softprompt.server.app import ServerConfig, create_app
 from softprompt.server.run import ServerThread
@@ -194,38 +194,22 @@ def worst_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     """``softprompt serve`` in its own process, as users run it (the engine in its main thread),
     at the default body and message limits, with a queue of 16: (url, process)."""
     import os
-    import shutil
     import signal
-    import subprocess
-    import sys
 
     from test_server import CHAT_TEMPLATE
 
     assert ServerConfig(model_name="x").max_messages == WORST_MESSAGES  # the default
-    model = tmp_path_factory.mktemp("worst-model") / "tiny"
-    shutil.copytree(tiny_model_dir, model)
-    config_file = model / "tokenizer_config.json"
-    tokenizer_config = json.loads(config_file.read_text())
-    tokenizer_config["chat_template"] = CHAT_TEMPLATE
-    config_file.write_text(json.dumps(tokenizer_config))
+    model = with_chat_template(
+        tiny_model_dir, tmp_path_factory.mktemp("worst-model") / "tiny", CHAT_TEMPLATE
+    )
     folder = tmp_path_factory.mktemp("worst-adapters")
     _write_adapter(folder / "ad0", "ad0", 16, seed=3)
     env = {k: v for k, v in os.environ.items() if k != "SOFTPROMPT_API_KEY"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "softprompt.cli", "serve", "--model", str(model)]
-        + ["--adapters", str(folder), "--port", "0", "--poll-seconds", "0"]
+    proc, url, _ = start_serve(
+        ["--model", str(model), "--adapters", str(folder), "--port", "0", "--poll-seconds", "0"]
         + ["--max-batch-size", "8", "--max-tokens-cap", "64", "--max-queue", str(WORST_QUEUE)],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+        env,
     )
-    assert proc.stderr is not None
-    lines: list[str] = []
-    while not lines or "playground at" not in lines[-1]:
-        line = proc.stderr.readline()
-        assert line, "".join(lines)
-        lines.append(line)
-    url = lines[-1].split("playground at ")[1].strip().rstrip("/")
     try:
         yield url, proc
     finally:

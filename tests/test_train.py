@@ -6,6 +6,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from conftest import with_chat_template
 from softprompt.adapters import Adapter, load_adapter
 from softprompt.errors import UserError
 from softprompt.insight.evaluate import evaluate
@@ -217,17 +218,11 @@ def test_batching_and_weight_decay_are_applied_and_recorded(spm, tmp_path):
 @pytest.fixture(scope="module")
 def chat_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model with a chat template, as a folder the CLI can load."""
-    import shutil
-
     from test_formats import TEMPLATE
 
-    folder = tmp_path_factory.mktemp("chat-model") / "tiny"
-    shutil.copytree(tiny_model_dir, folder)
-    config_file = folder / "tokenizer_config.json"
-    config = json.loads(config_file.read_text())
-    config["chat_template"] = TEMPLATE
-    config_file.write_text(json.dumps(config))
-    return folder
+    return with_chat_template(
+        tiny_model_dir, tmp_path_factory.mktemp("chat-model") / "tiny", TEMPLATE
+    )
 
 
 ROWS = {

@@ -367,7 +367,7 @@ class Engine:
             with self._lock:
                 if self._stopping or self._drain_until is not None:
                     raise ShuttingDown("the server is shutting down and takes no new requests")
-                waiting = len(self._incoming) + len(self.scheduler.waiting)
+                waiting = self._waiting()
                 if max_queue is not None and waiting + len(seqs) > max_queue:
                     raise QueueFull(
                         f"the queue is full ({waiting} of {max_queue} places taken); retry later"
@@ -499,8 +499,12 @@ class Engine:
         if self.config.max_queue is None:
             return None
         with self._lock:
-            waiting = len(self._incoming) + len(self.scheduler.waiting)
+            waiting = self._waiting()
         return max(0, self.config.max_queue - waiting)
+
+    def _waiting(self) -> int:
+        """Requests queued, not yet running (the lock held)."""
+        return len(self._incoming) + len(self.scheduler.waiting)
 
     def load(self) -> dict[str, int]:
         """Requests in the running batch, and waiting for a place in it."""

@@ -51,8 +51,6 @@ class Lease:
     version: int = -1
     pins: int = 0
     removed: bool = False
-    source: Adapter | None = None
-    """The adapter given in memory (None: read from ``path``)."""
 
 
 class AdapterRegistry:
@@ -90,7 +88,7 @@ class AdapterRegistry:
                 raise RequestError(f"an adapter named {name!r} is already registered")
         if isinstance(source, Adapter):
             self._check(source)
-            entry = Lease(name, None, source, length=source.num_virtual_tokens, source=source)
+            entry = Lease(name, None, source, length=source.num_virtual_tokens)
         else:
             path = Path(source)
             # Read now to refuse a bad folder at once; read again when it becomes resident.
@@ -135,8 +133,8 @@ class AdapterRegistry:
                 raise RequestError(f"unknown adapter {name!r}")
             if entry.path is not None:
                 return entry.path
-            assert entry.source is not None  # one or the other, from add()
-            return entry.source
+            assert entry.adapter is not None  # given in memory: kept for good
+            return entry.adapter
 
     def resident(self) -> list[str]:
         """Names with a prefix in memory, least recently used first."""

@@ -150,7 +150,7 @@ def resolved(spm: SoftPromptModel, config: TrainConfig, tasks: Sequence[Task]) -
     ``RunConfig`` is already resolved."""
     if isinstance(config, RunConfig):
         return config
-    formats = [_format(t.texts) for t in tasks]
+    formats = [as_example(t.texts[0]).format if t.texts else "text" for t in tasks]
     fitted = None
     if config.max_length is None:
         fitted = fitting_length(spm, [text for t in tasks for text in t.texts])
@@ -158,11 +158,6 @@ def resolved(spm: SoftPromptModel, config: TrainConfig, tasks: Sequence[Task]) -
     return config.resolve(
         formats, fitted_length=fitted, source_tokens=counts.pop() if len(counts) == 1 else None
     )
-
-
-def _format(texts: Sequence[str | Example]) -> str:
-    first = texts[0] if texts else ""
-    return "text" if isinstance(first, str) else first.format
 
 
 class _Run:
