@@ -221,3 +221,15 @@ def test_a_stream_whose_client_leaves_before_its_first_byte_is_cancelled(limited
         assert sent and engine.stats.generated_tokens - made < 64  # cancelled, not run out
     finally:
         slow.undo()
+
+
+def test_unsupported_parameters_are_refused_by_name(limited):
+    url, _, _ = limited
+    with httpx.Client(base_url=url, timeout=30) as http:
+        bias = {"model": "tiny", "prompt": "hope", "logit_bias": {str(i): 1.0 for i in range(5000)}}
+        refused = http.post("/v1/completions", json=bias)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == "logit_bias"
+        tools = _chat(2, tools=[{"type": "function", "function": {"name": "f"}}])
+        refused = http.post("/v1/chat/completions", json=tools)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools"

@@ -184,11 +184,7 @@ class _Context:
 
     def _check_before_validation(self, endpoint: str, data: dict[str, Any]) -> None:
         """Refuse from the decoded JSON what a limit refuses whatever the rest holds: too many
-        messages or content parts, too many prompts x n, unsupported lists and maps."""
-        for name in ("logit_bias", "tools"):
-            if data.get(name):
-                self.metrics.request(endpoint, 400)
-                raise APIError(400, f"{name} is not supported by this server", param=name)
+        messages or content parts, too many prompts x n."""
         n = data.get("n", 1)
         n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
         if endpoint == "chat":
