@@ -880,8 +880,12 @@ class Engine:
         for source, target in self.scheduler.remove_finished():
             self.cache.move(source, target)
             self.seen[target] = self.seen[source]
-        if 0 < len(self.scheduler.running) < before:
-            self.cache.fit(len(self.scheduler.running))  # a long row that left: give it back
+        # A captured decode step attends over the cache's whole capacity: what a long row grew
+        # is given back when rows leave. Other paths attend up to ``end`` and keep the buffers
+        # (growing them again for every burst would cost more than they save).
+        give_back = self.runner.graphed is not None
+        if give_back and 0 < len(self.scheduler.running) < before:
+            self.cache.fit(len(self.scheduler.running))
         with self._lock:  # submissions add leases from other threads
             ended = [r for r, (seq, _) in self._leases.items() if seq.finished]
             done = [self._leases.pop(r) for r in ended]
@@ -889,6 +893,8 @@ class Engine:
             self.registry.release(lease)
         if not self.scheduler.running:
             self.cache.reset()
+            if give_back:
+                self.cache.fit(0)
 
     def _failure(self, exc: BaseException) -> str:
         """What to tell the one request the model failed on."""

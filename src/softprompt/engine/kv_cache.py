@@ -12,8 +12,8 @@ out. That keeps every decode step one batched forward with a shared write column
   the whole cache every step).
 
 Buffers start small and grow by doubling; when the write column reaches the capacity, columns no
-row uses any more are dropped first. When rows leave, what a long request grew is given back
-(``fit``): memory, and a captured decode step's work, follow the capacity. Tensors live on the
+row uses any more are dropped first. ``fit`` gives back what a long request grew, for a decode
+step captured over the whole capacity (the engine calls it when rows leave). Tensors live on the
 device and in the dtype they are made with, taken from the model.
 """
 
@@ -211,10 +211,9 @@ class SlotCache(Cache):
         self.end += query_length
 
     def reset(self) -> None:
-        """Forget every row; buffers grown past the initial capacity are given back."""
+        """Forget every row (the buffers are kept for reuse; ``fit(0)`` gives them back)."""
         self.end = 0
         self.valid.zero_()
-        self.fit(0)
 
     def fit(self, live: int) -> None:
         """After rows left: drop the columns no live row (slots ``0 .. live - 1``) uses, and
