@@ -1,5 +1,7 @@
-"""Write the bundled task sets ``examples:routing`` and ``examples:pirate``
-(``src/softprompt/examples/{routing,pirate}.{train,heldout}.jsonl``).
+"""Write the task suite: the bundled sets ``examples:routing``, ``pirate``, ``shelving``,
+``booking``, ``signoff`` and ``initials`` (``src/softprompt/examples/NAME.{train,heldout}.jsonl``;
+the last four are described in ``suite_sets.py``), and the unseen sets of
+``benchmarks/data/unseen/``, kept to check choices made on the suite.
 
 routing (prompt/completion, classification): customer messages to route to one of four teams
 named by opaque codes. The base model cannot guess a code from the message's topic, so
@@ -15,7 +17,7 @@ held-out reply opens that way is the measure (``softprompt eval --metric pattern
 it still holds the right fact shows the base model's knowledge kept. Held-out rows ask about
 entities no training row mentions. A fifth of the conversations have two exchanges.
 
-    python benchmarks/make_task_sets.py   # rewrites the two files, byte for byte the same
+    python benchmarks/make_task_sets.py   # rewrites every file, byte for byte the same
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import sys
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent / "src" / "softprompt" / "examples"
+UNSEEN = Path(__file__).resolve().parent / "data" / "unseen"
+"""Sets never used to choose a default: they check that the choices carry over."""
 PROMPT = "Route this customer message to its team code.\nMessage: {message}\nTeam code:"
 
 TEAMS = {
@@ -406,11 +411,25 @@ def pirate_rows() -> tuple[list[dict[str, object]], list[dict[str, object]]]:
 
 
 def main() -> None:
-    for name, (train, held) in (("routing", rows()), ("pirate", pirate_rows())):
-        for part, data in (("train", train), ("heldout", held)):
-            path = OUT / f"{name}.{part}.jsonl"
-            path.write_text("".join(json.dumps(r) + "\n" for r in data))
-            print(f"{path}: {len(data)} rows")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import suite_sets
+
+    bundled = {
+        "routing": rows(),
+        "pirate": pirate_rows(),
+        "shelving": suite_sets.shelving(),
+        "booking": suite_sets.booking(),
+        "signoff": suite_sets.signoff(),
+        "initials": suite_sets.initials(),
+    }
+    unseen = {"dispatch": suite_sets.dispatch(), "closing": suite_sets.closing()}
+    for folder, sets in ((OUT, bundled), (UNSEEN, unseen)):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, (train, held) in sets.items():
+            for part, data in (("train", train), ("heldout", held)):
+                path = folder / f"{name}.{part}.jsonl"
+                path.write_text("".join(json.dumps(r) + "\n" for r in data))
+                print(f"{path}: {len(data)} rows")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import torch
 from huggingface_hub import ModelCard
 
 from softprompt.tuning.init import init_prompt
-from softprompt.tuning.train import TrainConfig, save_trained, train
+from softprompt.tuning.save import save_trained
+from softprompt.tuning.train import TrainConfig, train
 
 TEXTS = ["be kind every day", "be kind and brave", "kind hope every day"] * 3
 

@@ -19,7 +19,8 @@ import torch
 from softprompt import files
 from softprompt.adapters import load_adapter
 from softprompt.errors import UserError
-from softprompt.tuning.train import TrainConfig, save_trained, train
+from softprompt.tuning.save import save_trained
+from softprompt.tuning.train import TrainConfig, train
 
 
 def _folder(path: Path, content: str) -> Path:
@@ -176,7 +177,7 @@ def test_a_failed_save_rescues_the_trained_prompt(
     spm, config, result = trained
     output = tmp_path / "adapters" / "tuned"
     target = {"staging": "staging_dir", "files": "write_adapter_files", "rename": "put_in_place"}
-    real = getattr(importlib.import_module("softprompt.tuning.train"), target[where])
+    real = getattr(importlib.import_module("softprompt.tuning.save"), target[where])
 
     def fail(path, *args, **kwargs):
         # The output's file system fails; the rescue folder's (the cache's) does not.
@@ -184,7 +185,7 @@ def test_a_failed_save_rescues_the_trained_prompt(
             raise OSError(code, os.strerror(code))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(f"softprompt.tuning.train.{target[where]}", fail)
+    monkeypatch.setattr(f"softprompt.tuning.save.{target[where]}", fail)
     with pytest.raises(UserError, match=words) as caught:
         save_trained(spm, "tuned", output, config, result)
     message = str(caught.value)
@@ -202,7 +203,7 @@ def test_a_save_that_cannot_go_anywhere_says_so(trained, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("softprompt.tuning.train.write_adapter_files", fail)
+    monkeypatch.setattr("softprompt.tuning.save.write_adapter_files", fail)
     with pytest.raises(UserError, match="could not be saved anywhere else"):
         save_trained(spm, "tuned", tmp_path / "out", config, result)
 
@@ -210,13 +211,13 @@ def test_a_save_that_cannot_go_anywhere_says_so(trained, tmp_path, monkeypatch):
 RESCUE_CLI = textwrap.dedent(
     """
     import errno, os, sys
-    import softprompt.tuning.train
+    import softprompt.tuning.save
     from softprompt.cli import main
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    softprompt.tuning.train.put_in_place = full
+    softprompt.tuning.save.put_in_place = full
     sys.exit(main(sys.argv[1:]))
     """
 )

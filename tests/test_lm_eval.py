@@ -158,7 +158,8 @@ def test_lm_eval_hf_with_peft_scores_a_softprompt_adapter_as_softprompt_does(
 
     from softprompt.models import load_base_model
     from softprompt.tuning.init import init_prefix, init_prompt
-    from softprompt.tuning.train import TrainConfig, save_trained, train
+    from softprompt.tuning.save import save_trained
+    from softprompt.tuning.train import TrainConfig, train
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     base = load_base_model(str(tiny_model_dir))

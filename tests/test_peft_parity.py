@@ -9,7 +9,8 @@ from softprompt.adapters import load_adapter
 from softprompt.insight.evaluate import evaluate
 from softprompt.models import load_base_model
 from softprompt.rows import training_rows
-from softprompt.tuning.train import TrainConfig, save_trained, train
+from softprompt.tuning.save import save_trained
+from softprompt.tuning.train import TrainConfig, train
 
 peft = pytest.importorskip("peft")
 

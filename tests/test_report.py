@@ -17,7 +17,8 @@ from softprompt.insight.compare import compare, to_markdown
 from softprompt.insight.inspection import inspect_adapter
 from softprompt.insight.report import AdapterInfo, build_report, check_writable, write_report
 from softprompt.tuning.init import init_prompt
-from softprompt.tuning.train import TrainConfig, save_trained, train
+from softprompt.tuning.save import save_trained
+from softprompt.tuning.train import TrainConfig, train
 
 KIND = ["be kind every day", "be kind and brave", "kind hope every day"] * 3
 RIVER = ["the river and the mountain", "light on the river", "the mountain river"] * 3

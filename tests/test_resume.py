@@ -242,7 +242,7 @@ def test_resume_continues_an_interrupted_overwrite_and_refuses_other_arithmetic(
     """A run started with --overwrite over an existing adapter and stopped before its save can
     be resumed (the checkpoint describes it); another --dtype, or a checkpoint from a version
     with other settings, is refused in one line."""
-    from softprompt.tuning import checkpoint, train
+    from softprompt.tuning import checkpoint, run
 
     out = tmp_path / "run"
     base, _ = _short_run(tiny_model_dir, out, word_data)
@@ -254,7 +254,7 @@ def test_resume_continues_an_interrupted_overwrite_and_refuses_other_arithmetic(
 
     with monkeypatch.context() as patch:
         patch.setattr(checkpoint, "remove", lambda path: None)
-        patch.setattr(train, "save_trained", interrupted)
+        patch.setattr(run, "save_trained", interrupted)
         stopped = cli_main(*base, "--overwrite", "--lr", "0.2")
     assert stopped.returncode == 130 and (checkpoint_dir(out) / STATE_FILE).is_file()
     assert torch.equal(load_adapter(out).weights, before)  # the old adapter is still there

@@ -11,7 +11,8 @@ from softprompt.adapters import Adapter, load_adapter
 from softprompt.errors import UserError
 from softprompt.insight.evaluate import evaluate
 from softprompt.tuning.init import init_prompt
-from softprompt.tuning.train import TrainConfig, save_trained, train, trainable_summary
+from softprompt.tuning.save import save_trained
+from softprompt.tuning.train import TrainConfig, train, trainable_summary
 
 TEXTS = [
     "be kind every day",
@@ -89,7 +90,7 @@ def test_failed_save_leaves_nothing(spm, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("softprompt.tuning.train.write_model_card", broken)
+    monkeypatch.setattr("softprompt.tuning.save.write_model_card", broken)
     with pytest.raises(RuntimeError):
         save_trained(spm, "tuned", tmp_path / "out", config, result)
     assert list(tmp_path.iterdir()) == []
@@ -276,3 +277,45 @@ def test_the_cli_and_the_python_api_resolve_the_same_settings(
     assert cli["group_by_length"] is (not task_data)
     assert cli["lr"] == (3e-2 if method == "prompt" else 1e-2)
     assert cli["max_length"] < 64  # fitted to the data on the model, not the fallback
+
+
+def test_a_python_run_plans_and_saves_as_the_cli_does(chat_model_dir, tmp_path, cli_main):
+    # The orchestration lives in the library (tuning.run): a run planned and run from Python
+    # reads the same held-out split, decides the same settings and writes the same adapter
+    # folder as `softprompt train` given the same request.
+    import softprompt
+    from softprompt.models import load_base_model
+    from softprompt.prompt import SoftPromptModel
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS["completion"] * 4))
+    by_cli = tmp_path / "cli"
+    done = cli_main(
+        "train", "--model", str(chat_model_dir), "--data", str(data), "--epochs", "1",
+        "--output", str(by_cli), "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+    by_api = tmp_path / "api"
+    request = softprompt.RunRequest(
+        tasks=[softprompt.TaskSource(by_api.name, str(data), by_api)],
+        config=TrainConfig(epochs=1),
+        output=by_api,
+    )
+    plan = softprompt.plan_training(
+        request, lambda: SoftPromptModel(load_base_model(str(chat_model_dir)))
+    )
+    trained = softprompt.run_training(plan, progress=False)
+    assert [t.task.output for t in trained] == [by_api]
+    cli_record = json.loads((by_cli / "training_config.json").read_text())
+    api_record = json.loads((by_api / "training_config.json").read_text())
+    assert api_record == cli_record
+    assert (by_api / "heldout.jsonl").read_text() == (by_cli / "heldout.jsonl").read_text()
+    cli_log = json.loads((by_cli / "loss_log.json").read_text())
+    api_log = json.loads((by_api / "loss_log.json").read_text())
+    assert [e["loss"] for e in api_log["evals"]] == pytest.approx(
+        [e["loss"] for e in cli_log["evals"]], rel=1e-5
+    )
+    # The same request again is refused: the output is an adapter the user made.
+    with pytest.raises(softprompt.UserError, match="--overwrite"):
+        softprompt.plan_training(request, lambda: pytest.fail("loaded the model"))

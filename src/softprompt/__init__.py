@@ -20,7 +20,9 @@ if TYPE_CHECKING:  # the same names, seen statically (type checkers, IDEs, the A
     from .prompt import SoftPromptModel
     from .tuning.config import TrainConfig, TrainResult
     from .tuning.init import init_prompt
-    from .tuning.train import save_trained, train
+    from .tuning.run import RunRequest, TaskSource, plan_training, run_training
+    from .tuning.save import save_trained
+    from .tuning.train import train
 
 # Public names and the module of each. They load on first use, so that `softprompt --help`
 # does not pay for importing torch.
@@ -41,8 +43,12 @@ _EXPORTS = {
     "load_adapter": "adapters",
     "TrainConfig": "tuning.config",
     "TrainResult": "tuning.config",
-    "save_trained": "tuning.train",
+    "save_trained": "tuning.save",
     "train": "tuning.train",
+    "RunRequest": "tuning.run",
+    "TaskSource": "tuning.run",
+    "plan_training": "tuning.run",
+    "run_training": "tuning.run",
 }
 
 
@@ -60,8 +66,10 @@ __all__ = [
     "EngineConfig",
     "Request",
     "RequestError",
+    "RunRequest",
     "SamplingParams",
     "SoftPromptModel",
+    "TaskSource",
     "TrainConfig",
     "TrainResult",
     "UserError",
@@ -70,6 +78,8 @@ __all__ = [
     "init_prompt",
     "load_adapter",
     "load_base_model",
+    "plan_training",
+    "run_training",
     "save_trained",
     "train",
 ]

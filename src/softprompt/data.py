@@ -32,6 +32,11 @@ EXAMPLES = {
     "routing": ("routing", "completion"),
     # chat: an assistant that answers in a pirate's voice (benchmarks/make_task_sets.py)
     "pirate": ("pirate", "messages"),
+    # the rest of the task suite (benchmarks/suite_sets.py)
+    "shelving": ("shelving", "completion"),  # book blurbs to 5 opaque shelf codes
+    "booking": ("booking", "completion"),  # a booking reference among other codes: exact match
+    "signoff": ("signoff", "messages"),  # answers that must end with a fixed closing line
+    "initials": ("initials", "completion"),  # a phrase's initials: exact match
 }
 LOCAL_FORMATS = {
     ".jsonl": "json",
@@ -88,6 +93,10 @@ class Example:
 
 def as_example(item: str | Example) -> Example:
     return item if isinstance(item, Example) else Example(completion=item)
+
+
+KINDS = {"text": "texts", "completion": "prompt/completion examples", "chat": "conversations"}
+"""Each data format's examples, as messages name them."""
 
 
 @dataclass

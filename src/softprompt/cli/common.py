@@ -79,7 +79,6 @@ def add_adapters(spm: Any, adapters: list[Any]) -> list[str]:
     return [a.name for a in adapters]
 
 
-KINDS = {"text": "texts", "completion": "prompt/completion examples", "chat": "conversations"}
 COVERS = {"completion": "completions", "chat": "assistant turns"}
 
 

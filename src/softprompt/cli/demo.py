@@ -27,7 +27,8 @@ from ..models import load_base_model
 from ..prompt import SoftPromptModel
 from ..tuning.config import TrainConfig
 from ..tuning.init import init_prompt
-from ..tuning.train import save_trained, train, trainable_summary
+from ..tuning.save import save_trained
+from ..tuning.train import train, trainable_summary
 
 GUIDE_PROMPTS = [
     "I want you to act as a motivational coach. ",

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from .common import (
-    KINDS,
     add_adapters,
     fields_of,
     generate_config,
@@ -135,7 +134,7 @@ def _task_plan(
 def _eval_runs(args: argparse.Namespace, datasets: list[Any]) -> list[list[tuple[Any, Any]]]:
     """Per dataset, the base model's runs: ``(context, examples)``, zero-shot first, then with
     ``--instruction`` and ``--few-shot K`` shots (the baselines an adapter is judged against)."""
-    from ..data import heldout_source, load_texts
+    from ..data import KINDS, heldout_source, load_texts
     from ..insight.scoring import in_context, pick_shots, task_rows
 
     runs = []

@@ -1,5 +1,5 @@
-"""The ``softprompt`` command line: one function per command adds its arguments; the
-helpers shared by several commands (model, adapters, data, tasks, generation) follow.
+"""The ``softprompt`` command line: one function per command adds its arguments (the flags
+several commands share are in ``args.py``).
 
 ``docs/cli.md`` is written from this parser at build time.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..device import DTYPES, device_name
+from . import args
 from . import evaluation as eval_cmds
 from . import generation as gen_cmds
 from . import sharing as share_cmds
@@ -74,7 +74,7 @@ def add_demo(sub: Commands) -> None:
         help="replace role-prompts/, quotes/, report.html and summary.json in --output even "
         "when an earlier demo did not write them",
     )
-    _model_arg(demo)
+    args.model_arg(demo)
     demo.set_defaults(func=train_cmds.cmd_demo)
 
 
@@ -104,8 +104,8 @@ def add_train(sub: Commands) -> None:
         required=True,
         help="adapter folder to write (with --task: the folder that gets one per task)",
     )
-    _model_arg(train)
-    _data_args(train)
+    args.model_arg(train)
+    args.data_args(train)
     train.add_argument(
         "--eval-data",
         help="held-out data (default: the bundled held-out part "
@@ -221,8 +221,8 @@ def add_generate(sub: Commands) -> None:
         "none); --requests gives one adapter per prompt. Rows with different "
         "adapters share batches.",
     )
-    _model_arg(gen)
-    _adapter_args(gen)
+    args.model_arg(gen)
+    args.adapter_args(gen)
     gen.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     gen.add_argument(
         "--chat",
@@ -242,7 +242,7 @@ def add_generate(sub: Commands) -> None:
         action="store_true",
         help="with --prompt, also run each prompt on the base model",
     )
-    _generation_args(gen)
+    args.generation_args(gen)
     gen.add_argument(
         "--batch-size",
         type=int,
@@ -265,9 +265,9 @@ def add_eval(sub: Commands) -> None:
         "assistant turn: the conversation before it is the prompt, in the chat template.",
     )
     ev.add_argument("--data", action="append", required=True, help="dataset (repeatable)")
-    _adapter_args(ev)
-    _model_arg(ev)
-    _data_args(ev)
+    args.adapter_args(ev)
+    args.model_arg(ev)
+    args.data_args(ev)
     ev.add_argument("--batch-size", type=int, default=16, help="default: %(default)s")
     ev.add_argument(
         "--max-length",
@@ -275,7 +275,7 @@ def add_eval(sub: Commands) -> None:
         help="text tokens per example, EOS included (default: what the longest text needs, up "
         "to 256)",
     )
-    _task_args(ev, ("loss", "choice", "exact", "pattern"))
+    args.task_args(ev, ("loss", "choice", "exact", "pattern"))
     ev.add_argument(
         "--max-new-tokens",
         type=int,
@@ -294,9 +294,9 @@ def add_compare(sub: Commands) -> None:
         "rows of one prompt in one mixed batch.",
     )
     cmp.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
-    _adapter_args(cmp)
-    _model_arg(cmp)
-    _generation_args(cmp)
+    args.adapter_args(cmp)
+    args.model_arg(cmp)
+    args.generation_args(cmp)
     style = cmp.add_mutually_exclusive_group()
     style.add_argument("--json", action="store_true", help="print JSON")
     style.add_argument("--markdown", action="store_true", help="print Markdown tables")
@@ -311,7 +311,7 @@ def add_inspect(sub: Commands) -> None:
         "(Lester et al. 2021, section 7) and its norm against the vocabulary's norms.",
     )
     ins.add_argument("adapter", metavar="ADAPTER", help="adapter folder")
-    _model_arg(ins)
+    args.model_arg(ins)
     ins.add_argument("--top-k", type=int, default=5, help="default: %(default)s")
     ins.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
     ins.add_argument("--json", action="store_true", help="print JSON")
@@ -327,7 +327,7 @@ def add_report(sub: Commands) -> None:
         "--metric, a task section too: the base model zero-shot (and with --instruction, "
         "--few-shot) beside each adapter, and each confusion matrix as a heatmap.",
     )
-    _adapter_args(rep, required=True)
+    args.adapter_args(rep, required=True)
     rep.add_argument(
         "--data",
         action="append",
@@ -346,10 +346,10 @@ def add_report(sub: Commands) -> None:
         action="store_true",
         help="replace --output even if it is not an earlier softprompt report",
     )
-    _model_arg(rep)
-    _data_args(rep)
-    _generation_args(rep, max_new_tokens=40, repetition_penalty=1.5)
-    _task_args(rep, ("choice", "exact", "pattern"))
+    args.model_arg(rep)
+    args.data_args(rep)
+    args.generation_args(rep, max_new_tokens=40, repetition_penalty=1.5)
+    args.task_args(rep, ("choice", "exact", "pattern"))
     rep.add_argument(
         "--max-length",
         type=int,
@@ -368,7 +368,7 @@ def add_serve(sub: Commands) -> None:
         "named after the folder; the base model is served under its own name. Folders added "
         "or removed later are picked up without a restart.",
     )
-    _model_arg(srv)
+    args.model_arg(srv)
     srv.add_argument(
         "--adapters",
         metavar="DIR",
@@ -470,7 +470,7 @@ def add_embeds(sub: Commands) -> None:
     )
     emb.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     emb.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
-    _model_arg(emb)
+    args.model_arg(emb)
     emb.set_defaults(func=gen_cmds.cmd_embeds)
 
 
@@ -496,143 +496,3 @@ def add_push(sub: Commands) -> None:
     )
     push.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
     push.set_defaults(func=share_cmds.cmd_push)
-
-
-def _model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", help="Hub id or local folder (default: the embedded SmolLM2-135M-Instruct)"
-    )
-    p.add_argument(
-        "--device",
-        type=device_name,
-        default="auto",
-        help="auto, cpu, cuda or cuda:N (default: auto, a CUDA GPU when PyTorch sees one)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="auto",
-        help="the base model's precision; auto: bfloat16 on a GPU that has it, else float32 "
-        "(prompt rows and saved adapters are float32 either way)",
-    )
-
-
-def _adapter_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument(
-        "--adapter",
-        action="append",
-        default=None if required else [],
-        required=required,
-        metavar="DIR",
-        help="adapter folder (repeatable)",
-    )
-    p.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
-
-
-def _task_args(p: argparse.ArgumentParser, metrics: tuple[str, ...]) -> None:
-    """Task metrics and the base model's baselines (eval and report)."""
-    p.add_argument(
-        "--metric",
-        action="append",
-        choices=metrics,
-        help=("loss (default); " if "loss" in metrics else "")
-        + "choice: each candidate completion ranked by its log-likelihood "
-        "after the prompt, as lm-evaluation-harness does; exact: greedy completion equal to the "
-        "reference, case and whitespace aside; pattern: greedy completion in which --pattern is "
-        "found (repeatable)",
-    )
-    p.add_argument(
-        "--choices",
-        metavar="A,B,C",
-        help="candidates for --metric choice (default: the distinct completions of the data)",
-    )
-    p.add_argument(
-        "--choices-field",
-        metavar="FIELD",
-        help="field with each row's own candidates for --metric choice (a list of texts)",
-    )
-    p.add_argument(
-        "--pattern",
-        metavar="REGEX",
-        help="for --metric pattern: a Python regular expression searched in each greedy "
-        "completion; ^ anchors it at the start (e.g. '^Arr, matey!')",
-    )
-    p.add_argument(
-        "--few-shot",
-        type=int,
-        default=0,
-        metavar="K",
-        help="also run the base model with K examples in context before each prompt (chat: as "
-        "earlier turns), balanced over the completions, fixed seed: the baseline a prompt must "
-        "beat (default: 0)",
-    )
-    p.add_argument(
-        "--shots-from",
-        metavar="DATA",
-        help="where --few-shot examples come from (default: the training part of a bundled "
-        "held-out set, or the training data of an --adapter that records --data as its "
-        "held-out data); evaluated rows are never shots",
-    )
-    p.add_argument(
-        "--instruction",
-        metavar="TEXT",
-        help="also run the base model with TEXT before each prompt (chat: as a system message; "
-        "zero-shot with an instruction; with --few-shot, before the shots too)",
-    )
-
-
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--text-field", help="field holding the text (default: 'text' or the only string field)"
-    )
-    p.add_argument(
-        "--prompt-field",
-        help="field of a prompt/completion dataset's prompts (default: 'prompt'); data with "
-        "prompts and completions is scored on the completions only",
-    )
-    p.add_argument(
-        "--completion-field",
-        help="field of a prompt/completion dataset's completions (default: 'completion')",
-    )
-    p.add_argument(
-        "--messages-field",
-        help="field of a chat dataset's conversations, lists of {role, content} (default: "
-        "'messages'); rendered with the model's chat template, scored on the assistant turns",
-    )
-    p.add_argument("--max-samples", type=int, help="use at most this many texts")
-
-
-def _generation_args(
-    p: argparse.ArgumentParser, max_new_tokens: int = 64, repetition_penalty: float = 1.0
-) -> None:
-    p.add_argument(
-        "--max-new-tokens", type=int, default=max_new_tokens, help="default: %(default)s"
-    )
-    p.add_argument(
-        "--repetition-penalty", type=float, default=repetition_penalty, help="default: %(default)s"
-    )
-    p.add_argument(
-        "--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)"
-    )
-    p.add_argument("--top-p", type=float, default=1.0, help="default: %(default)s")
-    p.add_argument(
-        "--min-new-tokens",
-        type=int,
-        default=0,
-        help="no end-of-sequence before this many new tokens (default: %(default)s)",
-    )
-    p.add_argument(
-        "--stop",
-        action="append",
-        default=[],
-        metavar="TEXT",
-        help="end a completion before this text (repeatable)",
-    )
-    p.add_argument(
-        "--ignore-eos",
-        action="store_true",
-        help="keep going past end-of-sequence up to --max-new-tokens",
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of each sampled request (default: %(default)s)"
-    )

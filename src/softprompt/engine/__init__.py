@@ -10,7 +10,9 @@ Split as nano-vllm splits its engine, each part plain and testable alone:
 - ``engine``: ties them together (submit, stream, cancel, step, a background thread).
 """
 
-from .engine import Engine, EngineConfig, EngineStats, RequestHandle, eos_ids
+from .batch import EngineStats
+from .config import EngineConfig
+from .engine import Engine, RequestHandle, eos_ids
 from .registry import AdapterRegistry, Prefix
 from .sampling import RequestError, SamplingParams
 from .sequence import Completion, Output

@@ -2,10 +2,9 @@
 
 The lean forward has switches whose worth depends on the CPU: how its linear layers run
 (oneDNN on packed weights; MKL's sgemm on weights packed for a full decode batch,
-``PackedLinear.full_batch``, 15% faster than oneDNN on the Intel machine it was written on, 2x
-slower on an AMD EPYC Zen 4, where MKL's fast paths do not run; or the C kernel's panel linear,
-``cpu_kernels.py``, 1.3x faster than oneDNN over the model's layers on an AMD EPYC Zen 3 with
-AVX2) and the fused C kernels for attention, RMSNorm and SwiGLU. ``tune`` times a few full
+``PackedLinear.full_batch``; or the C kernel's panel linear, ``cpu_kernels.py``) and the fused C
+kernels for attention, RMSNorm and SwiGLU. Which is fastest differs between CPUs (figures in
+docs/benchmarks/engine.md), so it is measured, not assumed. ``tune`` times a few full
 decode steps of the real model on each combination and keeps the fastest. The decision is
 cached in ``$SOFTPROMPT_CACHE/engine-paths.json`` under a key of the CPU (model name and the
 instruction-set flags that matter), the torch version, the thread count, the model's shape and

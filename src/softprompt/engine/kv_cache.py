@@ -96,8 +96,8 @@ class SlotCache(Cache):
         """A zeroed ``(S, H, C, Dh)`` buffer; on the CPU keys are laid out ``(S, H, Dh, C)``.
 
         Attention multiplies queries by the transposed keys; with keys stored transposed that
-        product reads them in their natural order (5x faster on the CPU than a transposed
-        operand of odd width). Every index below works on the ``(S, H, C, Dh)`` view either way.
+        product reads them in their natural order (a transposed operand of odd width is slow on
+        the CPU). Every index below works on the ``(S, H, C, Dh)`` view either way.
         On a GPU the plain layout stays: cuBLAS reads a transposed operand at full speed, and
         fused attention kernels want the head dimension contiguous.
         Zeros, not empty: masked columns are multiplied by a zero weight, and 0 * NaN is NaN.

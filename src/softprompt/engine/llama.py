@@ -283,9 +283,9 @@ class _Attention:
 
     Two batched products per layer, with the mask as an additive bias shared by every layer:
     ``(B·KV, G·q, Dh) @ (B·KV, Dh, kv)`` groups the G query heads of each key/value head (on the
-    CPU, 3x faster than ``scaled_dot_product_attention`` at a 64-row prefill, and reading keys
-    in their stored order). When the scores would be large (long prompts), and for every
-    prefill on a GPU (where its fused kernels win), it runs ``scaled_dot_product_attention``.
+    CPU faster than ``scaled_dot_product_attention``, and reading keys in their stored order).
+    When the scores would be large (long prompts), and for every prefill on a GPU (where its
+    fused kernels win), it runs ``scaled_dot_product_attention``.
     Below float32 the softmax is taken in float32.
     """
 

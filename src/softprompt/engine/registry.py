@@ -39,8 +39,10 @@ class Prefix:
 
 
 @dataclass(eq=False)
-class Lease:
-    """A request's hold on a resident adapter; give it back with ``AdapterRegistry.release``."""
+class AdapterEntry:
+    """One named adapter in the registry: where its rows come from (a folder, or given in
+    memory), its prefix once computed, and how many requests pin it. ``claim`` pins it and
+    hands it to the request (its lease); ``release`` gives the hold back."""
 
     name: str
     path: Path | None
@@ -73,8 +75,8 @@ class AdapterRegistry:
         self._build = build_prefixes
         self._check = check
         self.max_resident = max_resident
-        self._entries: dict[str, Lease] = {}
-        self._resident: OrderedDict[str, Lease] = OrderedDict()
+        self._entries: dict[str, AdapterEntry] = {}
+        self._resident: OrderedDict[str, AdapterEntry] = OrderedDict()
         self._lock = threading.RLock()
 
     def add(self, name: str, source: Adapter | str | Path) -> None:
@@ -88,12 +90,12 @@ class AdapterRegistry:
                 raise RequestError(f"an adapter named {name!r} is already registered")
         if isinstance(source, Adapter):
             self._check(source)
-            entry = Lease(name, None, source, length=source.num_virtual_tokens)
+            entry = AdapterEntry(name, None, source, length=source.num_virtual_tokens)
         else:
             path = Path(source)
             # Read now to refuse a bad folder at once; read again when it becomes resident.
             length = self._read(name, path).num_virtual_tokens
-            entry = Lease(name, path, None, length=length)
+            entry = AdapterEntry(name, path, None, length=length)
         with self._lock:
             self._entries[name] = entry
 
@@ -153,7 +155,7 @@ class AdapterRegistry:
                 total += entry.adapter.weights.numel() * entry.adapter.weights.element_size()
         return total
 
-    def claim(self, name: str) -> Lease:
+    def claim(self, name: str) -> AdapterEntry:
         """Pin ``name`` for a request from its submission; its rows are read now if they are not
         in memory, so a later removal of the adapter (or its folder) cannot fail the request.
         ``prepare`` computes the prefix when the request runs; ``release`` ends the hold.
@@ -179,7 +181,7 @@ class AdapterRegistry:
                 entry.adapter = adapter
         return entry
 
-    def prepare(self, lease: Lease) -> None:
+    def prepare(self, lease: AdapterEntry) -> None:
         """Compute a claimed adapter's prefix if it is missing or stale, and mark it resident.
 
         Raises:
@@ -192,13 +194,13 @@ class AdapterRegistry:
                 self._resident.move_to_end(lease.name)
             self._evict()
 
-    def warm(self, leases: Iterable[Lease]) -> None:
+    def warm(self, leases: Iterable[AdapterEntry]) -> None:
         """Compute in one batched run the prefixes that ``leases`` lack, for the ``prepare``
         calls that follow (joining requests of several new adapters then cost one forward, not
         one each). Any failure is left for ``prepare`` to meet, one adapter at a time."""
         with self._lock:
             entries = list({id(lease): lease for lease in leases}.values())
-        todo: list[tuple[Lease, Adapter, int]] = []
+        todo: list[tuple[AdapterEntry, Adapter, int]] = []
         for entry in entries:
             try:
                 stale = self._stale(entry)
@@ -215,7 +217,7 @@ class AdapterRegistry:
         for (entry, _, version), prefix in zip(todo, prefixes, strict=True):
             entry.prefix, entry.version = prefix, version
 
-    def release(self, lease: Lease) -> None:
+    def release(self, lease: AdapterEntry) -> None:
         """Give back one request's hold; a removed adapter is freed with its last hold."""
         with self._lock:
             lease.pins = max(0, lease.pins - 1)
@@ -231,13 +233,13 @@ class AdapterRegistry:
                 lease.adapter = None  # claimed but never run: its rows are read again if needed
             self._evict()
 
-    def _ensure(self, entry: Lease) -> None:
+    def _ensure(self, entry: AdapterEntry) -> None:
         stale = self._stale(entry)
         if stale is not None:
             adapter, version = stale
             entry.prefix, entry.version = self._build([adapter])[0], version
 
-    def _stale(self, entry: Lease) -> tuple[Adapter, int] | None:
+    def _stale(self, entry: AdapterEntry) -> tuple[Adapter, int] | None:
         """The adapter (read from its folder if needed) and its rows' version, when its prefix
         is missing or older than its rows; None when the prefix is current."""
         if entry.adapter is None:

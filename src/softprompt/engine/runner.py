@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,42 +38,49 @@ from .sampling import RequestError
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class DecodeSwitches:
+    """How the runner's decode steps run; a switch left at None is decided on the machine at
+    hand (``autotune.py`` measures and caches what it can)."""
+
+    packed_weights: bool | None = None
+    """Linear layers on packed weights (CPU float32 only; None: when that applies):
+    Llama-family models through the lean forward of ``llama.py``, others through a shadow of
+    the model (``packed.py``)."""
+    graphs: bool | None = None
+    """Decode steps of fixed shape (``graphs.py``), recorded as CUDA graphs on a GPU (None: on
+    a GPU, where the lean forward applies); on the CPU they run eagerly."""
+    full_batch_pack: bool | None = None
+    """With packed weights, a second copy packed for MKL at the largest batch, for full decode
+    batches (None: if measured faster; False: never packed)."""
+    cpu_kernels: bool | None = None
+    """Decode steps of the lean forward on the CPU run the fused C kernels of
+    ``cpu_kernels.py`` (None: where they build and are measured faster; True fails if they do
+    not build)."""
+    panel_linear: bool | None = None
+    """Linear layers on the C kernel's panel layout instead of oneDNN/MKL (None: if measured
+    faster, with the fused kernels; only that copy of the weights is kept)."""
+    tune: bool = True
+    """Measure the undecided switches (else: MKL off, the kernels on where they build)."""
+    retune: bool = False
+    """Measure again even when this machine has a decision cached."""
+
+
 class ModelRunner:
     """Args:
     model: the caller's model; it is never changed.
-    pack: run linear layers on packed weights (CPU float32 only; ``None``: when that
-        applies): Llama-family models through the lean forward of ``llama.py``, others through
-        a shadow of the model (``packed.py``).
-    full_batch: with packing, also pack the weights for MKL at this many rows (a full decode
-        batch), see ``PackedLinear``.
-    graphs: run decode steps of fixed shape (``graphs.py``), recorded as CUDA graphs on a GPU
-        (``None``: on a GPU, where the lean forward applies); on the CPU they run eagerly.
-    max_batch: rows of the largest decode step (for ``graphs``).
-    cpu_kernels: decode steps of the lean forward on the CPU run the fused C kernels of
-        ``cpu_kernels.py`` (``None``: where they build and are measured faster; ``True`` fails
-        if they do not build).
-    full_batch_pack: whether a full batch runs on MKL's copy (``None``: if measured faster;
-        the weights for it are packed only then).
-    tune: measure the undecided switches (else: MKL off, the kernels on where they build).
-    panel_linear: linear layers on the C kernel's panel layout instead of oneDNN/MKL (``None``:
-        if measured faster, with the fused kernels; only that copy of the weights is kept).
+    switches: how decode steps run (``DecodeSwitches``).
+    max_batch: rows of the largest decode step (for graphs, and MKL's full-batch copy).
     """
 
     def __init__(
-        self,
-        model: Any,
-        pack: bool | None = None,
-        full_batch: int | None = None,
-        graphs: bool | None = None,
-        max_batch: int = 32,
-        cpu_kernels: bool | None = None,
-        full_batch_pack: bool | None = None,
-        tune: bool = True,
-        panel_linear: bool | None = None,
-        retune: bool = False,
-    ):
-        self._kernels_forced = cpu_kernels
-        self._panels_forced = panel_linear
+        self, model: Any, switches: DecodeSwitches | None = None, max_batch: int = 32
+    ) -> None:
+        switches = switches or DecodeSwitches()
+        self.switches = switches
+        full_batch = None if switches.full_batch_pack is False else max_batch
+        graphs, cpu_kernels = switches.graphs, switches.cpu_kernels
+        pack = switches.packed_weights
         if pack is None:
             pack = can_pack(model)
         self.packed = bool(pack)
@@ -113,8 +121,10 @@ class ModelRunner:
         self.device = embedding.weight.device
         self.dtype = embedding.weight.dtype
         if self.lean is not None and self.packed:
-            retune = retune or os.environ.get(ENV_RETUNE) == "1"
-            self.decode_path = self._choose_decode_path(full_batch, full_batch_pack, tune, retune)
+            retune = switches.retune or os.environ.get(ENV_RETUNE) == "1"
+            self.decode_path = self._choose_decode_path(
+                full_batch, switches.full_batch_pack, switches.tune, retune
+            )
 
     def _choose_decode_path(
         self, full_batch: int | None, full_batch_pack: bool | None, tune: bool, retune: bool
@@ -131,10 +141,11 @@ class ModelRunner:
             mkl = [True, False] if wanted is None and tune else [bool(wanted)]
         fused = [False]
         if kernels is not None:
-            wanted = forced(ENV, None) if self._kernels_forced is None else self._kernels_forced
+            forced_kernels = self.switches.cpu_kernels
+            wanted = forced(ENV, None) if forced_kernels is None else forced_kernels
             fused = [True, False] if wanted is None and tune else [wanted is not False]
         candidates = [DecodePath(m, k) for m in mkl for k in fused]
-        panels = forced(ENV_PANELS, self._panels_forced)
+        panels = forced(ENV_PANELS, self.switches.panel_linear)
         if panels and kernels is None:
             raise RuntimeError(
                 "the panel linears were asked for but the CPU kernels are not available"

@@ -30,10 +30,10 @@ from .jobs import EventStream, Job, Outputs, chat_prompt, engine_prompts, output
 from .metrics import Metrics
 from .middleware import BodyLimit, HostCheck, KeyGuard, WatchLoop, key_matches, wrong_key
 from .protocol import (
-    ChatCompletion,
     ChatCompletionRequest,
-    Completion,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
@@ -385,7 +385,7 @@ def _add_openai_routes(app: FastAPI, ctx: _Context) -> None:
 
     @app.post(
         "/v1/completions",
-        response_model=Completion,
+        response_model=CompletionResponse,
         responses=STREAMED,
         dependencies=[Depends(ctx.authorize)],
         summary="complete prompts (stream: true for server-sent events)",
@@ -402,7 +402,7 @@ def _add_openai_routes(app: FastAPI, ctx: _Context) -> None:
         if body.stream:
             return EventStream(job, job.completion_chunks(request))
         await job.wait(request)
-        return Completion(
+        return CompletionResponse(
             id=job.id,
             created=job.created,
             model=body.model,
@@ -412,7 +412,7 @@ def _add_openai_routes(app: FastAPI, ctx: _Context) -> None:
 
     @app.post(
         "/v1/chat/completions",
-        response_model=ChatCompletion,
+        response_model=ChatCompletionResponse,
         responses=STREAMED,
         dependencies=[Depends(ctx.authorize)],
         summary="chat with the base model's chat template (the adapter's virtual tokens first)",
@@ -430,7 +430,7 @@ def _add_openai_routes(app: FastAPI, ctx: _Context) -> None:
         if body.stream:
             return EventStream(job, job.chat_chunks(request))
         await job.wait(request)
-        return ChatCompletion(
+        return ChatCompletionResponse(
             id=job.id,
             created=job.created,
             model=body.model,

@@ -1,0 +1,384 @@
+"""One engine step over the running batch: admit waiting requests, prefill them after their
+adapter's cached prefix, decode one token for every running row, choose each row's next token,
+hand out what it adds, and let finished rows leave.
+
+The ``Engine`` (``engine.py``) owns the requests' lifecycle (submit, cancel, run, drain, stop)
+and calls ``Batch.step``; a batched call that fails is retried row by row (``one_by_one``), so
+only the requests that fail alone fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from ..device import out_of_memory
+from .detokenize import Detokenizer
+from .registry import AdapterRegistry
+from .runner import ModelRunner
+from .sampling import (
+    FAILED,
+    RequestError,
+    TokenLogprobs,
+    make_generator,
+    pick_tokens,
+    prompt_logprobs,
+    seen_mask,
+)
+from .scheduler import Scheduler, length_groups
+from .sequence import Output, Sequence
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def one_by_one(
+    items: list[T], run: Callable[[T], R], failed: Callable[[T, Exception], R]
+) -> list[R]:
+    """``run`` on each item alone, after a batched run of them all failed: only the items that
+    fail again fail, each with ``failed(item, exc)`` as its result."""
+    results = []
+    for item in items:
+        try:
+            results.append(run(item))
+        except Exception as exc:  # noqa: BLE001 - this item's alone
+            results.append(failed(item, exc))
+    return results
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started (read by benchmarks and the server's metrics)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decoded_rows: int = 0
+    """Rows over all decode steps (their mean batch is decoded_rows / steps)."""
+    largest_batch: int = 0
+
+
+def check_context(runner: ModelRunner, tokens: int, virtual: int) -> None:
+    """Refuse a prompt that, after its adapter's virtual tokens, leaves no room to generate."""
+    if virtual + tokens >= runner.max_length:
+        raise RequestError(
+            f"the prompt has {tokens} tokens (plus {virtual} virtual); the model's context "
+            f"is {runner.max_length} tokens",
+            field="prompt",
+        )
+
+
+class Batch:
+    """The running batch and its step: the scheduler's queue and rows, the KV cache's slots, the
+    repetition-penalty masks, and the counters.
+
+    Args:
+        runner: the model runner (``runner.py``).
+        registry: the adapters; a request's lease (from ``lease_of``) gives its prefix.
+        scheduler: who waits and who runs.
+        prefill_padding: see ``EngineConfig.prefill_padding``.
+        eos: token ids that end a completion.
+        detokenizer: turns each row's tokens into text.
+        emit: hands a request's output to whoever waits on it.
+        lease_of: the adapter lease a request holds (None for the base model).
+    """
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        registry: AdapterRegistry,
+        scheduler: Scheduler,
+        prefill_padding: float,
+        eos: list[int],
+        detokenizer: Detokenizer,
+        emit: Callable[[Sequence, Output], None],
+        lease_of: Callable[[Sequence], Any],
+    ) -> None:
+        self.runner = runner
+        self.registry = registry
+        self.scheduler = scheduler
+        self.prefill_padding = prefill_padding
+        self.eos = eos
+        self.detokenizer = detokenizer
+        self.emit = emit
+        self.lease_of = lease_of
+        self.cache = runner.new_cache(scheduler.max_batch_size, 64)
+        self.seen = torch.zeros(
+            scheduler.max_batch_size, runner.vocab_size, dtype=torch.bool, device=runner.device
+        )
+        """Per slot, the tokens its row has seen (read by rows with a repetition penalty)."""
+        self.stats = EngineStats()
+
+    def step(self) -> None:
+        """Admit, prefill, decode one token for every running row, hand out outputs."""
+        joined = self.scheduler.admit()
+        if joined:
+            self.prefill(joined)
+        if any(s.finished for s in self.scheduler.running):
+            self.leave()  # rows that failed or finished at prefill (or were cancelled)
+        if self.scheduler.running:
+            self.decode()
+        self.leave()
+
+    def prefill(self, joined: list[Sequence]) -> None:
+        started = time.perf_counter()
+        ready: list[tuple[Sequence, Any]] = []
+        held = [self.lease_of(seq) for seq in joined]
+        self.registry.warm(lease for lease in held if lease is not None)
+        for seq, lease in zip(joined, held, strict=True):
+            try:
+                if lease is not None:
+                    self.registry.prepare(lease)
+                    seq.prefix_length = lease.prefix.length if lease.prefix is not None else 0
+                    check_context(self.runner, len(seq.prompt_ids), seq.prefix_length)
+                if seq.params.temperature > 0:
+                    seq.generator = make_generator(seq.params.seed, self.runner.device)
+            except Exception as exc:  # noqa: BLE001 - this request's alone
+                message = str(exc) if isinstance(exc, RequestError) else self.failure(exc)
+                self.finish(seq, "error", message)
+                continue
+            ready.append((seq, lease))
+        # Rows that want their prompt's log-probabilities run apart, with the logits of every
+        # position (the others keep the last position's only).
+        echo = [item for item in ready if item[0].params.prompt_logprobs]
+        plain = [item for item in ready if not item[0].params.prompt_logprobs]
+        groups = length_groups(plain, lambda item: len(item[0].prompt_ids), self.prefill_padding)
+        if echo:
+            groups.append(echo)
+        for group in groups:
+            try:
+                self._prefill_group(group)
+            except Exception:  # noqa: BLE001 - find the request that fails and fail it alone
+                one_by_one(group, lambda item: self._prefill_group([item]), self._failed_prefill)
+        self.stats.prefill_seconds += time.perf_counter() - started
+
+    def _failed_prefill(self, item: tuple[Sequence, Any], exc: Exception) -> None:
+        log.warning("request %s failed in prefill: %s", item[0].request_id, exc)
+        self.finish(item[0], "error", self.failure(exc))
+
+    def _prefill_group(self, group: list[tuple[Sequence, Any]]) -> None:
+        seqs = [seq for seq, _ in group]
+        prefixes = [lease.prefix if lease is not None else None for _, lease in group]
+        every = any(s.params.prompt_logprobs for s in seqs)
+        staged, logits = self.runner.prefill([s.prompt_ids for s in seqs], prefixes, every)
+        longest_text = max(len(s.prompt_ids) for s in seqs)
+        if every:
+            for j, seq in enumerate(seqs):
+                seq.prompt_logprobs = prompt_logprobs(
+                    logits[j, longest_text - len(seq.prompt_ids) :],
+                    seq.prompt_ids,
+                    seq.params.logprobs or 0,
+                )
+            logits = logits[:, -1]
+        spans = [s.prefix_length + longest_text for s in seqs]
+        running = self.scheduler.running
+        slots = [running.index(s) for s in seqs]
+        self.cache.make_room_before(max(spans), len(running))
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            self.cache.place_block(slots[0], staged, max(spans))
+        else:
+            for j, slot in enumerate(slots):
+                self.cache.place(slot, staged, j, spans[j])
+        # Only rows with a repetition penalty read their row of ``seen``; the others leave it
+        # stale (a row taking the slot later writes all of its own).
+        penalised = [j for j, s in enumerate(seqs) if s.params.repetition_penalty != 1]
+        if penalised:
+            seen = seen_mask(
+                [seqs[j].prompt_ids for j in penalised], self.runner.vocab_size, self.runner.device
+            )
+            self.seen[[slots[j] for j in penalised]] = seen
+        self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
+        self._accept(seqs, slots, logits)
+
+    def decode(self) -> None:
+        running = self.scheduler.running
+        batch = len(running)
+        started = time.perf_counter()
+        self.cache.reserve(1, batch)
+        inputs = [[s.output_ids[-1] for s in running], [s.length - 1 for s in running]]
+        tokens, positions = torch.tensor(inputs).to(self.runner.device)  # one copy to the device
+        try:
+            logits = self.runner.decode(self.cache, slice(0, batch), tokens, positions)
+            ok = list(range(batch))
+        except Exception:  # noqa: BLE001 - run rows one by one to fail only the bad ones
+            log.exception("a decode step of %d rows failed; running its rows one by one", batch)
+
+            def alone(i: int) -> torch.Tensor | None:
+                rows = slice(i, i + 1)
+                return self.runner.decode(self.cache, rows, tokens[rows], positions[rows])
+
+            def failed(i: int, exc: Exception) -> None:
+                log.warning("request %s failed in decode: %s", running[i].request_id, exc)
+                self.finish(running[i], "error", self.failure(exc))
+
+            each = one_by_one(list(range(batch)), alone, failed)
+            ok = [i for i, row in enumerate(each) if row is not None]
+            rows = [row for row in each if row is not None]
+            logits = torch.cat(rows) if rows else tokens.new_zeros(0)
+        self.cache.advance(1)
+        self.stats.steps += 1
+        self.stats.decoded_rows += batch
+        self.stats.largest_batch = max(self.stats.largest_batch, batch)
+        if ok:
+            self._accept([running[i] for i in ok], ok, logits)
+        self.stats.decode_seconds += time.perf_counter() - started
+
+    def _accept(self, seqs: list[Sequence], slots: list[int], logits: torch.Tensor) -> None:
+        """Choose each row's next token and hand out what it adds."""
+        index = torch.tensor(slots).to(logits.device)
+        logprobs: dict[int, TokenLogprobs] = {}
+        try:
+            tokens = pick_tokens(
+                logits,
+                [s.params for s in seqs],
+                lambda: self.seen[index],
+                [len(s.output_ids) for s in seqs],
+                self.eos,
+                [s.generator for s in seqs],  # type: ignore[misc]
+                logprobs,
+            )
+        except Exception:  # noqa: BLE001 - row by row, failing only the rows that fail
+            log.exception("choosing the next tokens of %d rows failed; row by row", len(seqs))
+            logprobs.clear()
+            tokens = self._pick_one_by_one(seqs, index, logits, logprobs)
+        penalised = [j for j, s in enumerate(seqs) if s.params.repetition_penalty != 1]
+        if len(penalised) == len(seqs):
+            self.seen[index, tokens] = True
+        elif penalised:
+            rows = torch.tensor(penalised).to(logits.device)
+            self.seen[index[rows], tokens[rows]] = True
+        now = time.perf_counter()
+        going = []
+        for j, (seq, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            if token == FAILED:
+                self.finish(
+                    seq,
+                    "error",
+                    "sampling failed: this request's next-token probabilities are not finite",
+                )
+            elif token in self.eos and not seq.params.ignore_eos:
+                self.finish(seq, "stop")
+            else:
+                seq.output_ids.append(token)
+                if j in logprobs:
+                    seq.logprobs.append(logprobs[j])
+                going.append(seq)
+        self.stats.generated_tokens += len(going)
+        try:
+            texts = self.detokenizer.texts(going)
+        except Exception:  # noqa: BLE001 - detokenize row by row to fail only the bad rows
+
+            def undecodable(seq: Sequence, exc: Exception) -> str:
+                self.finish(seq, "error", f"cannot decode the output: {exc}")
+                return ""
+
+            texts = one_by_one(going, lambda seq: self.detokenizer.texts([seq])[0], undecodable)
+        for seq, text in zip(going, texts, strict=True):
+            if seq.finished:
+                continue
+            try:
+                self._advance(seq, text)
+            except Exception as exc:  # noqa: BLE001 - this request's alone
+                log.exception("request %s failed after sampling", seq.request_id)
+                self.finish(seq, "error", f"internal error on this request: {exc}")
+
+    def _pick_one_by_one(
+        self,
+        seqs: list[Sequence],
+        index: torch.Tensor,
+        logits: torch.Tensor,
+        logprobs: dict[int, TokenLogprobs],
+    ) -> torch.Tensor:
+        """``pick_tokens`` row by row; a row that raises gets ``FAILED``."""
+
+        def alone(j: int) -> int:
+            own: dict[int, TokenLogprobs] = {}
+            token = pick_tokens(
+                logits[j : j + 1],
+                [seqs[j].params],
+                lambda: self.seen[index[j : j + 1]],
+                [len(seqs[j].output_ids)],
+                self.eos,
+                [seqs[j].generator],  # type: ignore[list-item]
+                own,
+            )[0]
+            if 0 in own:
+                logprobs[j] = own[0]
+            return int(token)
+
+        def failed(j: int, exc: Exception) -> int:
+            log.error("request %s failed choosing its next token: %s", seqs[j].request_id, exc)
+            return FAILED
+
+        return torch.tensor(one_by_one(list(range(len(seqs))), alone, failed))
+
+    def _advance(self, seq: Sequence, text: str) -> None:
+        """Hand out what the newest token of ``seq`` adds to its ``text``, or finish it."""
+        params = seq.params
+        token = seq.output_ids[-1]
+        reason = None
+        hold = 0
+        if seq.stops is not None:
+            # Only the text before a trailing incomplete character is final.
+            cut, hold = seq.stops.feed(text, len(text.rstrip("\ufffd")))
+            if cut is not None:
+                text, reason = text[:cut], "stop"
+        if reason is None and (
+            len(seq.output_ids) >= params.max_new_tokens or seq.length >= self.runner.max_length
+        ):
+            reason = "length"
+        seq.text = text
+        if reason is not None:
+            self.finish(seq, reason, new_ids=[token])
+            return
+        safe = len(text) - max(hold, len(text) - len(text.rstrip("\ufffd")))
+        delta = text[seq.emitted : safe] if safe > seq.emitted else ""
+        seq.emitted = max(seq.emitted, safe)
+        self.emit(seq, Output(seq.request_id, [token], delta))
+
+    def finish(
+        self, seq: Sequence, reason: str, error: str | None = None, new_ids: list[int] | None = None
+    ) -> None:
+        seq.finish(reason, error)
+        delta = seq.text[seq.emitted :]
+        seq.emitted = len(seq.text)
+        self.emit(seq, Output(seq.request_id, new_ids or [], delta, True, reason, error))
+
+    def leave(self) -> None:
+        before = len(self.scheduler.running)
+        for source, target in self.scheduler.remove_finished():
+            self.cache.move(source, target)
+            self.seen[target] = self.seen[source]
+        # A captured decode step attends over the cache's whole capacity: what a long row grew
+        # is given back when rows leave. Other paths attend up to ``end`` and keep the buffers
+        # (growing them again for every burst would cost more than they save).
+        give_back = self.runner.graphed is not None
+        if give_back and 0 < len(self.scheduler.running) < before:
+            self.cache.fit(len(self.scheduler.running))
+        if not self.scheduler.running:
+            self.cache.reset()
+            if give_back:
+                self.cache.fit(0)
+
+    def failure(self, exc: BaseException) -> str:
+        """What to tell the one request the model failed on."""
+        if out_of_memory(exc):
+            if self.runner.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return (
+                f"out of memory on {self.runner.device} for this request beside the running "
+                "batch; retry it later, or with a shorter prompt or fewer new tokens"
+            )
+        return f"the model failed on this request: {exc}"

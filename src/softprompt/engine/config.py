@@ -1,0 +1,87 @@
+"""An engine's limits and its decode path's switches (``EngineConfig``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .runner import DecodeSwitches
+
+
+@dataclass
+class EngineConfig:
+    """Limits of one engine."""
+
+    max_batch_size: int = 32
+    """Requests decoded together at most (slots of the KV cache)."""
+    max_prefill_tokens: int = 2048
+    """Prompt tokens admitted in one step at most (one long prompt always gets in)."""
+    max_new_tokens_cap: int = 4096
+    """Requests asking for more new tokens are refused."""
+    max_resident_adapters: int = 64
+    """Adapter prefixes kept in memory at most; the least recently used idle one goes first."""
+    max_queue: int | None = None
+    """Requests waiting for a slot at most (None: no bound, for offline batches; the server sets
+    one); a submission beyond it is refused with ``QueueFull``. A waiting request holds at most
+    the model's context in token ids and its capped stop strings, so this bounds the queue's
+    memory."""
+    prefill_padding: float = 1.0
+    """Joining requests are prefilled in groups of similar length, a new group whenever padding
+    would exceed this share of a group's positions (1.0: one group; 0.2: at most a fifth
+    padding, a few more forwards). One group is the default: grouping was not measured to pay
+    (docs/benchmarks/engine.md, ``benchmarks/bench_prefill.py``)."""
+    policy: str = "continuous"
+    """``continuous`` (join between steps) or ``static`` (a new batch when the last one ends)."""
+    packed_weights: bool | None = None
+    """The CPU fast path: linear layers on weights packed for oneDNN, and a lean forward for
+    Llama-family models (CPU float32; None: when that applies)."""
+    graphs: bool | None = None
+    """Decode steps of fixed shape recorded as CUDA graphs and replayed (``graphs.py``; None:
+    on a GPU, for Llama-family models). On the CPU, True runs the same step eagerly."""
+    full_batch_pack: bool | None = None
+    """With packed weights, a second copy packed for MKL at ``max_batch_size`` rows for full
+    decode batches (a loaded server's); faster on some CPUs, slower on others
+    (docs/benchmarks/engine.md). None: measured on this machine at start-up, the decision cached
+    (``autotune.py``; ``$SOFTPROMPT_FULL_BATCH_PACK`` 0 or 1 forces it)."""
+    cpu_kernels: bool | None = None
+    """With the lean forward on the CPU, decode steps run the fused C kernels of
+    ``cpu_kernels.py`` (attention over the slot cache, RMSNorm, SwiGLU), compiled on first use
+    (None: when a C compiler is found, ``$SOFTPROMPT_CPU_KERNELS`` is not 0 and they are
+    measured faster)."""
+    panel_linear: bool | None = None
+    """With the fused CPU kernels, linear layers on the C kernel's panel layout instead of
+    oneDNN/MKL (written for AVX2; None: if measured faster at start-up,
+    ``$SOFTPROMPT_PANEL_LINEAR`` 0 or 1 forces it; figures in docs/benchmarks/engine.md).
+    Only the chosen layout's copy of the weights is kept."""
+    tune: bool = True
+    """Measure the undecided CPU decode switches above at start-up (a few decode steps per
+    combination, once per machine, torch version and model shape; ``autotune.py``). False:
+    MKL off, the kernels on where they build."""
+    retune: bool = False
+    """Measure those switches again even when this machine has a decision cached, and cache the
+    new one (``$SOFTPROMPT_RETUNE=1`` does the same): for a decision measured on a busy machine."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_batch_size",
+            "max_prefill_tokens",
+            "max_new_tokens_cap",
+            "max_resident_adapters",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_queue is not None and self.max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
+        if not 0 <= self.prefill_padding <= 1:
+            raise ValueError("prefill_padding must be between 0 and 1")
+
+    def switches(self) -> DecodeSwitches:
+        """The decode-path switches, handed whole to the model runner."""
+        return DecodeSwitches(
+            packed_weights=self.packed_weights,
+            graphs=self.graphs,
+            full_batch_pack=self.full_batch_pack,
+            cpu_kernels=self.cpu_kernels,
+            panel_linear=self.panel_linear,
+            tune=self.tune,
+            retune=self.retune,
+        )
