@@ -1,35 +1,38 @@
-"""Task tuning side by side: softprompt's prompts against the base model's baselines and PEFT.
+"""Task tuning side by side, over the task suite: softprompt's prompts against the base
+model's baselines and PEFT, each trained method once per seed.
 
-On the bundled task sets, every method trained with the same epochs, batch size, seed and
-completion-only loss (the assistant turns only, for chat), judged on the held-out part:
+The suite (``make_task_sets.py``; ``suite_sets.py`` describes the new sets), each judged on its
+held-out part:
 
-  routing (classification, 300 training rows, 100 held out): rank-classification accuracy
-  (``softprompt eval --metric choice``: each team code scored by its log-likelihood);
-  pirate (chat, 97 training conversations, 32 held out): the share of greedy replies to the
-  held-out conversations that open "Arr, matey!" (the trained behaviour; ``--metric pattern``),
-  and of the single-fact questions, the share whose reply still names the right fact (the base
-  model's knowledge kept).
+  routing, shelving (classification by opaque codes, 4 and 5 labels): rank-classification
+  accuracy (``softprompt eval --metric choice``);
+  booking (a reference among other codes), initials (a phrase's initials): exact match of the
+  greedy reply (``--metric exact``: the reply must be the answer and stop);
+  pirate (chat): the share of greedy replies that open "Arr, matey!", and of the single-fact
+  questions, the share whose reply still names the right fact (the base model's knowledge kept);
+  signoff (chat): the share of greedy replies of up to 160 tokens that end with the closing line.
+
+``--sets unseen`` runs the two sets kept out of every choice (``benchmarks/data/unseen/``).
 
 Methods:
   - the base model zero-shot, with an instruction, and with 4 and 8 examples in context
     (chat: as earlier turns), from the training part;
-  - softprompt prompt tuning, 8 and 20 virtual tokens (``--init vocab``, lr 0.03, the defaults:
-    for task data, weight decay 0.01 and shuffled batches since 2026-12-02),
-    and 8 started from the label words (``--init labels``, classification only);
-  - softprompt prefix tuning, 8 virtual tokens (lr 0.01; ``--init labels`` for classification);
+  - softprompt prompt tuning, 8 and 20 virtual tokens, and prefix tuning, 8, at the command's
+    defaults; for classification also both started from the label words (``--init labels``);
   - PEFT prompt tuning, 8 virtual tokens, SAMPLE_VOCAB init, lr 0.03 (the guide's method);
   - PEFT LoRA r8 (alpha 16) on all linear layers, lr 1e-3.
 
-softprompt runs go through the ``softprompt`` command (train, then the library's scoring),
-evaluated during training on the training part (``--eval-data``; before 2026-12-02 the bundled
-held-out part was used, so the rows kept were chosen on the rows the table scores: the last rows
-in 8 of the 9 runs logged then, epoch 4 of 5 in the other, prompt 8 seed 1); PEFT
-runs use a plain training loop over the same rows and the same layouts
-(``softprompt.layout.example_layout``), scored by the same rules, one row at a time (a PEFT
-prompt model's replies generated from its forward's inputs: ``peft_greedy`` says why).
+softprompt runs go through the ``softprompt`` command as a user runs it: the set's training part
+written to a file of their own, ``softprompt train --data FILE`` (so the command holds out 10%
+of it to choose the rows kept; until 2026-12-04 this benchmark passed the training part as
+``--eval-data`` instead), then the library's scoring. PEFT runs use a plain training loop over
+the same rows and the same layouts (``softprompt.layout.example_layout``), keep the last rows,
+and are scored by the same rules, one row at a time (a PEFT prompt model's replies generated
+from its forward's inputs: ``peft_greedy`` says why).
 
-Run: .venv/bin/python benchmarks/bench_tasks.py [--sets routing pirate] [--epochs 5]
-Prints one JSON line per run and a table; the README quotes it.
+Run: .venv/bin/python benchmarks/bench_tasks.py [--sets suite|unseen|NAME...] [--seeds 0 1 2]
+Prints one JSON line per run, then a table per set and method (mean over seeds, the lowest seed,
+the spread) and one per method over the sets (mean, the worst set, the worst seed anywhere).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,7 +55,15 @@ from softprompt.adapters import load_adapter
 from softprompt.data import Example, load_texts
 from softprompt.engine import SamplingParams
 from softprompt.generation import Request, generate
-from softprompt.insight.scoring import choice_accuracy, in_context, pick_shots, task_rows
+from softprompt.insight.scoring import (
+    choice_accuracy,
+    exact_match,
+    in_context,
+    normalise,
+    pattern_match,
+    pick_shots,
+    task_rows,
+)
 from softprompt.layout import example_layout, prompt_ids
 from softprompt.models import embedded_model_dir, load_base_model
 from softprompt.prompt import SoftPromptModel
@@ -59,12 +71,65 @@ from softprompt.prompt import SoftPromptModel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_task_sets import _qa  # noqa: E402  (the facts behind the pirate set)
 
-PATTERN = r"^Arr, matey!"
-INSTRUCTIONS = {
-    "routing": "Teams: QX-17 billing, LM-04 delivery, VR-88 technical problems, TJ-31 privacy.",
-    "pirate": "You are a pirate. Begin every reply with 'Arr, matey!' and talk like a pirate.",
+UNSEEN = Path(__file__).resolve().parent / "data" / "unseen"
+
+
+@dataclass(frozen=True)
+class TaskSet:
+    """How one set of the suite is judged (``make_task_sets.py`` writes the sets)."""
+
+    metric: str
+    """choice (rank classification), exact (greedy reply equals the reference) or pattern."""
+    instruction: str
+    pattern: str = ""
+    max_new_tokens: int = 40
+    unseen: bool = False
+    """Kept out of every choice: only checks that the suite's choices carry over."""
+
+    def source(self, name: str, part: str = "train") -> str:
+        if self.unseen:
+            return str(UNSEEN / f"{name}.{part}.jsonl")
+        return f"examples:{name}" + (":heldout" if part == "heldout" else "")
+
+
+SETS = {
+    "routing": TaskSet(
+        "choice", "Teams: QX-17 billing, LM-04 delivery, VR-88 technical problems, TJ-31 privacy."
+    ),
+    "shelving": TaskSet(
+        "choice",
+        "Shelf codes: A-310 cooking, C-552 astronomy, F-118 gardening, H-904 sailing, P-276 chess.",
+    ),
+    "booking": TaskSet("exact", "Answer with the booking reference only.", max_new_tokens=12),
+    "initials": TaskSet("exact", "Answer with the initials only, in capitals.", max_new_tokens=12),
+    "pirate": TaskSet(
+        "pattern",
+        "You are a pirate. Begin every reply with 'Arr, matey!' and talk like a pirate.",
+        pattern=r"^Arr, matey!",
+    ),
+    "signoff": TaskSet(
+        "pattern",
+        "End every answer with the line 'Stay curious! - Ms. Vega'.",
+        pattern=r"Stay curious! - Ms\. Vega\s*$",
+        max_new_tokens=160,
+    ),
+    "dispatch": TaskSet(
+        "choice",
+        "Depots: ZK-6 furniture, WD-2 groceries, QB-9 electronics repair, MT-4 garden, "
+        "HV-7 pharmacy.",
+        unseen=True,
+    ),
+    "closing": TaskSet(
+        "pattern",
+        "End every answer with the line 'Fair winds, the Harbour Desk'.",
+        pattern=r"Fair winds, the Harbour Desk\s*$",
+        max_new_tokens=160,
+        unseen=True,
+    ),
 }
-MAX_NEW_TOKENS = 40
+SUITE = [name for name, spec in SETS.items() if not spec.unseen]
+
+
 NUMBERS = {
     "two": "2", "three": "3", "four": "4", "six": "6", "seven": "7", "eight": "8",
     "eleven": "11", "twelve": "12", "twenty-four": "24", "sixty": "60",
@@ -76,10 +141,13 @@ def softprompt_runs(set_name: str) -> list[tuple[str, list[str]]]:
         ("softprompt prompt 8", ["--method", "prompt", "--virtual-tokens", "8"]),
         ("softprompt prompt 20", ["--method", "prompt", "--virtual-tokens", "20"]),
     ]
-    if set_name == "routing":
+    runs.append(("softprompt prefix 8", ["--method", "prefix", "--virtual-tokens", "8"]))
+    if SETS[set_name].metric == "choice":
         runs.append(("softprompt prompt 8 labels", ["--virtual-tokens", "8", "--init", "labels"]))
-    init = ["--init", "labels"] if set_name == "routing" else []
-    runs.append(("softprompt prefix 8", ["--method", "prefix", "--virtual-tokens", "8", *init]))
+        runs.append(
+            ("softprompt prefix 8 labels", ["--method", "prefix", "--virtual-tokens", "8",
+                                            "--init", "labels"])
+        )  # fmt: skip
     return runs
 
 
@@ -100,60 +168,78 @@ class Judge:
 
     def __init__(self, set_name: str) -> None:
         self.set_name = set_name
-        self.rows = task_rows(load_texts(f"examples:{set_name}:heldout").examples)
-        self.pool = task_rows(load_texts(f"examples:{set_name}").examples)
+        self.spec = SETS[set_name]
+        self.rows = task_rows(load_texts(self.spec.source(set_name, "heldout")).examples)
+        self.pool = task_rows(load_texts(self.spec.source(set_name)).examples)
         self.facts = facts() if set_name == "pirate" else {}
 
     def contexts(self) -> list[tuple[str, list[Example]]]:
         out = [("base zero-shot", self.rows)]
-        out.append(("base + instruction", in_context(self.rows, [], INSTRUCTIONS[self.set_name])))
+        out.append(("base + instruction", in_context(self.rows, [], self.spec.instruction)))
         for k in (4, 8):
             shots = pick_shots(self.pool, k)
             out.append((f"base {k}-shot", in_context(self.rows, shots, None)))
         return out
 
+    def hit(self, reply: str, row: Example) -> bool:
+        if self.spec.metric == "exact":
+            return normalise(reply) == normalise(row.completion)
+        return re.search(self.spec.pattern, reply) is not None
+
     def replies_score(self, rows: list[Example], replies: list[str]) -> dict:
-        hits = [re.search(PATTERN, r) is not None for r in replies]
-        asked = [
-            (r, e) for r, e in zip(replies, rows, strict=True) if e.messages[-1][1] in self.facts
-        ]
-        kept = [
-            any(
-                f in r.lower()
-                for f in (self.facts[e.messages[-1][1]].lower(),)
-                + tuple(v for k, v in NUMBERS.items() if k == self.facts[e.messages[-1][1]])
-            )
-            for r, e in asked
-        ]
-        return {
-            "accuracy": sum(hits) / len(rows),
-            "facts_kept": sum(kept) / len(kept),
-            "fact_questions": len(kept),
-            "sample": replies[:2],
-        }
+        hits = [self.hit(r, e) for r, e in zip(replies, rows, strict=True)]
+        out = {"accuracy": sum(hits) / len(rows), "sample": replies[:2]}
+        if self.facts:
+            asked = [
+                (r, e)
+                for r, e in zip(replies, rows, strict=True)
+                if e.messages[-1][1] in self.facts
+            ]
+            kept = [
+                any(
+                    f in r.lower()
+                    for f in (self.facts[e.messages[-1][1]].lower(),)
+                    + tuple(v for k, v in NUMBERS.items() if k == self.facts[e.messages[-1][1]])
+                )
+                for r, e in asked
+            ]
+            out.update(facts_kept=sum(kept) / len(kept), fact_questions=len(kept))
+        return out
 
     def score_softprompt(self, spm: SoftPromptModel, rows: list[Example], adapter: str | None):
-        if self.set_name == "routing":
+        spec = self.spec
+        if spec.metric == "choice":
             result = choice_accuracy(spm, rows, adapter, self.set_name)
             return {"accuracy": result.accuracy, "accuracy_norm": result.accuracy_norm}
-        params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS)
+        if spec.metric == "exact" and not self.facts:
+            result = exact_match(spm, rows, adapter, self.set_name, spec.max_new_tokens)
+            return {"accuracy": result.accuracy, "sample": [m for m in result.misses[:2]]}
+        if not self.facts:
+            result = pattern_match(
+                spm, rows, adapter, spec.pattern, self.set_name, spec.max_new_tokens
+            )
+            return {"accuracy": result.accuracy, "sample": [m for m in result.misses[:2]]}
+        params = SamplingParams(max_new_tokens=spec.max_new_tokens)
         requests = [Request(e.messages[-1][1], adapter, messages=e.messages) for e in rows]
         return self.replies_score(rows, generate(spm, requests, params))
 
     def score_peft(self, model, tokenizer) -> dict:
         model.eval()
-        if self.set_name == "routing":
+        if self.spec.metric == "choice":
             labels = list(dict.fromkeys(e.completion for e in self.pool))
             right = 0
             for e in self.rows:
                 scores = [loglik(model, tokenizer, e, c) for c in labels]
                 right += labels[max(range(len(labels)), key=scores.__getitem__)] == e.completion
             return {"accuracy": right / len(self.rows)}
-        replies = [peft_greedy(model, tokenizer, prompt_ids(tokenizer, e)) for e in self.rows]
+        replies = [
+            peft_greedy(model, tokenizer, prompt_ids(tokenizer, e), self.spec.max_new_tokens)
+            for e in self.rows
+        ]
         return self.replies_score(self.rows, replies)
 
 
-def peft_greedy(model, tokenizer, ids: list[int]) -> str:
+def peft_greedy(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
     """A PEFT model's greedy reply to one prompt.
 
     LoRA goes through PEFT's ``generate``. A prompt-tuning model does not: under transformers 5
@@ -163,7 +249,7 @@ def peft_greedy(model, tokenizer, ids: list[int]) -> str:
     inputs PEFT's own forward builds: the virtual rows, then the prompt's token embeddings.
     """
     tensor = torch.tensor([ids])
-    kwargs = {"max_new_tokens": MAX_NEW_TOKENS, "do_sample": False,
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False,
               "pad_token_id": tokenizer.eos_token_id}  # fmt: skip
     with torch.no_grad():
         if not model.peft_config[model.active_adapter].is_prompt_learning:
@@ -212,7 +298,7 @@ def train_peft(set_name: str, kind: str, epochs: int, batch_size: int, seed: int
         )
         lr = 1e-3
     model = get_peft_model(model, config)
-    examples = load_texts(f"examples:{set_name}").examples
+    examples = load_texts(SETS[set_name].source(set_name)).examples
     layouts = [example_layout(tokenizer, e, 256) for e in examples]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     generator = torch.Generator().manual_seed(seed)
@@ -245,7 +331,11 @@ def train_peft(set_name: str, kind: str, epochs: int, batch_size: int, seed: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sets", nargs="+", default=["routing", "pirate"])
+    parser.add_argument(
+        "--sets", nargs="+", default=["suite"],
+        help="set names, or suite (the six sets defaults are chosen on) and unseen (the two "
+        "kept to check them); default: suite",
+    )  # fmt: skip
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--skip", nargs="*", default=[], help="run names to leave out")
@@ -277,8 +367,22 @@ def main() -> None:
     def wanted(name: str) -> bool:
         return name not in args.skip and (not args.only or name in args.only)
 
-    for set_name in args.sets:
+    names = []
+    for name in args.sets:
+        if name == "suite":
+            names += SUITE
+        elif name == "unseen":
+            names += [n for n, spec in SETS.items() if spec.unseen]
+        elif name in SETS:
+            names.append(name)
+        else:
+            parser.error(f"unknown set {name!r}; choose from suite, unseen, {', '.join(SETS)}")
+    for set_name in names:
         judge = Judge(set_name)
+        train_file = work / f"{set_name}.train.jsonl"
+        train_file.parent.mkdir(parents=True, exist_ok=True)
+        rows = [e.as_json() for e in load_texts(SETS[set_name].source(set_name)).examples]
+        train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
         spm = SoftPromptModel(load_base_model())
         for name, rows in judge.contexts():
             if wanted(name):
@@ -289,10 +393,10 @@ def main() -> None:
                 continue
             out = work / set_name / f"{name.replace(' ', '-')}-seed{seed}"
             done = subprocess.run(
-                # --eval-data: the training part, so that the rows kept (the best evaluation)
-                # are never chosen on the held-out part the table scores.
-                [str(softprompt), "train", "--data", f"examples:{set_name}", "--output", str(out),
-                 "--eval-data", f"examples:{set_name}",
+                # As a user runs it: the training part as a file of their own, so the rows
+                # kept are chosen on the 10% the command holds out of it, never on the
+                # held-out part the table scores.
+                [str(softprompt), "train", "--data", str(train_file), "--output", str(out),
                  "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                  "--seed", str(seed), "--overwrite", "--json", *flags,
                  *shlex.split(args.train_flags)],
@@ -326,23 +430,41 @@ def main() -> None:
 
 
 def print_table(table: list[dict]) -> None:
-    """One Markdown row per (set, run): the mean over its seeds, and each seed's figure."""
+    """One Markdown row per (set, run): the mean over its seeds, the lowest seed, the spread
+    (highest minus lowest) and each seed's figure."""
     runs: dict[tuple[str, str], list[dict]] = {}
     for r in table:
         runs.setdefault((r["set"], r["run"]), []).append(r)
     print()
-    print("| set | method | accuracy | per seed | facts kept | training s | parameters |")
-    print("|---|---|---:|---|---:|---:|---:|")
+    columns = ["set", "method", "mean", "lowest", "spread", "per seed", "facts kept"]
+    print("| " + " | ".join([*columns, "training s", "parameters"]) + " |")
+    print("|---|---|---:|---:|---:|---|---:|---:|---:|")
     for (set_name, run), rs in runs.items():
-        acc = statistics.mean(r["accuracy"] for r in rs)
-        seeds = ", ".join(f"{r['accuracy']:.2f}" for r in rs) if len(rs) > 1 else ""
+        accs = [r["accuracy"] for r in rs]
+        seeds = ", ".join(f"{a:.2f}" for a in accs) if len(rs) > 1 else ""
         kept = ""
         if "facts_kept" in rs[0]:
             kept = f"{statistics.mean(r['facts_kept'] for r in rs):.2f}"
         secs = [r["train_seconds"] for r in rs if r.get("train_seconds")]
         seconds = f"{statistics.mean(secs):.0f}" if secs else ""
         params = f"{rs[0]['parameters']:,}" if rs[0].get("parameters") else ""
-        print(f"| {set_name} | {run} | {acc:.2f} | {seeds} | {kept} | {seconds} | {params} |")
+        print(
+            f"| {set_name} | {run} | {statistics.mean(accs):.2f} | {min(accs):.2f} | "
+            f"{max(accs) - min(accs):.2f} | {seeds} | {kept} | {seconds} | {params} |"
+        )
+    means: dict[str, list[float]] = {}
+    lows: dict[str, list[float]] = {}
+    for (_, run), rs in runs.items():
+        means.setdefault(run, []).append(statistics.mean(r["accuracy"] for r in rs))
+        lows.setdefault(run, []).append(min(r["accuracy"] for r in rs))
+    print()
+    print("| method | sets | mean over sets | worst set's mean | worst seed anywhere |")
+    print("|---|---:|---:|---:|---:|")
+    for run, ms in means.items():
+        print(
+            f"| {run} | {len(ms)} | {statistics.mean(ms):.2f} | {min(ms):.2f} | "
+            f"{min(lows[run]):.2f} |"
+        )
 
 
 if __name__ == "__main__":

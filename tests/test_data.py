@@ -106,10 +106,36 @@ def test_the_bundled_task_sets_are_what_their_generator_writes(tmp_path, monkeyp
     spec = importlib.util.spec_from_file_location("make_task_sets", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    monkeypatch.setattr(module, "OUT", tmp_path)
+    monkeypatch.setattr(module, "OUT", tmp_path / "bundled")
+    monkeypatch.setattr(module, "UNSEEN", tmp_path / "unseen")
     module.main()
     shipped = resources.files("softprompt") / "examples"
-    for name in ("routing", "pirate"):
-        for part in ("train", "heldout"):
-            file = f"{name}.{part}.jsonl"
-            assert (tmp_path / file).read_bytes() == (shipped / file).read_bytes(), file
+    unseen = path.parent / "data" / "unseen"
+    for folder, names, where in (
+        (tmp_path / "bundled", SUITE, shipped),
+        (tmp_path / "unseen", ("dispatch", "closing"), unseen),
+    ):
+        for name in names:
+            for part in ("train", "heldout"):
+                file = f"{name}.{part}.jsonl"
+                assert (folder / file).read_bytes() == (where / file).read_bytes(), file
+
+
+SUITE = ("routing", "pirate", "shelving", "booking", "signoff", "initials")
+
+
+@pytest.mark.parametrize("name", SUITE)
+def test_each_suite_set_holds_out_rows_its_training_part_lacks(name):
+    # The suite's held-out parts judge what a prompt learned, not what it memorised: no
+    # held-out prompt (or conversation) is a training one.
+    train = load_texts(f"examples:{name}")
+    held = load_texts(f"examples:{name}:heldout")
+    assert train.format == held.format != "text"
+    assert len(train.examples) >= 97 and len(held.examples) >= 32
+    seen = {json.dumps(e.as_json(), sort_keys=True) for e in train.examples}
+    key = "prompt" if train.format == "completion" else "messages"
+    inputs = {json.dumps(e.as_json()[key]) for e in train.examples}
+    for e in held.examples:
+        assert json.dumps(e.as_json(), sort_keys=True) not in seen
+        if key == "prompt":
+            assert json.dumps(e.as_json()[key]) not in inputs
