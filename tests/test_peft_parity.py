@@ -66,3 +66,63 @@ def test_we_load_peft_adapters_with_the_same_loss(spm, tiny_model_dir, tmp_path,
 
     spm.add_adapter(load_adapter(tmp_path / kind))
     assert evaluate(spm, TEXTS, kind).loss == pytest.approx(reference, rel=1e-5)
+
+
+def peft_loss_by_hand(peft_model, spm, texts: list[str], virtual: int) -> float:
+    """``peft_loss`` from PEFT's logits (for a method whose forward with labels computes its own
+    training loss, as CPT's does): the same tokens, the same mean."""
+    total, count = 0.0, 0
+    for ids, _, _ in training_rows(spm, texts, None, 128)[0]:
+        with torch.no_grad():
+            logits = peft_model(input_ids=torch.tensor([ids]), labels=None).logits[0, virtual:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:-1], torch.tensor(ids[1:]), reduction="none"
+        )
+        total += float(losses.sum())  # every text token but the first (evaluate.py)
+        count += len(ids) - 1
+    return total / count
+
+
+def test_we_load_peft_cpt_adapters_as_the_rows_they_prepend(spm, tiny_model_dir, tmp_path):
+    # CPT trains deltas on the embeddings of in-context examples' tokens with its own loss; what
+    # it saves, and prepends at inference, is the sum: fixed rows, a prompt like any other.
+    base = load_base_model(str(tiny_model_dir)).model
+    config = peft.CPTConfig(
+        task_type="CAUSAL_LM",
+        cpt_token_ids=[5, 6, 7, 8, 9],
+        cpt_mask=[1] * 5,
+        cpt_tokens_type_mask=[1, 2, 2, 3, 3],
+    )
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(base, config)
+    with torch.no_grad():  # trained-looking deltas, not the zeros it starts from
+        peft_model.prompt_encoder["default"].delta_embedding.weight.normal_(0, 0.2)
+    peft_model.eval()
+    peft_model.save_pretrained(str(tmp_path / "cpt"))
+    reference = peft_loss_by_hand(peft_model, spm, TEXTS, 5)
+
+    adapter = load_adapter(tmp_path / "cpt")
+    assert adapter.method == "prompt" and adapter.num_virtual_tokens == 5
+    spm.add_adapter(adapter)
+    assert evaluate(spm, TEXTS, "cpt").loss == pytest.approx(reference, rel=1e-5)
+    plain = base.get_input_embeddings().weight[[5, 6, 7, 8, 9]]
+    assert not torch.allclose(adapter.weights, plain)  # the deltas are in the rows
+
+
+def test_peft_prompt_methods_that_cannot_run_here_are_refused_saying_why(tmp_path):
+    import json
+
+    from softprompt.adapters import CONFIG_FILE
+    from softprompt.errors import UserError
+
+    for peft_type, why in (
+        ("MULTITASK_PROMPT_TUNING", "task id"),
+        ("ADAPTION_PROMPT", "inside the model"),
+        ("LORA", "prompt-learning"),
+    ):
+        folder = tmp_path / peft_type
+        folder.mkdir()
+        (folder / CONFIG_FILE).write_text(json.dumps({"peft_type": peft_type}))
+        with pytest.raises(UserError, match=why) as caught:
+            load_adapter(folder)
+        assert "\n" not in str(caught.value)

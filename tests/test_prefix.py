@@ -223,3 +223,40 @@ def test_forward_refuses_a_prefix_adapters_ids_instead_of_running_zero_rows(spm)
     spm.forward(torch.tensor([spm.virtual_ids("shallow") + text]))  # a prompt adapter runs
     with pytest.raises(UserError, match="prefix adapter 'deep'"):
         spm.forward(torch.tensor([spm.virtual_ids("deep") + text]))
+
+
+def test_we_load_peft_cartridge_adapters_and_serve_them_in_mixed_batches(
+    spm, tiny_model_dir, tmp_path
+):
+    # CARTRIDGE keeps a trained KV cache directly, in PREFIX_TUNING's layout; PEFT serves both
+    # as past_key_values. It loads as a deep prompt, scores as PEFT scores it, and runs beside
+    # prompt adapters and the base model in one batch.
+    from softprompt.engine import Engine, EngineConfig, SamplingParams
+
+    base = load_base_model(str(tiny_model_dir)).model
+    config = peft.CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(base, config)
+    with torch.no_grad():  # N(0, 1) swamps a tiny model's attention; keep it readable
+        peft_model.prompt_encoder["default"].trainable_embedding.mul_(0.3)
+        peft_model.prompt_encoder["default"].frozen_embedding.mul_(0.3)
+    peft_model.eval()
+    peft_model.save_pretrained(str(tmp_path / "cartridge"))
+    reference = peft_loss(peft_model, spm, TEXTS)
+
+    adapter = load_adapter(tmp_path / "cartridge")
+    assert adapter.method == "prefix" and adapter.num_virtual_tokens == 5
+    spm.add_adapter(adapter)
+    assert evaluate(spm, TEXTS, "cartridge").loss == pytest.approx(reference, rel=1e-5)
+
+    spm.add_adapter(Adapter("shallow", init_prompt(spm.base, 4, "vocab", seed=4)))
+    engine = Engine.from_softprompt(spm, EngineConfig(max_batch_size=6))
+    prompts = [spm.text_ids(t) for t in TEXTS[:2]] * 3
+    names = ["cartridge", "cartridge", "shallow", None, "cartridge", None]
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    batched = engine.generate(prompts, names, params)
+    for ids, name, done in zip(prompts, names, batched, strict=True):
+        assert engine.generate([ids], [name], params)[0].token_ids == done.token_ids
+        if name == "cartridge":
+            weights = spm.adapters[name].weights.detach()
+            assert done.token_ids == greedy_reference(spm, weights, ids, 5)

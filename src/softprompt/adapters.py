@@ -19,6 +19,22 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 TENSOR_NAME = "prompt_embeddings"
+SHALLOW_TYPES = ("PROMPT_TUNING", "P_TUNING", "CPT")
+"""PEFT types whose tensor is rows of input embeddings: P-tuning saves its encoder's output,
+CPT the in-context examples' embeddings plus its trained deltas (what both prepend at
+inference; CPT's own loss and type masks matter only to its training)."""
+DEEP_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
+"""PEFT types whose tensor is keys and values for every layer, in PREFIX_TUNING's layout
+(CARTRIDGE stores that cache directly; its frozen first rows are rows like any other here)."""
+LOADED_TYPES = SHALLOW_TYPES + DEEP_TYPES
+REFUSED_TYPES = {
+    "MULTITASK_PROMPT_TUNING": "its prompt is a shared prompt times a task's low-rank factors, "
+    "chosen by a task id given with every input; softprompt serves one fixed prompt per adapter "
+    "(no task ids), so it cannot run it as trained",
+    "ADAPTION_PROMPT": "LLaMA-Adapter's prompts are gated attention modules inside the model, "
+    "not rows or keys/values softprompt could load",
+}
+"""Prompt-learning PEFT types that cannot load here, each with why."""
 PEFT_INIT_NAMES = {"vocab": "SAMPLE_VOCAB", "text": "TEXT", "random": "RANDOM", "file": "RANDOM"}
 
 
@@ -40,9 +56,9 @@ class Adapter:
 
     @property
     def method(self) -> str:
-        """``prompt`` (rows of input embeddings) or ``prefix`` (keys and values at every layer,
-        PEFT's PREFIX_TUNING; see ``prefix``)."""
-        return "prefix" if self.config.get("peft_type") == "PREFIX_TUNING" else "prompt"
+        """``prompt`` (rows of input embeddings: PEFT's PROMPT_TUNING, P_TUNING) or ``prefix``
+        (keys and values at every layer: PEFT's PREFIX_TUNING, CARTRIDGE; see ``prefix``)."""
+        return "prefix" if self.config.get("peft_type") in DEEP_TYPES else "prompt"
 
 
 def hidden_size_mismatch(adapter: Adapter, hidden_size: int) -> str | None:
@@ -130,10 +146,12 @@ def load_adapter(
     if not isinstance(config, dict):
         raise UserError(f"{config_path} is not a JSON object")
     peft_type = config.get("peft_type")
-    if peft_type not in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
+    if peft_type in REFUSED_TYPES:
+        raise UserError(f"{folder} is a {peft_type} adapter: {REFUSED_TYPES[peft_type]}")
+    if peft_type not in LOADED_TYPES:
         raise UserError(
-            f"{folder} is a {peft_type} adapter; softprompt loads PROMPT_TUNING, P_TUNING and "
-            "PREFIX_TUNING"
+            f"{folder} is a {peft_type} adapter; softprompt loads the prompt-learning adapters "
+            f"{', '.join(LOADED_TYPES)}"
         )
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         raise UserError(f"{folder} is for task {config.get('task_type')}, not CAUSAL_LM")
@@ -160,7 +178,7 @@ def load_adapter(
             f"{folder}: config says {expected} virtual tokens but the weights have "
             f"{weights.shape[0]} rows"
         )
-    if peft_type == "PREFIX_TUNING":
+    if peft_type in DEEP_TYPES:
         layers = _config_int(config_path, config, "num_layers")
         if (
             layers is not None
