@@ -7,7 +7,8 @@ held-out part:
   routing, shelving (classification by opaque codes, 4 and 5 labels): rank-classification
   accuracy (``softprompt eval --metric choice``);
   booking (a reference among other codes), initials (a phrase's initials): exact match of the
-  greedy reply (``--metric exact``: the reply must be the answer and stop);
+  greedy reply's first line (``--metric exact`` compares the whole reply; here every method,
+  few-shot contexts included, is judged as a user with ``stop: ["\\n"]`` would see it);
   pirate (chat): the share of greedy replies that open "Arr, matey!", and of the single-fact
   questions, the share whose reply still names the right fact (the base model's knowledge kept);
   signoff (chat): the share of greedy replies of up to 160 tokens that end with the closing line.
@@ -57,7 +58,6 @@ from softprompt.engine import SamplingParams
 from softprompt.generation import Request, generate
 from softprompt.insight.scoring import (
     choice_accuracy,
-    exact_match,
     in_context,
     normalise,
     pattern_match,
@@ -183,7 +183,10 @@ class Judge:
 
     def hit(self, reply: str, row: Example) -> bool:
         if self.spec.metric == "exact":
-            return normalise(reply) == normalise(row.completion)
+            # The reply's first line, as a user with stop ["\n"] gets it: few-shot contexts
+            # go on to the next example after a right answer.
+            first = reply.strip().split("\n")[0]
+            return normalise(first) == normalise(row.completion)
         return re.search(self.spec.pattern, reply) is not None
 
     def replies_score(self, rows: list[Example], replies: list[str]) -> dict:
@@ -211,16 +214,16 @@ class Judge:
         if spec.metric == "choice":
             result = choice_accuracy(spm, rows, adapter, self.set_name)
             return {"accuracy": result.accuracy, "accuracy_norm": result.accuracy_norm}
-        if spec.metric == "exact" and not self.facts:
-            result = exact_match(spm, rows, adapter, self.set_name, spec.max_new_tokens)
-            return {"accuracy": result.accuracy, "sample": [m for m in result.misses[:2]]}
-        if not self.facts:
+        if not self.facts and spec.metric == "pattern":
             result = pattern_match(
                 spm, rows, adapter, spec.pattern, self.set_name, spec.max_new_tokens
             )
             return {"accuracy": result.accuracy, "sample": [m for m in result.misses[:2]]}
         params = SamplingParams(max_new_tokens=spec.max_new_tokens)
-        requests = [Request(e.messages[-1][1], adapter, messages=e.messages) for e in rows]
+        requests = [
+            Request(e.messages[-1][1] if e.messages else e.prompt, adapter, messages=e.messages)
+            for e in rows
+        ]
         return self.replies_score(rows, generate(spm, requests, params))
 
     def score_peft(self, model, tokenizer) -> dict:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import torch
 
 from softprompt.adapters import load_adapter
@@ -117,3 +118,97 @@ def test_accelerate_launch_trains_what_one_process_does(tiny_model_dir, tmp_path
     mine, theirs = load_adapter(two).weights, load_adapter(one).weights
     assert torch.allclose(mine, theirs, atol=1e-4), float((mine - theirs).abs().max())
     assert json.loads((two / "training_config.json").read_text())["processes"] == 2
+
+
+def _layer_bytes(model_dir: Path) -> tuple[int, int]:
+    """Bytes of the tiny model's decoder stack (layers and final norm) and of its embedding."""
+    from softprompt.models import load_base_model
+
+    model = load_base_model(str(model_dir)).model
+    embedding = model.get_input_embeddings().weight
+    stack = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
+    stack += sum(p.numel() * p.element_size() for p in model.model.norm.parameters())
+    return stack, embedding.numel() * embedding.element_size()
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_a_sharded_run_trains_what_one_process_does_with_half_the_layers_each(
+    tiny_model_dir, tmp_path, word_data, method
+):
+    # 29 texts in global batches of 4: the last batch has one row, so one process's share is
+    # empty and it must still run the sharded layers with the other.
+    train_file, held_file = word_data(29, 5, ["be kind every day", "hope and courage"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SOFTPROMPT_DIST_TIMEOUT": "120"}
+    common = [
+        "train", "--model", str(tiny_model_dir), "--device", "cpu", "--data", str(train_file),
+        "--eval-data", str(held_file), "--epochs", "2", "--method", method, "--lr", "0.1",
+    ]  # fmt: skip
+    one = tmp_path / "one"
+    subprocess.run(
+        [sys.executable, "-m", "softprompt", *common, "--batch-size", "4", "--output", str(one)],
+        check=True, env=env, timeout=600, capture_output=True,
+    )  # fmt: skip
+    two = tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    done = subprocess.run(
+        [*torchrun, "--nproc_per_node", "2", "-m", "softprompt", *common, "--shard",
+         "--batch-size", "2", "--output", str(two)],
+        env=env, timeout=600, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("sharded: process") == 2  # rank 0 prints every process's share
+
+    from softprompt.tuning.init import init_prefix, init_prompt
+
+    start = (init_prompt if method == "prompt" else init_prefix)(
+        load_base_model_for(tiny_model_dir), 8, "vocab", seed=0
+    )
+    mine, theirs = load_adapter(two).weights, load_adapter(one).weights
+    moved = float((theirs - start).norm())
+    assert moved > 0.1  # training moved the prompt, so the comparison below means something
+    assert float((mine - theirs).norm()) < 0.01 * moved
+
+    record = json.loads((two / "training_config.json").read_text())
+    assert record["sharded"] is True and record["processes"] == 2
+    stack, embedding = _layer_bytes(tiny_model_dir)
+    for held in record["weights_held"]:
+        # about half the stack each (a shard is padded to equal sizes), the embedding whole
+        assert 0.45 * stack <= held["sharded"] <= 0.6 * stack, (held, stack)
+        assert held["whole"] == embedding
+
+
+def load_base_model_for(model_dir: Path):
+    from softprompt.models import load_base_model
+
+    return load_base_model(str(model_dir))
+
+
+def test_shard_outside_a_launch_or_with_compile_is_refused_in_one_line(
+    tiny_model_dir, tmp_path, cli_main, word_data
+):
+    train_file, _ = word_data(8, 1, ["be kind"])
+    base = ["train", "--model", str(tiny_model_dir), "--data", str(train_file), "--shard"]
+    alone = cli_main(*base, "--output", str(tmp_path / "a"))
+    assert alone.returncode == 2 and "torchrun or accelerate launch" in alone.stderr
+    assert len(alone.stderr.strip().splitlines()) == 1
+    compiled = cli_main(*base, "--compile", "--output", str(tmp_path / "b"))
+    assert compiled.returncode == 2 and "--compile with --shard" in compiled.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_model_whose_layers_cannot_be_found_is_refused():
+    from types import SimpleNamespace
+
+    from softprompt.errors import UserError
+    from softprompt.tuning.distributed import decoder_layers
+
+    class Flat(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = SimpleNamespace(
+                get_text_config=lambda: SimpleNamespace(num_hidden_layers=3)
+            )
+            self.blocks = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(3)])
+
+    with pytest.raises(UserError, match="cannot find the decoder layers of Flat"):
+        decoder_layers(Flat())

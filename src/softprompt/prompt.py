@@ -308,12 +308,17 @@ class SoftPromptModel:
         return ok
 
     def base_checksum(self) -> str:
-        """SHA-256 of the base model's weights (the prompt table is not part of the model)."""
+        """SHA-256 of the base model's weights (the prompt table is not part of the model).
+        With the model sharded (``--shard``), of this process's shards."""
         import hashlib
 
+        from .tuning.distributed import reshard
+
+        reshard(self.model)  # a sharded model's own shards, not the weights it gathered
         digest = hashlib.sha256()
         for param in self.model.parameters():
-            data = param.detach().cpu().contiguous().reshape(-1)
+            local = param.to_local() if hasattr(param, "to_local") else param  # a DTensor's own
+            data = local.detach().cpu().contiguous().reshape(-1)
             digest.update(data.view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 

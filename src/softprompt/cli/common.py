@@ -44,6 +44,16 @@ def load_base(args: argparse.Namespace, group: Any = None) -> Any:
 
             torch.cuda.set_device(device)
         setup(device)
+    if group is not None and getattr(args, "shard", False):
+        import torch
+
+        from ..tuning.distributed import shard_layers
+
+        # Loaded in host memory, then each layer's shards go to the device as it is sharded:
+        # the device never holds the whole model.
+        base = load_base_model(args.model, dtype=dtype, device=torch.device("cpu"))
+        shard_layers(base.model, group, device)
+        return base
     return load_base_model(args.model, dtype=dtype, device=device)
 
 

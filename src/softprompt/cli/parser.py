@@ -203,6 +203,13 @@ def add_train(sub: Commands) -> None:
         help="run the model through torch.compile: about a minute to start, then faster "
         "steps on a GPU (for long runs; see the README's GPU figures)",
     )
+    train.add_argument(
+        "--shard",
+        action="store_true",
+        help="under torchrun or accelerate launch: split the frozen base model's decoder layers "
+        "across the processes (FSDP), each holding about 1/N of their weights, for a model too "
+        "large for one device; data parallel as without it",
+    )
     train.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     train.add_argument(
         "--allow-pickle",

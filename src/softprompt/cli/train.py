@@ -27,6 +27,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not group.main:
         args.json = True  # only rank 0 prints (and writes)
     quiet()
+    if request.shard:
+        from ..tuning.distributed import check_shardable
+
+        check_shardable(group)  # before the model loads
     plan = plan_training(request, lambda: load_model(args, group), group)
     if not args.json:
         _print_plan(plan)
@@ -36,6 +40,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"data parallel over {group.world} processes: {batch} rows each, "
             f"{batch * group.world} a step"
         )
+        if plan.weights_held is not None and not args.json:
+            for rank, held in enumerate(plan.weights_held):
+                print(
+                    f"sharded: process {rank} holds {held['sharded'] / 2**20:,.1f} MiB of the "
+                    f"decoder layers' weights and {held['whole'] / 2**20:,.1f} MiB whole "
+                    "(the embedding table and the output head)"
+                )
     with _sigterm_interrupts():
         trained = run_training(plan, progress=not args.json)
     shutdown(group)
@@ -80,6 +91,7 @@ def _request(args: argparse.Namespace) -> RunRequest:
         resume=args.resume,
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,
+        shard=args.shard,
     )
 
 

@@ -8,7 +8,7 @@ what the plan and the results say.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,16 @@ from ..prompt import SoftPromptModel
 from ..rows import MAX_LENGTH_CAP, fitting_length, scored_tokens, training_rows
 from . import checkpoint
 from .config import HELDOUT_FILE, RunConfig, Task, TrainConfig, TrainResult
-from .distributed import SINGLE, Group, PeerLost, barrier
+from .distributed import (
+    SINGLE,
+    Group,
+    PeerLost,
+    barrier,
+    check_shardable,
+    gather,
+    shard_layers,
+    weight_bytes,
+)
 from .init import init_prefix, init_prompt
 from .save import rescue_trained, save_trained
 from .train import train_tasks
@@ -59,6 +68,9 @@ class RunRequest:
     resume: bool = False
     overwrite: bool = False
     allow_pickle: bool = False
+    shard: bool = False
+    """Shard the base model's decoder layers across the processes of a distributed launch
+    (``distributed.shard_layers``): each holds about 1/N of their weights."""
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -75,6 +87,11 @@ class RunRequest:
         if self.resume and self.overwrite:
             raise UserError("--resume continues a run and --overwrite starts over: give one")
         config = self.config
+        if self.shard and config.compile:
+            raise UserError(
+                "--compile with --shard is not supported: compiling the FSDP-sharded layers "
+                "is not tested here; train sharded without --compile"
+            )
         if config.init_from and config.init not in (None, "file"):
             raise UserError(
                 f"--init-from starts from an adapter's rows; it cannot go with --init {config.init}"
@@ -116,6 +133,8 @@ class TrainingPlan:
     source: Adapter | None
     group: Group
     checkpoints: Path
+    weights_held: list[dict[str, int]] | None = None
+    """Sharded: each process's bytes of base weights, sharded and whole (``weight_bytes``)."""
 
     @property
     def length_fitted(self) -> bool:
@@ -156,11 +175,19 @@ def plan_training(
     Raises:
         UserError: anything the user can fix, in one line.
     """
+    if request.shard:
+        check_shardable(group)
     tasks = [_read_task(request, source) for source in request.tasks]
     checkpoints = checkpoint.checkpoint_dir(request.output)
     _check_outputs(request, checkpoints)
     source = _init_source(request)
     spm = load()
+    held = None
+    if request.shard:
+        if not any(hasattr(p, "to_local") for p in spm.model.parameters()):
+            shard_layers(spm.model, group, spm.device)  # a loader that did not shard
+        group = replace(group, sharded=True)
+        held = gather(group, weight_bytes(spm.model))
     fitted = None
     if request.config.max_length is None:
         fitted = fitting_length(spm, [t for task in tasks for t in task.texts])
@@ -171,7 +198,7 @@ def plan_training(
     )
     _check_model(spm, config, source)
     starts = {task.name: _start_rows(spm, task, config, source) for task in tasks}
-    return TrainingPlan(request, tasks, config, spm, starts, source, group, checkpoints)
+    return TrainingPlan(request, tasks, config, spm, starts, source, group, checkpoints, held)
 
 
 def run_training(plan: TrainingPlan, progress: bool = True) -> list[TrainedTask]:
@@ -366,6 +393,9 @@ def _record(plan: TrainingPlan, task: PlannedTask) -> dict[str, Any]:
     }
     if plan.group.active:
         extra["processes"] = plan.group.world
+    if plan.weights_held is not None:
+        extra["sharded"] = True
+        extra["weights_held"] = plan.weights_held
     if len(plan.tasks) > 1:
         extra["trained_with"] = [t.name for t in plan.tasks if t is not task]
     return extra

@@ -255,6 +255,9 @@ class _Run:
         mine = batch[group.rank :: group.world]
         if mine:
             totals, counts = task_losses(self.spm, mine, n_tasks)
+        elif group.sharded:  # every process runs the sharded layers: the first row, weighed 0
+            totals, counts = task_losses(self.spm, batch[:1], n_tasks)
+            totals, counts = totals * 0.0, counts * 0.0
         else:  # a last batch smaller than the processes: this one only joins the sums
             totals = torch.stack([p.sum().float() * 0.0 for p in params])
             counts = torch.zeros(n_tasks, device=totals.device)
