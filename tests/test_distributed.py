@@ -212,3 +212,47 @@ def test_a_model_whose_layers_cannot_be_found_is_refused():
 
     with pytest.raises(UserError, match="cannot find the decoder layers of Flat"):
         decoder_layers(Flat())
+
+
+def test_a_sharded_multi_task_run_stopped_midway_resumes_to_the_end(
+    tiny_model_dir, tmp_path, word_data
+):
+    # Checkpoints hold the prompts, not the base model, so --resume and --task work sharded as
+    # they do unsharded: stop a sharded two-task run after a checkpoint, resume it, and both
+    # adapters come out, with the steps of a run never stopped.
+    train_file, _ = word_data(300, 6, ["be kind every day", "hope and courage"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SOFTPROMPT_DIST_TIMEOUT": "60"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    out = tmp_path / "ads"
+    run = [
+        *torchrun, "--nproc_per_node", "2", "-m", "softprompt", "train", "--shard",
+        "--model", str(tiny_model_dir), "--device", "cpu", "--task", f"a={train_file}",
+        "--task", f"b={train_file}", "--epochs", "3", "--batch-size", "2",
+        "--checkpoint-every", "5", "--output", str(out), "--json",
+    ]  # fmt: skip
+    proc = subprocess.Popen(run, env=env, stderr=subprocess.PIPE, text=True)
+    state = checkpoint_dir(out) / STATE_FILE
+    deadline = time.monotonic() + 300
+    step = 0
+    while step < 10 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        if state.is_file():
+            try:
+                step = torch.load(state, weights_only=True)["step"]
+            except Exception:  # noqa: BLE001 - replaced while being read
+                continue
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and state.is_file(), err[-2000:]
+    assert not (out / "a").exists()
+
+    done = subprocess.run([*run, "--resume"], env=env, timeout=600, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads([ln for ln in done.stdout.splitlines() if ln.startswith("{")][0])
+    assert [t["resumed_from"] is not None for t in summary["tasks"]] == [True, True]
+    for name in ("a", "b"):
+        log = json.loads((out / name / "loss_log.json").read_text())
+        assert [e["epoch"] for e in log["evals"]] == [0, 1, 2, 3]
+        assert load_adapter(out / name).num_virtual_tokens == 8
+    assert not checkpoint_dir(out).exists()

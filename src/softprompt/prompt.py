@@ -309,18 +309,27 @@ class SoftPromptModel:
 
     def base_checksum(self) -> str:
         """SHA-256 of the base model's weights (the prompt table is not part of the model).
-        With the model sharded (``--shard``), of this process's shards."""
+        With the model sharded (``--shard``): of every process's digest of its own shards, in
+        rank order, the same in every process (each must call it at the same point)."""
         import hashlib
 
         from .tuning.distributed import reshard
 
         reshard(self.model)  # a sharded model's own shards, not the weights it gathered
         digest = hashlib.sha256()
+        sharded = False
         for param in self.model.parameters():
             local = param.to_local() if hasattr(param, "to_local") else param  # a DTensor's own
+            sharded = sharded or local is not param
             data = local.detach().cpu().contiguous().reshape(-1)
             digest.update(data.view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+        if not sharded:
+            return digest.hexdigest()
+        import torch.distributed as dist
+
+        digests: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, digest.hexdigest())
+        return hashlib.sha256("".join(digests).encode()).hexdigest()
 
     def _check(self, name: str) -> str:
         if name not in self.adapters:

@@ -181,6 +181,7 @@ class _Run:
             "vocab_size": spm.vocab_size,
             "virtual_tokens": [int(t.initial.shape[0]) for t in tasks],
             "processes": group.world,
+            **({"sharded": True} if group.sharded else {}),
             # What changes the arithmetic: a resumed run on another dtype or device is another run.
             "dtype": str(spm.embedding.weight.dtype).removeprefix("torch."),
             "device": spm.device.type,
