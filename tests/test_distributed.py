@@ -110,7 +110,9 @@ def test_accelerate_launch_trains_what_one_process_does(tiny_model_dir, tmp_path
         env=env, timeout=300, capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "data parallel over 2 processes" in done.stdout
+    # --json keeps stdout to the one JSON summary; what the run is doing goes to stderr
+    assert "data parallel over 2 processes" in done.stderr
+    assert [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     subprocess.run(
         [sys.executable, "-m", "softprompt", *common, "--batch-size", "4", "--output", str(one)],
         env=env, timeout=300, check=True, capture_output=True,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,11 +35,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     plan = plan_training(request, lambda: load_model(args, group), group)
     if not args.json:
         _print_plan(plan)
-    if group.active and group.main:  # with --json too, as before
+    if group.active and group.main:  # with --json too, on stderr: stdout is the JSON
         batch = plan.config.batch_size
         print(
             f"data parallel over {group.world} processes: {batch} rows each, "
-            f"{batch * group.world} a step"
+            f"{batch * group.world} a step",
+            file=sys.stderr if args.json else sys.stdout,
         )
         if plan.weights_held is not None and not args.json:
             for rank, held in enumerate(plan.weights_held):
