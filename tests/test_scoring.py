@@ -63,6 +63,52 @@ def test_choice_picks_the_most_likely_candidate_as_one_row_at_a_time_does(spm, a
     assert result.accuracy_norm is not None and 0 <= result.accuracy_norm <= 1
 
 
+def test_a_prompt_ensemble_picks_by_the_log_likelihoods_summed_over_its_prompts(spm):
+    # Lester et al. 2021, section 7: several prompts scored together. Each candidate's score
+    # is its log-likelihood summed over the prompts, each computed as one unpadded row alone.
+    for seed, name in enumerate(("a", "b", "c")):
+        rows = torch.randn(2 + seed, spm.hidden_size, generator=torch.Generator().manual_seed(seed))
+        spm.add_adapter(Adapter(name, rows * 3))
+    rows = _rows()
+    result = choice_accuracy(spm, rows, ["a", "b", "c"], "words", batch_size=7)
+    picks = []
+    for row in rows:
+        scores = [sum(_loglik(spm, m, row.prompt, c) for m in "abc") for c in LABELS]
+        picks.append(LABELS[max(range(4), key=scores.__getitem__)])
+    hits = sum(p == r.completion for p, r in zip(picks, rows, strict=True))
+    assert result.accuracy == pytest.approx(hits / len(rows))
+    assert result.adapter == "ensemble(a, b, c)"
+    chosen = {label: sum(m.get(label, 0) for m in result.labels.values()) for label in LABELS}
+    assert chosen == {label: picks.count(label) for label in LABELS}
+    # one member is that prompt alone
+    alone = choice_accuracy(spm, rows, ["a"], "words")
+    assert alone.accuracy == choice_accuracy(spm, rows, "a", "words").accuracy
+
+
+def test_eval_ensemble_adds_the_ensembles_row_after_its_members(
+    spm, tiny_model_dir, tmp_path, cli_main
+):
+    from softprompt.adapters import adapter_config, write_adapter_files
+
+    folders = []
+    for seed, name in enumerate(("p1", "p2")):
+        weights = torch.randn(3, spm.hidden_size, generator=torch.Generator().manual_seed(seed))
+        folder = tmp_path / name
+        folder.mkdir()
+        write_adapter_files(folder, weights, adapter_config(Adapter(name, weights), "tiny"))
+        folders.append(folder)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r.as_json()) + "\n" for r in _rows()))
+    base = ["eval", "--model", str(tiny_model_dir), "--data", str(data), "--metric", "choice"]
+    adapters = [arg for f in folders for arg in ("--adapter", str(f))]
+    done = cli_main(*base, *adapters, "--ensemble", "--json")
+    assert done.returncode == 0, done.stderr
+    models = [r["adapter"] for r in json.loads(done.stdout)]
+    assert models == [None, "p1", "p2", "ensemble(p1, p2)"]
+    refused = cli_main(*base, "--adapter", str(folders[0]), "--ensemble")
+    assert refused.returncode == 2 and "two or more --adapter" in refused.stderr
+
+
 def test_choice_refuses_what_it_cannot_rank(spm):
     with pytest.raises(UserError, match="not among --choices"):
         choice_accuracy(spm, _rows(), None, "words", choices=["the river", "mountain"])

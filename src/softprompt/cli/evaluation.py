@@ -43,8 +43,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         datasets = _task_datasets(datasets, metrics)
     runs = _eval_runs(args, datasets)  # per dataset: (context, examples) for the base model
     adapters = read_adapters(args.adapter, args.allow_pickle)
+    if args.ensemble and (len(adapters) < 2 or metrics != ["choice"]):
+        raise UserError(
+            "--ensemble scores --metric choice alone, with two or more --adapter prompts"
+        )
     spm = load_model(args)
     names = add_adapters(spm, adapters)
+    args.ensemble = names if args.ensemble else None
     plan = _task_plan(datasets, runs, names)
     results = []
     if "loss" in metrics:
@@ -200,6 +205,11 @@ def _task_results(
         for d, model, context, examples in plan:
             if metric == "choice":
                 result = choice_accuracy(spm, examples, model, d.source, choices, batch_size)
+                if args.ensemble and context is None and model == args.ensemble[-1]:
+                    out.append(result)  # the last member alone, then the ensemble
+                    result = choice_accuracy(
+                        spm, examples, args.ensemble, d.source, choices, batch_size
+                    )
             elif metric == "pattern":
                 result = pattern_match(
                     spm,

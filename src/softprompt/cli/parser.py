@@ -289,6 +289,13 @@ def add_eval(sub: Commands) -> None:
         default=32,
         help="new tokens at most for --metric exact and pattern (default: %(default)s)",
     )
+    ev.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="with --metric choice and several --adapter: also score them as one prompt "
+        "ensemble (each candidate by its log-likelihood summed over the prompts; Lester et "
+        "al. 2021)",
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON list of records")
     ev.set_defaults(func=eval_cmds.cmd_eval)
 

@@ -107,7 +107,7 @@ def _requests(rows: Sequence[Example], adapter: str | None) -> list[Any]:
 def choice_accuracy(
     spm: SoftPromptModel,
     examples: Sequence[Example],
-    adapter: str | None,
+    adapter: str | None | Sequence[str],
     data_name: str = "",
     choices: list[str] | None = None,
     batch_size: int = 32,
@@ -115,6 +115,10 @@ def choice_accuracy(
     """Rank classification of ``examples`` among their candidates: a row's own ``choices``
     (``--choices-field``), else ``choices``, else the distinct completions of the data in order
     of first appearance. The confusion matrix is kept when all rows share one set of labels.
+
+    ``adapter`` may name several adapters: a prompt ensemble (Lester et al. 2021, section 7),
+    each candidate scored by the sum of its log-likelihoods under every prompt (the product of
+    their probabilities), all prompts run in one batch.
 
     Raises:
         UserError: plain-text data, fewer than two candidates, or a reference completion that
@@ -135,17 +139,20 @@ def choice_accuracy(
         for c in options
     ]  # row-major: row i's candidates, then row i+1's ...
     max_length = fitting_length(spm, layouts, cap=MAX_LENGTH_CAP)
-    virtual = spm.virtual_ids(adapter)
+    members = [adapter] if adapter is None or isinstance(adapter, str) else list(adapter)
+    if not members:
+        raise UserError("a prompt ensemble needs at least one adapter")
+    laid = [example_layout(spm.tokenizer, e, max_length, eos=False) for e in layouts]
     scored: list[Row] = []
-    for example in layouts:
-        layout = example_layout(spm.tokenizer, example, max_length, eos=False)
-        scored.append((virtual + layout.ids, len(virtual), layout.scored))
+    for member in members:  # member-major: every candidate under the first prompt, then ...
+        virtual = spm.virtual_ids(member)
+        scored += [(virtual + lay.ids, len(virtual), lay.scored) for lay in laid]
     parts = []
     with torch.no_grad():
         for start in range(0, len(scored), batch_size):
             loss, _ = batch_loss(spm, scored[start : start + batch_size], False, per_row=True)
             parts.append(loss.float())
-    loglik = (-torch.cat(parts)).tolist()
+    loglik = (-torch.cat(parts)).reshape(len(members), len(laid)).sum(0).tolist()
     picked, picked_norm, at = [], [], 0
     for options in per_row:
         mine = loglik[at : at + len(options)]
@@ -161,7 +168,7 @@ def choice_accuracy(
             confusion[g][p] += 1
         labels = {c: dict(confusion[c]) for c in per_row[0]}
     return TaskResult(
-        adapter=adapter,
+        adapter=members[0] if len(members) == 1 else f"ensemble({', '.join(map(str, members))})",
         data=data_name,
         metric="choice",
         accuracy=sum(g == p for g, p in zip(gold, picked, strict=True)) / len(rows),
