@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapters import Adapter, hidden_size_mismatch
 from ..errors import UserError
-from .batch import Batch, check_context
+from .batch import Batch, EngineStats, check_context
 from .config import EngineConfig
 from .detokenize import Detokenizer
 from .registry import AdapterRegistry
@@ -141,12 +141,6 @@ class Engine:
             self._deliver,
             lambda seq: self._leases.get(seq.request_id, (seq, None))[1],
         )
-        # The batch's parts, under the names benchmarks and the server read.
-        self.scheduler = self.batch.scheduler
-        self.cache = self.batch.cache
-        self.seen = self.batch.seen
-        self.stats = self.batch.stats
-        self.detokenizer = self.batch.detokenizer
         self._leases: dict[str, tuple[Sequence, Any]] = {}
         """Each unfinished request's hold on its adapter, taken at submission."""
         self._handles: dict[str, RequestHandle] = {}
@@ -161,6 +155,24 @@ class Engine:
         self._drain_until: float | None = None
         self.failure: str | None = None
         """Why the step loop died, if it did (the server's health check reads it)."""
+
+    # The batch's parts, under the names benchmarks, tests and the server read.
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.batch.scheduler
+
+    @property
+    def cache(self) -> Any:
+        return self.batch.cache
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.batch.stats
+
+    @property
+    def detokenizer(self) -> Detokenizer:
+        return self.batch.detokenizer
 
     @property
     def eos(self) -> list[int]:
