@@ -49,7 +49,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     spm = load_model(args)
     names = add_adapters(spm, adapters)
-    args.ensemble = names if args.ensemble else None
+    ensemble = names if args.ensemble else None
     plan = _task_plan(datasets, runs, names)
     results = []
     if "loss" in metrics:
@@ -57,7 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             result = evaluate(spm, examples, model, d.source, args.batch_size, args.max_length)
             result.context = context
             results.append(result)
-    tasks = _task_results(spm, args, metrics, plan, choices, args.batch_size)
+    tasks = _task_results(spm, args, metrics, plan, choices, args.batch_size, ensemble)
     if args.json:
         print(json.dumps([r.as_dict() for r in [*results, *tasks]]))
         return 0
@@ -197,7 +197,10 @@ def _task_results(
     plan: list[tuple[Any, str | None, str | None, Any]],
     choices: list[str] | None,
     batch_size: int,
+    ensemble: list[str] | None = None,
 ) -> list[Any]:
+    """Each task metric's result per planned run; with ``ensemble``, the ensemble of those
+    adapters after its last member (``--metric choice``)."""
     from ..insight.scoring import choice_accuracy, exact_match, pattern_match
 
     out = []
@@ -205,11 +208,9 @@ def _task_results(
         for d, model, context, examples in plan:
             if metric == "choice":
                 result = choice_accuracy(spm, examples, model, d.source, choices, batch_size)
-                if args.ensemble and context is None and model == args.ensemble[-1]:
+                if ensemble and context is None and model == ensemble[-1]:
                     out.append(result)  # the last member alone, then the ensemble
-                    result = choice_accuracy(
-                        spm, examples, args.ensemble, d.source, choices, batch_size
-                    )
+                    result = choice_accuracy(spm, examples, ensemble, d.source, choices, batch_size)
             elif metric == "pattern":
                 result = pattern_match(
                     spm,
