@@ -71,11 +71,19 @@ def test_each_task_is_trained_and_evaluated_on_its_own(spm):
     assert results[0].samples == 3 * len(TEXTS) and results[1].samples == 3 * len(OTHER)
 
 
+@pytest.mark.parametrize("reparam", ["none", "residual"])
 def test_an_interrupted_run_of_several_tasks_resumes_to_the_same_prompts(
-    spm, tmp_path, monkeypatch
+    spm, tmp_path, monkeypatch, reparam
 ):
+    # With --reparam residual the checkpoint holds each task's MLP as well as its rows.
     config = TrainConfig(
-        virtual_tokens=4, epochs=2, lr=0.1, batch_size=4, max_length=16, checkpoint_every=3
+        virtual_tokens=4,
+        epochs=2,
+        lr=0.1,
+        batch_size=4,
+        max_length=16,
+        checkpoint_every=3,
+        reparam=reparam,
     )
     whole = train_tasks(spm, _tasks(spm), config, progress=False)
     expected = [spm.adapter_weights(n).clone() for n in ("a", "b")]

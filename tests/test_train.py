@@ -319,3 +319,35 @@ def test_a_python_run_plans_and_saves_as_the_cli_does(chat_model_dir, tmp_path, 
     # The same request again is refused: the output is an adapter the user made.
     with pytest.raises(softprompt.UserError, match="--overwrite"):
         softprompt.plan_training(request, lambda: pytest.fail("loaded the model"))
+
+
+def test_a_residual_reparameterised_prompt_starts_as_the_plain_one_and_saves_plain_rows(
+    spm, tmp_path
+):
+    # --reparam residual: the rows the model sees are rows + up(relu(down(rows))), up starting
+    # at zero, so the first evaluation is the plain prompt's; what is saved is the rows the
+    # model saw at the kept step, a plain PEFT prompt that scores as the run said it did.
+    from softprompt.tuning.reparam import Residual
+
+    texts = ["be kind every day", "hope is a light", "small steps up the mountain"] * 4
+    start = init_prompt(spm.base, 4, seed=1)
+    plain = train(spm, "plain", start, texts, texts[:3], TrainConfig(epochs=1), progress=False)
+    config = TrainConfig(epochs=3, reparam="residual", lr=0.05)
+    result = train(spm, "res", start, texts, texts[:3], config, progress=False)
+    assert result.evals[0]["loss"] == pytest.approx(plain.evals[0]["loss"], rel=1e-6)
+    assert result.loss_after < result.loss_before
+    mlp = Residual(start)
+    assert result.trainable_params == sum(p.numel() for p in mlp.parameters()) > start.numel()
+    saved = save_trained(spm, "res", tmp_path / "res", config, result)
+    adapter = load_adapter(saved)
+    assert adapter.method == "prompt" and adapter.weights.shape == start.shape
+    assert not torch.equal(adapter.weights, start)
+    assert json.loads((saved / "training_config.json").read_text())["reparam"] == "residual"
+    spm.remove_adapter("res")
+    spm.add_adapter(adapter)
+    assert evaluate(spm, texts[:3], "res").loss == pytest.approx(result.loss_after, rel=1e-5)
+
+
+def test_reparam_is_refused_for_prefix_tuning():
+    with pytest.raises(UserError, match="--reparam residual reparameterises prompt rows"):
+        TrainConfig(method="prefix", reparam="residual")

@@ -92,6 +92,17 @@ class SoftPromptModel:
         self._table = None
         return param
 
+    def set_rows(self, name: str, rows: torch.Tensor) -> None:
+        """Make ``rows`` adapter ``name``'s rows (same shape): a tensor computed from other
+        parameters while it trains (``tuning.reparam``), kept as it is, graph included."""
+        old = self.adapters[self._check(name)]
+        if tuple(rows.shape) != tuple(old.weights.shape):
+            raise ValueError(
+                f"{name}: rows of shape {tuple(rows.shape)}, not {tuple(old.weights.shape)}"
+            )
+        self.adapters[name] = Adapter(name, rows, old.config)
+        self._table = None
+
     def remove_adapter(self, name: str) -> Adapter:
         """Unload adapter ``name``; the virtual ids of adapters loaded after it move down."""
         adapter = self.adapters.pop(self._check(name))

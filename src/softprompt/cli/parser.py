@@ -204,6 +204,14 @@ def add_train(sub: Commands) -> None:
         "steps on a GPU (for long runs; see the README's GPU figures)",
     )
     train.add_argument(
+        "--reparam",
+        choices=("none", "residual"),
+        default="none",
+        help="residual: train prompt rows through a small residual MLP (residual prompt "
+        "tuning, Razdaibiedina et al. 2023), saved as plain rows; prompt tuning only. Not yet "
+        "measured on the task suite (default: none)",
+    )
+    train.add_argument(
         "--shard",
         action="store_true",
         help="under torchrun or accelerate launch: split the frozen base model's decoder layers "

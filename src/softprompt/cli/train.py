@@ -82,6 +82,7 @@ def _request(args: argparse.Namespace) -> RunRequest:
         eval_every=args.eval_every,
         patience=args.patience,
         checkpoint_every=args.checkpoint_every,
+        reparam=args.reparam,
     )
     return RunRequest(
         tasks=_task_sources(args),

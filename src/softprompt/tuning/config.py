@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ..data import Example
 from ..errors import UserError
 from ..prefix import METHODS
+from .reparam import REPARAMS
 
 if TYPE_CHECKING:
     import torch
@@ -75,6 +76,9 @@ class TrainConfig:
     """Stop after this many evaluations without a better held-out loss; 0: never."""
     checkpoint_every: int = 100
     """Steps between checkpoints (also written at each epoch's end); 0: only at epochs' ends."""
+    reparam: str = "none"
+    """none, or residual: prompt rows trained through a residual MLP (``reparam.Residual``),
+    saved as plain rows. Prompt tuning only."""
 
     def __post_init__(self) -> None:
         if self.virtual_tokens < 1:
@@ -103,6 +107,13 @@ class TrainConfig:
             raise UserError("the held-out fraction must be between 0 and 1")
         if self.schedule not in SCHEDULES:
             raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+        if self.reparam not in REPARAMS:
+            raise UserError(f"--reparam must be one of {', '.join(REPARAMS)}")
+        if self.reparam != "none" and self.method != "prompt":
+            raise UserError(
+                f"--reparam {self.reparam} reparameterises prompt rows (--method prompt); a "
+                "prefix is keys and values, which it does not apply to"
+            )
         for flag, value in (
             ("--warmup", self.warmup),
             ("--eval-every", self.eval_every),
@@ -167,6 +178,8 @@ class RunConfig(TrainConfig):
         same = asdict(self)
         for free in ("compile", "checkpoint_every", "eval_batch_size", "init_from", "init_text"):
             same.pop(free)
+        if same["reparam"] == "none":
+            same.pop("reparam")  # as checkpoints written before the option had it
         return same
 
 

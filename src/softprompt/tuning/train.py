@@ -24,6 +24,7 @@ from ..rows import batch_loss, fitting_length, scored_tokens, training_rows
 from .config import RunConfig, Task, TrainConfig, TrainResult
 from .distributed import SINGLE, Group
 from .distributed import sum_ as dist_sum
+from .reparam import Residual
 from .save import method_config
 
 
@@ -215,15 +216,29 @@ class _Run:
             )
             for i, t in enumerate(tasks)
         ]
+        # --reparam residual: each task's rows trained through its own residual MLP
+        self.reparams = [
+            Residual(p.detach()) if config.reparam == "residual" else None for p in self.params
+        ]
+        if state is not None and state.get("reparams"):
+            for module, saved in zip(self.reparams, state["reparams"], strict=True):
+                if module is not None:
+                    module.load_state_dict(saved)
+        self.trained = [
+            list(m.parameters()) if m is not None else [p]
+            for p, m in zip(self.params, self.reparams, strict=True)
+        ]
+        """Per task, the tensors the optimiser steps (the rows, or the rows and their MLP)."""
         base_params = sum(p.numel() for p in spm.model.parameters())
+        counts = [sum(p.numel() for p in group) for group in self.trained]
         self.results = [
-            TrainResult(
-                name=t.name, trainable_params=p.numel(), total_params=base_params + p.numel()
-            )
-            for t, p in zip(tasks, self.params, strict=True)
+            TrainResult(name=t.name, trainable_params=n, total_params=base_params + n)
+            for t, n in zip(tasks, counts, strict=True)
         ]
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=config.lr, weight_decay=config.weight_decay
+            [p for group in self.trained for p in group],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
         )
         for i, (t, res) in enumerate(zip(tasks, self.results, strict=True)):
             task_rows, res.texts_cut = training_rows(spm, t.texts, t.name, config.max_length)
@@ -234,7 +249,7 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(config.schedule, config.warmup, self.total_steps)
         )
-        self.best = [p.detach().clone() for p in self.params]
+        self.best = [rows.detach().clone() for rows in self.current_rows()]
         self.best_loss = [math.inf] * self.n_tasks
         self.since_best = [0] * self.n_tasks
         first_epoch, skip = 1, 0
@@ -254,6 +269,7 @@ class _Run:
         group, params, n_tasks = self.group, self.params, self.n_tasks
         began = time.perf_counter()
         mine = batch[group.rank :: group.world]
+        self.install(grad=True)
         if mine:
             totals, counts = task_losses(self.spm, mine, n_tasks)
         elif group.sharded:  # every process runs the sharded layers: the first row, weighed 0
@@ -270,13 +286,14 @@ class _Run:
         global_totals, global_counts = host[:n_tasks], host[n_tasks:]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        for i, p in enumerate(params):
-            if global_counts[i] == 0:
-                p.grad = None  # not in this batch anywhere: AdamW leaves it alone
-            elif group.active:
-                if p.grad is None:  # in the batch, but only in other processes' shares
-                    p.grad = torch.zeros_like(p)
-                dist_sum(group, p.grad)
+        for i, trained in enumerate(self.trained):
+            for p in trained:
+                if global_counts[i] == 0:
+                    p.grad = None  # not in this batch anywhere: AdamW leaves it alone
+                elif group.active:
+                    if p.grad is None:  # in the batch, but only in other processes' shares
+                        p.grad = torch.zeros_like(p)
+                    dist_sum(group, p.grad)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -287,8 +304,24 @@ class _Run:
                 res.samples += sum(1 for row in batch if row[3] == i)
                 res.steps.append({"step": self.step, "epoch": epoch, "loss": value})
 
+    def current_rows(self) -> list[torch.Tensor]:
+        """Each task's rows as the model sees them now (a reparameterised task's computed)."""
+        with torch.no_grad():
+            return [
+                p if m is None else m() for p, m in zip(self.params, self.reparams, strict=True)
+            ]
+
+    def install(self, grad: bool) -> None:
+        """Put each reparameterised task's rows in the model: computed with their graph for a
+        training step, without it for an evaluation (no-op without ``--reparam``)."""
+        for t, m in zip(self.tasks, self.reparams, strict=True):
+            if m is not None:
+                with torch.set_grad_enabled(grad):
+                    self.spm.set_rows(t.name, m())
+
     def held_out(self, epoch: int) -> None:
         """Evaluate every task on its held-out texts; keep each task's best rows."""
+        self.install(grad=False)
         for i, (t, res) in enumerate(zip(self.tasks, self.results, strict=True)):
             ev = evaluate(
                 self.spm,
@@ -307,7 +340,7 @@ class _Run:
                 }
             )
             if ev.loss < self.best_loss[i]:
-                self.best[i] = self.params[i].detach().clone()
+                self.best[i] = self.current_rows()[i].detach().clone()
                 self.best_loss[i], self.since_best[i] = ev.loss, 0
                 res.best_step = self.step
             else:
@@ -341,6 +374,10 @@ class _Run:
             {
                 "fingerprint": self.fingerprint,
                 "rows": [p.detach().float().cpu() for p in self.params],
+                "reparams": [
+                    None if m is None else {k: v.cpu() for k, v in m.state_dict().items()}
+                    for m in self.reparams
+                ],
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "step": self.step,
@@ -390,9 +427,11 @@ class _Run:
         elapsed = time.perf_counter() - self.start
         checksum = self.spm.base_checksum()
         with torch.no_grad():
-            for p, b in zip(self.params, self.best, strict=True):
-                p.copy_(b)
+            for t, p, m, b in zip(self.tasks, self.params, self.reparams, self.best, strict=True):
+                p.copy_(b)  # a reparameterised task's rows, folded: plain rows from here on
                 p.requires_grad_(False)
+                if m is not None:
+                    self.spm.set_rows(t.name, p)
         for res in self.results:
             res.seconds += elapsed
             res.base_checksum_after = checksum
