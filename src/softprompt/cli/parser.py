@@ -208,8 +208,8 @@ def add_train(sub: Commands) -> None:
         choices=("none", "residual"),
         default="none",
         help="residual: train prompt rows through a small residual MLP (residual prompt "
-        "tuning, Razdaibiedina et al. 2023), saved as plain rows; prompt tuning only. Not yet "
-        "measured on the task suite (default: none)",
+        "tuning, Razdaibiedina et al. 2023), saved as plain rows; prompt tuning only; measured "
+        "on one seed so far, see docs/benchmarks/tasks.md (default: none)",
     )
     train.add_argument(
         "--shard",
