@@ -146,9 +146,9 @@ def load_adapter(
     if not isinstance(config, dict):
         raise UserError(f"{config_path} is not a JSON object")
     peft_type = config.get("peft_type")
-    if peft_type in REFUSED_TYPES:
+    if isinstance(peft_type, str) and peft_type in REFUSED_TYPES:
         raise UserError(f"{folder} is a {peft_type} adapter: {REFUSED_TYPES[peft_type]}")
-    if peft_type not in LOADED_TYPES:
+    if not isinstance(peft_type, str) or peft_type not in LOADED_TYPES:
         raise UserError(
             f"{folder} is a {peft_type} adapter; softprompt loads the prompt-learning adapters "
             f"{', '.join(LOADED_TYPES)}"
