@@ -20,6 +20,19 @@ from softprompt.adapters import load_adapter
 from softprompt.tuning.checkpoint import STATE_FILE, checkpoint_dir
 
 
+def wait_for_checkpoint(proc: subprocess.Popen, state: Path, step: int) -> None:
+    """Wait (up to 300 s) until the run's checkpoint is at ``step`` or later, or it ends."""
+    deadline = time.monotonic() + 300
+    seen = 0
+    while seen < step and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        if state.is_file():
+            try:
+                seen = torch.load(state, weights_only=True)["step"]
+            except Exception:  # noqa: BLE001 - replaced while being read
+                continue
+
+
 def test_two_processes_train_what_one_does_and_survive_losing_one(
     tiny_model_dir, tmp_path, word_data
 ):
@@ -44,15 +57,7 @@ def test_two_processes_train_what_one_does_and_survive_losing_one(
     run_two = [*torchrun, *common, "--batch-size", "2", "--output", str(two)]
     proc = subprocess.Popen(run_two, env=env, stderr=subprocess.PIPE, text=True)
     state = checkpoint_dir(two) / STATE_FILE
-    deadline = time.monotonic() + 300
-    step = 0
-    while step < 60 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-        if state.is_file():
-            try:
-                step = torch.load(state, weights_only=True)["step"]
-            except Exception:  # noqa: BLE001 - replaced while being read
-                continue
+    wait_for_checkpoint(proc, state, 60)
     assert proc.poll() is None, "the run ended before a process could be killed"
     rank1 = [
         p
@@ -234,15 +239,7 @@ def test_a_sharded_multi_task_run_stopped_midway_resumes_to_the_end(
     ]  # fmt: skip
     proc = subprocess.Popen(run, env=env, stderr=subprocess.PIPE, text=True)
     state = checkpoint_dir(out) / STATE_FILE
-    deadline = time.monotonic() + 300
-    step = 0
-    while step < 10 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-        if state.is_file():
-            try:
-                step = torch.load(state, weights_only=True)["step"]
-            except Exception:  # noqa: BLE001 - replaced while being read
-                continue
+    wait_for_checkpoint(proc, state, 10)
     assert proc.poll() is None, "the run ended before it could be stopped"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

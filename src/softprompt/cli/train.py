@@ -28,10 +28,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not group.main:
         args.json = True  # only rank 0 prints (and writes)
     quiet()
-    if request.shard:
-        from ..tuning.distributed import check_shardable
-
-        check_shardable(group)  # before the model loads
     plan = plan_training(request, lambda: load_model(args, group), group)
     if not args.json:
         _print_plan(plan)
