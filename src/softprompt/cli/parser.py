@@ -441,9 +441,9 @@ def add_serve(sub: Commands) -> None:
     srv.add_argument(
         "--max-queue",
         type=int,
-        help="requests waiting for a place in the batch at most; beyond it, 429 with "
-        "Retry-After, and one request (prompts x n) may not ask for more (default: 4 x "
-        "--max-batch-size)",
+        help="requests waiting for a place in the batch at most (with --upstream: in flight); "
+        "beyond it, 429 with Retry-After, and one request (prompts x n) may not ask for more "
+        "(default: 4 x --max-batch-size; with --upstream, 256 per upstream)",
     )
     srv.add_argument(
         "--max-messages",
@@ -471,6 +471,43 @@ def add_serve(sub: Commands) -> None:
         default=30.0,
         help="on SIGTERM or Ctrl-C, how long running requests may finish (new ones get 503); "
         'the rest end with finish_reason "abort" (default: %(default)s)',
+    )
+    up = srv.add_argument_group(
+        "generation on vLLM servers",
+        "With --upstream, only the model's tokenizer, config and input embeddings are loaded "
+        "here; each request goes to a vLLM server started with --enable-prompt-embeds on the "
+        "same model: an adapter's as prompt_embeds (its rows, then the prompt's embeddings), the "
+        "base model's as token ids. Prefix (deep) adapters, and echo with logprobs for any "
+        "request, are refused with a 400 saying why (the local engine serves them). See "
+        "docs/scale-out.md.",
+    )
+    up.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a vLLM server (http://HOST:PORT) serving the same model (repeatable: requests go "
+        "to the healthy one with the fewest in flight)",
+    )
+    up.add_argument(
+        "--upstream-timeout",
+        type=float,
+        default=120.0,
+        help="seconds without a byte from an upstream before its request ends with an error "
+        "(default: %(default)s)",
+    )
+    up.add_argument(
+        "--embeds-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="dtype prompt_embeds are sent in: float32 is exact; bfloat16 halves the bytes for "
+        "a model served in bfloat16 (default: %(default)s)",
+    )
+    up.add_argument(
+        "--upstream-api-key",
+        default=os.environ.get("SOFTPROMPT_UPSTREAM_API_KEY"),
+        help="sent to the upstreams as Authorization: Bearer (vLLM's --api-key; default: "
+        "$SOFTPROMPT_UPSTREAM_API_KEY, or none)",
     )
     srv.set_defaults(func=share_cmds.cmd_serve)
 

@@ -17,9 +17,19 @@ if TYPE_CHECKING:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
     from ..server.run import serve
+    from ..upstream.engine import UpstreamSettings
 
     quiet()
+    if args.upstream_timeout <= 0:
+        raise UserError("--upstream-timeout must be above 0")
+    upstream = UpstreamSettings(
+        timeout=args.upstream_timeout,
+        embeds_dtype=getattr(torch, args.embeds_dtype),
+        api_key=args.upstream_api_key or None,
+    )
     return serve(
         args.model,
         args.device,
@@ -38,6 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         retune=args.retune,
         max_messages=args.max_messages,
         public_metrics=args.public_metrics,
+        upstreams=args.upstream,
+        upstream=upstream,
     )
 
 

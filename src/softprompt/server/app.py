@@ -342,12 +342,21 @@ def _add_service_routes(app: FastAPI, ctx: _Context) -> None:
         summary="200 while the server serves; 503 while it shuts down or if its engine died",
         responses={503: {"model": ErrorResponse, "description": "not serving"}},
     )
-    async def health() -> dict[str, str]:
+    async def health() -> dict[str, Any]:
         if ctx.engine.failure is not None:
             raise APIError(503, ctx.engine.failure, "server_error", code="engine_dead")
         if ctx.engine.draining:
             raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
-        return {"status": "ok"}
+        report = getattr(ctx.engine, "health", None)  # an UpstreamEngine: its vLLM servers
+        if report is None:
+            return {"status": "ok"}
+        upstreams = report()
+        if not any(u["healthy"] for u in upstreams):
+            down = "; ".join(f"{u['url']}: {u.get('error')}" for u in upstreams)
+            raise APIError(
+                503, f"no upstream answers ({down})", "server_error", code="upstreams_down"
+            )
+        return {"status": "ok", "upstreams": upstreams}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:

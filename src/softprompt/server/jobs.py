@@ -227,8 +227,12 @@ class Job:
             )
             for index in range(len(self.choices))
         ]
+        # An engine that fails over (UpstreamEngine) may start a whole answer again elsewhere
+        # when nothing of it has been sent: so for a response that is not streamed.
+        fails_over = getattr(self.engine, "fails_over", False)
+        held = {"held": True} if fails_over and not self.body.stream else {}
         try:
-            self.handles = self.engine.submit_many(requests)
+            self.handles = self.engine.submit_many(requests, **held)
         except QueueFull as exc:
             self.count(429)
             raise APIError(
@@ -296,9 +300,10 @@ class Job:
             self.first_token = True
             self.metrics.first_token(time.perf_counter() - self.submitted)
         if out.finished:
-            # "abort": the server shut down first (what vLLM says); the rest are ends of text.
+            # "abort": the server shut down first (what vLLM says); "error": generation failed
+            # (a stream says so in its last chunk); the rest are ends of text.
             reason = out.finish_reason
-            choice.reason = reason if reason in ("length", "abort") else "stop"
+            choice.reason = reason if reason in ("length", "abort", "error") else "stop"
             choice.error = out.error if out.finish_reason == "error" else None
             self.open -= 1
 
@@ -435,7 +440,10 @@ class Job:
         events, failed = [], False
         for index, out in outs:
             if out.finish_reason == "error":
+                # The choice ends with finish_reason "error" (after what it had made), then
+                # the error itself: a client reading either knows the answer is cut short.
                 failed = True
+                events.append(self._chunk(kind, [piece(index, out)]))
                 message = f"generation failed: {out.error}"
                 error = {"error": {"message": message, "type": "server_error"}}
                 events.append(f"data: {json.dumps(error)}\n\n")

@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..upstream.engine import UpstreamSettings
+from ..upstream.pool import normalise
+
+UPSTREAM_QUEUE = 256
+"""``--max-queue``'s default per upstream: sequences in flight (vLLM's own default batch)."""
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -150,6 +155,8 @@ def serve(
     retune: bool = False,
     max_messages: int = 128,
     public_metrics: bool = False,
+    upstreams: list[str] | None = None,
+    upstream: UpstreamSettings | None = None,
 ) -> int:
     """``softprompt serve``: load the model, serve until SIGTERM or Ctrl-C.
 
@@ -174,14 +181,14 @@ def serve(
         raise UserError("--drain-seconds must be 0 or more")
     if max_messages < 1:
         raise UserError("--max-messages must be at least 1")
+    urls = [normalise(u) for u in upstreams or []]
     if max_queue is None:
-        max_queue = 4 * max_batch_size
+        # Upstream: sequences in flight (vLLM batches them); here: waiting for the batch.
+        max_queue = UPSTREAM_QUEUE * len(urls) if urls else 4 * max_batch_size
     sock = bind(host, port)  # before loading the model: a busy port fails at once
     import uvicorn
 
-    from ..device import resolve
-    from ..engine import Engine, EngineConfig
-    from ..models import load_base_model
+    from ..engine import EngineConfig
     from .app import ServerConfig, create_app
 
     try:
@@ -193,14 +200,15 @@ def serve(
         )
     except ValueError as exc:
         raise UserError("--" + str(exc).replace("_", "-", 2)) from exc
-    where, precision = resolve(device, dtype)
-    base = load_base_model(model, dtype=precision, device=where)
-    engine = Engine(base.model, base.tokenizer, config)
+    if urls:
+        engine, recorded, summary = _upstream_engine(model, urls, config, upstream)
+    else:
+        engine, recorded, summary = _local_engine(model, device, dtype, config)
     bound = sock.getsockname()[0]
     app = create_app(
         engine,
         ServerConfig(
-            model_name=api_name(model, base.name),
+            model_name=api_name(model, recorded),
             adapters_dir=folder,
             fixed_adapters=fixed,
             api_key=api_key,
@@ -214,12 +222,12 @@ def serve(
         start_engine=False,
     )
     url = url_of(sock)
-    names = [api_name(model, base.name), *app.state.adapters.names()]
+    names = [api_name(model, recorded), *app.state.adapters.names()]
     print(f"softprompt: serving {len(names)} models at {url}/v1", file=sys.stderr)
     for name in names:
         print(f"  {name}", file=sys.stderr)
-    if engine.runner.decode_path is not None:
-        print(f"softprompt: {engine.runner.decode_path.summary()}", file=sys.stderr)
+    if summary:
+        print(f"softprompt: {summary}", file=sys.stderr)
     warning = exposure_warning(bound, api_key)
     if warning:
         print(warning, file=sys.stderr)
@@ -268,3 +276,38 @@ def serve(
         app.state.close()
         sock.close()
     return status
+
+
+def _local_engine(
+    model: str | None, device: str, dtype: str, config: Any
+) -> tuple[Any, str, str | None]:
+    """The model loaded here and its engine; the name it records; its decode path's summary."""
+    from ..device import resolve
+    from ..engine import Engine
+    from ..models import load_base_model
+
+    where, precision = resolve(device, dtype)
+    base = load_base_model(model, dtype=precision, device=where)
+    engine = Engine(base.model, base.tokenizer, config)
+    path = engine.runner.decode_path
+    return engine, base.name, path.summary() if path is not None else None
+
+
+def _upstream_engine(
+    model: str | None, urls: list[str], config: Any, settings: UpstreamSettings | None
+) -> tuple[Any, str, str | None]:
+    """The model's front end, the upstreams checked against it, and the engine over them."""
+    from ..frontend import load_front_end
+    from ..upstream.engine import UpstreamEngine
+    from ..upstream.pool import check_upstreams
+
+    settings = settings or UpstreamSettings()
+    front = load_front_end(model)
+    found = check_upstreams(front, urls, api_key=settings.api_key)
+    engine = UpstreamEngine(front, found, config, settings)
+    names = ", ".join(u.url for u in found)
+    summary = (
+        f"generation on {len(found)} vLLM upstream(s) serving {found[0].model!r} "
+        f"({found[0].max_model_len} tokens): {names}"
+    )
+    return engine, front.name, summary
