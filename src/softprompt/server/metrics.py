@@ -58,6 +58,27 @@ class _EngineCollector:
             "Adapters whose prefix is in memory now.",
             value=len(self.engine.registry.resident()),
         )
+        report = getattr(self.engine, "health", None)  # serve --upstream: its vLLM servers
+        if report is not None:
+            upstreams = report()
+            healthy = GaugeMetricFamily(
+                "softprompt_upstream_healthy", "1 while the upstream answers.", labels=["upstream"]
+            )
+            flying = GaugeMetricFamily(
+                "softprompt_upstream_in_flight",
+                "Requests at the upstream now.",
+                labels=["upstream"],
+            )
+            failures = CounterMetricFamily(
+                "softprompt_upstream_failures",
+                "Requests the upstream failed (refused, reset, 5xx, silent).",
+                labels=["upstream"],
+            )
+            for u in upstreams:
+                healthy.add_metric([u["url"]], int(u["healthy"]))
+                flying.add_metric([u["url"]], u["in_flight"])
+                failures.add_metric([u["url"]], u["failures"])
+            yield from (healthy, flying, failures)
         yield GaugeMetricFamily(
             "softprompt_adapters_served",
             "Adapters served from the folder.",
