@@ -68,12 +68,13 @@ class EngineStats:
     largest_batch: int = 0
 
 
-def check_context(runner: ModelRunner, tokens: int, virtual: int) -> None:
-    """Refuse a prompt that, after its adapter's virtual tokens, leaves no room to generate."""
-    if virtual + tokens >= runner.max_length:
+def check_context(max_length: int, tokens: int, virtual: int) -> None:
+    """Refuse a prompt that, after its adapter's virtual tokens, leaves no room to generate in
+    a context of ``max_length`` tokens."""
+    if virtual + tokens >= max_length:
         raise RequestError(
             f"the prompt has {tokens} tokens (plus {virtual} virtual); the model's context "
-            f"is {runner.max_length} tokens",
+            f"is {max_length} tokens",
             field="prompt",
         )
 
@@ -140,7 +141,7 @@ class Batch:
                 if lease is not None:
                     self.registry.prepare(lease)
                     seq.prefix_length = lease.prefix.length if lease.prefix is not None else 0
-                    check_context(self.runner, len(seq.prompt_ids), seq.prefix_length)
+                    check_context(self.runner.max_length, len(seq.prompt_ids), seq.prefix_length)
                 if seq.params.temperature > 0:
                     seq.generator = make_generator(seq.params.seed, self.runner.device)
             except Exception as exc:  # noqa: BLE001 - this request's alone

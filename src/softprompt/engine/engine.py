@@ -265,7 +265,7 @@ class Engine:
                 if lease is not None:  # its rows as read now, which are what will run
                     rows = lease.adapter
                     virtual = rows.num_virtual_tokens if rows is not None else lease.length
-                    check_context(self.runner, len(seq.prompt_ids), virtual)
+                    check_context(self.runner.max_length, len(seq.prompt_ids), virtual)
             with self._lock:
                 if self._stopping or self._drain_until is not None:
                     raise ShuttingDown("the server is shutting down and takes no new requests")
@@ -320,7 +320,7 @@ class Engine:
                 f"{self.config.max_new_tokens_cap}",
                 field="max_new_tokens",
             )
-        check_context(self.runner, len(ids), virtual)
+        check_context(self.runner.max_length, len(ids), virtual)
         seq = Sequence(ids, adapter, params)
         if params.stop:
             seq.stops = StopMatcher(params.stop)
@@ -566,25 +566,33 @@ class Engine:
         }
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            ids = list(self.tokenizer(prompt)["input_ids"])
-        elif isinstance(prompt, list) and all(
-            isinstance(i, int) and not isinstance(i, bool) for i in prompt
-        ):
-            ids = list(prompt)
-            vocab = self.runner.vocab_size
-            bad = [i for i in ids if not 0 <= i < vocab]
-            if bad:
-                raise RequestError(
-                    f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", field="prompt"
-                )
-        else:
-            raise RequestError("a prompt is text or a list of token ids", field="prompt")
-        if not ids:
+        return prompt_ids(self.tokenizer, prompt, self.runner.vocab_size)
+
+
+def prompt_ids(tokenizer: Any, prompt: str | list[int], vocab: int) -> list[int]:
+    """A request's prompt as token ids: text tokenized, ids checked against the vocabulary.
+
+    Raises:
+        RequestError: neither text nor ids, an id outside ``0..vocab-1``, or no tokens.
+    """
+    if isinstance(prompt, str):
+        ids = list(tokenizer(prompt)["input_ids"])
+    elif isinstance(prompt, list) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in prompt
+    ):
+        ids = list(prompt)
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
             raise RequestError(
-                "a prompt with no tokens cannot be completed; give some text", field="prompt"
+                f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", field="prompt"
             )
-        return ids
+    else:
+        raise RequestError("a prompt is text or a list of token ids", field="prompt")
+    if not ids:
+        raise RequestError(
+            "a prompt with no tokens cannot be completed; give some text", field="prompt"
+        )
+    return ids
 
 
 def _post(loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue[Output], out: Output) -> None:

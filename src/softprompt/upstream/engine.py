@@ -28,9 +28,9 @@ import torch
 
 from ..adapters import Adapter, hidden_size_mismatch
 from ..embeds import to_base64
-from ..engine.batch import EngineStats
+from ..engine.batch import EngineStats, check_context
 from ..engine.config import EngineConfig
-from ..engine.engine import QueueFull, RequestHandle, ShuttingDown
+from ..engine.engine import QueueFull, RequestHandle, ShuttingDown, prompt_ids
 from ..engine.registry import AdapterRegistry, Prefix
 from ..engine.sampling import RequestError, SamplingParams
 from ..engine.sequence import Output, Sequence, Status
@@ -99,6 +99,7 @@ class UpstreamEngine:
         self.pool = Pool(upstreams)
         self.model = upstreams[0].model
         self.max_length = min(u.max_model_len for u in upstreams)
+        """The context, as the upstreams run it (``check_context`` reads it)."""
         self.registry = AdapterRegistry(
             lambda adapters: [Prefix([], []) for _ in adapters],  # rows are all vLLM needs
             self._check_adapter,
@@ -181,7 +182,7 @@ class UpstreamEngine:
         self, prompt: str | list[int], adapter: str | None, params: SamplingParams
     ) -> tuple[Sequence, dict[str, Any]]:
         """The request as a sequence and its upstream body, or ``RequestError`` saying why not."""
-        ids = self._prompt_ids(prompt)
+        ids = prompt_ids(self.tokenizer, prompt, self.front.vocab_size)
         if params.max_new_tokens > self.config.max_new_tokens_cap:
             raise RequestError(
                 f"max new tokens {params.max_new_tokens} is above this server's cap of "
@@ -195,13 +196,7 @@ class UpstreamEngine:
                 raise RequestError(ECHO, field="echo")
             if params.repetition_penalty != 1.0:
                 raise RequestError(PENALTY, field="repetition_penalty")
-        virtual = 0 if rows is None else int(rows.shape[0])
-        if virtual + len(ids) >= self.max_length:
-            raise RequestError(
-                f"the prompt has {len(ids)} tokens (plus {virtual} virtual); the model's context "
-                f"is {self.max_length} tokens",
-                field="prompt",
-            )
+        check_context(self.max_length, len(ids), 0 if rows is None else int(rows.shape[0]))
         if params.prompt_logprobs:
             raise RequestError(ECHO, field="echo")
         embeds = None
@@ -227,27 +222,6 @@ class UpstreamEngine:
             return adapter.weights.detach().float().clone()
         finally:
             self.registry.release(lease)
-
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            ids = list(self.tokenizer(prompt)["input_ids"])
-        elif isinstance(prompt, list) and all(
-            isinstance(i, int) and not isinstance(i, bool) for i in prompt
-        ):
-            ids = list(prompt)
-            bad = [i for i in ids if not 0 <= i < self.front.vocab_size]
-            if bad:
-                raise RequestError(
-                    f"token id {bad[0]} is outside the vocabulary (0..{self.front.vocab_size - 1})",
-                    field="prompt",
-                )
-        else:
-            raise RequestError("a prompt is text or a list of token ids", field="prompt")
-        if not ids:
-            raise RequestError(
-                "a prompt with no tokens cannot be completed; give some text", field="prompt"
-            )
-        return ids
 
     def cancel(self, request_id: str) -> None:
         """Stop a request: its upstream call is closed, so the upstream stops too."""
