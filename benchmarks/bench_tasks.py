@@ -416,8 +416,12 @@ def main() -> None:
             spm.add_adapter(adapter)
             score = judge.score_softprompt(spm, judge.rows, adapter.name)
             spm.remove_adapter(adapter.name)
+            # Which held-out evaluation chose the rows kept, of how many (issue 34: the judge)
+            evals = json.loads((out / "loss_log.json").read_text())["evals"]
+            kept = next((e["epoch"] for e in evals if e["step"] == summary["best_step"]), None)
             emit(
                 {"set": set_name, "run": name, "seed": seed, **score,
+                 "kept_epoch": kept, "epochs_evaluated": max(e["epoch"] for e in evals),
                  "train_seconds": summary["seconds"], "parameters": summary["trainable_params"],
                  **({"train_flags": args.train_flags} if args.train_flags else {})}
             )  # fmt: skip
