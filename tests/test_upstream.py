@@ -231,6 +231,20 @@ def test_logprobs_and_sampling_parameters_pass_through(local, served):
         assert [list(t) for t in got["logprobs"]["top_logprobs"]] == [
             list(t) for t in want["logprobs"]["top_logprobs"]
         ]
+    # echo with logprobs scores the base model's prompt upstream (token ids), as here
+    body = {"model": NAME, "prompt": PROMPTS[1], "max_tokens": 0, "echo": True, "logprobs": 2}
+    want = httpx.post(f"{local}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    got = httpx.post(f"{served}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert got["text"] == want["text"] == PROMPTS[1]
+    assert got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
+    assert got["logprobs"]["token_logprobs"][0] is None
+    for a, b in zip(
+        got["logprobs"]["token_logprobs"][1:], want["logprobs"]["token_logprobs"][1:], strict=True
+    ):
+        assert a == pytest.approx(b, abs=1e-3)
+    assert [list(t or {}) for t in got["logprobs"]["top_logprobs"]] == [
+        list(t or {}) for t in want["logprobs"]["top_logprobs"]
+    ]
     seeded = {"model": "random-prompt", "prompt": PROMPTS[1], "max_tokens": 12, "seed": 7,
               "temperature": 1.0, "n": 2}  # fmt: skip
     one = httpx.post(f"{served}/v1/completions", json=seeded, timeout=60).json()
@@ -508,6 +522,23 @@ def test_streamed_events_are_read_as_token_ids_and_log_probabilities():
     error = read_event('data: {"error": {"message": "boom", "code": 500}}')
     assert error is not None and error.error == "boom"
     assert read_event("data: {not json").error.startswith("the upstream sent an unreadable")
+
+
+def test_prompt_log_probabilities_are_read_for_each_prompt_token():
+    from softprompt.upstream.wire import read_prompt_logprobs
+
+    answer = {"choices": [{"prompt_logprobs": [
+        None,
+        {"7": {"logprob": -0.1, "rank": 1}, "8": {"logprob": -2.5, "rank": 2}},
+        {"3": {"logprob": -4.0, "rank": 9}, "1": {"logprob": -0.3, "rank": 1}},
+    ]}]}  # fmt: skip
+    entries = read_prompt_logprobs(answer, [5, 7, 3], top=1)
+    assert entries is not None and entries[0] is None
+    assert [(e.token, e.logprob, e.top) for e in entries[1:]] == [
+        (7, -0.1, [(7, -0.1)]),
+        (3, -4.0, [(1, -0.3)]),
+    ]
+    assert read_prompt_logprobs({"choices": [{}]}, [1], 1) is None
 
 
 def test_a_request_goes_to_the_healthy_upstream_with_the_fewest_in_flight():

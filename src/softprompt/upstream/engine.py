@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -36,7 +37,7 @@ from ..engine.sampling import RequestError, SamplingParams
 from ..engine.sequence import Output, Sequence, Status
 from ..frontend import FrontEnd
 from .pool import Pool, Upstream
-from .wire import completion_body, error_message, read_event
+from .wire import completion_body, error_message, read_event, read_prompt_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,9 @@ PENALTY = (
     "be the one softprompt's engine gives; serve it with softprompt's own engine"
 )
 ECHO = (
-    "echo with logprobs (prompt log-probabilities) is not available with --upstream: vLLM "
-    "scores no prompt given as prompt_embeds; serve it with softprompt's own engine"
+    "echo with logprobs (prompt log-probabilities) is not available for an adapter with "
+    "--upstream: vLLM scores no prompt given as prompt_embeds (the base model's prompts it "
+    "scores); serve it with softprompt's own engine"
 )
 
 
@@ -197,15 +199,17 @@ class UpstreamEngine:
             if params.repetition_penalty != 1.0:
                 raise RequestError(PENALTY, field="repetition_penalty")
         check_context(self.max_length, len(ids), 0 if rows is None else int(rows.shape[0]))
-        if params.prompt_logprobs:
-            raise RequestError(ECHO, field="echo")
         embeds = None
         if rows is not None:
             with torch.no_grad():
                 text = self.front.embedding(torch.tensor(ids))
             tensor = torch.cat([rows.to(text.dtype), text]).to(self.settings.embeds_dtype)
             embeds = to_base64(tensor)
-        return Sequence(ids, adapter, params), completion_body(self.model, ids, params, embeds)
+        body = completion_body(self.model, ids, params, embeds)
+        if params.prompt_logprobs:  # echo with logprobs, for the base model (token ids)
+            body["prompt_logprobs"] = params.logprobs or 0
+            body["stream"] = False  # vLLM gives prompt log-probabilities whole only
+        return Sequence(ids, adapter, params), body
 
     def _rows(self, name: str) -> torch.Tensor:
         """The adapter's rows as read now (a later change serves later requests)."""
@@ -300,7 +304,13 @@ class UpstreamEngine:
                         return True
                     self._finish(seq, handle, "error", f"upstream {upstream.url}: {said}")
                     return False
-                async for line in response.aiter_lines():
+                if not body["stream"]:  # prompt log-probabilities: vLLM sends them whole
+                    answer = json.loads(await response.aread())
+                    seq.prompt_logprobs = read_prompt_logprobs(answer, seq.prompt_ids, top)
+                    lines = [f"data: {json.dumps(answer)}"]
+                else:
+                    lines = response.aiter_lines()  # type: ignore[assignment]
+                async for line in _lines(lines):
                     chunk = read_event(line, top)
                     if chunk is None:
                         continue
@@ -462,9 +472,17 @@ class UpstreamEngine:
             self._thread = None
 
 
-def _parsed(raw: bytes) -> Any:
-    import json
+async def _lines(lines: Any) -> Any:
+    """The lines of an answer, streamed (an async iterator) or whole (a list)."""
+    if isinstance(lines, list):
+        for line in lines:
+            yield line
+    else:
+        async for line in lines:
+            yield line
 
+
+def _parsed(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except ValueError:

@@ -123,6 +123,31 @@ def read_logprobs(legacy: Any, top: int) -> list[TokenLogprobs]:
     return out
 
 
+def read_prompt_logprobs(
+    answer: Any, ids: list[int], top: int
+) -> list[TokenLogprobs | None] | None:
+    """A whole answer's ``prompt_logprobs`` (per prompt token: ``{"id": {"logprob", "rank"}}``
+    holding the token and the ``top`` most likely; None for the first) as entries for ``ids``."""
+    try:
+        given = answer["choices"][0]["prompt_logprobs"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    if not isinstance(given, list) or len(given) != len(ids):
+        return None
+    out: list[TokenLogprobs | None] = []
+    for token, place in zip(ids, given, strict=True):
+        if not place:
+            out.append(None)
+            continue
+        ranked = sorted(
+            (int(i), float(e["logprob"]), int(e.get("rank") or 0)) for i, e in place.items()
+        )
+        alternatives = sorted(((i, lp) for i, lp, r in ranked if 0 < r <= top), key=lambda p: -p[1])
+        own = next((lp for i, lp, _ in ranked if i == token), float("nan"))
+        out.append(TokenLogprobs(token, own, alternatives))
+    return out
+
+
 def _token_id(name: str) -> int:
     if not name.startswith(TOKEN_ID):
         raise ValueError(f"the upstream named a token {name!r}, not {TOKEN_ID}N")
