@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from softprompt.adapters import load_adapter
+from softprompt.errors import UserError
 from softprompt.insight.evaluate import evaluate
 from softprompt.tuning.checkpoint import STATE_FILE, checkpoint_dir
 from softprompt.tuning.init import init_prompt
@@ -55,6 +56,17 @@ def test_the_rows_kept_are_those_of_the_best_evaluation(spm):
     # What is loaded (and would be saved) scores exactly the best evaluation's loss.
     kept = evaluate(spm, UNLIKE, "tuned", batch_size=16, max_length=result.config.max_length)
     assert kept.loss == pytest.approx(losses[best], abs=1e-6)
+
+
+def test_keep_last_keeps_the_last_rows_whatever_their_held_out_loss(spm):
+    config, result = _run(spm, lr=0.3, eval_every=1, epochs=6, keep="last")
+    losses = [e["loss"] for e in result.evals]
+    assert min(losses) < losses[-1], "the run never got worse; the test needs a worse last step"
+    assert result.best_step == result.evals[-1]["step"] and result.loss_after == losses[-1]
+    kept = evaluate(spm, UNLIKE, "tuned", batch_size=16, max_length=result.config.max_length)
+    assert kept.loss == pytest.approx(losses[-1], abs=1e-6)
+    with pytest.raises(UserError, match="--keep"):
+        TrainConfig(keep="first")
 
 
 def test_patience_stops_when_held_out_loss_stops_falling(spm):

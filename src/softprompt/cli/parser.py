@@ -178,6 +178,13 @@ def add_train(sub: Commands) -> None:
         "saved is the one with the best held-out loss",
     )
     train.add_argument(
+        "--keep",
+        choices=["best", "last"],
+        default="best",
+        help="the rows saved: best, those of the best held-out loss, or last, the run's end "
+        "(default: %(default)s)",
+    )
+    train.add_argument(
         "--patience",
         type=int,
         default=0,

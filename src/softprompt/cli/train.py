@@ -77,6 +77,7 @@ def _request(args: argparse.Namespace) -> RunRequest:
         group_by_length=args.group_by_length,
         eval_every=args.eval_every,
         patience=args.patience,
+        keep=args.keep,
         checkpoint_every=args.checkpoint_every,
         reparam=args.reparam,
     )

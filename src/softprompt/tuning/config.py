@@ -24,6 +24,7 @@ INITS = ("vocab", "text", "labels", "random", "file")
 
 
 SCHEDULES = ("constant", "linear", "cosine")
+KEEPS = ("best", "last")
 
 
 HELDOUT_FILE = "heldout.jsonl"
@@ -74,6 +75,8 @@ class TrainConfig:
     """Held-out evaluation every this many steps; 0: at each epoch's end."""
     patience: int = 0
     """Stop after this many evaluations without a better held-out loss; 0: never."""
+    keep: str = "best"
+    """Which rows are saved: best (those of the best held-out loss) or last (the run's end)."""
     checkpoint_every: int = 100
     """Steps between checkpoints (also written at each epoch's end); 0: only at epochs' ends."""
     reparam: str = "none"
@@ -107,6 +110,8 @@ class TrainConfig:
             raise UserError("the held-out fraction must be between 0 and 1")
         if self.schedule not in SCHEDULES:
             raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+        if self.keep not in KEEPS:
+            raise UserError(f"--keep must be one of {', '.join(KEEPS)}")
         if self.reparam not in REPARAMS:
             raise UserError(f"--reparam must be one of {', '.join(REPARAMS)}")
         if self.reparam != "none" and self.method != "prompt":
@@ -178,8 +183,9 @@ class RunConfig(TrainConfig):
         same = asdict(self)
         for free in ("compile", "checkpoint_every", "eval_batch_size", "init_from", "init_text"):
             same.pop(free)
-        if same["reparam"] == "none":
-            same.pop("reparam")  # as checkpoints written before the option had it
+        for option, default in (("reparam", "none"), ("keep", "best")):
+            if same[option] == default:
+                same.pop(option)  # as checkpoints written before the option had it
         return same
 
 
@@ -218,8 +224,10 @@ class TrainResult:
 
     @property
     def loss_after(self) -> float:
-        """Held-out loss of the kept rows (the best evaluation's)."""
-        return min(e["loss"] for e in self.evals)
+        """Held-out loss of the kept rows: the evaluation at ``best_step`` (the best one, or
+        the last under ``keep="last"``)."""
+        kept = [e["loss"] for e in self.evals if e["step"] == self.best_step]
+        return kept[-1] if kept else min(e["loss"] for e in self.evals)
 
 
 @dataclass

@@ -320,7 +320,8 @@ class _Run:
                     self.spm.set_rows(t.name, m())
 
     def held_out(self, epoch: int) -> None:
-        """Evaluate every task on its held-out texts; keep each task's best rows."""
+        """Evaluate every task on its held-out texts; keep each task's best rows (its latest
+        under ``keep="last"``)."""
         self.install(grad=False)
         for i, (t, res) in enumerate(zip(self.tasks, self.results, strict=True)):
             ev = evaluate(
@@ -339,12 +340,14 @@ class _Run:
                     "train_seconds": round(self.stepping, 3),
                 }
             )
-            if ev.loss < self.best_loss[i]:
-                self.best[i] = self.current_rows()[i].detach().clone()
+            improved = ev.loss < self.best_loss[i]
+            if improved:
                 self.best_loss[i], self.since_best[i] = ev.loss, 0
-                res.best_step = self.step
             else:
-                self.since_best[i] += 1
+                self.since_best[i] += 1  # patience counts from the best loss either way
+            if improved or self.config.keep == "last":
+                self.best[i] = self.current_rows()[i].detach().clone()
+                res.best_step = self.step
 
     def stalled(self) -> bool:
         """``config.patience`` evaluations without a better one, for every task."""
