@@ -359,7 +359,23 @@ def main() -> None:
         "--train-flags=--no-group-by-length); written in each run's record",
     )  # fmt: skip
     parser.add_argument("--work", help="folder for the adapters (default: a temporary one)")
+    parser.add_argument(
+        "--tables-from", nargs="+", metavar="LOG",
+        help="train nothing: print the tables of the records (JSON lines) in these logs, a run "
+        "with --train-flags named apart",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.tables_from:
+        records = []
+        for log in args.tables_from:
+            for line in Path(log).read_text().splitlines():
+                if line.startswith("{"):
+                    record = json.loads(line)
+                    if record.get("train_flags"):
+                        record["run"] += f" ({record['train_flags']})"
+                    records.append(record)
+        print_table(records)
+        return
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
