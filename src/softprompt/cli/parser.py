@@ -116,9 +116,11 @@ def add_train(sub: Commands) -> None:
         "--method",
         choices=["prompt", "prefix"],
         default="prompt",
-        help="prompt: prompt tuning, rows of input embeddings (the guide's); prefix: prefix "
-        "tuning, keys and values at every layer, started from the model's own (--init as for "
-        "prompt; --init-from a prompt adapter deepens it) (default: %(default)s)",
+        help="prompt: prompt tuning, rows of input embeddings (the guide's; served on vLLM by "
+        "serve --upstream); prefix: prefix tuning, keys and values at every layer, started from "
+        "the model's own (--init as for prompt; --init-from a prompt adapter deepens it). For "
+        "classification, prefix measured far better (task suite: 1.00 vs 0.53-0.80 on two "
+        "opaque-code sets, 0.95 vs 0.35 on an unseen one) (default: %(default)s)",
     )
     train.add_argument(
         "--init",
