@@ -12,11 +12,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from ..upstream.engine import UpstreamSettings
-from ..upstream.pool import normalise
+
+if TYPE_CHECKING:
+    from ..upstream.engine import UpstreamSettings
 
 UPSTREAM_QUEUE = 256
 """``--max-queue``'s default per upstream: sequences in flight (vLLM's own default batch)."""
@@ -181,6 +182,8 @@ def serve(
         raise UserError("--drain-seconds must be 0 or more")
     if max_messages < 1:
         raise UserError("--max-messages must be at least 1")
+    from ..upstream.pool import normalise
+
     urls = [normalise(u) for u in upstreams or []]
     if max_queue is None:
         # Upstream: sequences in flight (vLLM batches them); here: waiting for the batch.
@@ -298,7 +301,7 @@ def _upstream_engine(
 ) -> tuple[Any, str, str | None]:
     """The model's front end, the upstreams checked against it, and the engine over them."""
     from ..frontend import load_front_end
-    from ..upstream.engine import UpstreamEngine
+    from ..upstream.engine import UpstreamEngine, UpstreamSettings
     from ..upstream.pool import check_upstreams
 
     settings = settings or UpstreamSettings()

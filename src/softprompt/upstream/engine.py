@@ -160,7 +160,8 @@ class UpstreamEngine:
         Raises:
             RequestError: one cannot run (nothing is sent), QueueFull, ShuttingDown.
         """
-        prepared = [self._prepare(p, a, s or SamplingParams()) for p, a, s, _ in requests]
+        made: dict[tuple[int, str | None], tuple[list[int], str | None]] = {}
+        prepared = [self._prepare(p, a, s or SamplingParams(), made) for p, a, s, _ in requests]
         limit = self.config.max_queue
         with self._lock:
             if self._drain_until is not None or self._stopped.is_set():
@@ -181,35 +182,48 @@ class UpstreamEngine:
         return handles
 
     def _prepare(
-        self, prompt: str | list[int], adapter: str | None, params: SamplingParams
+        self,
+        prompt: str | list[int],
+        adapter: str | None,
+        params: SamplingParams,
+        made: dict[tuple[int, str | None], tuple[list[int], str | None]],
     ) -> tuple[Sequence, dict[str, Any]]:
-        """The request as a sequence and its upstream body, or ``RequestError`` saying why not."""
-        ids = prompt_ids(self.tokenizer, prompt, self.front.vocab_size)
+        """The request as a sequence and its upstream body, or ``RequestError`` saying why not.
+        ``made``: the inputs already made in this submission, by prompt object and adapter (the
+        ``n`` choices of one prompt share one tokenizing and one encoded tensor)."""
         if params.max_new_tokens > self.config.max_new_tokens_cap:
             raise RequestError(
                 f"max new tokens {params.max_new_tokens} is above this server's cap of "
                 f"{self.config.max_new_tokens_cap}",
                 field="max_new_tokens",
             )
-        rows = None
+        key = (id(prompt), adapter)  # the objects live through the submission: ids are unique
+        if key not in made:
+            made[key] = self._inputs(prompt, adapter)
+        ids, embeds = made[key]
         if adapter is not None:
-            rows = self._rows(adapter)
             if params.prompt_logprobs:
                 raise RequestError(ECHO, field="echo")
             if params.repetition_penalty != 1.0:
                 raise RequestError(PENALTY, field="repetition_penalty")
-        check_context(self.max_length, len(ids), 0 if rows is None else int(rows.shape[0]))
-        embeds = None
-        if rows is not None:
-            with torch.no_grad():
-                text = self.front.embedding(torch.tensor(ids))
-            tensor = torch.cat([rows.to(text.dtype), text]).to(self.settings.embeds_dtype)
-            embeds = to_base64(tensor)
         body = completion_body(self.model, ids, params, embeds)
         if params.prompt_logprobs:  # echo with logprobs, for the base model (token ids)
             body["prompt_logprobs"] = params.logprobs or 0
             body["stream"] = False  # vLLM gives prompt log-probabilities whole only
         return Sequence(ids, adapter, params), body
+
+    def _inputs(self, prompt: str | list[int], adapter: str | None) -> tuple[list[int], str | None]:
+        """The prompt's token ids and, for an adapter, the base64 ``prompt_embeds``: its rows,
+        then the prompt's token embeddings."""
+        ids = prompt_ids(self.tokenizer, prompt, self.front.vocab_size)
+        rows = None if adapter is None else self._rows(adapter)
+        check_context(self.max_length, len(ids), 0 if rows is None else int(rows.shape[0]))
+        if rows is None:
+            return ids, None
+        with torch.no_grad():
+            text = self.front.embedding(torch.tensor(ids))
+        tensor = torch.cat([rows.to(text.dtype), text]).to(self.settings.embeds_dtype)
+        return ids, to_base64(tensor)
 
     def _rows(self, name: str) -> torch.Tensor:
         """The adapter's rows as read now (a later change serves later requests)."""
