@@ -70,6 +70,7 @@ def main() -> None:
             config = TrainConfig(
                 virtual_tokens=n,
                 method=method,
+                reparam="none",  # as the figures in the docs were measured
                 epochs=args.epochs,
                 lr=args.prompt_lr if method == "prompt" else args.prefix_lr,
                 max_length=fitting_length(spm, texts),

@@ -203,6 +203,7 @@ def main() -> None:
     config = TrainConfig(
         virtual_tokens=args.virtual_tokens, epochs=args.epochs, batch_size=args.batch_size,
         lr=LR, seed=args.seed, max_length=256, group_by_length=True, weight_decay=0.0,
+        reparam="none",
     )  # fmt: skip
     heldout_texts = load_texts(f"examples:{SET}:heldout").examples
     train_tasks(spm, [Task("c", start.clone(), examples, heldout_texts)], config, progress=False)

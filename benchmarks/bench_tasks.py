@@ -18,9 +18,11 @@ held-out part:
 Methods:
   - the base model zero-shot, with an instruction, and with 4 and 8 examples in context
     (chat: as earlier turns), from the training part;
-  - softprompt prompt tuning, 8 and 20 virtual tokens, and prefix tuning, 8, at the command's
-    defaults; prompt tuning through a residual MLP (``--reparam residual``); for classification
-    also prompt and prefix started from the label words (``--init labels``);
+  - softprompt at the command's defaults with 8 virtual tokens (``softprompt defaults``: the
+    method and settings ``train`` picks for the data); plain prompt tuning (``--reparam none``),
+    8 and 20 virtual tokens, and prefix tuning, 8; prompt tuning through a residual MLP
+    (``--reparam residual``); for classification also plain prompt and prefix started from the
+    label words (``--init labels``);
   - PEFT prompt tuning, 8 virtual tokens, SAMPLE_VOCAB init, lr 0.03 (the guide's method);
   - PEFT LoRA r8 (alpha 16) on all linear layers, lr 1e-3.
 
@@ -139,15 +141,25 @@ NUMBERS = {
 
 def softprompt_runs(set_name: str) -> list[tuple[str, list[str]]]:
     runs = [
-        ("softprompt prompt 8", ["--method", "prompt", "--virtual-tokens", "8"]),
-        ("softprompt prompt 20", ["--method", "prompt", "--virtual-tokens", "20"]),
+        ("softprompt defaults", ["--virtual-tokens", "8"]),  # what train picks for the data
+        (
+            "softprompt prompt 8",
+            ["--method", "prompt", "--virtual-tokens", "8", "--reparam", "none"],
+        ),
+        (
+            "softprompt prompt 20",
+            ["--method", "prompt", "--virtual-tokens", "20", "--reparam", "none"],
+        ),
     ]
     runs.append(("softprompt prefix 8", ["--method", "prefix", "--virtual-tokens", "8"]))
     runs.append(
         ("softprompt prompt 8 residual", ["--virtual-tokens", "8", "--reparam", "residual"])
     )
     if SETS[set_name].metric == "choice":
-        runs.append(("softprompt prompt 8 labels", ["--virtual-tokens", "8", "--init", "labels"]))
+        runs.append(
+            ("softprompt prompt 8 labels", ["--method", "prompt", "--virtual-tokens", "8",
+                                            "--init", "labels", "--reparam", "none"])
+        )  # fmt: skip
         runs.append(
             ("softprompt prefix 8 labels", ["--method", "prefix", "--virtual-tokens", "8",
                                             "--init", "labels"])

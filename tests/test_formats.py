@@ -163,16 +163,21 @@ def test_train_on_prompt_completion_data_says_what_it_scores(tiny_model_dir, tmp
     assert held and all(set(r) == {"prompt", "completion"} for r in held)
     config = json.loads((out / "training_config.json").read_text())
     assert config["data_format"] == "completion"
-    # Prompt tuning on task data decays its rows and shuffles its batches by default (measured
-    # best); a prefix or a plain-text run does neither.
-    assert config["weight_decay"] == 0.01 and config["group_by_length"] is False
-    prefix = cli_main(
+    # Task data is prefix-tuned by default (the task suite's choice), said before training.
+    assert config["method"] == "prefix" and config["reparam"] == "none"
+    assert "method: prefix tuning (the default for prompt/completion" in done.stdout
+    assert config["weight_decay"] == 0.0 and config["group_by_length"] is True
+    # Prompt tuning on task data trains through a residual MLP, decays its rows and shuffles
+    # its batches by default (each measured best on task data).
+    prompt = cli_main(
         "train", "--model", str(tiny_model_dir), "--data", str(data), "--output",
-        str(tmp_path / "prefix"), "--epochs", "1", "--virtual-tokens", "2", "--method", "prefix",
+        str(tmp_path / "prompt"), "--epochs", "1", "--virtual-tokens", "2", "--method", "prompt",
     )  # fmt: skip
-    assert prefix.returncode == 0, prefix.stderr
-    prefix_config = json.loads((tmp_path / "prefix" / "training_config.json").read_text())
-    assert prefix_config["weight_decay"] == 0.0 and prefix_config["group_by_length"] is True
+    assert prompt.returncode == 0, prompt.stderr
+    assert "method: prompt tuning through a residual MLP" in prompt.stdout
+    prompt_config = json.loads((tmp_path / "prompt" / "training_config.json").read_text())
+    assert prompt_config["weight_decay"] == 0.01 and prompt_config["group_by_length"] is False
+    assert prompt_config["reparam"] == "residual"
     evaluated = cli_main(
         "eval", "--model", str(tiny_model_dir), "--adapter", str(out),
         "--data", str(out / "heldout.jsonl"), "--json",

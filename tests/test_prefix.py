@@ -209,9 +209,13 @@ def test_train_method_prefix_saves_what_peft_loads(tiny_model_dir, tmp_path, cli
                     "--prompt", "be kind", "--base64")  # fmt: skip
     assert proc.returncode == 2 and "prefix" in proc.stderr
 
-    # A prefix adapter cannot start a prompt.
-    refused = cli_main("train", *common, "--init-from", str(out), "--output", str(tmp_path / "x"))
+    # A prefix adapter cannot start a prompt; with no --method it continues as a prefix.
+    refused = cli_main("train", *common, "--init-from", str(out), "--method", "prompt",
+                       "--output", str(tmp_path / "x"))  # fmt: skip
     assert refused.returncode == 2 and "--method prefix" in refused.stderr
+    continued = cli_main("train", *common, "--init-from", str(out), "--output", str(tmp_path / "y"))
+    assert continued.returncode == 0, continued.stderr
+    assert load_adapter(tmp_path / "y").method == "prefix"
 
 
 def test_forward_refuses_a_prefix_adapters_ids_instead_of_running_zero_rows(spm):

@@ -285,12 +285,13 @@ def test_resume_continues_an_interrupted_overwrite_and_refuses_other_arithmetic(
     state["fingerprint"]["config"]["a_setting_from_a_newer_version"] = 1
     torch.save(state, state_file)
     assert "another softprompt version" in refused("--resume")
-    # A checkpoint written before --weight-decay and --group-by-length existed is the run
-    # these flags' defaults give: it resumes.
+    # A checkpoint written before --weight-decay, --group-by-length and --reparam existed is
+    # the run these flags' defaults give: it resumes.
     state_file.write_bytes(saved)
     state = torch.load(state_file, weights_only=True)
     del state["fingerprint"]["config"]["weight_decay"]
     del state["fingerprint"]["config"]["group_by_length"]
+    del state["fingerprint"]["config"]["reparam"]
     torch.save(state, state_file)
     assert "its --weight-decay is 0.0, this run's is 0.01" in refused(
         "--resume", "--weight-decay", "0.01"

@@ -239,7 +239,7 @@ ROWS = {
 }
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix"])
+@pytest.mark.parametrize("method", ["prompt", "prefix", None])
 @pytest.mark.parametrize("kind", list(ROWS))
 def test_the_cli_and_the_python_api_resolve_the_same_settings(
     kind, method, chat_model_dir, tmp_path, cli_main
@@ -256,26 +256,31 @@ def test_the_cli_and_the_python_api_resolve_the_same_settings(
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[kind]))
     held.write_text("".join(json.dumps(r) + "\n" for r in ROWS[kind][:3]))
     out = tmp_path / "adapter"
+    asked = ["--method", method] if method else []
     done = cli_main(
         "train", "--model", str(chat_model_dir), "--data", str(data), "--eval-data", str(held),
-        "--method", method, "--epochs", "1", "--output", str(out), "--json",
+        *asked, "--epochs", "1", "--output", str(out), "--json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     recorded = json.loads((out / "training_config.json").read_text())
     cli = {k: recorded[k] for k in RunConfig.__dataclass_fields__}
+    # No --method: prefix tuning for task data, prompt tuning for plain text.
+    resolved = method or ("prompt" if kind == "text" else "prefix")
+    assert cli["method"] == resolved
 
     spm = SoftPromptModel(load_base_model(str(chat_model_dir)))
     texts = load_texts(str(data)).examples
     held_texts = load_texts(str(held)).examples
-    make = init_prompt if method == "prompt" else init_prefix
-    start = make(spm.base, 8)
+    make = init_prompt if resolved == "prompt" else init_prefix
+    start = make(spm.base, 8)  # a library caller's rows say the method when none is asked
     result = train(spm, "t", start, texts, held_texts, TrainConfig(epochs=1, method=method))
     assert result.config is not None
     assert asdict(result.config) == cli
-    task_data = kind != "text" and method == "prompt"
+    task_data = kind != "text" and resolved == "prompt"
     assert cli["weight_decay"] == (0.01 if task_data else 0.0)
     assert cli["group_by_length"] is (not task_data)
-    assert cli["lr"] == (3e-2 if method == "prompt" else 1e-2)
+    assert cli["reparam"] == ("residual" if task_data else "none")
+    assert cli["lr"] == (3e-2 if resolved == "prompt" else 1e-2)
     assert cli["max_length"] < 64  # fitted to the data on the model, not the fallback
 
 
@@ -346,6 +351,37 @@ def test_a_residual_reparameterised_prompt_starts_as_the_plain_one_and_saves_pla
     spm.remove_adapter("res")
     spm.add_adapter(adapter)
     assert evaluate(spm, texts[:3], "res").loss == pytest.approx(result.loss_after, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("asked", "source", "method", "reparam"),
+    [
+        ({}, None, "prefix", "none"),  # task data: the suite's choice
+        ({"method": "prompt"}, None, "prompt", "residual"),
+        ({"method": "prompt", "reparam": "none"}, None, "prompt", "none"),
+        ({"reparam": "residual"}, None, "prompt", "residual"),  # only prompt rows have one
+        ({}, "prompt", "prompt", "residual"),  # --init-from a prompt continues a prompt
+        ({}, "prefix", "prefix", "none"),
+        ({"method": "prefix"}, "prompt", "prefix", "none"),  # deepens the prompt
+    ],
+)
+def test_the_method_and_reparam_defaults_follow_the_data_and_the_source(
+    asked, source, method, reparam
+):
+    for formats in (["completion"], ["chat"], ["completion", "chat"]):
+        config = TrainConfig(**asked).resolve(formats, source_method=source)
+        assert (config.method, config.reparam) == (method, reparam)
+    # Plain text (the guide's data) keeps plain prompt tuning unless told otherwise.
+    text = TrainConfig(**asked).resolve(["text"], source_method=source)
+    assert text.method == asked.get("method", source or "prompt")
+    assert text.reparam == asked.get("reparam", "none")
+    mixed = TrainConfig().resolve(["text", "completion"])
+    assert (mixed.method, mixed.reparam) == ("prompt", "none")
+
+
+def test_reparam_is_refused_when_the_run_continues_a_prefix():
+    with pytest.raises(UserError, match="--reparam residual reparameterises prompt rows"):
+        TrainConfig(reparam="residual", init_from="x").resolve(["chat"], source_method="prefix")
 
 
 def test_reparam_is_refused_for_prefix_tuning():

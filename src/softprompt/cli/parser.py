@@ -115,12 +115,12 @@ def add_train(sub: Commands) -> None:
     train.add_argument(
         "--method",
         choices=["prompt", "prefix"],
-        default="prompt",
         help="prompt: prompt tuning, rows of input embeddings (the guide's; served on vLLM by "
         "serve --upstream); prefix: prefix tuning, keys and values at every layer, started from "
-        "the model's own (--init as for prompt; --init-from a prompt adapter deepens it). For "
-        "classification, prefix measured far better (task suite: 1.00 vs 0.53-0.80 on two "
-        "opaque-code sets, 0.95 vs 0.35 on an unseen one) (default: %(default)s)",
+        "the model's own (--init as for prompt; --init-from a prompt adapter deepens it) "
+        "(default: prefix for prompt/completion and chat data, chosen on the task suite's mean "
+        "and worst seed, see docs/benchmarks/tasks.md; prompt for plain text, and with "
+        "--reparam residual; --init-from's own method)",
     )
     train.add_argument(
         "--init",
@@ -215,10 +215,10 @@ def add_train(sub: Commands) -> None:
     train.add_argument(
         "--reparam",
         choices=("none", "residual"),
-        default="none",
         help="residual: train prompt rows through a small residual MLP (residual prompt "
-        "tuning, Razdaibiedina et al. 2023), saved as plain rows; prompt tuning only; measured "
-        "on one seed so far, see docs/benchmarks/tasks.md (default: none)",
+        "tuning, Razdaibiedina et al. 2023), saved as plain rows; prompt tuning only "
+        "(default: residual for prompt tuning on prompt/completion or chat data, where the "
+        "task suite measured it above plain rows; else none)",
     )
     train.add_argument(
         "--shard",

@@ -135,6 +135,22 @@ def _print_plan(plan: TrainingPlan) -> None:
     from ..tuning.config import HELDOUT_FILE
 
     config, tasks = plan.config, plan.tasks
+    asked = plan.request.config
+    if asked.method is None or (config.method == "prompt" and asked.reparam is None):
+        how = "prefix tuning" if config.method == "prefix" else "prompt tuning"
+        if config.method == "prompt" and config.reparam != "none":
+            how += f" through a {config.reparam} MLP"
+        why = (
+            f"{asked.init_from}'s"
+            if asked.method is None and asked.init_from
+            else "the default for "
+            + (
+                "prompt/completion or chat data"
+                if all(t.format != "text" for t in tasks)
+                else "plain text"
+            )
+        )
+        print(f"method: {how} ({why}; --method and --reparam choose)")
     if plan.length_fitted:
         why = (
             "the cap; longer texts are cut, --max-length sets another"

@@ -28,7 +28,7 @@ from ..errors import UserError
 
 STATE_FILE = "state.pt"
 FORMAT = 1
-ADDED = {"weight_decay": 0.0, "group_by_length": True}
+ADDED = {"weight_decay": 0.0, "group_by_length": True, "reparam": "none"}
 """Settings added after the first checkpoints were written, with the value those runs had."""
 FLAGS = {"dtype": "--dtype", "device": "--device", "model": "--model"}
 """The flag that sets each fingerprint entry, named when a resume is refused."""

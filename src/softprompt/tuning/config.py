@@ -27,6 +27,13 @@ SCHEDULES = ("constant", "linear", "cosine")
 KEEPS = ("best", "last")
 
 
+TASK_METHOD = "prefix"
+"""The method of a run on prompt/completion or chat data when none is asked for: chosen on the
+task suite's mean and worst seed (docs/benchmarks/tasks.md)."""
+TASK_REPARAM = "residual"
+"""The reparameterisation of prompt tuning on prompt/completion or chat data when none is asked
+for: chosen on the task suite (docs/benchmarks/tasks.md)."""
+
 HELDOUT_FILE = "heldout.jsonl"
 """Held-out texts split off the training data, kept beside the adapter they evaluated."""
 
@@ -40,8 +47,10 @@ class TrainConfig:
 
     virtual_tokens: int = 8
     """Number of virtual tokens (rows of the prompt); an ``init_from`` adapter's own count wins."""
-    method: str = "prompt"
-    """prompt (prompt tuning: input rows) or prefix (prefix tuning: keys/values at every layer)."""
+    method: str | None = None
+    """prompt (prompt tuning: input rows) or prefix (prefix tuning: keys/values at every layer).
+    None: an ``init_from`` adapter's own method; else prompt with ``reparam`` residual; else
+    ``TASK_METHOD`` for prompt/completion or chat data and prompt for plain text."""
     init: str | None = None
     """vocab (random vocabulary rows), text (rows of --init-text), labels, random
     (scale-matched), file. None: file with ``init_from``, else vocab."""
@@ -79,14 +88,15 @@ class TrainConfig:
     """Which rows are saved: best (those of the best held-out loss) or last (the run's end)."""
     checkpoint_every: int = 100
     """Steps between checkpoints (also written at each epoch's end); 0: only at epochs' ends."""
-    reparam: str = "none"
+    reparam: str | None = None
     """none, or residual: prompt rows trained through a residual MLP (``reparam.Residual``),
-    saved as plain rows. Prompt tuning only."""
+    saved as plain rows. Prompt tuning only. None: ``TASK_REPARAM`` for prompt tuning on
+    prompt/completion or chat data, else none."""
 
     def __post_init__(self) -> None:
         if self.virtual_tokens < 1:
             raise UserError("--virtual-tokens must be at least 1")
-        if self.method not in METHODS:
+        if self.method is not None and self.method not in METHODS:
             raise UserError(f"--method must be one of {', '.join(METHODS)}")
         if self.init is not None and self.init not in INITS:
             raise UserError(f"--init must be one of {', '.join(INITS)}")
@@ -112,9 +122,9 @@ class TrainConfig:
             raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}")
         if self.keep not in KEEPS:
             raise UserError(f"--keep must be one of {', '.join(KEEPS)}")
-        if self.reparam not in REPARAMS:
+        if self.reparam is not None and self.reparam not in REPARAMS:
             raise UserError(f"--reparam must be one of {', '.join(REPARAMS)}")
-        if self.reparam != "none" and self.method != "prompt":
+        if self.reparam not in (None, "none") and self.method == "prefix":
             raise UserError(
                 f"--reparam {self.reparam} reparameterises prompt rows (--method prompt); a "
                 "prefix is keys and values, which it does not apply to"
@@ -133,6 +143,7 @@ class TrainConfig:
         formats: Sequence[str],
         fitted_length: int | None = None,
         source_tokens: int | None = None,
+        source_method: str | None = None,
     ) -> RunConfig:
         """The complete settings of a run: those asked for, and for each left at None what the
         run's data decides. The one place a default is decided.
@@ -142,14 +153,27 @@ class TrainConfig:
             fitted_length: what the longest training example needs on the model (the loaded
                 model tokenizes); used when ``max_length`` is None.
             source_tokens: the virtual tokens of the ``init_from`` adapter, when there is one.
+            source_method: the method of the ``init_from`` adapter (or of the rows a library
+                caller starts from), when there is one.
         """
         task_data = bool(formats) and all(f != "text" for f in formats)
-        tuned_for_tasks = self.method == "prompt" and task_data
+        asked_reparam = self.reparam not in (None, "none")
+        method = self.method or source_method
+        if method is None:
+            method = "prompt" if asked_reparam or not task_data else TASK_METHOD
+        if asked_reparam and method == "prefix":  # the prefix came from --init-from
+            raise UserError(
+                f"--reparam {self.reparam} reparameterises prompt rows; this run continues a "
+                f"prefix (deep prompt): {self.init_from or 'its starting rows'}"
+            )
+        tuned_for_tasks = method == "prompt" and task_data
         fields = asdict(self)
         fields.update(
+            method=method,
+            reparam=self.reparam or (TASK_REPARAM if tuned_for_tasks else "none"),
             virtual_tokens=self.virtual_tokens if source_tokens is None else source_tokens,
             init=self.init or ("file" if self.init_from else "vocab"),
-            lr=self.lr if self.lr is not None else (1e-2 if self.method == "prefix" else 3e-2),
+            lr=self.lr if self.lr is not None else (1e-2 if method == "prefix" else 3e-2),
             weight_decay=(
                 self.weight_decay
                 if self.weight_decay is not None
@@ -172,20 +196,21 @@ class RunConfig(TrainConfig):
     """A run's settings with every default decided (``TrainConfig.resolve``): what the loop
     runs on, what ``training_config.json`` records and what a resume must match."""
 
+    method: str = "prompt"
     init: str = "vocab"
     lr: float = 3e-2
     weight_decay: float = 0.0
     max_length: int = DEFAULT_MAX_LENGTH
     group_by_length: bool = True
+    reparam: str = "none"
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run that wrote the checkpoint."""
         same = asdict(self)
         for free in ("compile", "checkpoint_every", "eval_batch_size", "init_from", "init_text"):
             same.pop(free)
-        for option, default in (("reparam", "none"), ("keep", "best")):
-            if same[option] == default:
-                same.pop(option)  # as checkpoints written before the option had it
+        if same["keep"] == "best":
+            same.pop("keep")  # as checkpoints written before the option had it
         return same
 
 

@@ -195,6 +195,7 @@ def plan_training(
         [task.format for task in tasks],
         fitted_length=fitted,
         source_tokens=source.num_virtual_tokens if source is not None else None,
+        source_method=source.method if source is not None else None,
     )
     _check_model(spm, config, source)
     starts = {task.name: _start_rows(spm, task, config, source) for task in tasks}

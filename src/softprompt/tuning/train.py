@@ -139,7 +139,8 @@ def train_tasks(
 
 def resolved(spm: SoftPromptModel, config: TrainConfig, tasks: Sequence[Task]) -> RunConfig:
     """``config`` with every default decided by the tasks' data (``TrainConfig.resolve``); a
-    ``RunConfig`` is already resolved."""
+    ``RunConfig`` is already resolved. With no method asked for, the starting rows say which:
+    rows as wide as the model's input embeddings are a prompt's, others a prefix's."""
     if isinstance(config, RunConfig):
         return config
     formats = [as_example(t.texts[0]).format if t.texts else "text" for t in tasks]
@@ -147,8 +148,14 @@ def resolved(spm: SoftPromptModel, config: TrainConfig, tasks: Sequence[Task]) -
     if config.max_length is None:
         fitted = fitting_length(spm, [text for t in tasks for text in t.texts])
     counts = {int(t.initial.shape[0]) for t in tasks}  # the rows it starts from decide
+    # The caller made the starting rows for a method: rows of input embeddings are a prompt's.
+    widths = {int(t.initial.shape[-1]) for t in tasks}
+    method = None if not widths else "prompt" if widths == {spm.hidden_size} else "prefix"
     return config.resolve(
-        formats, fitted_length=fitted, source_tokens=counts.pop() if len(counts) == 1 else None
+        formats,
+        fitted_length=fitted,
+        source_tokens=counts.pop() if len(counts) == 1 else None,
+        source_method=method,
     )
 
 
