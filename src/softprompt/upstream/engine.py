@@ -46,7 +46,7 @@ Sink = Callable[[Output], None]
 DEEP = (
     "adapter {name!r} is a prefix (deep prompt) adapter: keys and values at every layer, which "
     "vLLM's prompt_embeds (input rows only) cannot carry; serve it with softprompt's own engine "
-    "(softprompt serve without --upstream)"
+    "(softprompt serve without --upstream), or train a prompt (train --method prompt)"
 )
 PENALTY = (
     "repetition_penalty is not available for an adapter with --upstream: vLLM penalises the "
