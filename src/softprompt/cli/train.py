@@ -132,7 +132,7 @@ def _task_sources(args: argparse.Namespace) -> list[TaskSource]:
 def _print_plan(plan: TrainingPlan) -> None:
     """The settings the data decided, what the loss covers, and each task's data."""
     from ..data import KINDS
-    from ..tuning.config import HELDOUT_FILE
+    from ..tuning.config import HELDOUT_FILE, is_task_data
 
     config, tasks = plan.config, plan.tasks
     asked = plan.request.config
@@ -146,7 +146,7 @@ def _print_plan(plan: TrainingPlan) -> None:
             else "the default for "
             + (
                 "prompt/completion or chat data"
-                if all(t.format != "text" for t in tasks)
+                if is_task_data([t.format for t in tasks])
                 else "plain text"
             )
         )

@@ -34,6 +34,13 @@ TASK_REPARAM = "residual"
 """The reparameterisation of prompt tuning on prompt/completion or chat data when none is asked
 for: chosen on the task suite (docs/benchmarks/tasks.md)."""
 
+
+def is_task_data(formats: Sequence[str]) -> bool:
+    """Whether a run's data (one format per task) is prompt/completion or chat throughout: the
+    data the task defaults (``TASK_METHOD``, ``TASK_REPARAM``, ``TASK_WEIGHT_DECAY``) are for."""
+    return bool(formats) and all(f != "text" for f in formats)
+
+
 HELDOUT_FILE = "heldout.jsonl"
 """Held-out texts split off the training data, kept beside the adapter they evaluated."""
 
@@ -156,7 +163,7 @@ class TrainConfig:
             source_method: the method of the ``init_from`` adapter (or of the rows a library
                 caller starts from), when there is one.
         """
-        task_data = bool(formats) and all(f != "text" for f in formats)
+        task_data = is_task_data(formats)
         asked_reparam = self.reparam not in (None, "none")
         method = self.method or source_method
         if method is None:
