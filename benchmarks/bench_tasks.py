@@ -61,6 +61,7 @@ from softprompt.engine import SamplingParams
 from softprompt.generation import Request, generate
 from softprompt.insight.scoring import (
     choice_accuracy,
+    choice_scores,
     in_context,
     normalise,
     pattern_match,
@@ -258,6 +259,37 @@ class Judge:
         return self.replies_score(self.rows, replies)
 
 
+def score_ensembles(judge: Judge, spm: SoftPromptModel, folders: list[Path]) -> list[dict]:
+    """Prompt ensembles (``eval --ensemble``'s rule) of adapters trained on one choice set:
+    every pair, and all of them when there are more than two, from one pass over the held-out
+    rows per adapter (``choice_scores``).
+
+    One record per group: the ensemble's accuracy, its members' and the best member's.
+    """
+    from itertools import combinations
+
+    names = []
+    for i, folder in enumerate(folders):
+        adapter = load_adapter(folder, name=f"member{i}", hub=False)
+        spm.add_adapter(adapter)
+        names.append(adapter.name)
+    try:
+        scores = choice_scores(spm, judge.rows, names, judge.set_name)
+    finally:
+        for n in names:
+            spm.remove_adapter(n)
+    alone = [scores.accuracy([i]) for i in range(len(names))]
+    groups = [list(c) for c in combinations(range(len(names)), 2)]
+    if len(names) > 2:
+        groups.append(list(range(len(names))))
+    return [
+        {"accuracy": scores.accuracy(group), "members": [alone[i] for i in group],
+         "best_member": max(alone[i] for i in group),
+         "folders": [str(folders[i]) for i in group]}
+        for group in groups
+    ]  # fmt: skip
+
+
 def peft_greedy(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
     """A PEFT model's greedy reply to one prompt.
 
@@ -372,6 +404,14 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--work", help="folder for the adapters (default: a temporary one)")
     parser.add_argument(
+        "--ensemble-of", nargs="+", metavar="ADAPTER", type=Path,
+        help="train nothing: score these adapters, trained on the one choice set --sets names, "
+        "as prompt ensembles (each pair, and all of them), records named by --ensemble-run",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ensemble-run", default="ensemble", help="the run name --ensemble-of's records carry"
+    )
+    parser.add_argument(
         "--tables-from", nargs="+", metavar="LOG",
         help="train nothing: print the tables of the records (JSON lines) in these logs, a run "
         "with --train-flags named apart",
@@ -391,6 +431,16 @@ def main() -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
+    if args.ensemble_of:
+        if len(args.sets) != 1 or args.sets[0] not in SETS or SETS[args.sets[0]].metric != "choice":
+            parser.error("--ensemble-of needs --sets with one choice set")
+        if len(args.ensemble_of) < 2:
+            parser.error("--ensemble-of needs at least two adapters")
+        judge = Judge(args.sets[0])
+        spm = SoftPromptModel(load_base_model())
+        for record in score_ensembles(judge, spm, args.ensemble_of):
+            print(json.dumps({"set": judge.set_name, "run": args.ensemble_run, **record}))
+        return
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-tasks-"))
     softprompt = Path(sys.executable).with_name("softprompt")
     table = []
@@ -423,6 +473,7 @@ def main() -> None:
             if wanted(name):
                 emit({"set": set_name, "run": name, **judge.score_softprompt(spm, rows, None)})
         trained = [(n, f, s) for n, f in softprompt_runs(set_name) for s in args.seeds]
+        folders: dict[str, list[Path]] = {}
         for name, flags, seed in trained:
             if not wanted(name):
                 continue
@@ -444,6 +495,7 @@ def main() -> None:
             spm.add_adapter(adapter)
             score = judge.score_softprompt(spm, judge.rows, adapter.name)
             spm.remove_adapter(adapter.name)
+            folders.setdefault(name, []).append(out)
             # Which held-out evaluation chose the rows kept, of how many (issue 34: the judge)
             evals = json.loads((out / "loss_log.json").read_text())["evals"]
             kept = next((e["epoch"] for e in evals if e["step"] == summary["best_step"]), None)
@@ -453,6 +505,10 @@ def main() -> None:
                  "train_seconds": summary["seconds"], "parameters": summary["trainable_params"],
                  **({"train_flags": args.train_flags} if args.train_flags else {})}
             )  # fmt: skip
+        for name, made in folders.items():
+            if judge.spec.metric == "choice" and len(made) == len(args.seeds) > 1:
+                for record in score_ensembles(judge, spm, made)[-1:]:  # all the seeds together
+                    emit({"set": set_name, "run": f"{name} ensemble", **record})
         peft_runs = (("prompt", "PEFT prompt 8"), ("lora", "PEFT LoRA r8 all-linear"))
         for (kind, name), seed in [(r, s) for r in peft_runs for s in args.seeds]:
             if not wanted(name):

@@ -85,6 +85,40 @@ def test_a_prompt_ensemble_picks_by_the_log_likelihoods_summed_over_its_prompts(
     assert alone.accuracy == choice_accuracy(spm, rows, "a", "words").accuracy
 
 
+def test_choice_scores_score_any_group_of_prompts_as_choice_accuracy_does(spm):
+    # One pass over the model per prompt; every ensemble of them is then a sum (the benchmark's
+    # ensembles of seeds): each group picks as choice_accuracy given that group.
+    from itertools import combinations
+
+    from softprompt.insight.scoring import choice_scores
+
+    for seed, name in enumerate(("a", "b", "c")):
+        rows = torch.randn(2 + seed, spm.hidden_size, generator=torch.Generator().manual_seed(seed))
+        spm.add_adapter(Adapter(name, rows * 3))
+    rows = _rows()
+    scores = choice_scores(spm, rows, ["a", "b", "c", None], "words", batch_size=5)
+    assert scores.loglik.shape == (4, len(rows) * len(LABELS))
+    groups = [list(g) for k in (1, 2, 3) for g in combinations(range(3), k)]
+    for group in groups:
+        names = ["abc"[i] for i in group]
+        expected = choice_accuracy(spm, rows, names, "words")
+        assert scores.accuracy(group) == pytest.approx(expected.accuracy)
+        assert scores.accuracy(group, norm=True) == pytest.approx(expected.accuracy_norm)
+    # each entry is that candidate's log-likelihood under that prompt, the prompts differ
+    for m, name in enumerate("abc"):
+        for r in (0, len(rows) - 1):
+            at = r * len(LABELS) + 1
+            candidate = scores.options[r][1]
+            assert scores.loglik[m, at] == pytest.approx(
+                _loglik(spm, name, rows[r].prompt, candidate), abs=1e-3
+            )
+    assert not torch.allclose(scores.loglik[0], scores.loglik[1])
+    base = choice_accuracy(spm, rows, None, "words")
+    assert scores.accuracy([3]) == pytest.approx(base.accuracy)
+    with pytest.raises(UserError, match="at least one adapter"):
+        choice_scores(spm, rows, [], "words")
+
+
 def test_eval_ensemble_adds_the_ensembles_row_after_its_members(
     spm, tiny_model_dir, tmp_path, cli_main
 ):
@@ -103,8 +137,18 @@ def test_eval_ensemble_adds_the_ensembles_row_after_its_members(
     adapters = [arg for f in folders for arg in ("--adapter", str(f))]
     done = cli_main(*base, *adapters, "--ensemble", "--json")
     assert done.returncode == 0, done.stderr
-    models = [r["adapter"] for r in json.loads(done.stdout)]
-    assert models == [None, "p1", "p2", "ensemble(p1, p2)"]
+    records = json.loads(done.stdout)
+    assert [r["adapter"] for r in records] == [None, "p1", "p2", "ensemble(p1, p2)"]
+    # each member's figures and the ensemble's are the library's, each group scored alone
+    from softprompt.adapters import load_adapter
+
+    for folder in folders:
+        spm.add_adapter(load_adapter(folder))
+    for record, group in zip(records, [None, "p1", "p2", ["p1", "p2"]], strict=True):
+        expected = choice_accuracy(spm, _rows(), group, str(data))
+        assert record["accuracy"] == pytest.approx(expected.accuracy)
+        assert record["accuracy_norm"] == pytest.approx(expected.accuracy_norm)
+        assert record["labels"] == expected.labels
     refused = cli_main(*base, "--adapter", str(folders[0]), "--ensemble")
     assert refused.returncode == 2 and "two or more --adapter" in refused.stderr
 

@@ -200,17 +200,25 @@ def _task_results(
     ensemble: list[str] | None = None,
 ) -> list[Any]:
     """Each task metric's result per planned run; with ``ensemble``, the ensemble of those
-    adapters after its last member (``--metric choice``)."""
-    from ..insight.scoring import choice_accuracy, exact_match, pattern_match
+    adapters after its last member (``--metric choice``): every member's candidates scored
+    once, its own result and the ensemble's taken from the same log-likelihoods."""
+    from ..insight.scoring import choice_accuracy, choice_scores, exact_match, pattern_match
 
     out = []
+    scored: dict[int, Any] = {}  # per dataset: the ensemble members' log-likelihoods
     for metric in (m for m in metrics if m != "loss"):
         for d, model, context, examples in plan:
-            if metric == "choice":
-                result = choice_accuracy(spm, examples, model, d.source, choices, batch_size)
-                if ensemble and context is None and model == ensemble[-1]:
+            if metric == "choice" and ensemble and context is None and model in ensemble:
+                if id(d) not in scored:
+                    scored[id(d)] = choice_scores(
+                        spm, examples, ensemble, d.source, choices, batch_size
+                    )
+                result = scored[id(d)].result([ensemble.index(model)], d.source)
+                if model == ensemble[-1]:
                     out.append(result)  # the last member alone, then the ensemble
-                    result = choice_accuracy(spm, examples, ensemble, d.source, choices, batch_size)
+                    result = scored[id(d)].result(data_name=d.source)
+            elif metric == "choice":
+                result = choice_accuracy(spm, examples, model, d.source, choices, batch_size)
             elif metric == "pattern":
                 result = pattern_match(
                     spm,

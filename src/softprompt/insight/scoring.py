@@ -104,6 +104,108 @@ def _requests(rows: Sequence[Example], adapter: str | None) -> list[Any]:
     return [Request(_label(e), adapter, messages=e.messages) for e in rows]
 
 
+@dataclass
+class ChoiceScores:
+    """Every candidate's log-likelihood under each of several prompts (``choice_scores``)."""
+
+    members: list[str | None]
+    gold: list[str]
+    options: list[list[str]]
+    """Each row's candidates."""
+    loglik: torch.Tensor
+    """(prompts, candidates of every row, row-major): summed over each candidate's tokens."""
+
+    def picks(self, members: Sequence[int] | None = None, norm: bool = False) -> list[str]:
+        """Each row's pick by the log-likelihoods summed over ``members`` (indices; default
+        all): a prompt ensemble; ``norm`` divides by the candidate's length in characters."""
+        chosen = list(range(len(self.members))) if members is None else list(members)
+        total = self.loglik[chosen].sum(0).tolist()
+        out, at = [], 0
+        for options in self.options:
+            mine = total[at : at + len(options)]
+            at += len(options)
+            if norm:
+                mine = [ll / max(1, len(c)) for ll, c in zip(mine, options, strict=True)]
+            out.append(options[max(range(len(options)), key=mine.__getitem__)])
+        return out
+
+    def accuracy(self, members: Sequence[int] | None = None, norm: bool = False) -> float:
+        """The share of rows whose pick (``picks``) is the reference."""
+        hits = sum(g == p for g, p in zip(self.gold, self.picks(members, norm), strict=True))
+        return hits / len(self.gold)
+
+    def result(self, members: Sequence[int] | None = None, data_name: str = "") -> TaskResult:
+        """``choice_accuracy``'s result for the prompts ``members`` (indices; default all)."""
+        chosen = list(range(len(self.members))) if members is None else list(members)
+        names = [self.members[i] for i in chosen]
+        picked = self.picks(chosen)
+        labels: dict[str, dict[str, int]] = {}
+        if all(o == self.options[0] for o in self.options):
+            confusion: dict[str, Counter[str]] = {c: Counter() for c in self.options[0]}
+            for g, p in zip(self.gold, picked, strict=True):
+                confusion[g][p] += 1
+            labels = {c: dict(confusion[c]) for c in self.options[0]}
+        return TaskResult(
+            adapter=names[0] if len(names) == 1 else f"ensemble({', '.join(map(str, names))})",
+            data=data_name,
+            metric="choice",
+            accuracy=self.accuracy(chosen),
+            accuracy_norm=self.accuracy(chosen, norm=True),
+            n=len(self.gold),
+            labels=labels,
+        )
+
+
+def choice_scores(
+    spm: SoftPromptModel,
+    examples: Sequence[Example],
+    adapters: Sequence[str | None],
+    data_name: str = "",
+    choices: list[str] | None = None,
+    batch_size: int = 32,
+) -> ChoiceScores:
+    """The log-likelihood of every row's candidates (``choice_accuracy`` says which) under each
+    of ``adapters``, each candidate after its row's prompt, all prompts run in shared batches.
+    Any group of the prompts can then be scored as an ensemble without running the model again.
+
+    Raises:
+        UserError: as ``choice_accuracy``.
+    """
+    rows = task_rows(examples)
+    shared = list(dict.fromkeys(choices or [e.completion for e in rows]))
+    per_row = [list(e.choices) if e.choices else shared for e in rows]
+    if any(len(c) < 2 for c in per_row):
+        raise UserError("--metric choice needs at least two candidate completions (--choices)")
+    for i, (e, options) in enumerate(zip(rows, per_row, strict=True)):
+        if e.completion not in options:
+            where = f"row {i + 1}'s candidates" if e.choices else "--choices"
+            raise UserError(f"{data_name}: the reference {e.completion!r} is not among {where}")
+    if not adapters:
+        raise UserError("a prompt ensemble needs at least one adapter")
+    layouts = [
+        Example(completion=c, prompt=e.prompt, messages=e.messages)
+        for e, options in zip(rows, per_row, strict=True)
+        for c in options
+    ]  # row-major: row i's candidates, then row i+1's ...
+    max_length = fitting_length(spm, layouts, cap=MAX_LENGTH_CAP)
+    laid = [example_layout(spm.tokenizer, e, max_length, eos=False) for e in layouts]
+    scored: list[Row] = []
+    for member in adapters:  # member-major: every candidate under the first prompt, then ...
+        virtual = spm.virtual_ids(member)
+        scored += [(virtual + lay.ids, len(virtual), lay.scored) for lay in laid]
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(scored), batch_size):
+            loss, _ = batch_loss(spm, scored[start : start + batch_size], False, per_row=True)
+            parts.append(loss.float())
+    return ChoiceScores(
+        members=list(adapters),
+        gold=[e.completion for e in rows],
+        options=per_row,
+        loglik=(-torch.cat(parts)).reshape(len(adapters), len(laid)),
+    )
+
+
 def choice_accuracy(
     spm: SoftPromptModel,
     examples: Sequence[Example],
@@ -124,57 +226,9 @@ def choice_accuracy(
         UserError: plain-text data, fewer than two candidates, or a reference completion that
             is not among its row's candidates.
     """
-    rows = task_rows(examples)
-    shared = list(dict.fromkeys(choices or [e.completion for e in rows]))
-    per_row = [list(e.choices) if e.choices else shared for e in rows]
-    if any(len(c) < 2 for c in per_row):
-        raise UserError("--metric choice needs at least two candidate completions (--choices)")
-    for i, (e, options) in enumerate(zip(rows, per_row, strict=True)):
-        if e.completion not in options:
-            where = f"row {i + 1}'s candidates" if e.choices else "--choices"
-            raise UserError(f"{data_name}: the reference {e.completion!r} is not among {where}")
-    layouts = [
-        Example(completion=c, prompt=e.prompt, messages=e.messages)
-        for e, options in zip(rows, per_row, strict=True)
-        for c in options
-    ]  # row-major: row i's candidates, then row i+1's ...
-    max_length = fitting_length(spm, layouts, cap=MAX_LENGTH_CAP)
     members = [adapter] if adapter is None or isinstance(adapter, str) else list(adapter)
-    if not members:
-        raise UserError("a prompt ensemble needs at least one adapter")
-    laid = [example_layout(spm.tokenizer, e, max_length, eos=False) for e in layouts]
-    scored: list[Row] = []
-    for member in members:  # member-major: every candidate under the first prompt, then ...
-        virtual = spm.virtual_ids(member)
-        scored += [(virtual + lay.ids, len(virtual), lay.scored) for lay in laid]
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(scored), batch_size):
-            loss, _ = batch_loss(spm, scored[start : start + batch_size], False, per_row=True)
-            parts.append(loss.float())
-    loglik = (-torch.cat(parts)).reshape(len(members), len(laid)).sum(0).tolist()
-    picked, picked_norm, at = [], [], 0
-    for options in per_row:
-        mine = loglik[at : at + len(options)]
-        at += len(options)
-        normed = [ll / max(1, len(c)) for ll, c in zip(mine, options, strict=True)]
-        picked.append(options[max(range(len(options)), key=mine.__getitem__)])
-        picked_norm.append(options[max(range(len(options)), key=normed.__getitem__)])
-    gold = [e.completion for e in rows]
-    labels: dict[str, dict[str, int]] = {}
-    if not any(e.choices for e in rows) or all(o == per_row[0] for o in per_row):
-        confusion: dict[str, Counter[str]] = {c: Counter() for c in per_row[0]}
-        for g, p in zip(gold, picked, strict=True):
-            confusion[g][p] += 1
-        labels = {c: dict(confusion[c]) for c in per_row[0]}
-    return TaskResult(
-        adapter=members[0] if len(members) == 1 else f"ensemble({', '.join(map(str, members))})",
-        data=data_name,
-        metric="choice",
-        accuracy=sum(g == p for g, p in zip(gold, picked, strict=True)) / len(rows),
-        accuracy_norm=sum(g == p for g, p in zip(gold, picked_norm, strict=True)) / len(rows),
-        n=len(rows),
-        labels=labels,
+    return choice_scores(spm, examples, members, data_name, choices, batch_size).result(
+        data_name=data_name
     )
 
 
