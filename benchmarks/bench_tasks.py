@@ -406,7 +406,8 @@ def main() -> None:
     parser.add_argument(
         "--ensemble-of", nargs="+", metavar="ADAPTER", type=Path,
         help="train nothing: score these adapters, trained on the one choice set --sets names, "
-        "as prompt ensembles (each pair, and all of them), records named by --ensemble-run",
+        "as prompt ensembles (each pair, and all of them), records named by --ensemble-run and "
+        "the group's size",
     )  # fmt: skip
     parser.add_argument(
         "--ensemble-run", default="ensemble", help="the run name --ensemble-of's records carry"
@@ -439,7 +440,8 @@ def main() -> None:
         judge = Judge(args.sets[0])
         spm = SoftPromptModel(load_base_model())
         for record in score_ensembles(judge, spm, args.ensemble_of):
-            print(json.dumps({"set": judge.set_name, "run": args.ensemble_run, **record}))
+            run = f"{args.ensemble_run} of {len(record['members'])}"
+            print(json.dumps({"set": judge.set_name, "run": run, **record}))
         return
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-tasks-"))
     softprompt = Path(sys.executable).with_name("softprompt")
@@ -508,7 +510,7 @@ def main() -> None:
         for name, made in folders.items():
             if judge.spec.metric == "choice" and len(made) == len(args.seeds) > 1:
                 for record in score_ensembles(judge, spm, made)[-1:]:  # all the seeds together
-                    emit({"set": set_name, "run": f"{name} ensemble", **record})
+                    emit({"set": set_name, "run": f"{name} ensemble of {len(made)}", **record})
         peft_runs = (("prompt", "PEFT prompt 8"), ("lora", "PEFT LoRA r8 all-linear"))
         for (kind, name), seed in [(r, s) for r in peft_runs for s in args.seeds]:
             if not wanted(name):
