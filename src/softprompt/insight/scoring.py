@@ -149,7 +149,7 @@ class ChoiceScores:
             adapter=names[0] if len(names) == 1 else f"ensemble({', '.join(map(str, names))})",
             data=data_name,
             metric="choice",
-            accuracy=self.accuracy(chosen),
+            accuracy=sum(g == p for g, p in zip(self.gold, picked, strict=True)) / len(self.gold),
             accuracy_norm=self.accuracy(chosen, norm=True),
             n=len(self.gold),
             labels=labels,
@@ -220,7 +220,8 @@ def choice_accuracy(
 
     ``adapter`` may name several adapters: a prompt ensemble (Lester et al. 2021, section 7),
     each candidate scored by the sum of its log-likelihoods under every prompt (the product of
-    their probabilities), all prompts run in one batch.
+    their probabilities), each prompt's candidates run once (``choice_scores``), in shared
+    batches.
 
     Raises:
         UserError: plain-text data, fewer than two candidates, or a reference completion that
