@@ -510,7 +510,10 @@ def main() -> None:
         for name, made in folders.items():
             if judge.spec.metric == "choice" and len(made) == len(args.seeds) > 1:
                 for record in score_ensembles(judge, spm, made)[-1:]:  # all the seeds together
-                    emit({"set": set_name, "run": f"{name} ensemble of {len(made)}", **record})
+                    emit(
+                        {"set": set_name, "run": f"{name} ensemble of {len(made)}", **record,
+                         **({"train_flags": args.train_flags} if args.train_flags else {})}
+                    )  # fmt: skip
         peft_runs = (("prompt", "PEFT prompt 8"), ("lora", "PEFT LoRA r8 all-linear"))
         for (kind, name), seed in [(r, s) for r in peft_runs for s in args.seeds]:
             if not wanted(name):

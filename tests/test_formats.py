@@ -166,6 +166,8 @@ def test_train_on_prompt_completion_data_says_what_it_scores(tiny_model_dir, tmp
     # Task data is prefix-tuned by default (the task suite's choice), said before training.
     assert config["method"] == "prefix" and config["reparam"] == "none"
     assert "method: prefix tuning (the default for prompt/completion" in done.stdout
+    assert config["lr"] == 0.03
+    assert "learning rate: 0.03 (the default of prefix tuning on prompt/completion" in done.stdout
     assert config["weight_decay"] == 0.0 and config["group_by_length"] is True
     # Prompt tuning on task data trains through a residual MLP, decays its rows and shuffles
     # its batches by default (each measured best on task data).

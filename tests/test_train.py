@@ -10,6 +10,7 @@ from conftest import with_chat_template
 from softprompt.adapters import Adapter, load_adapter
 from softprompt.errors import UserError
 from softprompt.insight.evaluate import evaluate
+from softprompt.tuning.config import TASK_PREFIX_LR
 from softprompt.tuning.init import init_prompt
 from softprompt.tuning.save import save_trained
 from softprompt.tuning.train import TrainConfig, train, trainable_summary
@@ -280,7 +281,7 @@ def test_the_cli_and_the_python_api_resolve_the_same_settings(
     assert cli["weight_decay"] == (0.01 if task_data else 0.0)
     assert cli["group_by_length"] is (not task_data)
     assert cli["reparam"] == ("residual" if task_data else "none")
-    assert cli["lr"] == (3e-2 if resolved == "prompt" else 1e-2)
+    assert cli["lr"] == (1e-2 if resolved == "prefix" and kind == "text" else 3e-2)
     assert cli["max_length"] < 64  # fitted to the data on the model, not the fallback
 
 
@@ -377,6 +378,18 @@ def test_the_method_and_reparam_defaults_follow_the_data_and_the_source(
     assert text.reparam == asked.get("reparam", "none")
     mixed = TrainConfig().resolve(["text", "completion"])
     assert (mixed.method, mixed.reparam) == ("prompt", "none")
+
+
+def test_the_learning_rate_default_follows_the_method_and_the_data():
+    # Prefix tuning on task data: the suite's choice (docs/benchmarks/tasks.md); a prefix on plain
+    # text keeps 1e-2, prompt tuning 3e-2 everywhere; an asked --lr always wins.
+    for formats in (["completion"], ["chat"]):
+        assert TrainConfig().resolve(formats).lr == TASK_PREFIX_LR == 3e-2
+        assert TrainConfig(method="prompt").resolve(formats).lr == 3e-2
+        assert TrainConfig(lr=0.5).resolve(formats).lr == 0.5
+    assert TrainConfig(method="prefix").resolve(["text"]).lr == 1e-2
+    assert TrainConfig().resolve(["text"]).lr == 3e-2
+    assert TrainConfig(method="prefix").resolve(["text", "chat"]).lr == 1e-2
 
 
 def test_reparam_is_refused_when_the_run_continues_a_prefix():

@@ -138,7 +138,7 @@ def add_train(sub: Commands) -> None:
     )
     train.add_argument("--epochs", type=int, default=5, help="default: %(default)s")
     train.add_argument(
-        "--lr", type=float, help="learning rate (default: 0.03; 0.01 with --method prefix)"
+        "--lr", type=float, help="learning rate (default: 0.03; 0.01 for a prefix on plain text)"
     )
     train.add_argument(
         "--weight-decay",

@@ -136,21 +136,26 @@ def _print_plan(plan: TrainingPlan) -> None:
 
     config, tasks = plan.config, plan.tasks
     asked = plan.request.config
+    data = (
+        "prompt/completion or chat data"
+        if is_task_data([t.format for t in tasks])
+        else "plain text"
+    )
+    method = "prefix tuning" if config.method == "prefix" else "prompt tuning"
     if asked.method is None or (config.method == "prompt" and asked.reparam is None):
-        how = "prefix tuning" if config.method == "prefix" else "prompt tuning"
+        how = method
         if config.method == "prompt" and config.reparam != "none":
             how += f" through a {config.reparam} MLP"
         why = (
             f"{asked.init_from}'s"
             if asked.method is None and asked.init_from
-            else "the default for "
-            + (
-                "prompt/completion or chat data"
-                if is_task_data([t.format for t in tasks])
-                else "plain text"
-            )
+            else f"the default for {data}"
         )
         print(f"method: {how} ({why}; --method and --reparam choose)")
+    if asked.lr is None:
+        print(
+            f"learning rate: {config.lr:g} (the default of {method} on {data}; --lr sets another)"
+        )
     if plan.length_fitted:
         why = (
             "the cap; longer texts are cut, --max-length sets another"

@@ -30,6 +30,10 @@ KEEPS = ("best", "last")
 TASK_METHOD = "prefix"
 """The method of a run on prompt/completion or chat data when none is asked for: chosen on the
 task suite's mean and worst seed (docs/benchmarks/tasks.md)."""
+TASK_PREFIX_LR = 3e-2
+"""The learning rate of prefix tuning on prompt/completion or chat data when none is asked for:
+chosen on the task suite over 1e-2, 3e-3 and 1e-1 (docs/benchmarks/tasks.md). Prefix tuning on
+plain text keeps 1e-2, which the suite cannot decide."""
 TASK_REPARAM = "residual"
 """The reparameterisation of prompt tuning on prompt/completion or chat data when none is asked
 for: chosen on the task suite (docs/benchmarks/tasks.md)."""
@@ -37,7 +41,8 @@ for: chosen on the task suite (docs/benchmarks/tasks.md)."""
 
 def is_task_data(formats: Sequence[str]) -> bool:
     """Whether a run's data (one format per task) is prompt/completion or chat throughout: the
-    data the task defaults (``TASK_METHOD``, ``TASK_REPARAM``, ``TASK_WEIGHT_DECAY``) are for."""
+    data the task defaults (``TASK_METHOD``, ``TASK_PREFIX_LR``, ``TASK_REPARAM``,
+    ``TASK_WEIGHT_DECAY``) are for."""
     return bool(formats) and all(f != "text" for f in formats)
 
 
@@ -66,7 +71,8 @@ class TrainConfig:
     """Adapter folder whose rows start training (init file)."""
     epochs: int = 5
     lr: float | None = None
-    """None: 3e-2 for prompt tuning, 1e-2 for prefix tuning."""
+    """None: 3e-2 for prompt tuning; for prefix tuning ``TASK_PREFIX_LR`` on prompt/completion
+    or chat data, 1e-2 on plain text."""
     weight_decay: float | None = None
     """AdamW's decoupled weight decay on the prompt rows. None: ``TASK_WEIGHT_DECAY`` for prompt
     tuning on prompt/completion or chat data, else 0."""
@@ -174,13 +180,14 @@ class TrainConfig:
                 f"prefix (deep prompt): {self.init_from or 'its starting rows'}"
             )
         tuned_for_tasks = method == "prompt" and task_data
+        prefix_lr = TASK_PREFIX_LR if task_data else 1e-2
         fields = asdict(self)
         fields.update(
             method=method,
             reparam=self.reparam or (TASK_REPARAM if tuned_for_tasks else "none"),
             virtual_tokens=self.virtual_tokens if source_tokens is None else source_tokens,
             init=self.init or ("file" if self.init_from else "vocab"),
-            lr=self.lr if self.lr is not None else (1e-2 if method == "prefix" else 3e-2),
+            lr=self.lr if self.lr is not None else (prefix_lr if method == "prefix" else 3e-2),
             weight_decay=(
                 self.weight_decay
                 if self.weight_decay is not None
