@@ -140,6 +140,32 @@ def test_the_loss_covers_the_scored_tokens_only(spm):
     assert float(total) == pytest.approx(expected, rel=1e-5)
 
 
+def test_heldout_fraction_sets_how_much_of_the_data_is_held_out(tiny_model_dir, tmp_path, cli_main):
+    # The share of --data held out (to evaluate and to choose the rows kept) is a flag, so a
+    # user (and the task suite) can hold out more than the default 10%.
+    rows = [{"prompt": f"say {w}", "completion": f"{w} now"} for w in "abcdefghijklmnopqrst"]
+    data = _jsonl(tmp_path / "pc.jsonl", rows)
+    out = tmp_path / "adapter"
+    done = cli_main(
+        "train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),
+        "--epochs", "1", "--virtual-tokens", "2", "--heldout-fraction", "0.25",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    held = (out / "heldout.jsonl").read_text().splitlines()
+    assert len(held) == 5
+    assert "held out: 5 of" in done.stdout
+    for bad in ("0", "1", "-0.2", "nan"):
+        refused = cli_main(
+            "train", "--model", str(tiny_model_dir), "--data", str(data), "--output",
+            str(tmp_path / f"bad{bad}"), "--heldout-fraction", bad,
+        )  # fmt: skip
+        assert refused.returncode == 2
+        assert refused.stderr.strip() == (
+            "softprompt: error: --heldout-fraction must be above 0 and below 1"
+        ), refused.stderr
+        assert not (tmp_path / f"bad{bad}").exists()
+
+
 def test_train_on_prompt_completion_data_says_what_it_scores(tiny_model_dir, tmp_path, cli_main):
     words = "be kind every day small steps hope courage river mountain light".split()
     rows = [

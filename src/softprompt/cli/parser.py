@@ -111,6 +111,13 @@ def add_train(sub: Commands) -> None:
         help="held-out data (default: the bundled held-out part "
         "for examples:, else 10%% of --data)",
     )
+    train.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.1,
+        help="share of --data held out, to evaluate on and to choose the rows kept, when there "
+        "is no --eval-data or bundled held-out part (default: %(default)s)",
+    )
     train.add_argument("--virtual-tokens", type=int, default=8, help="default: %(default)s")
     train.add_argument(
         "--method",

@@ -71,6 +71,7 @@ def _request(args: argparse.Namespace) -> RunRequest:
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
+        heldout_fraction=args.heldout_fraction,
         compile=args.compile,
         warmup=args.warmup,
         schedule=args.schedule,

@@ -82,7 +82,8 @@ class TrainConfig:
     None: what the longest training example needs on the model (``rows.fitting_length``)."""
     seed: int = 0
     heldout_fraction: float = 0.1
-    """Share of the data held out for evaluation when no eval data is given."""
+    """Share of the data held out for evaluation (and the choice of the rows kept) when no eval
+    data is given."""
     eval_batch_size: int = 16
     compile: bool = False
     """Run the model through ``torch.compile`` (``SoftPromptModel.compile``)."""
@@ -130,7 +131,7 @@ class TrainConfig:
         if self.max_length is not None and self.max_length < 2:
             raise UserError("--max-length must be at least 2")
         if not 0 < self.heldout_fraction < 1:
-            raise UserError("the held-out fraction must be between 0 and 1")
+            raise UserError("--heldout-fraction must be above 0 and below 1")
         if self.schedule not in SCHEDULES:
             raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}")
         if self.keep not in KEEPS:
