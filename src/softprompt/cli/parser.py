@@ -109,7 +109,7 @@ def add_train(sub: Commands) -> None:
     train.add_argument(
         "--eval-data",
         help="held-out data (default: the bundled held-out part "
-        "for examples:, else 10%% of --data)",
+        "for examples:, else --heldout-fraction of --data)",
     )
     train.add_argument(
         "--heldout-fraction",
