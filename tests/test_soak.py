@@ -180,8 +180,16 @@ async def _soak_briefly(url: str) -> None:
 WORST_QUEUE = 16
 WORST_MESSAGES = 128  # the server's default --max-messages
 LAG_BOUND = 0.5
-"""Seconds the event loop may lag at any reading while the worst bodies arrive (measured on
-a 2-core AMD EPYC: one reading of about 230 between 0.25 and 0.5 s, the rest under 0.25 s)."""
+"""Seconds the event loop may lag at a reading while the worst bodies arrive (measured on a
+2-core AMD EPYC alone: one reading of about 230 between 0.25 and 0.5 s, the rest under 0.25 s).
+Under the full suite, with pytest-xdist's workers on the same two cores, the OS sometimes
+holds the server back once past it (one reading of about 300, in one fresh-clone run of
+several): LATE_SHARE readings may pass it, none STALL_BOUND."""
+LATE_SHARE = 0.01
+"""The share of lag readings that may pass LAG_BOUND (scheduling noise, not the server)."""
+STALL_BOUND = 2.5
+"""Seconds no lag reading may reach: the stall this test exists for (one body that held every
+client for seconds to minutes) passes it at once."""
 GAP_BOUND = 1.0
 """Seconds a well-behaved stream may wait between two of its events meanwhile (measured on
 the same machine: at most 0.48 s; before this test existed, one such body stalled every
@@ -338,33 +346,55 @@ async def _worst_soak(url: str) -> tuple[list[float], dict[str, list[int]], int]
     return gaps, statuses, answered
 
 
-def _lag_histogram(url: str) -> tuple[float, float]:
-    """The event loop's lag readings: (how many, how many at or under LAG_BOUND)."""
+def _lag_histogram(url: str) -> tuple[float, float, float]:
+    """The event loop's lag readings: (how many, how many at or under LAG_BOUND, how many at
+    or under STALL_BOUND)."""
     text = httpx.get(url + "/metrics").text
     values = {}
     for line in text.splitlines():
         if line.startswith("softprompt_event_loop_lag_seconds_"):
             key, value = line.rsplit(" ", 1)
             values[key] = float(value)
+    bucket = 'softprompt_event_loop_lag_seconds_bucket{{le="{}"}}'
     return (
         values["softprompt_event_loop_lag_seconds_count"],
-        values[f'softprompt_event_loop_lag_seconds_bucket{{le="{LAG_BOUND}"}}'],
+        values[bucket.format(LAG_BOUND)],
+        values[bucket.format(STALL_BOUND)],
     )
+
+
+def _lag_problem(before: tuple[float, ...], after: tuple[float, ...]) -> str | None:
+    """What is wrong with the loop's lag between two _lag_histogram readings, or None."""
+    count, under, unstalled = (b - a for a, b in zip(before, after, strict=True))
+    if count <= 100:
+        return f"the loop was read {count:.0f} times, not throughout"
+    if count - unstalled:
+        return f"the event loop lagged over {STALL_BOUND} s {count - unstalled:.0f} times"
+    if count - under > LATE_SHARE * count:
+        return f"the event loop lagged over {LAG_BOUND} s {count - under:.0f} times in {count:.0f}"
+    return None
+
+
+def test_the_lag_check_lets_one_late_reading_pass_and_no_stall():
+    start = (10.0, 10.0, 10.0)  # readings, at or under LAG_BOUND, at or under STALL_BOUND
+    assert _lag_problem(start, (310, 310, 310)) is None
+    assert _lag_problem(start, (310, 309, 310)) is None  # once past 0.5 s: scheduling noise
+    assert "over 0.5 s 4 times in 300" in str(_lag_problem(start, (310, 306, 310)))
+    assert "over 2.5 s 1 times" in str(_lag_problem(start, (310, 309, 309)))  # one stall fails
+    assert "read 50 times" in str(_lag_problem(start, (60, 60, 60)))
 
 
 def test_the_worst_body_each_limit_allows_stalls_no_one(worst_server):
     url, _ = worst_server
-    count_before, under_before = _lag_histogram(url)
+    before = _lag_histogram(url)
     gaps, statuses, answered = asyncio.run(_worst_soak(url))
-    count, under = _lag_histogram(url)
+    lag_problem = _lag_problem(before, _lag_histogram(url))
     assert set(statuses) == set(_worst_bodies()), statuses  # every worst body was sent
     # The queue is first come, first served: the worst bodies take most of it; the
     # well-behaved clients still get through, and their streams never stall.
     assert answered >= 3 and len(gaps) > 50, (answered, len(gaps))
     assert max(gaps) < GAP_BOUND, f"a well-behaved stream waited {max(gaps):.3f} s"
-    assert count - count_before > 100  # the loop was read throughout
-    late = (count - count_before) - (under - under_before)
-    assert late == 0, f"the event loop lagged over {LAG_BOUND} s {late:.0f} times"
+    assert lag_problem is None, lag_problem
     deadline = time.monotonic() + 10  # nothing is left queued or running
     while "softprompt_batch_size 0.0" not in (text := httpx.get(url + "/metrics").text):
         assert time.monotonic() < deadline, text
