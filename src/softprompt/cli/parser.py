@@ -188,10 +188,13 @@ def add_train(sub: Commands) -> None:
     )
     train.add_argument(
         "--keep",
-        choices=["best", "last"],
+        choices=["best", "last", "metric"],
         default="best",
-        help="the rows saved: best, those of the best held-out loss, or last, the run's end "
-        "(default: %(default)s)",
+        help="the rows saved: best, those of the best held-out loss; last, the run's end; "
+        "metric, those of the best held-out task metric (accuracy among the labels when the "
+        "completions are a few repeated labels, else exact match of the reply's first line "
+        "when every answer is short; ties go to the lower loss; held-out loss for chat, "
+        "plain text and long answers) (default: %(default)s)",
     )
     train.add_argument(
         "--patience",

@@ -16,6 +16,7 @@ from ..errors import UserError
 from .common import COVERS, data_and_field, fields_of, load_model, quiet
 
 if TYPE_CHECKING:
+    from ..tuning.config import TrainResult
     from ..tuning.run import RunRequest, TaskSource, TrainedTask, TrainingPlan
 
 
@@ -228,10 +229,18 @@ def _print_trained(
         print(
             (f"{item.task.name}: " if several else "")
             + f"held-out loss {result.loss_before:.3f} -> {result.loss_after:.3f} "
-            f"(best at step {result.best_step}"
+            f"(kept: step {result.best_step}{_judged(result)}"
             + (", stopped early" if result.stopped_early else "")
             + f"); {result.seconds:.0f} s; saved to {output} (loss plot: {output / 'loss.png'})"
         )
+
+
+def _judged(result: TrainResult) -> str:
+    """How the kept rows were chosen, when by more than held-out loss."""
+    if result.kept_by == "held-out loss":
+        return ""
+    scores = [e["metric"] for e in result.evals if e["step"] == result.best_step and "metric" in e]
+    return f", by {result.kept_by}" + (f" {scores[-1]:.2f}" if scores else "")
 
 
 def _summary(item: TrainedTask) -> dict[str, Any]:
@@ -246,6 +255,7 @@ def _summary(item: TrainedTask) -> dict[str, Any]:
         "texts_cut": result.texts_cut,
         "samples_per_second": result.samples / max(result.seconds, 1e-9),
         "best_step": result.best_step,
+        "kept_by": result.kept_by,
         "stopped_early": result.stopped_early,
         "resumed_from": result.resumed_from,
     }

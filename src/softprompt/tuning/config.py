@@ -24,7 +24,7 @@ INITS = ("vocab", "text", "labels", "random", "file")
 
 
 SCHEDULES = ("constant", "linear", "cosine")
-KEEPS = ("best", "last")
+KEEPS = ("best", "last", "metric")
 
 
 TASK_METHOD = "prefix"
@@ -99,7 +99,9 @@ class TrainConfig:
     patience: int = 0
     """Stop after this many evaluations without a better held-out loss; 0: never."""
     keep: str = "best"
-    """Which rows are saved: best (those of the best held-out loss) or last (the run's end)."""
+    """Which rows are saved: best (those of the best held-out loss), last (the run's end) or
+    metric (those of the best held-out task metric, ``judge.task_judge``; loss where the data
+    has none)."""
     checkpoint_every: int = 100
     """Steps between checkpoints (also written at each epoch's end); 0: only at epochs' ends."""
     reparam: str | None = None
@@ -251,7 +253,9 @@ class TrainResult:
     """SHA-256 of the base weights before and after training: equal, or training is broken."""
     base_checksum_after: str = ""
     best_step: int = 0
-    """Step of the best held-out loss: the rows kept and saved are that step's."""
+    """Step of the best held-out evaluation: the rows kept and saved are that step's."""
+    kept_by: str = "held-out loss"
+    """What chose the rows kept: held-out loss, the last rows, or a task metric (``judge``)."""
     stopped_early: bool = False
     resumed_from: int | None = None
     """Step the run was resumed from (None: it ran from the start)."""

@@ -128,6 +128,7 @@ def _adapter_parts(
         "base_checksum_before": result.base_checksum_before,
         "base_checksum_after": result.base_checksum_after,
         "best_step": result.best_step,
+        "kept_by": result.kept_by,
         "stopped_early": result.stopped_early,
         "resumed_from": result.resumed_from,
     }

@@ -18,12 +18,14 @@ import torch
 
 from ..adapters import Adapter
 from ..data import Example, as_example
+from ..errors import UserError
 from ..insight.evaluate import evaluate
 from ..prompt import SoftPromptModel
 from ..rows import batch_loss, fitting_length, scored_tokens, training_rows
 from .config import RunConfig, Task, TrainConfig, TrainResult
 from .distributed import SINGLE, Group
 from .distributed import sum_ as dist_sum
+from .judge import Judge, task_judge
 from .reparam import Residual
 from .save import method_config
 
@@ -256,6 +258,20 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(config.schedule, config.warmup, self.total_steps)
         )
+        self.judges: list[Judge | None] = [
+            task_judge(spm, t.texts, t.eval_texts) if config.keep == "metric" else None
+            for t in tasks
+        ]
+        if self.group.sharded and any(self.judges):
+            raise UserError("--keep metric generates on the whole model: not with --shard")
+        for res, judge in zip(self.results, self.judges, strict=True):
+            res.kept_by = (
+                judge.description
+                if judge is not None
+                else "the last rows"
+                if config.keep == "last"
+                else "held-out loss"
+            )
         self.best = [rows.detach().clone() for rows in self.current_rows()]
         self.best_loss = [math.inf] * self.n_tasks
         self.since_best = [0] * self.n_tasks
@@ -352,6 +368,11 @@ class _Run:
                 self.best_loss[i], self.since_best[i] = ev.loss, 0
             else:
                 self.since_best[i] += 1  # patience counts from the best loss either way
+            judge = self.judges[i]
+            if judge is not None:  # the task's metric decides, the loss breaks ties
+                score = res.evals[-1]["metric"] = judge.score(self.spm, t.name, t.eval_texts)
+                kept = [e for e in res.evals[:-1] if e["step"] == res.best_step]
+                improved = not kept or (score, -ev.loss) > (kept[-1]["metric"], -kept[-1]["loss"])
             if improved or self.config.keep == "last":
                 self.best[i] = self.current_rows()[i].detach().clone()
                 res.best_step = self.step
