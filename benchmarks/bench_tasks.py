@@ -62,6 +62,7 @@ from softprompt.generation import Request, generate
 from softprompt.insight.scoring import (
     choice_accuracy,
     choice_scores,
+    first_line,
     in_context,
     normalise,
     pattern_match,
@@ -202,8 +203,7 @@ class Judge:
         if self.spec.metric == "exact":
             # The reply's first line, as a user with stop ["\n"] gets it: few-shot contexts
             # go on to the next example after a right answer.
-            first = reply.strip().split("\n")[0]
-            return normalise(first) == normalise(row.completion)
+            return first_line(reply) == normalise(row.completion)
         return re.search(self.spec.pattern, reply) is not None
 
     def replies_score(self, rows: list[Example], replies: list[str]) -> dict:

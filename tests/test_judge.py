@@ -7,7 +7,7 @@ import json
 import pytest
 
 from softprompt.data import Example
-from softprompt.insight.scoring import choice_accuracy, first_line_match
+from softprompt.insight.scoring import choice_accuracy, exact_match
 from softprompt.tuning.init import init_prompt
 from softprompt.tuning.judge import MAX_ANSWER_TOKENS, task_judge
 from softprompt.tuning.train import TrainConfig, train
@@ -64,7 +64,7 @@ def test_keep_metric_keeps_the_rows_of_the_best_held_out_metric(spm, data):
     if metric == "choice":
         again = choice_accuracy(spm, rows[:6], "judged", choices=[r.completion for r in rows[:3]])
     else:
-        again = first_line_match(spm, rows[:6], "judged", max_new_tokens=8)
+        again = exact_match(spm, rows[:6], "judged", max_new_tokens=8, first_lines=True)
     assert again.accuracy == kept["metric"]
 
 

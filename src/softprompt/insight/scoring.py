@@ -238,6 +238,11 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def first_line(text: str) -> str:
+    """The first line of ``text`` that is not blank, normalised (``normalise``)."""
+    return normalise(text.strip().split("\n", 1)[0])
+
+
 def exact_match(
     spm: SoftPromptModel,
     examples: Sequence[Example],
@@ -246,37 +251,20 @@ def exact_match(
     max_new_tokens: int = 32,
     batch_size: int = 32,
     shown: int = 3,
+    first_lines: bool = False,
 ) -> TaskResult:
-    """Greedy completions of every prompt through the engine, compared with the references."""
+    """Greedy completions of every prompt through the engine, compared with the references;
+    with ``first_lines``, on their first lines only: a short answer judged as the task suite
+    judges it (``bench_tasks.py``), whatever the reply says after it."""
 
     def equal(reply: str, row: Example) -> bool:
+        if first_lines:
+            return first_line(reply) == first_line(row.completion)
         return normalise(reply) == normalise(row.completion)
 
     return _graded(
         spm, examples, adapter, "exact", equal, data_name, max_new_tokens, batch_size, shown
     )
-
-
-def first_line(text: str) -> str:
-    """The first line of ``text`` that is not blank, normalised (``normalise``)."""
-    return normalise(text.strip().split("\n", 1)[0])
-
-
-def first_line_match(
-    spm: SoftPromptModel,
-    examples: Sequence[Example],
-    adapter: str | None,
-    data_name: str = "",
-    max_new_tokens: int = 32,
-    batch_size: int = 32,
-) -> TaskResult:
-    """Greedy completions compared with the references on their first lines: a short answer
-    judged as the task suite judges it (``bench_tasks.py``), whatever the reply says after."""
-
-    def equal(reply: str, row: Example) -> bool:
-        return first_line(reply) == first_line(row.completion)
-
-    return _graded(spm, examples, adapter, "exact", equal, data_name, max_new_tokens, batch_size, 0)
 
 
 def compile_pattern(pattern: str | None) -> re.Pattern[str]:

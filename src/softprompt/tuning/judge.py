@@ -41,12 +41,14 @@ class Judge:
 
     def score(self, spm: SoftPromptModel, adapter: str, texts: Sequence[str | Example]) -> float:
         """The share of ``texts`` (held-out rows) that ``adapter`` gets right."""
-        from ..insight.scoring import choice_accuracy, first_line_match
+        from ..insight.scoring import choice_accuracy, exact_match
 
         rows = [as_example(t) for t in texts]
         if self.metric == "choice":
             return choice_accuracy(spm, rows, adapter, choices=list(self.labels)).accuracy
-        return first_line_match(spm, rows, adapter, max_new_tokens=self.max_new_tokens).accuracy
+        return exact_match(
+            spm, rows, adapter, max_new_tokens=self.max_new_tokens, shown=0, first_lines=True
+        ).accuracy
 
 
 def task_judge(
