@@ -184,7 +184,7 @@ def add_train(sub: Commands) -> None:
         default=0,
         metavar="N",
         help="held-out evaluation every N steps (default: at each epoch's end); the adapter "
-        "saved is the one with the best held-out loss",
+        "saved is the evaluation --keep chooses",
     )
     train.add_argument(
         "--keep",
