@@ -255,3 +255,34 @@ def test_a_sharded_multi_task_run_stopped_midway_resumes_to_the_end(
         assert [e["epoch"] for e in log["evals"]] == [0, 1, 2, 3]
         assert load_adapter(out / name).num_virtual_tokens == 8
     assert not checkpoint_dir(out).exists()
+
+
+def test_when_rank_0_cannot_save_every_process_ends_at_once_saying_why(
+    tiny_model_dir, tmp_path, word_data
+):
+    train_file, held_file = word_data(160, 5, ["be kind every day"])
+    # A long wait for a lost peer: a process left waiting for rank 0 would show as a hang.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SOFTPROMPT_DIST_TIMEOUT": "120"}
+    out = tmp_path / "out"
+    run = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "softprompt", "train", "--model", str(tiny_model_dir), "--device", "cpu",
+        "--data", str(train_file), "--eval-data", str(held_file), "--epochs", "2",
+        "--batch-size", "2", "--checkpoint-every", "5", "--output", str(out),
+    ]  # fmt: skip
+    proc = subprocess.Popen(run, env=env, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(proc, checkpoint_dir(out) / STATE_FILE, 5)
+    assert proc.poll() is None, "the run ended before its output could be taken"
+    # Something of the user's appears where the adapter goes: rank 0's save is refused.
+    out.write_text("mine\n")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert out.read_text() == "mine\n"  # never replaced
+    ours = [line for line in err.splitlines() if line.startswith("softprompt:")]
+    assert len(ours) == 2, err[-3000:]
+    mine = [line for line in ours if "rank 0" not in line]
+    others = [line for line in ours if "rank 0" in line]
+    assert len(mine) == 1 and "saved to" in mine[0]  # rank 0: why, and where its rows went
+    assert len(others) == 1 and "could not save" in others[0] and str(out) in others[0]
+    # torchrun prints a traceback of its own for a failed process; none comes from softprompt
+    assert "src/softprompt/" not in err and "site-packages/softprompt/" not in err

@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         # One line, whatever a library put in the message.
         message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"softprompt: error: {message}", file=sys.stderr)
+        # One write: the processes of a distributed run share one stderr, line by line.
+        sys.stderr.write(f"softprompt: error: {message}\n")
+        sys.stderr.flush()
         return 2
     except Interrupted as exc:
         if str(exc):

@@ -32,6 +32,9 @@ class Output:
     finish_reason: str | None = None
     """``stop`` (end of sequence or a stop string), ``length``, ``cancelled`` or ``error``."""
     error: str | None = None
+    unavailable: bool = False
+    """An error because no server could take the request (every upstream down or failing
+    before its first token): a retry later may succeed."""
 
 
 @dataclass

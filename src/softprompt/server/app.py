@@ -342,7 +342,7 @@ def _add_service_routes(app: FastAPI, ctx: _Context) -> None:
         summary="200 while the server serves; 503 while it shuts down or if its engine died",
         responses={503: {"model": ErrorResponse, "description": "not serving"}},
     )
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
         if ctx.engine.failure is not None:
             raise APIError(503, ctx.engine.failure, "server_error", code="engine_dead")
         if ctx.engine.draining:
@@ -351,12 +351,20 @@ def _add_service_routes(app: FastAPI, ctx: _Context) -> None:
         if report is None:
             return {"status": "ok"}
         upstreams = report()
+        # The upstreams' addresses and errors are for whoever holds the key (as /metrics).
+        told = ctx.config.api_key is None or key_matches(
+            request.headers.get("authorization", ""), ctx.config.api_key
+        )
         if not any(u["healthy"] for u in upstreams):
             down = "; ".join(f"{u['url']}: {u.get('error')}" for u in upstreams)
             raise APIError(
-                503, f"no upstream answers ({down})", "server_error", code="upstreams_down"
+                503,
+                f"no upstream answers ({down})" if told else "no upstream answers",
+                "server_error",
+                code="upstreams_down",
+                retry_after=ctx.config.retry_after_seconds,
             )
-        return {"status": "ok", "upstreams": upstreams}
+        return {"status": "ok", "upstreams": upstreams} if told else {"status": "ok"}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:

@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..engine import Engine, RequestError, SamplingParams
-from ..engine.engine import QueueFull, ShuttingDown
+from ..engine.engine import QueueFull, ShuttingDown, Unavailable
 from ..engine.sampling import TokenLogprobs
 from ..engine.sequence import Output
 from ..errors import UserError
@@ -130,6 +130,7 @@ class Choice:
     tokens: int = 0
     reason: str | None = None
     error: str | None = None
+    unavailable: bool = False
 
 
 class Job:
@@ -178,6 +179,8 @@ class Job:
         """Each choice's outputs; ``(-1, None)`` when the client has gone."""
         self.prompt_tokens = 0
         self.submitted = 0.0
+        self.retry_after = 1
+        """Seconds a 503 for no upstream asks the client to wait (the server's setting)."""
         self.first_token = False
         self.open = len(self.choices)
         self.counted = False
@@ -209,6 +212,7 @@ class Job:
         400 when one cannot run, 429 when the queue has no room for all of them, 503 while
         shutting down."""
         self.submitted = time.perf_counter()
+        self.retry_after = retry_after
         try:
             await run_in_threadpool(self._submit, retry_after, prompts)
         except asyncio.CancelledError:  # the thread has finished: what it queued is cancelled
@@ -241,6 +245,9 @@ class Job:
         except ShuttingDown as exc:
             self.count(503)
             raise APIError(503, str(exc), "server_error", code="shutting_down") from exc
+        except Unavailable as exc:
+            self.count(503)
+            raise unavailable(str(exc), retry_after) from exc
         except RequestError as exc:
             self.count(400)
             raise bad_request(exc) from exc
@@ -305,6 +312,7 @@ class Job:
             reason = out.finish_reason
             choice.reason = reason if reason in ("length", "abort", "error") else "stop"
             choice.error = out.error if out.finish_reason == "error" else None
+            choice.unavailable = out.unavailable
             self.open -= 1
 
     async def wait(self, request: Request) -> None:
@@ -325,6 +333,10 @@ class Job:
 
     def _fail_on_error(self) -> None:
         failed = [c.error for c in self.choices if c.error]
+        if failed and all(c.unavailable for c in self.choices if c.error):
+            # no server could take it (every upstream down or failing before its first token)
+            self.count(503)
+            raise unavailable(f"generation failed: {failed[0]}", self.retry_after)
         if failed:
             self.count(500)
             raise APIError(500, f"generation failed: {failed[0]}", "server_error")
@@ -523,6 +535,11 @@ class Job:
 
         async for event in self._stream(request, "chat.completion.chunk", piece):
             yield event
+
+
+def unavailable(message: str, retry_after: int) -> APIError:
+    """503 for a request no upstream could take, with when to retry (as ``/health`` says it)."""
+    return APIError(503, message, "server_error", code="upstreams_down", retry_after=retry_after)
 
 
 def merged(items: list[tuple[int, Output]]) -> list[tuple[int, Output]]:

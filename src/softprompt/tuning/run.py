@@ -24,7 +24,6 @@ from .distributed import (
     SINGLE,
     Group,
     PeerLost,
-    barrier,
     check_shardable,
     gather,
     shard_layers,
@@ -215,22 +214,42 @@ def run_training(plan: TrainingPlan, progress: bool = True) -> list[TrainedTask]
     results = _train(plan, progress)
     _check_base_unchanged(plan, results)
     request, group = plan.request, plan.group
-    for task, result in zip(plan.tasks, results, strict=True):
-        if group.main:
-            save_trained(
-                plan.spm,
-                task.name,
-                task.output,
-                plan.config,
-                result,
-                _record(plan, task),
-                overwrite=request.overwrite or request.resume,
-                heldout=task.split,
-            )
+    failure: Exception | None = None
     if group.main:
-        checkpoint.remove(plan.checkpoints)  # the run is done and saved
-    barrier(group)
+        try:
+            for task, result in zip(plan.tasks, results, strict=True):
+                save_trained(
+                    plan.spm,
+                    task.name,
+                    task.output,
+                    plan.config,
+                    result,
+                    _record(plan, task),
+                    overwrite=request.overwrite or request.resume,
+                    heldout=task.split,
+                )
+            checkpoint.remove(plan.checkpoints)  # the run is done and saved
+        except Exception as exc:  # noqa: BLE001 - the others hear of it below, then it is raised
+            failure = exc
+    # Every process learns whether rank 0 saved (not a barrier, where the others would wait
+    # for a rank 0 that has stopped until the group's timeout, and end with a traceback).
+    _settle_save(group, failure, [t.output for t in plan.tasks])
     return [TrainedTask(task, result) for task, result in zip(plan.tasks, results, strict=True)]
+
+
+def _settle_save(group: Group, failure: Exception | None, outputs: list[Path]) -> None:
+    """Raise rank 0's save failure in rank 0, and a ``UserError`` saying it in every other
+    process; return when rank 0 saved."""
+    said = None if failure is None else str(failure).removeprefix("error: ") or repr(failure)
+    try:
+        first = gather(group, said)[0]
+    except RuntimeError as exc:  # the group is gone
+        raise UserError(f"another process of this data-parallel run stopped ({exc})") from exc
+    if failure is not None:
+        raise failure
+    if first is not None:
+        where = ", ".join(str(o) for o in outputs)
+        raise UserError(f"rank 0 could not save {where}, so this process stops too: {first}")
 
 
 def _read_task(request: RunRequest, source: TaskSource) -> PlannedTask:

@@ -31,12 +31,12 @@ from ..adapters import Adapter, hidden_size_mismatch
 from ..embeds import to_base64
 from ..engine.batch import EngineStats, check_context
 from ..engine.config import EngineConfig
-from ..engine.engine import QueueFull, RequestHandle, ShuttingDown, prompt_ids
+from ..engine.engine import QueueFull, RequestHandle, ShuttingDown, Unavailable, prompt_ids
 from ..engine.registry import AdapterRegistry, Prefix
 from ..engine.sampling import RequestError, SamplingParams
 from ..engine.sequence import Output, Sequence, Status
 from ..frontend import FrontEnd
-from .pool import Pool, Upstream
+from .pool import Pool, Upstream, redact
 from .wire import completion_body, error_message, read_event, read_prompt_logprobs
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ PENALTY = (
     "tokens it was given, and a prompt sent as prompt_embeds has none, so the answer would not "
     "be the one softprompt's engine gives; serve it with softprompt's own engine"
 )
+NO_UPSTREAM = "no upstream answers now; retry later"
 ECHO = (
     "echo with logprobs (prompt log-probabilities) is not available for an adapter with "
     "--upstream: vLLM scores no prompt given as prompt_embeds (the base model's prompts it "
@@ -158,14 +159,17 @@ class UpstreamEngine:
         mid-answer costs nothing but time: the answer starts again on another.
 
         Raises:
-            RequestError: one cannot run (nothing is sent), QueueFull, ShuttingDown.
+            RequestError: one cannot run (nothing is sent), QueueFull, ShuttingDown,
+                Unavailable (no upstream answers now).
         """
         made: dict[tuple[int, str | None], tuple[list[int], str | None]] = {}
         prepared = [self._prepare(p, a, s or SamplingParams(), made) for p, a, s, _ in requests]
         limit = self.config.max_queue
         with self._lock:
-            if self._drain_until is not None or self._stopped.is_set():
+            if self._drain_until is not None or self._stopped.is_set() or self._loop.is_closed():
                 raise ShuttingDown("the server is shutting down and takes no new requests")
+            if not self.pool.healthy():
+                raise Unavailable(NO_UPSTREAM)
             if limit is not None and self._in_flight + len(prepared) > limit:
                 raise QueueFull(
                     f"the queue is full ({self._in_flight} of {limit} places taken); retry later"
@@ -174,11 +178,12 @@ class UpstreamEngine:
             self.stats.requests += len(prepared)
             if held:
                 self._held.update(seq.request_id for seq, _ in prepared)
-        handles = []
-        for (seq, body), (_, _, _, sink) in zip(prepared, requests, strict=True):
-            handle = RequestHandle(self, seq, sink)  # type: ignore[arg-type]
-            handles.append(handle)
-            self._loop.call_soon_threadsafe(self._launch, seq, body, handle)
+            handles = []
+            for (seq, body), (_, _, _, sink) in zip(prepared, requests, strict=True):
+                handle = RequestHandle(self, seq, sink)  # type: ignore[arg-type]
+                handles.append(handle)
+                # under the lock: the loop is closed under it too, so this cannot meet it closed
+                self._loop.call_soon_threadsafe(self._launch, seq, body, handle)
         return handles
 
     def _prepare(
@@ -271,15 +276,31 @@ class UpstreamEngine:
     def _launch(self, seq: Sequence, body: dict[str, Any], handle: RequestHandle) -> None:
         task = self._loop.create_task(self._serve(seq, body, handle))
         self._tasks[seq.request_id] = task
+        # The request's end, wherever it ends: a task cancelled before its first step never
+        # runs its coroutine's body (so no ``finally`` of it), but its done callbacks run.
+        task.add_done_callback(lambda _: self._ended(seq, handle))
+
+    def _ended(self, seq: Sequence, handle: RequestHandle) -> None:
+        """Give a finished request's place back; one that ended without its last output (it was
+        cancelled, or cancelled before it started) gets it now."""
+        self._tasks.pop(seq.request_id, None)
+        if not seq.finished:
+            reason = "abort" if self._drain_until is not None else "cancelled"
+            self._finish(seq, handle, reason, None)
+        with self._lock:
+            self._in_flight -= 1
+            self._held.discard(seq.request_id)
 
     async def _serve(self, seq: Sequence, body: dict[str, Any], handle: RequestHandle) -> None:
-        """Run one sequence upstream to its end, whatever happens; its last output says how."""
+        """Run one sequence upstream to its end; its last output says how (``_ended`` sends it
+        for a cancelled one)."""
         tried: set[str] = set()
         try:
             while True:
                 upstream = self.pool.pick(tried)
                 if upstream is None:
-                    self._finish(seq, handle, "error", "no upstream could serve the request")
+                    said = f"every upstream failed before the answer's first token; {NO_UPSTREAM}"
+                    self._finish(seq, handle, "error", said, unavailable=True)
                     return
                 tried.add(upstream.url)
                 try:
@@ -288,17 +309,9 @@ class UpstreamEngine:
                     self.pool.done(upstream)
                 if not retry:
                     return
-        except asyncio.CancelledError:
-            reason = "abort" if self._drain_until is not None else "cancelled"
-            self._finish(seq, handle, reason, None)
         except Exception as exc:  # noqa: BLE001 - one request's failure is its own
             log.exception("request %s failed", seq.request_id)
-            self._finish(seq, handle, "error", str(exc) or type(exc).__name__)
-        finally:
-            self._tasks.pop(seq.request_id, None)
-            with self._lock:
-                self._in_flight -= 1
-                self._held.discard(seq.request_id)
+            self._finish(seq, handle, "error", redact(str(exc) or type(exc).__name__))
 
     async def _stream(
         self, upstream: Upstream, seq: Sequence, body: dict[str, Any], handle: RequestHandle
@@ -316,7 +329,8 @@ class UpstreamEngine:
                     if response.status_code >= 500 and self._restartable(seq):
                         upstream.failures += 1
                         return True
-                    self._finish(seq, handle, "error", f"upstream {upstream.url}: {said}")
+                    said = redact(f"upstream {upstream.name}: {said}")
+                    self._finish(seq, handle, "error", said)
                     return False
                 if not body["stream"]:  # prompt log-probabilities: vLLM sends them whole
                     answer = json.loads(await response.aread())
@@ -329,7 +343,7 @@ class UpstreamEngine:
                     if chunk is None:
                         continue
                     if chunk.error is not None:
-                        said = f"upstream {upstream.url}: {chunk.error}"
+                        said = redact(f"upstream {upstream.name}: {chunk.error}")
                         self._finish(seq, handle, "error", said)
                         return False
                     self._record(seq, handle, chunk)
@@ -341,12 +355,11 @@ class UpstreamEngine:
                 upstream.down(f"{type(exc).__name__}: {exc}")
             if self._restartable(seq):
                 return True
-            self._finish(
-                seq, handle, "error", f"upstream {upstream.url} failed mid-answer: {exc!r}"
-            )
+            said = redact(f"upstream {upstream.name} failed mid-answer: {exc!r}")
+            self._finish(seq, handle, "error", said)
             return False
         if not seq.finished:  # the stream ended without a finish reason
-            self._finish(seq, handle, "error", f"upstream {upstream.url} ended the answer early")
+            self._finish(seq, handle, "error", f"upstream {upstream.name} ended the answer early")
         return False
 
     def _restartable(self, seq: Sequence) -> bool:
@@ -354,6 +367,7 @@ class UpstreamEngine:
         caller), made ready to."""
         if seq.output_ids and seq.request_id not in self._held:
             return False
+        self.stats.generated_tokens -= len(seq.output_ids)  # thrown away: not generated for it
         seq.output_ids.clear()
         seq.logprobs.clear()
         seq.text, seq.first_token_at = "", None
@@ -384,17 +398,24 @@ class UpstreamEngine:
                 Output(seq.request_id, chunk.token_ids, chunk.text, finished, seq.finish_reason)
             )
 
-    def _finish(self, seq: Sequence, handle: RequestHandle, reason: str, error: str | None) -> None:
+    def _finish(
+        self,
+        seq: Sequence,
+        handle: RequestHandle,
+        reason: str,
+        error: str | None,
+        unavailable: bool = False,
+    ) -> None:
         if seq.finished:
             return
         seq.finish(reason, error)
         if error:
             log.warning("request %s: %s", seq.request_id, error)
         if seq.request_id in self._held:  # what it made so far, as the local engine hands out
-            out = Output(seq.request_id, list(seq.output_ids), seq.text, True, reason, error)
+            ids, text = list(seq.output_ids), seq.text
         else:
-            out = Output(seq.request_id, [], "", True, reason, error)
-        handle.deliver(out)
+            ids, text = [], ""
+        handle.deliver(Output(seq.request_id, ids, text, True, reason, error, unavailable))
 
     async def _main(self) -> None:
         import httpx
@@ -437,7 +458,7 @@ class UpstreamEngine:
                     ok = answer.status_code == 200
                     why = f"/health answered {answer.status_code}"
                 except Exception as exc:  # noqa: BLE001 - any failure means down
-                    ok, why = False, f"{type(exc).__name__}: {exc}"
+                    ok, why = False, redact(f"{type(exc).__name__}: {exc}")
                 if ok:
                     upstream.up()
                 else:
@@ -451,9 +472,14 @@ class UpstreamEngine:
         try:
             self._loop.run_until_complete(self._main())
         except BaseException as exc:
-            self.failure = f"the upstream loop died: {exc!r}"
+            self.failure = redact(f"the upstream loop died: {exc!r}")
             log.exception("the upstream loop died")
             raise
+        finally:
+            with contextlib.suppress(Exception):
+                self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            with self._lock:  # submit_many checks it under the lock before queueing on it
+                self._loop.close()
 
     def start(self) -> None:
         """Run the requests' loop on a background thread (idempotent)."""

@@ -11,6 +11,7 @@ same text given as embeddings and as token ids must score the same).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,11 +35,21 @@ apart. Measured on vLLM 0.32 CPU, float32, the embedded model: 0 to within 1e-5;
 model's table moves them by far more (a different model, fine-tune or revision)."""
 
 
+_USERINFO = re.compile(r"(https?://)[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the user and password of every address in it replaced by ``***``: an
+    upstream given as ``http://user:pass@host`` is named without them wherever it is shown."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
 @dataclass
 class Upstream:
     """One vLLM server: its address, what it serves, and how it is doing now."""
 
     url: str
+    """Where requests go, credentials included; ``name`` is what is shown."""
     model: str = ""
     """The name it serves the base model under (sent in every request)."""
     max_model_len: int = 0
@@ -50,19 +61,25 @@ class Upstream:
     failures: int = 0
     since: float = field(default_factory=time.monotonic)
 
+    @property
+    def name(self) -> str:
+        """The address as shown (logs, errors, ``/health``, metrics): without credentials."""
+        return redact(self.url)
+
     def down(self, why: str) -> None:
+        why = redact(why)
         if self.healthy:
-            log.warning("upstream %s is down: %s", self.url, why)
+            log.warning("upstream %s is down: %s", self.name, why)
         self.healthy, self.error, self.since = False, why, time.monotonic()
 
     def up(self) -> None:
         if not self.healthy:
-            log.warning("upstream %s answers again", self.url)
+            log.warning("upstream %s answers again", self.name)
         self.healthy, self.error, self.since = True, None, time.monotonic()
 
     def report(self) -> dict[str, Any]:
         return {
-            "url": self.url,
+            "url": self.name,
             "healthy": self.healthy,
             "in_flight": self.in_flight,
             "requests": self.requests,
@@ -112,7 +129,9 @@ def normalise(url: str) -> str:
     if url.endswith("/v1"):
         url = url[:-3]
     if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) == 0:
-        raise UserError(f"--upstream {url!r}: give the vLLM server's address, http://HOST:PORT")
+        raise UserError(
+            f"--upstream {redact(url)!r}: give the vLLM server's address, http://HOST:PORT"
+        )
     return url
 
 
@@ -131,52 +150,81 @@ def check_upstreams(
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    normalised = [normalise(url) for url in urls]
+    for i, url in enumerate(normalised):
+        if url in normalised[:i]:
+            raise UserError(f"upstream {redact(url)} is given twice: give each server once")
     upstreams = []
     with httpx.Client(timeout=timeout, headers=headers) as client:
-        for url in urls:
-            url = normalise(url)
+        for url in normalised:
             upstream = Upstream(url)
             try:
                 _describe(client, upstream)
                 _check_tokenizer(client, upstream, front)
                 _check_embeddings(client, upstream, front)
             except httpx.HTTPError as exc:
-                said = str(exc) or type(exc).__name__
-                raise UserError(f"upstream {url} does not answer: {said}") from exc
+                said = redact(str(exc) or type(exc).__name__)
+                raise UserError(f"upstream {upstream.name} does not answer: {said}") from exc
             upstreams.append(upstream)
     first = upstreams[0]
     for other in upstreams[1:]:
         if (other.model, other.max_model_len) != (first.model, first.max_model_len):
             raise UserError(
-                f"upstreams serve different models: {first.url} serves {first.model!r} "
-                f"({first.max_model_len} tokens), {other.url} serves {other.model!r} "
+                f"upstreams serve different models: {first.name} serves {first.model!r} "
+                f"({first.max_model_len} tokens), {other.name} serves {other.model!r} "
                 f"({other.max_model_len} tokens)"
             )
     return upstreams
 
 
-def _json(response: Any, what: str, url: str) -> Any:
+def _json(response: Any, what: str, upstream: Upstream) -> Any:
+    """The JSON of a 200 answer; otherwise ``UserError`` saying what came instead (a web UI or
+    another server on that port answers HTML, or another status)."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+        said = " ".join(response.text[:120].split()) or "an empty body"
+    else:
+        said = error_message(body)
     if response.status_code != 200:
-        try:
-            said = error_message(response.json())
-        except ValueError:
-            said = response.text[:200]
-        raise UserError(f"upstream {url}: {what} answered {response.status_code}: {said}")
-    return response.json()
+        raise UserError(
+            f"upstream {upstream.name}: {what} answered {response.status_code}: {redact(said)}"
+        )
+    if body is None:
+        raise UserError(
+            f"upstream {upstream.name}: {what} answered something other than JSON ({said!r}): "
+            "is a vLLM OpenAI server listening there?"
+        )
+    return body
+
+
+def _missing(upstream: Upstream, what: str, field: str) -> UserError:
+    return UserError(
+        f"upstream {upstream.name}: {what} answered without {field}, as vLLM's OpenAI server "
+        "gives it: is a vLLM OpenAI server listening there?"
+    )
 
 
 def _describe(client: Any, upstream: Upstream) -> None:
-    models = _json(client.get(f"{upstream.url}/v1/models"), "/v1/models", upstream.url)
+    models = _json(client.get(f"{upstream.url}/v1/models"), "/v1/models", upstream)
     data = models.get("data") if isinstance(models, dict) else None
+    if data is not None and not isinstance(data, list):
+        raise _missing(upstream, "/v1/models", "a list of models")
     if not data:
-        raise UserError(f"upstream {upstream.url} serves no model")
+        raise UserError(f"upstream {upstream.name} serves no model")
+    if not all(isinstance(m, dict) for m in data):
+        raise _missing(upstream, "/v1/models", "a list of models")
     if len(data) > 1:
         names = ", ".join(str(m.get("id")) for m in data)
-        raise UserError(f"upstream {upstream.url} serves several models ({names}); give it one")
+        raise UserError(f"upstream {upstream.name} serves several models ({names}); give it one")
     upstream.model = str(data[0].get("id"))
-    upstream.max_model_len = int(data[0].get("max_model_len") or 0)
+    try:
+        upstream.max_model_len = int(data[0].get("max_model_len") or 0)
+    except (TypeError, ValueError):
+        upstream.max_model_len = 0
     if upstream.max_model_len <= 0:
-        raise UserError(f"upstream {upstream.url} does not say its context length")
+        raise UserError(f"upstream {upstream.name} does not say its context length")
 
 
 def _check_tokenizer(client: Any, upstream: Upstream, front: FrontEnd) -> None:
@@ -187,11 +235,13 @@ def _check_tokenizer(client: Any, upstream: Upstream, front: FrontEnd) -> None:
             json={"model": upstream.model, "prompt": PROBE, "add_special_tokens": True},
         ),
         "/tokenize",
-        upstream.url,
+        upstream,
     )
-    if list(said.get("tokens") or []) != ours:
+    if not isinstance(said, dict) or not isinstance(said.get("tokens"), list):
+        raise _missing(upstream, "/tokenize", "its tokens")
+    if list(said["tokens"]) != ours:
         raise UserError(
-            f"upstream {upstream.url} ({upstream.model}) tokenizes differently from {front.name}:"
+            f"upstream {upstream.name} ({upstream.model}) tokenizes differently from {front.name}:"
             " it serves another model (start it with the same model as serve --model)"
         )
 
@@ -212,14 +262,18 @@ def _check_embeddings(client: Any, upstream: Upstream, front: FrontEnd) -> None:
     }
     scored = []
     for prompt in ({"prompt": ids}, {"prompt_embeds": to_base64(table)}):
+        what = "/v1/completions" + (" with prompt_embeds" if "prompt_embeds" in prompt else "")
         body = _json(
             client.post(f"{upstream.url}/v1/completions", json={**common, **prompt}),
-            "/v1/completions" + (" with prompt_embeds" if "prompt_embeds" in prompt else ""),
-            upstream.url,
+            what,
+            upstream,
         )
-        entries = read_logprobs(body["choices"][0].get("logprobs"), 5)
+        try:
+            entries = read_logprobs(body["choices"][0].get("logprobs"), 5)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            raise _missing(upstream, what, "choices and their log-probabilities") from exc
         if not entries:
-            raise UserError(f"upstream {upstream.url} sent no log-probabilities")
+            raise UserError(f"upstream {upstream.name} sent no log-probabilities")
         scored.append(dict(entries[0].top))
     by_ids, by_embeds = scored
     gap = max(
@@ -227,7 +281,7 @@ def _check_embeddings(client: Any, upstream: Upstream, front: FrontEnd) -> None:
     )
     if not gap <= EMBEDDING_TOLERANCE:
         raise UserError(
-            f"upstream {upstream.url} ({upstream.model}) does not use {front.name}'s input "
+            f"upstream {upstream.name} ({upstream.model}) does not use {front.name}'s input "
             f"embeddings (the same text scores {gap:.3g} apart as embeddings and as tokens): "
             "start it with the same model as serve --model"
         )
