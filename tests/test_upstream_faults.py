@@ -299,8 +299,9 @@ def test_sigterm_after_clients_that_leave_before_their_first_byte_exits_within_t
     with FakeVLLM(front) as upstream:
         fake = FakeVLLM.at(upstream)
         fake.token_seconds = 0.05
-        proc, url, _ = start_serve(
-            ["--model", str(tiny_model_dir), "--adapters", str(tmp_path), "--upstream", upstream,
+        secret = upstream.replace("http://", "http://someone:hunter2@")
+        proc, url, lines = start_serve(
+            ["--model", str(tiny_model_dir), "--adapters", str(tmp_path), "--upstream", secret,
              "--port", "0", "--poll-seconds", "0", "--max-queue", "16", "--drain-seconds", "2"]
         )  # fmt: skip
         try:
@@ -355,6 +356,8 @@ def test_sigterm_after_clients_that_leave_before_their_first_byte_exits_within_t
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
             assert time.monotonic() - signalled < 2 + 8  # the drain, and the server's exit
+            said = "".join(lines) + proc.stderr.read()
+            assert "vLLM upstream" in said and "hunter2" not in said
         finally:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

@@ -308,7 +308,7 @@ def _upstream_engine(
     front = load_front_end(model)
     found = check_upstreams(front, urls, api_key=settings.api_key)
     engine = UpstreamEngine(front, found, config, settings)
-    names = ", ".join(u.url for u in found)
+    names = ", ".join(u.name for u in found)
     summary = (
         f"generation on {len(found)} vLLM upstream(s) serving {found[0].model!r} "
         f"({found[0].max_model_len} tokens): {names}"
