@@ -1,5 +1,5 @@
 """The front end for remote engines: a base model's tokenizer, config and input embedding table,
-without the model (issue 35, item 2)."""
+without the model."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ def test_the_front_end_reads_the_models_own_embedding_table(tiny_model_dir):
     base = load_base_model(str(tiny_model_dir))
     front = load_front_end(str(tiny_model_dir))
     assert torch.equal(front.embedding.weight, base.model.get_input_embeddings().weight)
-    assert (front.hidden_size, front.vocab_size) == (16, base.tokenizer.vocab_size + 0 or 16)[
-        :1
-    ] + (front.vocab_size,)
+    table = base.model.get_input_embeddings()
+    assert front.hidden_size == table.embedding_dim == 16
+    assert front.vocab_size == table.num_embeddings == len(base.tokenizer)
     rows = torch.randn(3, front.hidden_size)
     adapter = Adapter("a", rows)
     want = prompt_embeds(base.model, base.tokenizer, adapter, "be kind every day")
