@@ -496,8 +496,9 @@ def add_serve(sub: Commands) -> None:
         "With --upstream, only the model's tokenizer, config and input embeddings are loaded "
         "here; each request goes to a vLLM server started with --enable-prompt-embeds on the "
         "same model: an adapter's as prompt_embeds (its rows, then the prompt's embeddings), the "
-        "base model's as token ids. Prefix (deep) adapters, and echo with logprobs for any "
-        "request, are refused with a 400 saying why (the local engine serves them). See "
+        "base model's as token ids. For an adapter, prefix (deep) adapters, echo with logprobs "
+        "and repetition_penalty are refused with a 400 saying why (the local engine serves "
+        "them). Credentials in an --upstream address are used, never shown. See "
         "docs/scale-out.md.",
     )
     up.add_argument(

@@ -115,7 +115,7 @@ def _task_sources(args: argparse.Namespace) -> list[TaskSource]:
     if args.eval_data:
         raise UserError(
             "--eval-data goes with --data; with --task each task is held out from its own data "
-            "(the bundled held-out part for examples:, else 10%)"
+            "(the bundled held-out part for examples:, else --heldout-fraction of it)"
         )
     sources = []
     for item in args.task:

@@ -13,9 +13,10 @@ The prompt is one small tensor, so its gradient is all-reduced by hand after ``b
 
 Sharded (``--shard``, ``shard_layers``): the frozen base model's decoder layers are split across
 the processes with FSDP2 (``torch.distributed.fsdp.fully_shard``), so each holds about 1/N of
-their weights and gathers a layer's whole weights only while that layer runs. The embedding
-table, the final norm and the output head stay whole in every process: softprompt embeds token
-ids itself, outside the model's forward, which a sharded root module does not allow. Data
+their weights and gathers a layer's whole weights only while that layer runs. The decoder
+stack is the root of the sharding, so its final norm is sharded with it; the embedding table
+and the output head stay whole in every process: softprompt embeds token ids itself, outside
+the model's forward, which a sharded root module does not allow. Data
 parallelism composes as before (each process its own share of every batch); every process must
 then run the same forwards, so one whose share of a batch is empty runs the batch's first row
 with zero weight.

@@ -81,7 +81,8 @@ class RunRequest:
         if self.eval_data and len(self.tasks) > 1:
             raise UserError(
                 "held-out data (--eval-data) goes with one task; with several, each is held out "
-                "from its own data (the bundled held-out part for examples:, else 10%)"
+                "from its own data (the bundled held-out part for examples:, else "
+                "--heldout-fraction of it)"
             )
         if self.resume and self.overwrite:
             raise UserError("--resume continues a run and --overwrite starts over: give one")
