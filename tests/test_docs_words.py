@@ -20,7 +20,9 @@ FORBIDDEN = {
     ),
     # (softprompt's own decode-path line, in a log, says "measured earlier on this machine":
     # the machine it runs on, named in the log's header)
-    "an unnamed machine": re.compile(r"(?<!earlier on )\bthis (\d+-core )?(machine|box|host)\b", re.I),
+    "an unnamed machine": re.compile(
+        r"(?<!earlier on )\bthis (\d+-core )?(machine|box|host)\b", re.I
+    ),
     "an absolute path on one machine": re.compile(r"(?<![\w.~-])/(tmp|work|root|home)/"),
 }
 
