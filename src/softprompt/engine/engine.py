@@ -46,11 +46,6 @@ class ShuttingDown(RequestError):
     """The engine is draining or stopped and takes no new requests."""
 
 
-class Unavailable(RequestError):
-    """No server the engine sends requests to answers now (``serve --upstream``); a retry
-    later may succeed."""
-
-
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     """Token ids that end a completion: the tokenizer's EOS and the model's configured ones."""
     ids = set()

@@ -18,11 +18,12 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..engine import Engine, RequestError, SamplingParams
-from ..engine.engine import QueueFull, ShuttingDown, Unavailable
+from ..engine.engine import QueueFull, ShuttingDown
 from ..engine.sampling import TokenLogprobs
 from ..engine.sequence import Output
 from ..errors import UserError
 from ..layout import chat_layout
+from ..upstream.engine import Unavailable
 from .metrics import Metrics
 from .protocol import (
     AssistantMessage,

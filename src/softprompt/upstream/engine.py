@@ -31,7 +31,7 @@ from ..adapters import Adapter, hidden_size_mismatch
 from ..embeds import to_base64
 from ..engine.batch import EngineStats, check_context
 from ..engine.config import EngineConfig
-from ..engine.engine import QueueFull, RequestHandle, ShuttingDown, Unavailable, prompt_ids
+from ..engine.engine import QueueFull, RequestHandle, ShuttingDown, prompt_ids
 from ..engine.registry import AdapterRegistry, Prefix
 from ..engine.sampling import RequestError, SamplingParams
 from ..engine.sequence import Output, Sequence, Status
@@ -59,6 +59,10 @@ ECHO = (
     "--upstream: vLLM scores no prompt given as prompt_embeds (the base model's prompts it "
     "scores); serve it with softprompt's own engine"
 )
+
+
+class Unavailable(RequestError):
+    """No upstream answers now; a retry later may succeed (the server answers 503)."""
 
 
 @dataclass
