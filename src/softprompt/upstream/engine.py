@@ -303,7 +303,7 @@ class UpstreamEngine:
             while True:
                 upstream = self.pool.pick(tried)
                 if upstream is None:
-                    said = f"every upstream failed before the answer's first token; {NO_UPSTREAM}"
+                    said = "every upstream failed before the answer's first token; retry later"
                     self._finish(seq, handle, "error", said, unavailable=True)
                     return
                 tried.add(upstream.url)
