@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..adapters import Adapter, load_adapter
 from ..data import KINDS, Example, Fields, heldout_source, load_texts, split_heldout
 from ..errors import Interrupted, UserError
@@ -27,6 +29,7 @@ from .distributed import (
     check_shardable,
     gather,
     shard_layers,
+    sum_,
     weight_bytes,
 )
 from .init import init_prefix, init_prompt
@@ -241,11 +244,18 @@ def run_training(plan: TrainingPlan, progress: bool = True) -> list[TrainedTask]
 def _settle_save(group: Group, failure: Exception | None, outputs: list[Path]) -> None:
     """Raise rank 0's save failure in rank 0, and a ``UserError`` saying it in every other
     process; return when rank 0 saved."""
-    said = None if failure is None else str(failure).removeprefix("error: ") or repr(failure)
-    try:
-        first = gather(group, said)[0]
-    except RuntimeError as exc:  # the group is gone
-        raise UserError(f"another process of this data-parallel run stopped ({exc})") from exc
+    first = None
+    if group.active:
+        # Whether rank 0 failed: one small all-reduce, as every training step makes; only then
+        # its message, gathered.
+        failed = torch.tensor([0.0 if failure is None else 1.0])
+        try:
+            sum_(group, failed)
+            if failed.item() > 0:
+                said = None if failure is None else str(failure) or repr(failure)
+                first = gather(group, said)[0]
+        except (PeerLost, RuntimeError) as exc:  # the group is gone
+            raise UserError(f"another process of this data-parallel run stopped ({exc})") from exc
     if failure is not None:
         raise failure
     if first is not None:
