@@ -90,8 +90,12 @@ class TaskSet:
     max_new_tokens: int = 40
     unseen: bool = False
     """Kept out of every choice: only checks that the suite's choices carry over."""
+    folder: Path | None = None
+    """Where a generated family's task lives (``task_families.py``)."""
 
     def source(self, name: str, part: str = "train") -> str:
+        if self.folder is not None:
+            return str(self.folder / f"{name}.{part}.jsonl")
         if self.unseen:
             return str(UNSEEN / f"{name}.{part}.jsonl")
         return f"examples:{name}" + (":heldout" if part == "heldout" else "")
@@ -133,6 +137,21 @@ SETS = {
     ),
 }
 SUITE = [name for name, spec in SETS.items() if not spec.unseen]
+
+
+def add_family(folder: Path) -> list[str]:
+    """Register the tasks of a generated family (``task_families.py`` wrote ``folder``) as
+    sets; returns their names."""
+    described = json.loads((folder / "family.json").read_text())["tasks"]
+    for name, spec in described.items():
+        SETS[name] = TaskSet(
+            spec["metric"],
+            spec["instruction"],
+            pattern=spec["pattern"],
+            max_new_tokens=spec["max_new_tokens"],
+            folder=folder,
+        )
+    return list(described)
 
 
 NUMBERS = {
@@ -387,6 +406,11 @@ def main() -> None:
         help="set names, or suite (the six sets defaults are chosen on) and unseen (the two "
         "kept to check them); default: suite",
     )  # fmt: skip
+    parser.add_argument(
+        "--family", type=Path, metavar="FOLDER",
+        help="a generated family of tasks (task_families.py wrote FOLDER): its tasks become "
+        "sets, named in --sets or all of them when --sets is not given",
+    )  # fmt: skip
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--skip", nargs="*", default=[], help="run names to leave out")
@@ -418,6 +442,9 @@ def main() -> None:
         "with --train-flags named apart",
     )  # fmt: skip
     args = parser.parse_args()
+    family = add_family(args.family) if args.family else []
+    if family and args.sets == ["suite"]:
+        args.sets = family
     if args.tables_from:
         records = []
         for log in args.tables_from:
