@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ from softprompt.data import Example
 from softprompt.engine import SamplingParams
 from softprompt.errors import UserError
 from softprompt.generation import Request, generate
-from softprompt.insight.scoring import choice_accuracy, exact_match
+from softprompt.insight.scoring import choice_accuracy, choice_scores, exact_match
 
 LABELS = ["the river", "mountain", "small steps up", "courage and hope"]
 PROMPTS = [
@@ -61,6 +62,27 @@ def test_choice_picks_the_most_likely_candidate_as_one_row_at_a_time_does(spm, a
             chosen[label] += count
     assert chosen == {label: expected_picks.count(label) for label in LABELS}
     assert result.accuracy_norm is not None and 0 <= result.accuracy_norm <= 1
+
+
+def test_labels_that_begin_alike_are_scored_with_the_end_of_the_answer(spm):
+    # "be" is a token-prefix of "be kind": scored as its own tokens alone, "be" never scores
+    # below "be kind", so "be kind" could never be chosen, whatever the prompt learnt. With
+    # labels that begin alike every candidate is scored with the end of the answer (EOS), as
+    # training scores it (on the embedded model: docs/benchmarks/tasks.md, generated families).
+    labels = ["be", "be kind"]
+    prompts = [" ".join(p) for p in itertools.permutations(PROMPTS[:4], 2)]
+    rows = [Example(completion=labels[i % 2], prompt=p) for i, p in enumerate(prompts)]
+    scores = choice_scores(spm, rows, [None], "prefixes", choices=labels)
+    eos = spm.tokenizer.eos_token
+    got = scores.loglik[0].tolist()
+    want = [_loglik(spm, None, row.prompt, c + eos) for row in rows for c in labels]
+    assert got == pytest.approx(want, abs=1e-4)
+    # Labels that do not begin alike are scored by their own tokens alone, as before.
+    rows = _rows()
+    plain = choice_scores(spm, rows, [None], "words", choices=LABELS).loglik[0].tolist()
+    assert plain == pytest.approx(
+        [_loglik(spm, None, row.prompt, c) for row in rows for c in LABELS], abs=1e-4
+    )
 
 
 def test_a_prompt_ensemble_picks_by_the_log_likelihoods_summed_over_its_prompts(spm):

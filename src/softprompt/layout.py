@@ -118,7 +118,8 @@ def example_layout(tokenizer: Any, example: Example, max_length: int, eos: bool 
     A conversation scores its assistant turns; a chat task row (a conversation and the
     ``completion`` of the assistant turn that follows it) scores that completion and the
     end-of-turn token. ``eos=False`` leaves the EOS (end of turn) off a completion: rank
-    classification scores a candidate's own tokens, as lm-evaluation-harness does."""
+    classification scores a candidate's own tokens, as lm-evaluation-harness does (with EOS where
+    one candidate's tokens begin another's: ``scoring.choice_scores``)."""
     eos_id = tokenizer.eos_token_id
     if example.messages is not None and not example.completion:
         layout = chat_layout(tokenizer, example.messages)

@@ -156,6 +156,22 @@ class ChoiceScores:
         )
 
 
+def _begin_alike(laid: Sequence[Any], counts: Sequence[int]) -> bool:
+    """Whether some row's candidates (``counts`` of them per row, in ``laid`` row-major) include
+    one whose scored tokens are the start of another's."""
+    at = 0
+    for count in counts:
+        tails = [
+            tuple(t for t, scored in zip(lay.ids, lay.scored, strict=True) if scored)
+            for lay in laid[at : at + count]
+        ]
+        at += count
+        for a in tails:
+            if any(len(a) < len(b) and b[: len(a)] == a for b in tails):
+                return True
+    return False
+
+
 def choice_scores(
     spm: SoftPromptModel,
     examples: Sequence[Example],
@@ -189,6 +205,11 @@ def choice_scores(
     ]  # row-major: row i's candidates, then row i+1's ...
     max_length = fitting_length(spm, layouts, cap=MAX_LENGTH_CAP)
     laid = [example_layout(spm.tokenizer, e, max_length, eos=False) for e in layouts]
+    if _begin_alike(laid, [len(options) for options in per_row]):
+        # A candidate whose tokens begin another's never scores below it on its own tokens, so
+        # the longer could never be chosen: score each with the end of the answer (EOS), as
+        # training scores it.
+        laid = [example_layout(spm.tokenizer, e, max_length, eos=True) for e in layouts]
     scored: list[Row] = []
     for member in adapters:  # member-major: every candidate under the first prompt, then ...
         virtual = spm.virtual_ids(member)
