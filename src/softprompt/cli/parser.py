@@ -187,6 +187,17 @@ def add_train(sub: Commands) -> None:
         "saved is the evaluation --keep chooses",
     )
     train.add_argument(
+        "--search",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="choose the method and learning rate on the run's own data before training: short "
+        "trials of a few candidates (those of prefix and prompt tuning that --method, --reparam "
+        "and --lr leave open) scored on training rows held out of the trials by the task's own "
+        "metric, the better half going on each round, then the winner trained on all rows; "
+        "about twice a run's time. --no-search keeps the defaults (default: search on "
+        "prompt/completion and chat data of at least 20 rows, in one process)",
+    )
+    train.add_argument(
         "--keep",
         choices=["best", "last", "metric"],
         default="best",

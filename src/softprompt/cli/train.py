@@ -94,6 +94,7 @@ def _request(args: argparse.Namespace) -> RunRequest:
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,
         shard=args.shard,
+        search=args.search,
     )
 
 
@@ -144,7 +145,13 @@ def _print_plan(plan: TrainingPlan) -> None:
         else "plain text"
     )
     method = "prefix tuning" if config.method == "prefix" else "prompt tuning"
-    if asked.method is None or (config.method == "prompt" and asked.reparam is None):
+    if plan.trials:
+        print(
+            f"method and learning rate: chosen on the data by a search over {len(plan.trials)} "
+            f"candidates ({', '.join(c.label for c in plan.trials)}); --no-search trains "
+            f"{method} at lr {config.lr:g} at once, --method and --lr pin them"
+        )
+    elif asked.method is None or (config.method == "prompt" and asked.reparam is None):
         how = method
         if config.method == "prompt" and config.reparam != "none":
             how += f" through a {config.reparam} MLP"
@@ -154,7 +161,7 @@ def _print_plan(plan: TrainingPlan) -> None:
             else f"the default for {data}"
         )
         print(f"method: {how} ({why}; --method and --reparam choose)")
-    if asked.lr is None:
+    if asked.lr is None and not plan.trials:
         print(
             f"learning rate: {config.lr:g} (the default of {method} on {data}; --lr sets another)"
         )
@@ -210,7 +217,7 @@ def _print_trained(
     first = trained[0].result
     several = len(trained) > 1
     if args.json:
-        summaries = [_summary(t) for t in trained]
+        summaries = [_summary(t) | _searched(plan) for t in trained]
         print(json.dumps({"tasks": summaries} if args.task else summaries[0]))
         return
     if first.resumed_from is not None:
@@ -223,6 +230,8 @@ def _print_trained(
                 + f" did not fit in --max-length {plan.config.max_length} (tokens, EOS "
                 "included): they were cut and trained without an EOS"
             )
+    if plan.search_line:
+        print(plan.search_line)
     print(trainable_summary(first.trainable_params, first.total_params))
     for item in trained:
         result, output = item.result, item.task.output
@@ -233,6 +242,11 @@ def _print_trained(
             + (", stopped early" if result.stopped_early else "")
             + f"); {result.seconds:.0f} s; saved to {output} (loss plot: {output / 'loss.png'})"
         )
+
+
+def _searched(plan: TrainingPlan) -> dict[str, Any]:
+    """The search's record for ``--json`` (nothing when the run did not search)."""
+    return {"search": plan.record["search"]} if plan.record is not None else {}
 
 
 def _judged(result: TrainResult) -> str:

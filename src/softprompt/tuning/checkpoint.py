@@ -124,6 +124,17 @@ def load(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def record(folder: Path) -> dict[str, Any] | None:
+    """What the run that wrote the checkpoint in ``folder`` decided before training (its
+    search), or None: no checkpoint, an unreadable one, or a run that decided nothing."""
+    try:
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - load() says what is wrong with it
+        return None
+    found = state.get("record") if isinstance(state, dict) else None
+    return found if isinstance(found, dict) else None
+
+
 def _config_differences(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
     """Every setting on which two runs' configs differ, as a user reads them."""
     found = []

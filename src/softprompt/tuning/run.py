@@ -34,7 +34,11 @@ from .distributed import (
 )
 from .init import init_prefix, init_prompt
 from .save import rescue_trained, save_trained
+from .search import Candidate, asking, candidates, run_search, winner_of
 from .train import train_tasks
+
+MIN_ROWS_TO_SEARCH = 20
+"""Fewest training rows (per task) a run searches on without being asked to."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,9 @@ class RunRequest:
     shard: bool = False
     """Shard the base model's decoder layers across the processes of a distributed launch
     (``distributed.shard_layers``): each holds about 1/N of their weights."""
+    search: bool | None = None
+    """Choose the method and learning rate left open by trials on the data (``search``).
+    None: where the data is prompt/completion or chat and the run is one process."""
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -138,6 +145,14 @@ class TrainingPlan:
     checkpoints: Path
     weights_held: list[dict[str, int]] | None = None
     """Sharded: each process's bytes of base weights, sharded and whole (``weight_bytes``)."""
+    trials: list[Candidate] = field(default_factory=list)
+    """The candidates a search tries before training (none: the run does not search)."""
+    no_search: str = ""
+    """Why the run does not search, where a user may wonder."""
+    record: dict[str, Any] | None = None
+    """What the search tried and chose, once it has run (or a resumed run read it)."""
+    search_line: str = ""
+    """The search's result in one line, for the command to print."""
 
     @property
     def length_fitted(self) -> bool:
@@ -202,7 +217,84 @@ def plan_training(
     )
     _check_model(spm, config, source)
     starts = {task.name: _start_rows(spm, task, config, source) for task in tasks}
-    return TrainingPlan(request, tasks, config, spm, starts, source, group, checkpoints, held)
+    plan = TrainingPlan(request, tasks, config, spm, starts, source, group, checkpoints, held)
+    plan.trials, plan.no_search = _trials(plan)
+    return plan
+
+
+def _trials(plan: TrainingPlan) -> tuple[list[Candidate], str]:
+    """The candidates the run's search tries (none: no search), and why there is none."""
+    request = plan.request
+    source_method = plan.source.method if plan.source is not None else None
+    found = candidates(request.config, [t.format for t in plan.tasks], source_method)
+    asked = request.search
+    why = ""
+    if asked is False:
+        why = "--no-search"
+    elif not found:
+        why = (
+            "nothing left open to choose (--method or --init-from, and --lr)"
+            if any(t.format != "text" for t in plan.tasks)
+            else "plain text has no task to choose on"
+        )
+    elif plan.group.active:
+        why = "a distributed run does not search"
+    elif min(len(t.texts) for t in plan.tasks) < MIN_ROWS_TO_SEARCH and not asked:
+        why = f"fewer than {MIN_ROWS_TO_SEARCH} training rows"
+    if why and asked:
+        raise UserError(f"--search cannot run: {why}; pin --method and --lr, or drop --search")
+    return ([] if why else found), why
+
+
+def _search(plan: TrainingPlan, progress: bool) -> None:
+    """Choose the plan's method and learning rate by its search (or take the choice of the
+    run being resumed), and make the plan train the winner."""
+    if not plan.trials:
+        return
+    request, spm = plan.request, plan.spm
+    formats = [t.format for t in plan.tasks]
+    source = plan.source
+
+    def resolve(asked: TrainConfig) -> RunConfig:
+        return asked.resolve(
+            formats,
+            fitted_length=plan.config.max_length,
+            source_tokens=source.num_virtual_tokens if source is not None else None,
+            source_method=source.method if source is not None else None,
+        )
+
+    def starts(config: RunConfig) -> list[Any]:
+        return [_start_rows(spm, task, config, source) for task in plan.tasks]
+
+    record = checkpoint.record(plan.checkpoints) if request.resume else None
+    if request.resume and (record is None or "search" not in record):
+        return  # the run resumed did not search: its checkpoint's settings are the plan's
+    if record is None:
+        try:
+            result = run_search(
+                spm,
+                [(t.name, t.texts) for t in plan.tasks],
+                request.config,
+                plan.config,
+                plan.trials,
+                starts,
+                resolve,
+                progress,
+            )
+        except KeyboardInterrupt as exc:
+            why = f"stopped by {exc}" if str(exc) else "interrupted"
+            raise Interrupted(
+                f"softprompt: training {why} during its search, before its first step; "
+                "nothing was written"
+            ) from exc
+        record = {"search": result.as_json()}
+        plan.search_line = result.summary()
+    else:
+        plan.search_line = f"search: {record['search']['winner']} (chosen before the resume)"
+    plan.config = resolve(asking(request.config, winner_of(record["search"])))
+    _check_model(spm, plan.config, source)
+    plan.starts = {t.name: rows for t, rows in zip(plan.tasks, starts(plan.config), strict=True)}
+    plan.record = record
 
 
 def run_training(plan: TrainingPlan, progress: bool = True) -> list[TrainedTask]:
@@ -215,6 +307,7 @@ def run_training(plan: TrainingPlan, progress: bool = True) -> list[TrainedTask]
         UserError: another process of a data-parallel run stopped, or an adapter cannot be
             saved (the message says where its rows were rescued to).
     """
+    _search(plan, progress)
     results = _train(plan, progress)
     _check_base_unchanged(plan, results)
     request, group = plan.request, plan.group
@@ -381,6 +474,7 @@ def _train(plan: TrainingPlan, progress: bool) -> list[TrainResult]:
             checkpoints=checkpoints,
             resume=plan.request.resume,
             group=group,
+            record=plan.record,
         )
     except PeerLost as exc:
         raise UserError(
@@ -427,6 +521,10 @@ def _record(plan: TrainingPlan, task: PlannedTask) -> dict[str, Any]:
     if plan.weights_held is not None:
         extra["sharded"] = True
         extra["weights_held"] = plan.weights_held
+    if plan.record is not None:
+        extra["search"] = plan.record["search"]
+    elif plan.no_search:
+        extra["search"] = {"ran": False, "why": plan.no_search}
     if len(plan.tasks) > 1:
         extra["trained_with"] = [t.name for t in plan.tasks if t is not task]
     return extra

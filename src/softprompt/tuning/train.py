@@ -68,6 +68,7 @@ def train_tasks(
     checkpoints: Path | None = None,
     resume: bool = False,
     group: Group = SINGLE,
+    record: dict[str, Any] | None = None,
 ) -> list[TrainResult]:
     """Train one prompt per task in one run over ``spm``: rows of all tasks share batches.
 
@@ -84,6 +85,8 @@ def train_tasks(
         resume: continue from the checkpoint there (same settings, data and model).
         group: the data-parallel process group (``distributed``): each process trains on its
             share of every batch of ``batch_size`` x processes rows; only rank 0 writes.
+        record: what the run decided before training (a search's trials), kept in each
+            checkpoint for a resumed run to read (``checkpoint.record``).
 
     Returns:
         One result per task, in order; each task's adapter is left in ``spm`` with its best rows.
@@ -95,6 +98,7 @@ def train_tasks(
 
     config = resolved(spm, config, tasks)
     run = _Run(spm, tasks, config, checkpoints, group)
+    run.record = record
     state = run.checkpoint.load(checkpoints, run.fingerprint) if resume and checkpoints else None
     first_epoch, skip = run.begin(state)
     bar = tqdm(
@@ -205,11 +209,13 @@ class _Run:
         self.step = 0
         self.stepping = 0.0  # seconds spent in training steps (evaluations, checkpoints left out)
         self.start = time.perf_counter()  # the checkpoints' clock
+        self.record: dict[str, Any] | None = None
 
-    def begin(self, state: dict[str, Any] | None) -> tuple[int, int]:
+    def begin(self, state: dict[str, Any] | None, trial: bool = False) -> tuple[int, int]:
         """Add the prompts (from ``state``'s rows when resuming), build the optimiser, the rows
         and the schedule, then evaluate the start or restore the checkpoint. Returns the epoch
-        and the batch within it to start from."""
+        and the batch within it to start from. A search's ``trial`` neither evaluates the start
+        nor checks the base weights (the run it chooses for does both)."""
         spm, config, tasks = self.spm, self.config, self.tasks
         torch.manual_seed(config.seed)
         if config.compile:
@@ -277,7 +283,9 @@ class _Run:
         self.since_best = [0] * self.n_tasks
         first_epoch, skip = 1, 0
         self.start = time.perf_counter()  # restarted below, after the first evaluation
-        if state is None:
+        if state is None and trial:
+            pass
+        elif state is None:
             checksum = spm.base_checksum()
             for res in self.results:
                 res.base_checksum_before = checksum
@@ -404,6 +412,7 @@ class _Run:
             self.checkpoints,
             {
                 "fingerprint": self.fingerprint,
+                **({"record": self.record} if self.record is not None else {}),
                 "rows": [p.detach().float().cpu() for p in self.params],
                 "reparams": [
                     None if m is None else {k: v.cpu() for k, v in m.state_dict().items()}
