@@ -1,7 +1,7 @@
 """How long one heavy request holds every other client of ``softprompt serve``.
 
 Starts ``softprompt serve`` on the embedded model with two adapters (its own process, as users
-run it), polls ``/health`` every 20 ms from a thread, and sends each body of issue 32 once,
+run it), polls ``/health`` every 20 ms from a thread, and sends each of the heavy bodies once,
 alone: chats of 250 to 8,000 two-character messages, ``{"prompt": ["a"] * 20000, "n": 8}``,
 150,000 one-letter prompts. For each it reports the answer's status and time, and the longest
 ``/health`` took while it was in flight (what every other client waited).

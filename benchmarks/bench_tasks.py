@@ -507,6 +507,7 @@ def main() -> None:
             if not wanted(name):
                 continue
             out = work / set_name / f"{name.replace(' ', '-')}-seed{seed}"
+            began = time.perf_counter()
             done = subprocess.run(
                 # As a user runs it: the training part as a file of their own, so the rows
                 # kept are chosen on the 10% the command holds out of it, never on the
@@ -517,6 +518,7 @@ def main() -> None:
                  *shlex.split(args.train_flags)],
                 capture_output=True, text=True, check=False,
             )  # fmt: skip
+            wall = time.perf_counter() - began
             if done.returncode != 0:
                 sys.exit(f"{name} on {set_name} failed: {done.stderr.strip()[-2000:]}")
             summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -525,13 +527,15 @@ def main() -> None:
             score = judge.score_softprompt(spm, judge.rows, adapter.name)
             spm.remove_adapter(adapter.name)
             folders.setdefault(name, []).append(out)
-            # Which held-out evaluation chose the rows kept, of how many (issue 34: the judge)
+            # Which held-out evaluation chose the rows kept, of how many
             evals = json.loads((out / "loss_log.json").read_text())["evals"]
             kept = next((e["epoch"] for e in evals if e["step"] == summary["best_step"]), None)
             emit(
                 {"set": set_name, "run": name, "seed": seed, **score,
                  "kept_epoch": kept, "epochs_evaluated": max(e["epoch"] for e in evals),
                  "train_seconds": summary["seconds"], "parameters": summary["trainable_params"],
+                 "wall_seconds": round(wall, 1),
+                 **({"search_winner": summary["search"]["winner"]} if "search" in summary else {}),
                  **({"train_flags": args.train_flags} if args.train_flags else {})}
             )  # fmt: skip
         for name, made in folders.items():

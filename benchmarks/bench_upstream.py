@@ -1,4 +1,4 @@
-"""``serve --upstream`` against vLLM fed directly, side by side (issue 35, item 5).
+"""``serve --upstream`` against vLLM fed directly, side by side.
 
 One vLLM OpenAI server (its CPU build, ``make vllm``) on the embedded model, float32, with
 ``--enable-prompt-embeds``; one ``softprompt serve --upstream`` in front of it (the real CLI,

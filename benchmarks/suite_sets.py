@@ -1,4 +1,4 @@
-"""The task suite's other sets (issue 34), beside ``routing`` and ``pirate``
+"""The task suite's other sets, beside ``routing`` and ``pirate``
 (``make_task_sets.py`` writes them all):
 
 shelving (prompt/completion, classification, 5 opaque labels): book blurbs to shelf codes. A

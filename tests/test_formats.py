@@ -176,7 +176,7 @@ def test_train_on_prompt_completion_data_says_what_it_scores(tiny_model_dir, tmp
     out = tmp_path / "adapter"
     done = cli_main(
         "train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),
-        "--epochs", "1", "--virtual-tokens", "2",
+        "--epochs", "1", "--virtual-tokens", "2", "--no-search",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "prompt/completion examples" in done.stdout
@@ -189,7 +189,7 @@ def test_train_on_prompt_completion_data_says_what_it_scores(tiny_model_dir, tmp
     assert held and all(set(r) == {"prompt", "completion"} for r in held)
     config = json.loads((out / "training_config.json").read_text())
     assert config["data_format"] == "completion"
-    # Task data is prefix-tuned by default (the task suite's choice), said before training.
+    # Without a search, task data is prefix-tuned (the task suite's choice), said before training.
     assert config["method"] == "prefix" and config["reparam"] == "none"
     assert "method: prefix tuning (the default for prompt/completion" in done.stdout
     assert config["lr"] == 0.03
@@ -203,6 +203,8 @@ def test_train_on_prompt_completion_data_says_what_it_scores(tiny_model_dir, tmp
     )  # fmt: skip
     assert prompt.returncode == 0, prompt.stderr
     assert "method: prompt tuning through a residual MLP" in prompt.stdout
+    # The method given, the search chooses among its learning rates.
+    assert "learning rate: chosen on the data by a search over 2 candidates" in prompt.stdout
     prompt_config = json.loads((tmp_path / "prompt" / "training_config.json").read_text())
     assert prompt_config["weight_decay"] == 0.01 and prompt_config["group_by_length"] is False
     assert prompt_config["reparam"] == "residual"

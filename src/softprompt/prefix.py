@@ -9,9 +9,9 @@ an ``Adapter`` they are PEFT's PREFIX_TUNING tensor ``prompt_embeddings`` of sha
 ..., each ``kv_heads x head_dim`` (PEFT sizes GQA models' prefixes by their key/value heads).
 
 PEFT starts a prefix as N(0, 1) noise, far from the scale of real keys and values, and on small
-Llama-family models it barely learns (issue 11's measurements). softprompt starts from the keys
-and values the model itself computes (``init_prefix``): for sampled vocabulary tokens, for a
-text, or for a prompt adapter's virtual tokens ("deepening" it).
+Llama-family models it barely learns (docs/training.md, "Deep prompts", measures it). softprompt
+starts from the keys and values the model itself computes (``init_prefix``): for sampled
+vocabulary tokens, for a text, or for a prompt adapter's virtual tokens ("deepening" it).
 """
 
 from __future__ import annotations

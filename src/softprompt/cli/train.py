@@ -145,13 +145,17 @@ def _print_plan(plan: TrainingPlan) -> None:
         else "plain text"
     )
     method = "prefix tuning" if config.method == "prefix" else "prompt tuning"
+    methods = {c.method for c in plan.trials}
     if plan.trials:
+        what = "method and learning rate" if len(methods) > 1 else "learning rate"
         print(
-            f"method and learning rate: chosen on the data by a search over {len(plan.trials)} "
-            f"candidates ({', '.join(c.label for c in plan.trials)}); --no-search trains "
-            f"{method} at lr {config.lr:g} at once, --method and --lr pin them"
+            f"{what}: chosen on the data by a search over {len(plan.trials)} candidates "
+            f"({', '.join(c.label for c in plan.trials)}); --no-search trains {method} at lr "
+            f"{config.lr:g} at once, --method and --lr pin them"
         )
-    elif asked.method is None or (config.method == "prompt" and asked.reparam is None):
+    if len(methods) <= 1 and (
+        asked.method is None or (config.method == "prompt" and asked.reparam is None)
+    ):
         how = method
         if config.method == "prompt" and config.reparam != "none":
             how += f" through a {config.reparam} MLP"
