@@ -82,6 +82,9 @@ def test_a_run_searches_on_its_data_and_trains_the_winner(tiny_model_dir, tmp_pa
     run = cli_main(*args, "--virtual-tokens", "4", "--epochs", "3", "--batch-size", "4")
     assert run.returncode == 0, run.stderr
     assert "chosen on the data by a search over 4 candidates" in run.stdout
+    # The progress bar says which trial runs.
+    assert "search: trial 1/4, prefix lr 0.01" in run.stderr
+    assert "search: trial 4/4, prompt+residual lr 0.1" in run.stderr
     line = next(x for x in run.stdout.splitlines() if x.startswith("search: "))
     record = json.loads((out / "training_config.json").read_text())
     search = record["search"]
@@ -122,6 +125,10 @@ def test_no_search_when_pinned_or_asked_not_to(tiny_model_dir, tmp_path, cli_mai
     assert run.returncode == 2 and run.stderr.count("\n") == 1
     assert "--search cannot run: nothing left open" in run.stderr
     assert not (tmp_path / "b").exists()
+    # ... refused before any model loads (this one does not exist)
+    pinned = ["--search", "--method", "prefix", "--lr", "0.01"]
+    run = cli_main(*base, "--output", str(tmp_path / "b"), *pinned, "--model", "no/such-model")
+    assert run.returncode == 2 and "--search cannot run" in run.stderr
     # Too few rows to search on without being asked: the defaults, and why.
     few = _write(tmp_path / "few.jsonl", _classified(12))
     run = cli_main(*base[:4], str(few), "--epochs", "1", "--output", str(tmp_path / "c"))

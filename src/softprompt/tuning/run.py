@@ -199,6 +199,7 @@ def plan_training(
     checkpoints = checkpoint.checkpoint_dir(request.output)
     _check_outputs(request, checkpoints)
     source = _init_source(request)
+    trials, no_search = _trials(request, tasks, source, group)  # refused before the model loads
     spm = load()
     held = None
     if request.shard:
@@ -218,15 +219,20 @@ def plan_training(
     _check_model(spm, config, source)
     starts = {task.name: _start_rows(spm, task, config, source) for task in tasks}
     plan = TrainingPlan(request, tasks, config, spm, starts, source, group, checkpoints, held)
-    plan.trials, plan.no_search = _trials(plan)
+    plan.trials, plan.no_search = trials, no_search
     return plan
 
 
-def _trials(plan: TrainingPlan) -> tuple[list[Candidate], str]:
-    """The candidates the run's search tries (none: no search), and why there is none."""
-    request = plan.request
-    source_method = plan.source.method if plan.source is not None else None
-    found = candidates(request.config, [t.format for t in plan.tasks], source_method)
+def _trials(
+    request: RunRequest, tasks: list[PlannedTask], source: Adapter | None, group: Group
+) -> tuple[list[Candidate], str]:
+    """The candidates the run's search tries (none: no search), and why there is none.
+
+    Raises:
+        UserError: ``--search`` asked for where it cannot run.
+    """
+    source_method = source.method if source is not None else None
+    found = candidates(request.config, [t.format for t in tasks], source_method)
     asked = request.search
     why = ""
     if asked is False:
@@ -234,12 +240,12 @@ def _trials(plan: TrainingPlan) -> tuple[list[Candidate], str]:
     elif not found:
         why = (
             "nothing left open to choose (--method or --init-from, and --lr)"
-            if any(t.format != "text" for t in plan.tasks)
+            if any(t.format != "text" for t in tasks)
             else "plain text has no task to choose on"
         )
-    elif plan.group.active:
+    elif group.active:
         why = "a distributed run does not search"
-    elif min(len(t.texts) for t in plan.tasks) < MIN_ROWS_TO_SEARCH and not asked:
+    elif min(len(t.texts) for t in tasks) < MIN_ROWS_TO_SEARCH and not asked:
         why = f"fewer than {MIN_ROWS_TO_SEARCH} training rows"
     if why and asked:
         raise UserError(f"--search cannot run: {why}; pin --method and --lr, or drop --search")
