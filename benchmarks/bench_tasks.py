@@ -411,7 +411,11 @@ def main() -> None:
         help="a generated family of tasks (task_families.py wrote FOLDER): its tasks become "
         "sets, named in --sets or all of them when --sets is not given",
     )  # fmt: skip
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument(
+        "--epochs", type=int,
+        help="epochs of every run (default: softprompt train's own, decided by the data; 5 "
+        "for the PEFT runs)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--skip", nargs="*", default=[], help="run names to leave out")
     parser.add_argument(
@@ -513,7 +517,8 @@ def main() -> None:
                 # kept are chosen on the 10% the command holds out of it, never on the
                 # held-out part the table scores.
                 [str(softprompt), "train", "--data", str(train_file), "--output", str(out),
-                 "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                 *(["--epochs", str(args.epochs)] if args.epochs else []),
+                 "--batch-size", str(args.batch_size),
                  "--seed", str(seed), "--overwrite", "--json", *flags,
                  *shlex.split(args.train_flags)],
                 capture_output=True, text=True, check=False,
@@ -534,7 +539,7 @@ def main() -> None:
                 {"set": set_name, "run": name, "seed": seed, **score,
                  "kept_epoch": kept, "epochs_evaluated": max(e["epoch"] for e in evals),
                  "train_seconds": summary["seconds"], "parameters": summary["trainable_params"],
-                 "wall_seconds": round(wall, 1),
+                 "wall_seconds": round(wall, 1), "epochs": summary.get("epochs"),
                  **({"search_winner": summary["search"]["winner"]} if "search" in summary else {}),
                  **({"train_flags": args.train_flags} if args.train_flags else {})}
             )  # fmt: skip
@@ -550,7 +555,7 @@ def main() -> None:
             if not wanted(name):
                 continue
             model, tokenizer, seconds, trainable = train_peft(
-                set_name, kind, args.epochs, args.batch_size, seed=seed
+                set_name, kind, args.epochs or 5, args.batch_size, seed=seed
             )
             score = judge.score_peft(model, tokenizer)
             emit(

@@ -400,3 +400,37 @@ def test_reparam_is_refused_when_the_run_continues_a_prefix():
 def test_reparam_is_refused_for_prefix_tuning():
     with pytest.raises(UserError, match="--reparam residual reparameterises prompt rows"):
         TrainConfig(method="prefix", reparam="residual")
+
+
+def test_a_small_task_set_gets_the_epochs_of_its_minimum_steps():
+    from softprompt.tuning.config import DEFAULT_EPOCHS, MIN_TASK_STEPS
+
+    task = ["completion"]
+    # 108 rows at 8 a step: 14 steps an epoch, so 15 epochs make at least the minimum
+    small = TrainConfig().resolve(task, rows_per_epoch=(108, 8))
+    assert small.epochs == -(-MIN_TASK_STEPS // 14) == 15
+    # two processes make steps of 16 rows: 7 an epoch
+    assert TrainConfig().resolve(task, rows_per_epoch=(108, 16)).epochs == 29
+    # a set whose default epochs already make the minimum keeps them
+    assert TrainConfig().resolve(task, rows_per_epoch=(1000, 8)).epochs == DEFAULT_EPOCHS
+    # plain text, a number of epochs asked for, or no rows known: as asked, else the default
+    assert TrainConfig().resolve(["text"], rows_per_epoch=(108, 8)).epochs == DEFAULT_EPOCHS
+    assert TrainConfig(epochs=2).resolve(task, rows_per_epoch=(108, 8)).epochs == 2
+    assert TrainConfig().resolve(task).epochs == DEFAULT_EPOCHS
+
+
+def test_the_cli_says_how_many_epochs_the_data_decided(tiny_model_dir, tmp_path, cli_main):
+    rows = [{"prompt": f"{w} :", "completion": " hope"} for w in "be kind brave every day".split()]
+    data = tmp_path / "small.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    out = tmp_path / "adapter"
+    done = cli_main(
+        "train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),
+        "--batch-size", "6", "--no-search", "--virtual-tokens", "2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # 18 training rows (2 held out) at 6 a step: 3 steps an epoch, 67 epochs for 200 steps
+    assert "epochs: 67, for at least 200 steps on 18 training rows" in done.stdout
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["epochs"] == 67
+    assert len(json.loads((out / "loss_log.json").read_text())["steps"]) == 201

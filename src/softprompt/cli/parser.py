@@ -143,7 +143,13 @@ def add_train(sub: Commands) -> None:
         metavar="ADAPTER",
         help="adapter folder to continue from (implies --init file)",
     )
-    train.add_argument("--epochs", type=int, default=5, help="default: %(default)s")
+    train.add_argument(
+        "--epochs",
+        type=int,
+        help="passes over the training data (default: 5; on prompt/completion and chat data, "
+        "more where a set is small, so that the run makes at least 200 steps, printed at the "
+        "start: five epochs of a small set left prompts under-trained)",
+    )
     train.add_argument(
         "--lr", type=float, help="learning rate (default: 0.03; 0.01 for a prefix on plain text)"
     )

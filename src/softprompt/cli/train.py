@@ -135,7 +135,7 @@ def _task_sources(args: argparse.Namespace) -> list[TaskSource]:
 def _print_plan(plan: TrainingPlan) -> None:
     """The settings the data decided, what the loss covers, and each task's data."""
     from ..data import KINDS
-    from ..tuning.config import HELDOUT_FILE, is_task_data
+    from ..tuning.config import DEFAULT_EPOCHS, HELDOUT_FILE, MIN_TASK_STEPS, is_task_data
 
     config, tasks = plan.config, plan.tasks
     asked = plan.request.config
@@ -168,6 +168,12 @@ def _print_plan(plan: TrainingPlan) -> None:
     if asked.lr is None and not plan.trials:
         print(
             f"learning rate: {config.lr:g} (the default of {method} on {data}; --lr sets another)"
+        )
+    if asked.epochs is None and config.epochs != DEFAULT_EPOCHS:
+        rows = sum(len(t.texts) for t in tasks)
+        print(
+            f"epochs: {config.epochs}, for at least {MIN_TASK_STEPS} steps on {rows} training "
+            f"rows ({DEFAULT_EPOCHS} on a larger set; --epochs sets another)"
         )
     if plan.length_fitted:
         why = (
@@ -273,6 +279,7 @@ def _summary(item: TrainedTask) -> dict[str, Any]:
         "texts_cut": result.texts_cut,
         "samples_per_second": result.samples / max(result.seconds, 1e-9),
         "best_step": result.best_step,
+        "epochs": result.config.epochs if result.config is not None else None,
         "kept_by": result.kept_by,
         "stopped_early": result.stopped_early,
         "resumed_from": result.resumed_from,

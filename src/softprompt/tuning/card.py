@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .config import TrainConfig, TrainResult
+    from .config import RunConfig, TrainConfig, TrainResult
 
 
 def write_model_card(
     path: Path,
     name: str,
     base: str,
-    config: TrainConfig,
+    config: RunConfig,
     result: TrainResult,
     extra: dict[str, Any],
 ) -> None:

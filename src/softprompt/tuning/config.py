@@ -18,6 +18,13 @@ if TYPE_CHECKING:
 TASK_WEIGHT_DECAY = 0.01
 """The weight decay of prompt tuning on prompt/completion or chat data, whose batches are then
 plain shuffled ones (not grouped by length); measured in docs/benchmarks/tasks.md."""
+DEFAULT_EPOCHS = 5
+"""Epochs of a run when ``--epochs`` is not given (on small task data, more: ``MIN_TASK_STEPS``)."""
+MIN_TASK_STEPS = 200
+"""Fewest optimisation steps of a run on prompt/completion or chat data when ``--epochs`` is not
+given: a small set gets as many epochs more as make these (120 rows at batch 8: 15 epochs, not
+5). Five epochs of a small set left prompts under-trained on generated tasks, their held-out
+loss still falling (docs/benchmarks/tasks.md, "How long a run trains")."""
 DEFAULT_MAX_LENGTH = 64
 """Text tokens per example when neither the user nor the data (through the model) says more."""
 INITS = ("vocab", "text", "labels", "random", "file")
@@ -69,7 +76,9 @@ class TrainConfig:
     init_text: str | None = None
     init_from: str | None = None
     """Adapter folder whose rows start training (init file)."""
-    epochs: int = 5
+    epochs: int | None = None
+    """None: ``DEFAULT_EPOCHS``, or on prompt/completion or chat data as many as make at least
+    ``MIN_TASK_STEPS`` steps, when more."""
     lr: float | None = None
     """None: 3e-2 for prompt tuning; for prefix tuning ``TASK_PREFIX_LR`` on prompt/completion
     or chat data, 1e-2 on plain text."""
@@ -120,7 +129,7 @@ class TrainConfig:
             raise UserError("--init text needs --init-text")
         if self.init == "file" and not self.init_from:
             raise UserError("--init file needs --init-from ADAPTER")
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             raise UserError("--epochs must be at least 1")
         if not 0 <= self.seed < 2**63:
             raise UserError(f"--seed must be from 0 to {2**63 - 1}")
@@ -160,6 +169,7 @@ class TrainConfig:
         fitted_length: int | None = None,
         source_tokens: int | None = None,
         source_method: str | None = None,
+        rows_per_epoch: tuple[int, int] | None = None,
     ) -> RunConfig:
         """The complete settings of a run: those asked for, and for each left at None what the
         run's data decides. The one place a default is decided.
@@ -171,6 +181,9 @@ class TrainConfig:
             source_tokens: the virtual tokens of the ``init_from`` adapter, when there is one.
             source_method: the method of the ``init_from`` adapter (or of the rows a library
                 caller starts from), when there is one.
+            rows_per_epoch: the training rows of all tasks and the rows of one step (the batch
+                times the processes) decide ``epochs`` on task data, when it is not given:
+                ``(rows, rows_per_step)``; None: ``DEFAULT_EPOCHS``.
         """
         task_data = is_task_data(formats)
         asked_reparam = self.reparam not in (None, "none")
@@ -184,8 +197,16 @@ class TrainConfig:
             )
         tuned_for_tasks = method == "prompt" and task_data
         prefix_lr = TASK_PREFIX_LR if task_data else 1e-2
+        epochs = self.epochs
+        if epochs is None:
+            epochs = DEFAULT_EPOCHS
+            if task_data and rows_per_epoch is not None:
+                rows, per_step = rows_per_epoch
+                steps = max(1, -(-rows // max(1, per_step)))
+                epochs = max(DEFAULT_EPOCHS, -(-MIN_TASK_STEPS // steps))
         fields = asdict(self)
         fields.update(
+            epochs=epochs,
             method=method,
             reparam=self.reparam or (TASK_REPARAM if tuned_for_tasks else "none"),
             virtual_tokens=self.virtual_tokens if source_tokens is None else source_tokens,
@@ -213,6 +234,7 @@ class RunConfig(TrainConfig):
     """A run's settings with every default decided (``TrainConfig.resolve``): what the loop
     runs on, what ``training_config.json`` records and what a resume must match."""
 
+    epochs: int = DEFAULT_EPOCHS
     method: str = "prompt"
     init: str = "vocab"
     lr: float = 3e-2

@@ -215,12 +215,18 @@ def plan_training(
         fitted_length=fitted,
         source_tokens=source.num_virtual_tokens if source is not None else None,
         source_method=source.method if source is not None else None,
+        rows_per_epoch=_rows_per_epoch(request.config, tasks, group),
     )
     _check_model(spm, config, source)
     starts = {task.name: _start_rows(spm, task, config, source) for task in tasks}
     plan = TrainingPlan(request, tasks, config, spm, starts, source, group, checkpoints, held)
     plan.trials, plan.no_search = trials, no_search
     return plan
+
+
+def _rows_per_epoch(config: TrainConfig, tasks: list[PlannedTask], group: Group) -> tuple[int, int]:
+    """The training rows of all tasks, and the rows of one step (the batch, every process's)."""
+    return sum(len(t.texts) for t in tasks), config.batch_size * group.world
 
 
 def _trials(
@@ -267,6 +273,7 @@ def _search(plan: TrainingPlan, progress: bool) -> None:
             fitted_length=plan.config.max_length,
             source_tokens=source.num_virtual_tokens if source is not None else None,
             source_method=source.method if source is not None else None,
+            rows_per_epoch=_rows_per_epoch(request.config, plan.tasks, plan.group),
         )
 
     def starts(config: RunConfig) -> list[Any]:

@@ -96,7 +96,7 @@ def train_tasks(
     """
     from tqdm.auto import tqdm
 
-    config = resolved(spm, config, tasks)
+    config = resolved(spm, config, tasks, group.world)
     run = _Run(spm, tasks, config, checkpoints, group)
     run.record = record
     state = run.checkpoint.load(checkpoints, run.fingerprint) if resume and checkpoints else None
@@ -143,7 +143,9 @@ def train_tasks(
     return run.finish()
 
 
-def resolved(spm: SoftPromptModel, config: TrainConfig, tasks: Sequence[Task]) -> RunConfig:
+def resolved(
+    spm: SoftPromptModel, config: TrainConfig, tasks: Sequence[Task], world: int = 1
+) -> RunConfig:
     """``config`` with every default decided by the tasks' data (``TrainConfig.resolve``); a
     ``RunConfig`` is already resolved. With no method asked for, the starting rows say which:
     rows as wide as the model's input embeddings are a prompt's, others a prefix's."""
@@ -162,6 +164,7 @@ def resolved(spm: SoftPromptModel, config: TrainConfig, tasks: Sequence[Task]) -
         fitted_length=fitted,
         source_tokens=counts.pop() if len(counts) == 1 else None,
         source_method=method,
+        rows_per_epoch=(sum(len(t.texts) for t in tasks), config.batch_size * world),
     )
 
 
