@@ -200,6 +200,7 @@ def test_train_on_prompt_completion_data_says_what_it_scores(tiny_model_dir, tmp
     prompt = cli_main(
         "train", "--model", str(tiny_model_dir), "--data", str(data), "--output",
         str(tmp_path / "prompt"), "--epochs", "1", "--virtual-tokens", "2", "--method", "prompt",
+        "--search",
     )  # fmt: skip
     assert prompt.returncode == 0, prompt.stderr
     assert "method: prompt tuning through a residual MLP" in prompt.stdout

@@ -79,7 +79,7 @@ def test_a_run_searches_on_its_data_and_trains_the_winner(tiny_model_dir, tmp_pa
     data = _write(tmp_path / "train.jsonl", _classified(80))
     out = tmp_path / "adapter"
     args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out)]
-    run = cli_main(*args, "--virtual-tokens", "4", "--epochs", "3", "--batch-size", "4")
+    run = cli_main(*args, "--virtual-tokens", "4", "--epochs", "3", "--batch-size", "4", "--search")
     assert run.returncode == 0, run.stderr
     assert "chosen on the data by a search over 4 candidates" in run.stdout
     # The progress bar says which trial runs.
@@ -129,12 +129,15 @@ def test_no_search_when_pinned_or_asked_not_to(tiny_model_dir, tmp_path, cli_mai
     pinned = ["--search", "--method", "prefix", "--lr", "0.01"]
     run = cli_main(*base, "--output", str(tmp_path / "b"), *pinned, "--model", "no/such-model")
     assert run.returncode == 2 and "--search cannot run" in run.stderr
-    # Too few rows to search on without being asked: the defaults, and why.
-    few = _write(tmp_path / "few.jsonl", _classified(12))
-    run = cli_main(*base[:4], str(few), "--epochs", "1", "--output", str(tmp_path / "c"))
+    # Not asked for: no search, and the record says so.
+    run = cli_main(*base, "--output", str(tmp_path / "c"))
     assert run.returncode == 0, run.stderr
     record = json.loads((tmp_path / "c" / "training_config.json").read_text())
-    assert record["search"]["ran"] is False and "fewer than" in record["search"]["why"]
+    assert record["search"] == {"ran": False, "why": "not asked for (--search)"}
+    # Too few rows to search on: refused in one line.
+    few = _write(tmp_path / "few.jsonl", _classified(12))
+    run = cli_main(*base[:4], str(few), "--output", str(tmp_path / "d"), "--search")
+    assert run.returncode == 2 and "fewer than 20 training rows" in run.stderr
 
 
 def test_a_resumed_run_keeps_the_choice_of_its_search(
@@ -145,6 +148,7 @@ def test_a_resumed_run_keeps_the_choice_of_its_search(
     args = [
         "train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),
         "--virtual-tokens", "4", "--epochs", "2", "--batch-size", "4", "--checkpoint-every", "2",
+        "--search",
     ]  # fmt: skip
     real_search, real_losses = run_module.run_search, train_module.task_losses
     calls: list[int] = []

@@ -38,7 +38,7 @@ from .search import Candidate, asking, candidates, run_search, winner_of
 from .train import train_tasks
 
 MIN_ROWS_TO_SEARCH = 20
-"""Fewest training rows (per task) a run searches on without being asked to."""
+"""Fewest training rows (per task) a run searches on."""
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,9 @@ class RunRequest:
     """Shard the base model's decoder layers across the processes of a distributed launch
     (``distributed.shard_layers``): each holds about 1/N of their weights."""
     search: bool | None = None
-    """Choose the method and learning rate left open by trials on the data (``search``).
-    None: where the data is prompt/completion or chat and the run is one process."""
+    """Choose the method and learning rate left open by trials on the data (``search``);
+    None or False: no search (it chose worse than the defaults on generated tasks, measured in
+    docs/benchmarks/tasks.md)."""
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -241,8 +242,8 @@ def _trials(
     found = candidates(request.config, [t.format for t in tasks], source_method)
     asked = request.search
     why = ""
-    if asked is False:
-        why = "--no-search"
+    if not asked:
+        why = "--no-search" if asked is False else "not asked for (--search)"
     elif not found:
         why = (
             "nothing left open to choose (--method or --init-from, and --lr)"
@@ -251,7 +252,7 @@ def _trials(
         )
     elif group.active:
         why = "a distributed run does not search"
-    elif min(len(t.texts) for t in tasks) < MIN_ROWS_TO_SEARCH and not asked:
+    elif min(len(t.texts) for t in tasks) < MIN_ROWS_TO_SEARCH:
         why = f"fewer than {MIN_ROWS_TO_SEARCH} training rows"
     if why and asked:
         raise UserError(f"--search cannot run: {why}; pin --method and --lr, or drop --search")
