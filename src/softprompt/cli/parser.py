@@ -201,7 +201,7 @@ def add_train(sub: Commands) -> None:
         "and --lr leave open) scored on training rows held out of the trials by the task's own "
         "metric, the better half going on each round, then the winner trained on all rows; "
         "about twice a run's time; prompt/completion and chat data of at least 20 rows, in one "
-        "process (default: off: on generated tasks it chose worse than the defaults, see "
+        "process (default: off: on generated tasks it never beat the defaults, see "
         "docs/benchmarks/tasks.md)",
     )
     train.add_argument(

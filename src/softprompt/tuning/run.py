@@ -79,7 +79,7 @@ class RunRequest:
     (``distributed.shard_layers``): each holds about 1/N of their weights."""
     search: bool | None = None
     """Choose the method and learning rate left open by trials on the data (``search``);
-    None or False: no search (it chose worse than the defaults on generated tasks, measured in
+    None or False: no search (it never beat the defaults on generated tasks, measured in
     docs/benchmarks/tasks.md)."""
 
     def __post_init__(self) -> None:

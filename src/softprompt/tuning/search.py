@@ -1,9 +1,9 @@
 """A run that chooses its method and learning rate on the user's own data (``--search``).
 
 Prompt methods are sensitive to the learning rate, and which rate (and which method) suits a task
-cannot be known in advance: one fixed default answered one label for most inputs on a task it
-had not been chosen on. So before training, a run on prompt/completion or chat data whose method
-or rate the user left open tries the candidates (``CANDIDATES``) on its own data:
+cannot be known for sure in advance. So before training, a run asked to search (on
+prompt/completion or chat data) tries the candidates (``CANDIDATES``) its settings leave open on
+its own data:
 
 1. a search part is split off the training rows (``search_rows``: at least ``MIN_SEARCH_ROWS``,
    at most half of them; split by label on a classification, so every label is on both sides);
@@ -18,6 +18,8 @@ or rate the user left open tries the candidates (``CANDIDATES``) on its own data
 4. the winner is trained afresh on all the training rows, as a run pinned to its settings would.
 
 The trials and why the winner won are in the run's output and its ``training_config.json``.
+Runs do not search unless asked: on generated tasks it never beat the defaults, and once chose
+worse by one row of the search part (docs/benchmarks/tasks.md).
 """
 
 from __future__ import annotations
