@@ -29,6 +29,7 @@ ALLOWED = {
     ("embeds.py", "to_bytes"): "torch.save of a tensor for another process",
     ("train.py", "save_checkpoint"): "a checkpoint's rows are saved from the CPU",
     ("checkpoint.py", "load"): "a checkpoint loads to the CPU, then follows the model",
+    ("checkpoint.py", "record"): "a search's record is read from a checkpoint on the CPU",
     ("common.py", "load_base"): "--shard reads the model into host memory, then shards it "
     "onto the device, which never holds it whole",
     ("frontend.py", "embedding_name"): "the meta device: the model built without any weights, "
