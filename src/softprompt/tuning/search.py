@@ -246,10 +246,10 @@ def run_search(
     )
     alive_trials = list(pool)
     try:
-        while True:
+        for size in rounds:  # ``size`` trials this round; the better half go on
             # The last round (two trials) is judged by the task's metric; earlier ones by
             # held-out loss, which costs a forward per row where the metric costs one per label.
-            final = len(alive_trials) <= 2
+            final = size <= 2
             for trial in alive_trials:
                 index = pool.index(trial)
                 bar.set_description(
@@ -276,12 +276,8 @@ def run_search(
                     run.train_step(next(batches), 1)
                     bar.update(1)
                 trial.rounds.append(_score(spm, run, names, splits, judges if final else None))
-            if len(alive_trials) <= 1:
-                break
             alive_trials = sorted(alive_trials, key=lambda t: t.key, reverse=True)
-            alive_trials = alive_trials[: math.ceil(len(alive_trials) / 2)]
-            if len(alive_trials) == 1:
-                break
+            alive_trials = alive_trials[: math.ceil(size / 2)]
     finally:
         bar.close()
         # Trials' adapters go last, once: removing one moves the virtual ids of those after it.
@@ -289,14 +285,14 @@ def run_search(
             for name in _names(tasks, index):
                 if name in spm.adapters:
                     spm.remove_adapter(name)
-    winner = max(alive_trials, key=lambda t: t.key)
+    (winner,) = alive_trials
     metric = next((j for j in judges if j is not None), None)
     return SearchResult(
         trials=pool,
         winner=winner,
         judged_by=metric.description.replace("held-out ", "") if metric else "loss",
         train_rows=sum(len(k) for k, _ in splits),
-        search_rows=sum(len(h) for _, h in splits),
+        search_rows=search_rows,
         steps_per_round=steps,
         seconds=time.perf_counter() - began,
     )

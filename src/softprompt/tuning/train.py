@@ -286,15 +286,13 @@ class _Run:
         self.since_best = [0] * self.n_tasks
         first_epoch, skip = 1, 0
         self.start = time.perf_counter()  # restarted below, after the first evaluation
-        if state is None and trial:
-            pass
-        elif state is None:
+        if state is not None:
+            first_epoch, skip = self.restore(state)
+        elif not trial:
             checksum = spm.base_checksum()
             for res in self.results:
                 res.base_checksum_before = checksum
             self.held_out(0)
-        else:
-            first_epoch, skip = self.restore(state)
         self.start = time.perf_counter()
         return first_epoch, skip
 
