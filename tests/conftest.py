@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -249,3 +251,11 @@ def with_chat_template(model_dir: Path, target: Path, template: str) -> Path:
     config["chat_template"] = template
     config_file.write_text(json.dumps(config))
     return target
+
+
+def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
+    """``rows`` as JSON lines at ``path`` (each a dict, or anything with ``as_json()``)."""
+    path.write_text(
+        "".join(json.dumps(r.as_json() if hasattr(r, "as_json") else r) + "\n" for r in rows)
+    )
+    return path

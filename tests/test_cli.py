@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_jsonl
+
 
 def run(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
@@ -94,7 +96,7 @@ def test_generate_json_in_input_order(trained, tiny_model_dir, tmp_path):
         {"prompt": "the river", "adapter": None},
         {"prompt": "hope is", "adapter": "kind"},
     ]
-    requests.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(requests, rows)
     outputs = []
     for batch_size in ("1", "16"):
         proc = run(

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_jsonl
+
 pytestmark = pytest.mark.slow
 
 
@@ -112,7 +114,7 @@ def test_mixed_batch_generation_equals_one_by_one(adapters, tmp_path):
     ]
     rows = [{"prompt": p, "adapter": a} for p in prompts for a in (None, "quotes", "roles")]
     requests = tmp_path / "requests.jsonl"
-    requests.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(requests, rows)
     runs = []
     for batch_size in ("1", "16"):
         proc = cli(

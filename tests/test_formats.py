@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import write_jsonl
 from softprompt.adapters import Adapter
 from softprompt.data import Example, Fields, load_texts
 from softprompt.errors import UserError
@@ -29,26 +29,21 @@ CHAT = [
 ]
 
 
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _chat_rows(conversation=CHAT) -> dict:
     return {"messages": [{"role": r, "content": c} for r, c in conversation]}
 
 
 def test_each_format_is_detected_and_read(tmp_path):
-    text = load_texts(str(_jsonl(tmp_path / "t.jsonl", [{"text": "be kind"}])))
+    text = load_texts(str(write_jsonl(tmp_path / "t.jsonl", [{"text": "be kind"}])))
     assert text.format == "text" and text.texts == ["be kind"]
     pairs = [{"prompt": "i want", "completion": "hope"}, {"prompt": "be", "completion": "kind"}]
-    pc = load_texts(str(_jsonl(tmp_path / "pc.jsonl", pairs)))
+    pc = load_texts(str(write_jsonl(tmp_path / "pc.jsonl", pairs)))
     assert pc.format == "completion" and pc.examples[1] == Example(completion="kind", prompt="be")
-    chat = load_texts(str(_jsonl(tmp_path / "c.jsonl", [_chat_rows()])))
+    chat = load_texts(str(write_jsonl(tmp_path / "c.jsonl", [_chat_rows()])))
     assert chat.format == "chat" and chat.examples[0].messages == tuple(CHAT)
     renamed = [{"q": "i want", "a": "hope"}]
     other = load_texts(
-        str(_jsonl(tmp_path / "r.jsonl", renamed)), fields=Fields(prompt="q", completion="a")
+        str(write_jsonl(tmp_path / "r.jsonl", renamed)), fields=Fields(prompt="q", completion="a")
     )
     assert other.examples == [Example(completion="hope", prompt="i want")]
     assert load_texts("examples:role-prompts").format == "text"  # its field is named "prompt"
@@ -68,7 +63,7 @@ def test_each_format_is_detected_and_read(tmp_path):
 )
 def test_bad_datasets_are_refused_in_one_line(tmp_path, rows, fields, message):
     with pytest.raises(UserError, match=message) as caught:
-        load_texts(str(_jsonl(tmp_path / "bad.jsonl", rows)), fields=fields)
+        load_texts(str(write_jsonl(tmp_path / "bad.jsonl", rows)), fields=fields)
     assert "\n" not in str(caught.value)
 
 
@@ -144,7 +139,7 @@ def test_heldout_fraction_sets_how_much_of_the_data_is_held_out(tiny_model_dir, 
     # The share of --data held out (to evaluate and to choose the rows kept) is a flag, so a
     # user (and the task suite) can hold out more than the default 10%.
     rows = [{"prompt": f"say {w}", "completion": f"{w} now"} for w in "abcdefghijklmnopqrst"]
-    data = _jsonl(tmp_path / "pc.jsonl", rows)
+    data = write_jsonl(tmp_path / "pc.jsonl", rows)
     out = tmp_path / "adapter"
     done = cli_main(
         "train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),
@@ -172,7 +167,7 @@ def test_train_on_prompt_completion_data_says_what_it_scores(tiny_model_dir, tmp
         {"prompt": f"i want you to act as a {w}", "completion": f"{w} and {words[i % 5]}"}
         for i, w in enumerate(words * 3)
     ]
-    data = _jsonl(tmp_path / "pc.jsonl", rows)
+    data = write_jsonl(tmp_path / "pc.jsonl", rows)
     out = tmp_path / "adapter"
     done = cli_main(
         "train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),

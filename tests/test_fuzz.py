@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import write_jsonl
 from softprompt.adapters import CONFIG_FILE, TENSOR_NAME, WEIGHTS_FILE, load_adapter
 from softprompt.data import load_texts
 from softprompt.errors import UserError
@@ -193,7 +194,7 @@ def test_data_loader_on_wrong_json_types(tmp_path_factory):
         folder = tmp_path_factory.mktemp("fuzz-json")
         if as_lines:
             path = folder / "data.jsonl"
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            write_jsonl(path, rows)
         else:
             path = folder / "data.json"
             path.write_text(json.dumps(rows))

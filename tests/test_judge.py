@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import write_jsonl
 from softprompt.data import Example
 from softprompt.insight.scoring import choice_accuracy, exact_match
 from softprompt.tuning.init import init_prompt
@@ -93,7 +94,7 @@ def test_keep_metric_judges_by_the_metric_where_the_loss_would_not(spm, monkeypa
 def test_train_keep_metric_on_the_command_line(tiny_model_dir, tmp_path, cli_main):
     data = tmp_path / "train.jsonl"
     rows = [{"prompt": e.prompt, "completion": e.completion} for e in CLASSIFIED * 4]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(data, rows)
     out = tmp_path / "judged"
     done = cli_main(
         "train", "--model", str(tiny_model_dir), "--data", str(data), "--epochs", "2",

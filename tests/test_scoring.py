@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_jsonl
 from softprompt.adapters import Adapter
 from softprompt.data import Example
 from softprompt.engine import SamplingParams
@@ -154,7 +155,7 @@ def test_eval_ensemble_adds_the_ensembles_row_after_its_members(
         write_adapter_files(folder, weights, adapter_config(Adapter(name, weights), "tiny"))
         folders.append(folder)
     data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(r.as_json()) + "\n" for r in _rows()))
+    write_jsonl(data, _rows())
     base = ["eval", "--model", str(tiny_model_dir), "--data", str(data), "--metric", "choice"]
     adapters = [arg for f in folders for arg in ("--adapter", str(f))]
     done = cli_main(*base, *adapters, "--ensemble", "--json")
@@ -241,7 +242,7 @@ def test_label_init_starts_from_the_labels_own_rows(spm):
 
 def test_train_init_labels_from_the_cli(tiny_model_dir, tmp_path: Path, cli_main):
     data = tmp_path / "labels.jsonl"
-    data.write_text("".join(json.dumps(r.as_json()) + "\n" for r in _rows() * 3))
+    write_jsonl(data, _rows() * 3)
     model = ["--model", str(tiny_model_dir), "--epochs", "1"]
     for method in ("prompt", "prefix"):
         out = tmp_path / method
@@ -277,7 +278,7 @@ def test_shots_are_balanced_over_labels_and_put_before_each_prompt():
 
 def test_eval_runs_the_baselines_beside_the_adapters(tiny_model_dir, tmp_path: Path, cli_main):
     data = tmp_path / "labels.jsonl"
-    data.write_text("".join(json.dumps(r.as_json()) + "\n" for r in _rows()))
+    write_jsonl(data, _rows())
     pool = tmp_path / "pool.jsonl"
     pool.write_text(
         "".join(
@@ -436,7 +437,7 @@ def test_report_has_a_task_section_with_confusion_heatmaps(
     tiny_model_dir, tmp_path: Path, cli_main, render_page
 ):
     data = tmp_path / "labels.jsonl"
-    data.write_text("".join(json.dumps(r.as_json()) + "\n" for r in _rows()))
+    write_jsonl(data, _rows())
     pool = tmp_path / "pool.jsonl"
     pool.write_text(
         "".join(json.dumps({"prompt": f"the {w}", "completion": LABELS[i]}) + "\n"

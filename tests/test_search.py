@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+from conftest import write_jsonl
 from softprompt.data import Example
 from softprompt.tuning import run as run_module
 from softprompt.tuning import train as train_module
@@ -31,11 +31,6 @@ def _classified(count: int, seed: int = 0) -> list[Example]:
         words = [WORDS[(label * 5 + rng.randrange(5)) % len(WORDS)] for _ in range(3)]
         rows.append(Example(prompt=" ".join(words) + " :", completion=LABELS[label]))
     return rows
-
-
-def _write(path: Path, rows: list[Example]) -> Path:
-    path.write_text("".join(json.dumps(r.as_json()) + "\n" for r in rows))
-    return path
 
 
 def test_the_search_part_holds_every_label_and_at_least_its_floor_of_rows():
@@ -76,7 +71,7 @@ def test_the_candidates_are_what_the_user_left_open():
 
 
 def test_a_run_searches_on_its_data_and_trains_the_winner(tiny_model_dir, tmp_path, cli_main):
-    data = _write(tmp_path / "train.jsonl", _classified(80))
+    data = write_jsonl(tmp_path / "train.jsonl", _classified(80))
     out = tmp_path / "adapter"
     args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out)]
     run = cli_main(*args, "--virtual-tokens", "4", "--epochs", "3", "--batch-size", "4", "--search")
@@ -110,7 +105,7 @@ def test_a_run_searches_on_its_data_and_trains_the_winner(tiny_model_dir, tmp_pa
 
 
 def test_no_search_when_pinned_or_asked_not_to(tiny_model_dir, tmp_path, cli_main):
-    data = _write(tmp_path / "train.jsonl", _classified(40))
+    data = write_jsonl(tmp_path / "train.jsonl", _classified(40))
     base = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--epochs", "1"]
     run = cli_main(*base, "--output", str(tmp_path / "a"), "--no-search")
     assert run.returncode == 0, run.stderr
@@ -135,7 +130,7 @@ def test_no_search_when_pinned_or_asked_not_to(tiny_model_dir, tmp_path, cli_mai
     record = json.loads((tmp_path / "c" / "training_config.json").read_text())
     assert record["search"] == {"ran": False, "why": "not asked for (--search)"}
     # Too few rows to search on: refused in one line.
-    few = _write(tmp_path / "few.jsonl", _classified(12))
+    few = write_jsonl(tmp_path / "few.jsonl", _classified(12))
     run = cli_main(*base[:4], str(few), "--output", str(tmp_path / "d"), "--search")
     assert run.returncode == 2 and "fewer than 20 training rows" in run.stderr
 
@@ -143,7 +138,7 @@ def test_no_search_when_pinned_or_asked_not_to(tiny_model_dir, tmp_path, cli_mai
 def test_a_resumed_run_keeps_the_choice_of_its_search(
     tiny_model_dir, tmp_path, cli_main, monkeypatch
 ):
-    data = _write(tmp_path / "train.jsonl", _classified(60))
+    data = write_jsonl(tmp_path / "train.jsonl", _classified(60))
     out = tmp_path / "adapter"
     args = [
         "train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),

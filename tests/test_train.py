@@ -6,7 +6,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from conftest import with_chat_template
+from conftest import with_chat_template, write_jsonl
 from softprompt.adapters import Adapter, load_adapter
 from softprompt.errors import UserError
 from softprompt.insight.evaluate import evaluate
@@ -254,8 +254,8 @@ def test_the_cli_and_the_python_api_resolve_the_same_settings(
     from softprompt.tuning.init import init_prefix
 
     data, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[kind]))
-    held.write_text("".join(json.dumps(r) + "\n" for r in ROWS[kind][:3]))
+    write_jsonl(data, ROWS[kind])
+    write_jsonl(held, ROWS[kind][:3])
     out = tmp_path / "adapter"
     asked = ["--method", method] if method else []
     done = cli_main(
@@ -294,7 +294,7 @@ def test_a_python_run_plans_and_saves_as_the_cli_does(chat_model_dir, tmp_path, 
     from softprompt.prompt import SoftPromptModel
 
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS["completion"] * 4))
+    write_jsonl(data, ROWS["completion"] * 4)
     by_cli = tmp_path / "cli"
     done = cli_main(
         "train", "--model", str(chat_model_dir), "--data", str(data), "--epochs", "1",
@@ -422,7 +422,7 @@ def test_a_small_task_set_gets_the_epochs_of_its_minimum_steps():
 def test_the_cli_says_how_many_epochs_the_data_decided(tiny_model_dir, tmp_path, cli_main):
     rows = [{"prompt": f"{w} :", "completion": " hope"} for w in "be kind brave every day".split()]
     data = tmp_path / "small.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    write_jsonl(data, rows * 4)
     out = tmp_path / "adapter"
     done = cli_main(
         "train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),
