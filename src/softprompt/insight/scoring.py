@@ -51,6 +51,8 @@ class TaskResult:
     """``exact``, ``pattern``: a few rows whose completion missed."""
     context: str | None = None
     """What stood before each prompt for a baseline (``instruction``, ``8-shot``); None: none."""
+    hits: list[bool] = field(default_factory=list, repr=False)
+    """Whether each row was right, in order (not written out: ``accuracy`` says it in short)."""
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -139,6 +141,7 @@ class ChoiceScores:
         chosen = list(range(len(self.members))) if members is None else list(members)
         names = [self.members[i] for i in chosen]
         picked = self.picks(chosen)
+        hits = [g == p for g, p in zip(self.gold, picked, strict=True)]
         labels: dict[str, dict[str, int]] = {}
         if all(o == self.options[0] for o in self.options):
             confusion: dict[str, Counter[str]] = {c: Counter() for c in self.options[0]}
@@ -149,10 +152,11 @@ class ChoiceScores:
             adapter=names[0] if len(names) == 1 else f"ensemble({', '.join(map(str, names))})",
             data=data_name,
             metric="choice",
-            accuracy=sum(g == p for g, p in zip(self.gold, picked, strict=True)) / len(self.gold),
+            accuracy=sum(hits) / len(self.gold),
             accuracy_norm=self.accuracy(chosen, norm=True),
             n=len(self.gold),
             labels=labels,
+            hits=hits,
         )
 
 
@@ -349,6 +353,7 @@ def _graded(
         accuracy=sum(hits) / len(rows),
         n=len(rows),
         misses=_misses(rows, outputs, hits, shown),
+        hits=hits,
     )
 
 

@@ -41,14 +41,21 @@ class Judge:
 
     def score(self, spm: SoftPromptModel, adapter: str, texts: Sequence[str | Example]) -> float:
         """The share of ``texts`` (held-out rows) that ``adapter`` gets right."""
+        hits = self.hits(spm, adapter, texts)
+        return sum(hits) / len(hits)
+
+    def hits(
+        self, spm: SoftPromptModel, adapter: str, texts: Sequence[str | Example]
+    ) -> list[bool]:
+        """Whether ``adapter`` gets each of ``texts`` (held-out rows) right, in order."""
         from ..insight.scoring import choice_accuracy, exact_match
 
         rows = [as_example(t) for t in texts]
         if self.metric == "choice":
-            return choice_accuracy(spm, rows, adapter, choices=list(self.labels)).accuracy
+            return choice_accuracy(spm, rows, adapter, choices=list(self.labels)).hits
         return exact_match(
             spm, rows, adapter, max_new_tokens=self.max_new_tokens, shown=0, first_lines=True
-        ).accuracy
+        ).hits
 
 
 def task_judge(

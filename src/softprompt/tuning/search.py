@@ -8,18 +8,20 @@ its own data:
 1. a search part is split off the training rows (``search_rows``: at least ``MIN_SEARCH_ROWS``,
    at most half of them; split by label on a classification, so every label is on both sides);
 2. each candidate trains a short trial on the rest, and is scored on the search part by the
-   task's own metric (``judge.task_judge``: accuracy among the labels, or exact match of short
-   answers; held-out loss where the data has none), the loss breaking ties;
+   held-out loss;
 3. successive halving: after each round the better half goes on for another round, until one
-   is left (judged by held-out loss until two are left, then by the metric, which costs a
-   forward per label or answer token); the rounds and their evaluations, counted in training
+   is left; the last two are scored by the task's own metric as well (``judge.task_judge``:
+   accuracy among the labels, or exact match of short answers), which decides only where the
+   rows right with one trial alone outnumber those right with the other beyond noise
+   (``settle``): on a search part of 30 rows, a row or two apart is a reshuffle, not a
+   difference, and the loss decides; the rounds and their evaluations, counted in training
    steps, take at most the steps of the run itself, so a searched run takes about twice an
    unsearched one, and the same data and seed choose the same winner on any machine;
 4. the winner is trained afresh on all the training rows, as a run pinned to its settings would.
 
 The trials and why the winner won are in the run's output and its ``training_config.json``.
-Runs do not search unless asked: on generated tasks it never beat the defaults, and once chose
-worse by one row of the search part (docs/benchmarks/tasks.md).
+Runs do not search unless asked: on generated tasks it never beat the defaults, and once (before
+``settle``) chose worse by one row of the search part (docs/benchmarks/tasks.md).
 """
 
 from __future__ import annotations
@@ -122,12 +124,42 @@ class Trial:
     config: RunConfig
     rounds: list[dict[str, float]] = field(default_factory=list)
     """Per round: the steps trained so far, the metric (None: judged by loss) and the loss."""
+    hits: list[bool] = field(default_factory=list)
+    """Whether each search row was right by the metric, after the last round that scored it."""
 
     @property
     def key(self) -> tuple[float, float]:
         last = self.rounds[-1]
         metric = last["metric"]
         return (-last["loss"] if metric is None else metric, -last["loss"])
+
+
+NOISE = 3.84
+"""McNemar's statistic (one degree of freedom, 95%) above which two trials' metrics differ by
+more than the search part's noise."""
+
+
+def settle(a: Trial, b: Trial) -> tuple[Trial, str]:
+    """The better of the last two trials, and why: the one the metric prefers where the rows
+    only it gets right outnumber those only the other gets right beyond noise (McNemar's test
+    on those rows, ``NOISE``), else the one with the lower held-out loss."""
+    by_loss = min((a, b), key=lambda t: (t.rounds[-1]["loss"], -(t.rounds[-1]["metric"] or 0.0)))
+    if not a.hits or len(a.hits) != len(b.hits):
+        return by_loss, "loss"
+    only_a = sum(x and not y for x, y in zip(a.hits, b.hits, strict=True))
+    only_b = sum(y and not x for x, y in zip(a.hits, b.hits, strict=True))
+    n = len(a.hits)
+    differ = only_a + only_b
+    if differ and (only_a - only_b) ** 2 / differ > NOISE:
+        winner, loser = (a, b) if only_a > only_b else (b, a)
+        most, least = max(only_a, only_b), min(only_a, only_b)
+        return winner, (
+            f"metric: {most} rows of {n} right with it alone, {least} with "
+            f"{loser.candidate.label} alone"
+        )
+    return by_loss, (
+        f"loss: the metric told them apart by {abs(only_a - only_b)} of {n} rows, within noise"
+    )
 
 
 @dataclass
@@ -174,8 +206,8 @@ class SearchResult:
 
         others = [score(t) for t in self.trials if t is not self.winner]
         return (
-            f"search: {score(self.winner)} won by {self.judged_by} on {self.search_rows} rows "
-            f"held out of the trials' {self.train_rows}; then {', '.join(others)}; "
+            f"search: {score(self.winner)} won, by {self.judged_by}; on {self.search_rows} rows "
+            f"held out of the trials' {self.train_rows}; the others: {', '.join(others)}; "
             f"{self.seconds:.0f} s"
         )
 
@@ -245,6 +277,7 @@ def run_search(
         dynamic_ncols=True,
     )
     alive_trials = list(pool)
+    judged_by = "loss"
     try:
         for size in rounds:  # ``size`` trials this round; the better half go on
             # The last round (two trials) is judged by the task's metric; earlier ones by
@@ -275,9 +308,14 @@ def run_search(
                 for _ in range(steps):
                     run.train_step(next(batches), 1)
                     bar.update(1)
-                trial.rounds.append(_score(spm, run, names, splits, judges if final else None))
-            alive_trials = sorted(alive_trials, key=lambda t: t.key, reverse=True)
-            alive_trials = alive_trials[: math.ceil(size / 2)]
+                scored, trial.hits = _score(spm, run, names, splits, judges if final else None)
+                trial.rounds.append(scored)
+            if len(alive_trials) == 2:
+                best, judged_by = settle(*alive_trials)
+                alive_trials = [best]
+            else:
+                alive_trials = sorted(alive_trials, key=lambda t: t.key, reverse=True)
+                alive_trials = alive_trials[: math.ceil(size / 2)]
     finally:
         bar.close()
         # Trials' adapters go last, once: removing one moves the virtual ids of those after it.
@@ -286,11 +324,10 @@ def run_search(
                 if name in spm.adapters:
                     spm.remove_adapter(name)
     (winner,) = alive_trials
-    metric = next((j for j in judges if j is not None), None)
     return SearchResult(
         trials=pool,
         winner=winner,
-        judged_by=metric.description.replace("held-out ", "") if metric else "loss",
+        judged_by=judged_by,
         train_rows=sum(len(k) for k, _ in splits),
         search_rows=search_rows,
         steps_per_round=steps,
@@ -340,20 +377,23 @@ def _score(
     names: list[str],
     splits: list[tuple[list[Example], list[Example]]],
     judges: list[Judge | None] | None,
-) -> dict[str, float]:
-    """A trial's loss over its tasks' search rows, and their mean metric (None: no judges)."""
+) -> tuple[dict[str, float], list[bool]]:
+    """A trial's loss over its tasks' search rows and their mean metric (None: no judges), and
+    whether each row was right (every task's rows in turn; none without judges)."""
     run.held_out(1)
     losses = [res.evals[-1]["loss"] for res in run.results]
-    metrics = [
-        judge.score(spm, name, held)
-        for name, (_, held), judge in zip(names, splits, judges or [None] * len(names), strict=True)
-        if judge is not None
-    ]
-    return {
+    metrics, hits = [], []
+    for name, (_, held), judge in zip(names, splits, judges or [None] * len(names), strict=True):
+        if judge is not None:
+            right = judge.hits(spm, name, held)
+            metrics.append(sum(right) / len(right))
+            hits.extend(right)
+    scored = {
         "steps": run.step,
         "metric": sum(metrics) / len(metrics) if metrics else None,
         "loss": sum(losses) / len(losses),
     }
+    return scored, hits
 
 
 def _names(tasks: Sequence[tuple[str, Any]], index: int) -> list[str]:
