@@ -538,6 +538,7 @@ def main() -> None:
             emit(
                 {"set": set_name, "run": name, "seed": seed, **score,
                  "kept_epoch": kept, "epochs_evaluated": max(e["epoch"] for e in evals),
+                 "heldout_losses": [round(e["loss"], 4) for e in evals],
                  "train_seconds": summary["seconds"], "parameters": summary["trainable_params"],
                  "wall_seconds": round(wall, 1), "epochs": summary.get("epochs"),
                  **({"search_winner": summary["search"]["winner"]} if "search" in summary else {}),
