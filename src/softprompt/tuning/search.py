@@ -123,15 +123,9 @@ class Trial:
     candidate: Candidate
     config: RunConfig
     rounds: list[dict[str, float]] = field(default_factory=list)
-    """Per round: the steps trained so far, the metric (None: judged by loss) and the loss."""
+    """Per round: the steps trained so far, the metric (None: not scored by it) and the loss."""
     hits: list[bool] = field(default_factory=list)
     """Whether each search row was right by the metric, after the last round that scored it."""
-
-    @property
-    def key(self) -> tuple[float, float]:
-        last = self.rounds[-1]
-        metric = last["metric"]
-        return (-last["loss"] if metric is None else metric, -last["loss"])
 
 
 NOISE = 3.84
@@ -144,7 +138,7 @@ def settle(a: Trial, b: Trial) -> tuple[Trial, str]:
     only it gets right outnumber those only the other gets right beyond noise (McNemar's test
     on those rows, ``NOISE``), else the one with the lower held-out loss."""
     by_loss = min((a, b), key=lambda t: (t.rounds[-1]["loss"], -(t.rounds[-1]["metric"] or 0.0)))
-    if not a.hits or len(a.hits) != len(b.hits):
+    if not (a.hits and b.hits):  # no task metric for this data
         return by_loss, "loss"
     only_a = sum(x and not y for x, y in zip(a.hits, b.hits, strict=True))
     only_b = sum(y and not x for x, y in zip(a.hits, b.hits, strict=True))
@@ -280,8 +274,8 @@ def run_search(
     judged_by = "loss"
     try:
         for size in rounds:  # ``size`` trials this round; the better half go on
-            # The last round (two trials) is judged by the task's metric; earlier ones by
-            # held-out loss, which costs a forward per row where the metric costs one per label.
+            # Every round is scored by held-out loss; the last (two trials) by the task's metric
+            # too, which costs a forward per label or answer token, and ``settle`` decides it.
             final = size <= 2
             for trial in alive_trials:
                 index = pool.index(trial)
@@ -314,7 +308,7 @@ def run_search(
                 best, judged_by = settle(*alive_trials)
                 alive_trials = [best]
             else:
-                alive_trials = sorted(alive_trials, key=lambda t: t.key, reverse=True)
+                alive_trials = sorted(alive_trials, key=lambda t: t.rounds[-1]["loss"])
                 alive_trials = alive_trials[: math.ceil(size / 2)]
     finally:
         bar.close()
