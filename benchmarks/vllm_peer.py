@@ -30,31 +30,40 @@ def main(spec_path: str) -> None:
     dtype = spec.get("dtype", "float32")
     with safe_open(os.path.join(spec["model"], "model.safetensors"), "pt") as weights:
         table = weights.get_tensor("model.embed_tokens.weight").float()
-    prompts = []
-    for request in spec["requests"]:
-        ids = torch.tensor(request["ids"])
-        if request["rows"] is None:
-            prompts.append({"prompt_token_ids": request["ids"]})
-        else:
-            embeds = torch.cat([request["rows"].float(), table[ids]])
-            prompts.append({"prompt_embeds": embeds.to(getattr(torch, dtype))})
-    longest = max(len(r["ids"]) for r in spec["requests"]) + 128 + spec["new_tokens"]
+
+    def inputs(requests: list[dict]) -> list[dict]:
+        prompts = []
+        for request in requests:
+            ids = torch.tensor(request["ids"])
+            if request["rows"] is None:
+                prompts.append({"prompt_token_ids": request["ids"]})
+            else:
+                embeds = torch.cat([request["rows"].float(), table[ids]])
+                prompts.append({"prompt_embeds": embeds.to(getattr(torch, dtype))})
+        return prompts
+
+    # One set of requests run every time, or (bench_long_prompts.py) one set per run, in turn.
+    sets = [inputs(r) for r in spec["rounds"]] if "rounds" in spec else [inputs(spec["requests"])]
+    every = [r for requests in spec.get("rounds", [spec.get("requests")]) for r in requests]
+    longest = max(len(r["ids"]) for r in every) + 128 + spec["new_tokens"]
     llm = LLM(
         model=spec["model"],
         enable_prompt_embeds=True,
         dtype=dtype,
         max_model_len=max(512, longest),
         gpu_memory_utilization=0.3,  # on CPU: the share of RAM for its KV cache
+        enable_prefix_caching=spec.get("prefix_caching", True),
         seed=0,
     )
     params = SamplingParams(max_tokens=spec["new_tokens"], ignore_eos=True, temperature=0)
-    llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
-    say({"ready": True, "vllm": __import__("vllm").__version__, "requests": len(prompts)})
+    warm = inputs(spec["warmup"]) if "warmup" in spec else sets[0][:2]
+    llm.generate(warm, params, use_tqdm=False)
+    say({"ready": True, "vllm": __import__("vllm").__version__, "requests": len(sets[0])})
     # One timed run of every request per line read; bench_engine.py alternates these with the
     # engine's runs, so both see the same machine (its speed drifts over minutes).
-    for _ in sys.stdin:
+    for index, _ in enumerate(sys.stdin):
         start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
+        llm.generate(sets[index % len(sets)], params, use_tqdm=False)
         say({"seconds": time.perf_counter() - start})
 
 

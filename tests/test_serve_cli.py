@@ -130,6 +130,8 @@ def test_serve_bad_inputs(tiny_model_dir, adapter_dir, tmp_path, cli_main):
         (["--max-body-bytes", "10"], "--max-body-bytes"),
         (["--max-batch-size", "0"], "--max-batch-size must be at least 1"),
         (["--max-messages", "0"], "--max-messages must be at least 1"),
+        (["--max-prefill-tokens", "0"], "--max-prefill-tokens must be at least 1"),
+        (["--prefix-cache-mb", "-1"], "--prefix-cache-mb cannot be negative"),
     ):
         proc = cli_main("serve", "--adapters", str(adapter_dir), "--port", "0", *args)
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
@@ -223,3 +225,12 @@ def test_serving_beyond_loopback_without_a_key_warns_in_one_line(tiny_model_dir,
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_serve_flag_defaults_are_the_engines():
+    from softprompt.cli.parser import build_parser
+    from softprompt.engine import EngineConfig
+
+    args = build_parser().parse_args(["serve", "--adapters", "x"])
+    assert args.max_prefill_tokens == EngineConfig.max_prefill_tokens
+    assert args.prefix_cache_mb == EngineConfig.prefix_cache_mb

@@ -310,8 +310,15 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(served, client):
         "softprompt_time_to_first_token_seconds_count",
         "softprompt_adapters_resident",
         "softprompt_adapters_served 8.0",
+        "softprompt_engine_time_to_first_token_seconds_count",
+        'softprompt_longest_token_gap_seconds_bucket{le="1"}',
+        "softprompt_prefix_cache_hit_tokens_total",
+        "softprompt_prefix_cache_hit_rate",
     ):
         assert name in text, name
+    gap = "softprompt_longest_token_gap_seconds_count"
+    gaps = [line for line in text.splitlines() if line.startswith(gap)]
+    assert float(gaps[0].split()[-1]) >= 1  # three new tokens: two gaps, one request
     count = [
         line
         for line in text.splitlines()

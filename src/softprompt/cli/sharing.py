@@ -48,6 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         retune=args.retune,
         max_messages=args.max_messages,
         public_metrics=args.public_metrics,
+        max_prefill_tokens=args.max_prefill_tokens,
+        prefix_cache_mb=args.prefix_cache_mb,
         upstreams=args.upstream,
         upstream=upstream,
     )

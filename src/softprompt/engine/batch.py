@@ -1,6 +1,7 @@
-"""One engine step over the running batch: admit waiting requests, prefill them after their
-adapter's cached prefix, decode one token for every running row, choose each row's next token,
-hand out what it adds, and let finished rows leave.
+"""One engine step over the running batch: admit waiting requests, compute this step's share of
+their prompts after their adapter's cached prefix and whatever text the prefix cache holds,
+decode one token for every running row, choose each row's next token, hand out what it adds,
+and let finished rows leave.
 
 The ``Engine`` (``engine.py``) owns the requests' lifecycle (submit, cancel, run, drain, stop)
 and calls ``Batch.step``; a batched call that fails is retried row by row (``one_by_one``), so
@@ -12,14 +13,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 
 from ..device import out_of_memory
 from .detokenize import Detokenizer
-from .registry import AdapterRegistry
+from .kv_cache import SlotCache
+from .prefix_cache import PrefixCache, joined
+from .registry import AdapterRegistry, Prefix
 from .runner import ModelRunner
 from .sampling import (
     FAILED,
@@ -53,6 +56,29 @@ def one_by_one(
     return results
 
 
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class Histogram:
+    """Counts of observations at or below each bucket's bound (Prometheus' layout), their sum."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * len(self.bounds)
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.total += value
+        self.count += 1
+
+
 @dataclass
 class EngineStats:
     """Counters since the engine started (read by benchmarks and the server's metrics)."""
@@ -66,6 +92,11 @@ class EngineStats:
     decoded_rows: int = 0
     """Rows over all decode steps (their mean batch is decoded_rows / steps)."""
     largest_batch: int = 0
+    time_to_first_token: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    """Seconds from a request's arrival to its first new token, per request."""
+    longest_gap: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    """Per finished request with two new tokens or more: the longest wait between two of them
+    (what a reader of its stream sees stall)."""
 
 
 def check_context(max_length: int, tokens: int, virtual: int) -> None:
@@ -104,6 +135,7 @@ class Batch:
         detokenizer: Detokenizer,
         emit: Callable[[Sequence, Output], None],
         lease_of: Callable[[Sequence], Any],
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.runner = runner
         self.registry = registry
@@ -113,6 +145,7 @@ class Batch:
         self.detokenizer = detokenizer
         self.emit = emit
         self.lease_of = lease_of
+        self.prefix_cache = prefix_cache or PrefixCache(32, 0)
         self.cache = runner.new_cache(scheduler.max_batch_size, 64)
         self.seen = torch.zeros(
             scheduler.max_batch_size, runner.vocab_size, dtype=torch.bool, device=runner.device
@@ -121,75 +154,169 @@ class Batch:
         self.stats = EngineStats()
 
     def step(self) -> None:
-        """Admit, prefill, decode one token for every running row, hand out outputs."""
-        joined = self.scheduler.admit()
-        if joined:
-            self.prefill(joined)
-        if any(s.finished for s in self.scheduler.running):
+        """Compute this step's share of joining prompts, decode one token for every running
+        row, hand out outputs."""
+        scheduler = self.scheduler
+        free = scheduler.max_batch_size - len(scheduler.running) - len(scheduler.prefilling)
+        if scheduler.waiting and free > 0:  # new adapters' prefixes in one forward
+            leases = (self.lease_of(s) for s in list(scheduler.waiting)[:free])
+            self.registry.warm(lease for lease in leases if lease is not None)
+        work = scheduler.plan(self._remaining)
+        if work:
+            self.prefill(work)
+        if any(s.finished for s in scheduler.running):
             self.leave()  # rows that failed or finished at prefill (or were cancelled)
-        if self.scheduler.running:
+        if scheduler.running:
             self.decode()
         self.leave()
 
-    def prefill(self, joined: list[Sequence]) -> None:
+    def _remaining(self, seq: Sequence) -> int | None:
+        """Prompt tokens of ``seq`` still to compute; on its first call, the request's start:
+        its adapter's prefix, the context check, and the prompt tokens the prefix cache holds.
+        None when the request cannot start (it is finished with its error)."""
+        if seq.context is not None or seq.prefilled:
+            return len(seq.prompt_ids) - seq.prefilled
+        lease = self.lease_of(seq)
+        try:
+            prefix = None
+            if lease is not None:
+                self.registry.prepare(lease)
+                prefix = lease.prefix
+                seq.prefix_length = prefix.length if prefix is not None else 0
+                check_context(self.runner.max_length, len(seq.prompt_ids), seq.prefix_length)
+            if seq.params.temperature > 0:
+                seq.generator = make_generator(seq.params.seed, self.runner.device)
+            seq.context = self._context(seq, prefix)
+        except Exception as exc:  # noqa: BLE001 - this request's alone
+            message = str(exc) if isinstance(exc, RequestError) else self.failure(exc)
+            self.finish(seq, "error", message)
+            return None
+        return len(seq.prompt_ids) - seq.prefilled
+
+    def _context(self, seq: Sequence, prefix: Prefix | None) -> Prefix:
+        """What comes before the text ``seq`` computes: its adapter's prefix, then the blocks of
+        its prompt the prefix cache holds (never the last token: its logits are needed; never
+        for rows that want every prompt position's log-probabilities)."""
+        owner = prefix.owner if prefix is not None else b""
+        blocks = []
+        if not seq.params.prompt_logprobs:
+            blocks = self.prefix_cache.lookup(owner, seq.prompt_ids, len(seq.prompt_ids) - 1)
+        if not blocks:
+            return prefix if prefix is not None else Prefix([], [], owner)
+        keys, values = joined(blocks)
+        seq.reused = seq.prefilled = len(blocks) * self.prefix_cache.block
+        if prefix is not None and prefix.length:
+            keys = [torch.cat(pair, dim=1) for pair in zip(prefix.keys, keys, strict=True)]
+            values = [torch.cat(pair, dim=1) for pair in zip(prefix.values, values, strict=True)]
+        return Prefix(keys, values, owner)
+
+    def prefill(self, work: list[tuple[Sequence, int]]) -> None:
+        """Compute this step's prompt tokens: requests whose whole prompt fits run together
+        (in groups of similar length), the others one chunk each into their own staging
+        cache; every request whose prompt is done takes a slot and its first token."""
         started = time.perf_counter()
-        ready: list[tuple[Sequence, Any]] = []
-        held = [self.lease_of(seq) for seq in joined]
-        self.registry.warm(lease for lease in held if lease is not None)
-        for seq, lease in zip(joined, held, strict=True):
-            try:
-                if lease is not None:
-                    self.registry.prepare(lease)
-                    seq.prefix_length = lease.prefix.length if lease.prefix is not None else 0
-                    check_context(self.runner.max_length, len(seq.prompt_ids), seq.prefix_length)
-                if seq.params.temperature > 0:
-                    seq.generator = make_generator(seq.params.seed, self.runner.device)
-            except Exception as exc:  # noqa: BLE001 - this request's alone
-                message = str(exc) if isinstance(exc, RequestError) else self.failure(exc)
-                self.finish(seq, "error", message)
-                continue
-            ready.append((seq, lease))
+        whole = [
+            seq
+            for seq, take in work
+            if seq.staging is None and take == len(seq.prompt_ids) - seq.prefilled
+        ]
+        chunks = [(seq, take) for seq, take in work if seq not in whole]
         # Rows that want their prompt's log-probabilities run apart, with the logits of every
         # position (the others keep the last position's only).
-        echo = [item for item in ready if item[0].params.prompt_logprobs]
-        plain = [item for item in ready if not item[0].params.prompt_logprobs]
-        groups = length_groups(plain, lambda item: len(item[0].prompt_ids), self.prefill_padding)
+        echo = [seq for seq in whole if seq.params.prompt_logprobs]
+        plain = [seq for seq in whole if not seq.params.prompt_logprobs]
+        groups = length_groups(
+            plain, lambda s: len(s.prompt_ids) - s.prefilled, self.prefill_padding
+        )
         if echo:
             groups.append(echo)
         for group in groups:
             try:
                 self._prefill_group(group)
             except Exception:  # noqa: BLE001 - find the request that fails and fail it alone
-                one_by_one(group, lambda item: self._prefill_group([item]), self._failed_prefill)
+                one_by_one(group, lambda seq: self._prefill_group([seq]), self._failed_prefill)
+        for seq, take in chunks:
+            try:
+                self._prefill_chunk(seq, take)
+            except Exception as exc:  # noqa: BLE001 - this request's alone
+                self._failed_prefill(seq, exc)
         self.stats.prefill_seconds += time.perf_counter() - started
 
-    def _failed_prefill(self, item: tuple[Sequence, Any], exc: Exception) -> None:
-        log.warning("request %s failed in prefill: %s", item[0].request_id, exc)
-        self.finish(item[0], "error", self.failure(exc))
+    def _failed_prefill(self, seq: Sequence, exc: Exception) -> None:
+        log.warning("request %s failed in prefill: %s", seq.request_id, exc)
+        seq.staging = seq.context = None
+        self.finish(seq, "error", self.failure(exc))
 
-    def _prefill_group(self, group: list[tuple[Sequence, Any]]) -> None:
-        seqs = [seq for seq, _ in group]
-        prefixes = [lease.prefix if lease is not None else None for _, lease in group]
+    def _prefill_group(self, seqs: list[Sequence]) -> None:
         every = any(s.params.prompt_logprobs for s in seqs)
-        staged, logits = self.runner.prefill([s.prompt_ids for s in seqs], prefixes, every)
-        longest_text = max(len(s.prompt_ids) for s in seqs)
+        texts = [s.prompt_ids[s.prefilled :] for s in seqs]
+        staged, logits = self.runner.prefill(texts, [s.context for s in seqs], every)
+        longest_text = max(len(t) for t in texts)
         if every:
             for j, seq in enumerate(seqs):
                 seq.prompt_logprobs = prompt_logprobs(
-                    logits[j, longest_text - len(seq.prompt_ids) :],
+                    logits[j, longest_text - len(texts[j]) :],
                     seq.prompt_ids,
                     seq.params.logprobs or 0,
                 )
             logits = logits[:, -1]
-        spans = [s.prefix_length + longest_text for s in seqs]
+        for j, seq in enumerate(seqs):
+            column = staged.end - len(seq.prompt_ids)  # where its prompt's first token would be
+            self._keep(seq, staged, j, column)
+        spans = [s.context.length + longest_text for s in seqs]
         running = self.scheduler.running
-        slots = [running.index(s) for s in seqs]
         self.cache.make_room_before(max(spans), len(running))
+        self.scheduler.start(seqs)
+        slots = [running.index(s) for s in seqs]
         if slots == list(range(slots[0], slots[0] + len(slots))):
             self.cache.place_block(slots[0], staged, max(spans))
         else:
             for j, slot in enumerate(slots):
                 self.cache.place(slot, staged, j, spans[j])
+        self._started(seqs, slots, logits)
+
+    def _prefill_chunk(self, seq: Sequence, take: int) -> None:
+        """The next ``take`` prompt tokens of ``seq`` into its staging cache; once its prompt
+        is all there, it takes a slot and its first token."""
+        every = bool(seq.params.prompt_logprobs)
+        if seq.staging is None:
+            seq.staging = self.runner.staging(seq.context, len(seq.prompt_ids) - seq.prefilled)
+        ids = seq.prompt_ids[seq.prefilled : seq.prefilled + take]
+        logits = self.runner.extend(seq.staging, ids, seq.prefix_length + seq.prefilled, every)
+        seq.prefilled += take
+        if every:
+            seq.chunk_logits.append(logits[0])
+            logits = logits[:, -1]
+        if seq.prefilled < len(seq.prompt_ids):
+            return
+        staged, seq.staging = seq.staging, None
+        if every:
+            seq.prompt_logprobs = prompt_logprobs(
+                torch.cat(seq.chunk_logits), seq.prompt_ids, seq.params.logprobs or 0
+            )
+            seq.chunk_logits = []
+        self._keep(seq, staged, 0, seq.prefix_length)
+        running = self.scheduler.running
+        self.cache.make_room_before(staged.end, len(running))
+        self.scheduler.start([seq])
+        slot = len(running) - 1
+        self.cache.place(slot, staged, 0, staged.end)
+        self._started([seq], [slot], logits)
+
+    def _keep(self, seq: Sequence, staged: SlotCache, row: int, column: int) -> None:
+        """Offer the prefix cache the prompt blocks ``seq`` computed (row ``row`` of ``staged``,
+        its prompt's token i at column ``column + i``)."""
+        if seq.params.prompt_logprobs or not self.prefix_cache.enabled:
+            return
+        keys = [k[row] for k in staged.keys]
+        values = [v[row] for v in staged.values]
+        owner = seq.context.owner if seq.context is not None else b""
+        self.prefix_cache.store(owner, seq.prompt_ids, seq.reused, keys, values, column)
+
+    def _started(self, seqs: list[Sequence], slots: list[int], logits: torch.Tensor) -> None:
+        """Requests whose prompt is in their slots now: their first token."""
+        for seq in seqs:
+            seq.context = None  # the slot holds it now
         # Only rows with a repetition penalty read their row of ``seen``; the others leave it
         # stale (a row taking the slot later writes all of its own).
         penalised = [j for j, s in enumerate(seqs) if s.params.repetition_penalty != 1]
@@ -263,6 +390,11 @@ class Batch:
         for j, (seq, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
             if seq.first_token_at is None:
                 seq.first_token_at = now
+                self.stats.time_to_first_token.observe(now - seq.arrival)
+            else:
+                assert seq.last_token_at is not None
+                seq.longest_gap = max(seq.longest_gap, now - seq.last_token_at)
+            seq.last_token_at = now
             if token == FAILED:
                 self.finish(
                     seq,
@@ -353,6 +485,9 @@ class Batch:
         self, seq: Sequence, reason: str, error: str | None = None, new_ids: list[int] | None = None
     ) -> None:
         seq.finish(reason, error)
+        if seq.first_token_at is not None and seq.last_token_at != seq.first_token_at:
+            self.stats.longest_gap.observe(seq.longest_gap)
+        seq.staging = seq.context = None
         delta = seq.text[seq.emitted :]
         seq.emitted = len(seq.text)
         self.emit(seq, Output(seq.request_id, new_ids or [], delta, True, reason, error))

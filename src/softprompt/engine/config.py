@@ -14,7 +14,16 @@ class EngineConfig:
     max_batch_size: int = 32
     """Requests decoded together at most (slots of the KV cache)."""
     max_prefill_tokens: int = 2048
-    """Prompt tokens admitted in one step at most (one long prompt always gets in)."""
+    """Prompt tokens computed in one engine step at most. A prompt longer than what is left of
+    it is computed in chunks over the next steps, while the running rows keep getting a token
+    every step: this bounds how long a stream waits between two tokens, and the attention
+    memory of a prefill (chunk x context, never prompts x length²)."""
+    prefix_cache_mb: float = 512.0
+    """Memory for the prefix cache of prompt text (MiB; 0 turns it off): keys/values of prompt
+    blocks kept after their request and reused by later prompts that start the same way (same
+    adapter, same tokens), least recently used evicted first (``prefix_cache.py``)."""
+    prefix_cache_block: int = 32
+    """Tokens per block of the prefix cache: a prompt reuses whole blocks only."""
     max_new_tokens_cap: int = 4096
     """Requests asking for more new tokens are refused."""
     max_resident_adapters: int = 64
@@ -24,11 +33,14 @@ class EngineConfig:
     one); a submission beyond it is refused with ``QueueFull``. A waiting request holds at most
     the model's context in token ids and its capped stop strings, so this bounds the queue's
     memory."""
-    prefill_padding: float = 1.0
+    prefill_padding: float = 0.3
     """Joining requests are prefilled in groups of similar length, a new group whenever padding
     would exceed this share of a group's positions (1.0: one group; 0.2: at most a fifth
-    padding, a few more forwards). One group is the default: grouping was not measured to pay
-    (docs/benchmarks/engine.md, ``benchmarks/bench_prefill.py``)."""
+    padding, a few more forwards). On prompts of similar length grouping neither paid nor cost
+    (0.3 within 4% of one group, docs/benchmarks/engine.md, ``benchmarks/bench_prefill.py``);
+    with the prefix cache the text left to compute is very uneven (a few tokens after a cached
+    system prompt beside whole new prompts), and one group would pad every short row to the
+    longest."""
     policy: str = "continuous"
     """``continuous`` (join between steps) or ``static`` (a new batch when the last one ends)."""
     packed_weights: bool | None = None
@@ -66,11 +78,14 @@ class EngineConfig:
             "max_prefill_tokens",
             "max_new_tokens_cap",
             "max_resident_adapters",
+            "prefix_cache_block",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_queue is not None and self.max_queue < 1:
             raise ValueError("max_queue must be at least 1")
+        if self.prefix_cache_mb < 0:
+            raise ValueError("prefix_cache_mb cannot be negative")
         if not 0 <= self.prefill_padding <= 1:
             raise ValueError("prefill_padding must be between 0 and 1")
 

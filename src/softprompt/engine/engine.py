@@ -1,9 +1,11 @@
 """The engine: requests in, tokens out, many adapters and the base model in one running batch.
 
-Each ``step`` admits waiting requests into free slots (prefilling only their text after their
-adapter's cached prefix), runs one decode step for every running row, hands each request its new
-tokens, and lets finished rows leave. ``start`` runs steps on a background thread so requests can
-arrive at any time (the server's mode); without it, whoever waits on a request drives the steps.
+Each ``step`` admits waiting requests into free slots and computes a budget's worth of their
+prompts (only their text after their adapter's cached prefix and what the prefix cache holds of
+it; a long prompt in chunks over several steps), runs one decode step for every running row,
+hands each request its new tokens, and lets finished rows leave. ``start`` runs steps on a
+background thread so requests can arrive at any time (the server's mode); without it, whoever
+waits on a request drives the steps.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..errors import UserError
 from .batch import Batch, EngineStats, check_context
 from .config import EngineConfig
 from .detokenize import Detokenizer
+from .prefix_cache import PrefixCache
 from .registry import AdapterRegistry
 from .runner import ModelRunner
 from .sampling import RequestError, SamplingParams
@@ -140,6 +143,9 @@ class Engine:
             Detokenizer(tokenizer),
             self._deliver,
             lambda seq: self._leases.get(seq.request_id, (seq, None))[1],
+            PrefixCache(
+                self.config.prefix_cache_block, int(self.config.prefix_cache_mb * (1 << 20))
+            ),
         )
         self._leases: dict[str, tuple[Sequence, Any]] = {}
         """Each unfinished request's hold on its adapter, taken at submission."""
@@ -165,6 +171,10 @@ class Engine:
     @property
     def cache(self) -> Any:
         return self.batch.cache
+
+    @property
+    def prefix_cache(self) -> PrefixCache:
+        return self.batch.prefix_cache
 
     @property
     def stats(self) -> EngineStats:
@@ -405,7 +415,7 @@ class Engine:
         with self._lock:
             incoming = len(self._incoming)
         return {
-            "running": len(self.scheduler.running),
+            "running": len(self.scheduler.running) + len(self.scheduler.prefilling),
             "waiting": len(self.scheduler.waiting) + incoming,
         }
 
@@ -529,7 +539,8 @@ class Engine:
         """End every request the engine holds (running, waiting, just submitted)."""
         with self._step_lock:
             self._take_incoming()
-            for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            scheduler = self.scheduler
+            for seq in [*scheduler.running, *scheduler.prefilling, *scheduler.waiting]:
                 if not seq.finished:
                     self.batch.finish(seq, reason, message)
             self.scheduler.waiting.clear()
@@ -563,6 +574,7 @@ class Engine:
             "packed": self.runner.packed_nbytes(),
             "kv_cache": self.cache.nbytes(),
             "adapters": self.registry.nbytes(),
+            "prefix_cache": self.prefix_cache.nbytes,
         }
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:

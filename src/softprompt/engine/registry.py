@@ -29,6 +29,9 @@ class Prefix:
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    owner: bytes = b""
+    """A digest of what made them (the adapter's method and rows; empty for none): the prefix
+    cache keys text computed after them by it."""
 
     @property
     def length(self) -> int:

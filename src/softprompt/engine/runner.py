@@ -7,6 +7,7 @@ slot cache, so rows of any length, with any adapter prefix or none, run in one f
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -64,6 +65,15 @@ class DecodeSwitches:
     """Measure the undecided switches (else: MKL off, the kernels on where they build)."""
     retune: bool = False
     """Measure again even when this machine has a decision cached."""
+
+
+def owner_digest(adapter: Adapter, weights: torch.Tensor) -> bytes:
+    """What identifies the keys/values an adapter puts before the text: its method and rows
+    (as the runner reads them), whatever its name."""
+    h = hashlib.blake2b(adapter.method.encode(), digest_size=16)
+    h.update(str(tuple(weights.shape)).encode())
+    h.update(weights.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.digest()
 
 
 class ModelRunner:
@@ -284,8 +294,9 @@ class ModelRunner:
             Prefix(
                 keys=[k[j, :, longest - n :].clone() for k in cache.keys],
                 values=[v[j, :, longest - n :].clone() for v in cache.values],
+                owner=owner_digest(adapter, weights),
             )
-            for j, n in enumerate(lengths)
+            for j, (adapter, weights, n) in enumerate(zip(adapters, rows, lengths, strict=True))
         ]
 
     def stored_prefix(self, adapter: Adapter) -> Prefix:
@@ -295,8 +306,13 @@ class ModelRunner:
         weights = adapter.weights.detach()
         if not bool(torch.isfinite(weights).all()):
             raise RequestError(f"adapter {adapter.name!r} has NaN or infinite values")
-        keys, values = split(weights.to(device=self.device, dtype=self.dtype), self.prefix_shape)
-        return Prefix(keys=list(keys.contiguous()), values=list(values.contiguous()))
+        weights = weights.to(device=self.device, dtype=self.dtype)
+        keys, values = split(weights, self.prefix_shape)
+        return Prefix(
+            keys=list(keys.contiguous()),
+            values=list(values.contiguous()),
+            owner=owner_digest(adapter, weights),
+        )
 
     @property
     def prefix_shape(self) -> Any:
@@ -345,6 +361,32 @@ class ModelRunner:
         )
         cache.advance(longest_text)
         return cache, logits
+
+    def staging(self, context: Prefix | None, length: int) -> SlotCache:
+        """A one-row cache for a prompt computed in chunks: ``context`` (the keys/values before
+        its text) in its first columns, room for ``length`` text tokens after them."""
+        before = context.length if context is not None else 0
+        cache = self.new_cache(1, before + length)
+        if before:
+            assert context is not None
+            cache.end = before
+            cache.write_prefix([0], context.keys, context.values)
+        return cache
+
+    def extend(
+        self, cache: SlotCache, ids: list[int], start: int, every: bool = False
+    ) -> torch.Tensor:
+        """Compute the next chunk ``ids`` of a one-row cache's text, at positions ``start ..``;
+        returns its last position's logits (1, V) (with ``every``: every position's, (1, q, V)).
+        Attention spans the chunk against what the row holds: memory grows with the chunk, not
+        with the square of the prompt."""
+        q = len(ids)
+        embeds = self.embedding(torch.tensor([ids], device=self.device))
+        positions = torch.arange(start, start + q, device=self.device)[None]
+        valid = torch.ones(1, q, dtype=torch.bool, device=self.device)
+        logits = self.forward(cache, slice(0, 1), embeds, positions, valid, every)
+        cache.advance(q)
+        return logits
 
     def decode(
         self, cache: SlotCache, rows: slice, tokens: torch.Tensor, positions: torch.Tensor

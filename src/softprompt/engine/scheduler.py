@@ -1,8 +1,11 @@
-"""Which requests run: a FIFO queue, admitted into free slots between decode steps.
+"""Which requests run: a FIFO queue, admitted into free slots between decode steps, their
+prompts computed within a token budget per step.
 
 Plain Python, no tensors, so it is testable alone. ``continuous`` admits waiting requests at every
 step while slots are free; ``static`` admits a new batch only when the running one has finished
-(what a static-batch server does, kept to measure against).
+(what a static-batch server does, kept to measure against). Either way a step computes at most
+``max_prefill_tokens`` prompt tokens: a longer prompt is computed in chunks over several steps
+while the running rows keep decoding.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.policy = policy
         self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
+        """Admitted sequences whose prompt is not all computed yet (no slot yet)."""
         self.running: list[Sequence] = []
         """Running sequences; ``running[i]`` owns slot i of the KV cache."""
 
@@ -37,30 +42,55 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.prefilling or self.running)
 
-    def admit(self) -> list[Sequence]:
-        """Take waiting requests that fit now, in arrival order; they get the next free slots.
+    def plan(self, remaining: Callable[[Sequence], int | None]) -> list[tuple[Sequence, int]]:
+        """This step's prefill: ``(request, prompt tokens to compute now)``, at most
+        ``max_prefill_tokens`` tokens in all.
 
-        At least one request is admitted whenever a slot is free, however long its prompt, so a
-        long prompt never waits forever behind the prefill budget.
+        Requests part-way through their prompt go first, in arrival order, then waiting requests
+        join while slots are free and the budget lasts: a prompt longer than what is left of the
+        budget is computed in chunks over the next steps (its first chunk now), so however long
+        the prompts that join, a step computes at most the budget and the running rows get their
+        next token every step. ``remaining(seq)`` says how many of a request's prompt tokens are
+        still to compute (None: the request failed to start and is finished).
         """
-        if self.policy == "static" and self.running:
-            return []
-        chosen: list[Sequence] = []
+        self.prefilling = [s for s in self.prefilling if not s.finished]  # cancelled meanwhile
         budget = self.max_prefill_tokens
-        while self.waiting and len(self.running) + len(chosen) < self.max_batch_size:
-            seq = self.waiting[0]
-            cost = len(seq.prompt_ids)
-            if chosen and cost > budget:
+        work: list[tuple[Sequence, int]] = []
+        for seq in self.prefilling:
+            if budget <= 0:
                 break
-            self.waiting.popleft()
-            budget -= cost
-            chosen.append(seq)
-        for seq in chosen:
+            left = remaining(seq)
+            if left is None:
+                continue
+            take = min(left, budget)
+            work.append((seq, take))
+            budget -= take
+        if self.policy == "static" and (self.running or self.prefilling):
+            return work
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) + len(self.prefilling) < self.max_batch_size
+        ):
+            seq = self.waiting.popleft()
+            left = remaining(seq)
+            if left is None:
+                continue
             seq.status = Status.RUNNING
+            self.prefilling.append(seq)
+            take = min(left, budget)
+            work.append((seq, take))
+            budget -= take
+        return work
+
+    def start(self, seqs: list[Sequence]) -> None:
+        """Requests whose prompt is all in the cache now: they join the running rows (and take
+        the next slots)."""
+        for seq in seqs:
+            self.prefilling.remove(seq)
             self.running.append(seq)
-        return chosen
 
     def remove_finished(self) -> list[tuple[int, int]]:
         """Drop finished sequences from ``running``; returns the (from, to) slot moves to apply.

@@ -88,6 +88,22 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None
     prefix_length: int = 0
+    """The adapter's virtual tokens (their keys/values come first in the row's cache)."""
+    context: Any = None
+    """While the prompt is computed: the keys/values before the text still to compute (a
+    ``Prefix``: the adapter's, then the prompt tokens reused from the prefix cache)."""
+    prefilled: int = 0
+    """Prompt tokens whose keys/values are computed or reused so far."""
+    reused: int = 0
+    """Prompt tokens whose keys/values came from the prefix cache."""
+    staging: Any = None
+    """A one-row cache the prompt is computed into chunk by chunk, when it takes several steps."""
+    chunk_logits: list[torch.Tensor] = field(default_factory=list)
+    """The logits of every prompt position so far, for rows that want the prompt's
+    log-probabilities and are computed in chunks."""
+    last_token_at: float | None = None
+    longest_gap: float = 0.0
+    """Seconds between two of its consecutive new tokens, at most."""
     generator: torch.Generator | None = None
     stops: Any = None
     """The request's ``StopMatcher`` (when it has stop strings): how far the text was read."""

@@ -14,7 +14,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 
@@ -45,6 +50,52 @@ class _EngineCollector:
             "Seconds the engine spent in decode steps.",
             value=stats.decode_seconds,
         )
+        for name, text, histogram in (
+            (
+                "softprompt_engine_time_to_first_token_seconds",
+                "Seconds from a request's arrival in the engine to its first new token.",
+                stats.time_to_first_token,
+            ),
+            (
+                "softprompt_longest_token_gap_seconds",
+                "Per finished request with two new tokens or more: the longest wait between "
+                "two of them (a stream stalled behind other work).",
+                stats.longest_gap,
+            ),
+        ):
+            buckets = [
+                (f"{bound:g}", count)
+                for bound, count in zip(histogram.bounds, histogram.counts, strict=True)
+            ]
+            buckets.append(("+Inf", histogram.count))
+            yield HistogramMetricFamily(name, text, buckets=buckets, sum_value=histogram.total)
+        cache = getattr(self.engine, "prefix_cache", None)
+        if cache is not None:
+            yield CounterMetricFamily(
+                "softprompt_prefix_cache_queried_tokens",
+                "Prompt tokens looked up in the prefix cache.",
+                value=cache.stats.queried_tokens,
+            )
+            yield CounterMetricFamily(
+                "softprompt_prefix_cache_hit_tokens",
+                "Prompt tokens whose keys/values were reused from the prefix cache.",
+                value=cache.stats.hit_tokens,
+            )
+            yield GaugeMetricFamily(
+                "softprompt_prefix_cache_hit_rate",
+                "Share of the prompt tokens looked up that were reused, since start-up.",
+                value=cache.stats.hit_rate,
+            )
+            yield GaugeMetricFamily(
+                "softprompt_prefix_cache_bytes",
+                f"Memory held by the prefix cache (at most {cache.max_bytes} bytes).",
+                value=cache.nbytes,
+            )
+            yield CounterMetricFamily(
+                "softprompt_prefix_cache_evicted_blocks",
+                "Blocks dropped from the prefix cache to stay within its memory.",
+                value=cache.stats.evicted_blocks,
+            )
         yield GaugeMetricFamily(
             "softprompt_batch_size", "Requests in the running batch now.", value=load["running"]
         )

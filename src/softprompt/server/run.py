@@ -158,6 +158,8 @@ def serve(
     public_metrics: bool = False,
     upstreams: list[str] | None = None,
     upstream: UpstreamSettings | None = None,
+    max_prefill_tokens: int | None = None,
+    prefix_cache_mb: float | None = None,
 ) -> int:
     """``softprompt serve``: load the model, serve until SIGTERM or Ctrl-C.
 
@@ -194,12 +196,18 @@ def serve(
     from ..engine import EngineConfig
     from .app import ServerConfig, create_app
 
+    limits: dict[str, Any] = {}
+    if max_prefill_tokens is not None:
+        limits["max_prefill_tokens"] = max_prefill_tokens
+    if prefix_cache_mb is not None:
+        limits["prefix_cache_mb"] = prefix_cache_mb
     try:
         config = EngineConfig(
             max_batch_size=max_batch_size,
             max_new_tokens_cap=max_tokens_cap,
             max_queue=max_queue,
             retune=retune,
+            **limits,
         )
     except ValueError as exc:
         raise UserError("--" + str(exc).replace("_", "-", 2)) from exc

@@ -382,9 +382,15 @@ class UpstreamEngine:
             # vLLM counts the end-of-sequence token as generated; softprompt's engine does not
             chunk.token_ids = chunk.token_ids[:-1]
             chunk.logprobs = chunk.logprobs[: len(chunk.token_ids)]
+        now = time.perf_counter()
         if chunk.token_ids and seq.first_token_at is None:
-            seq.first_token_at = time.perf_counter()
+            seq.first_token_at = now
             seq.status = Status.RUNNING
+            self.stats.time_to_first_token.observe(now - seq.arrival)
+        elif chunk.token_ids and seq.last_token_at is not None:
+            seq.longest_gap = max(seq.longest_gap, now - seq.last_token_at)
+        if chunk.token_ids:
+            seq.last_token_at = now
         seq.output_ids.extend(chunk.token_ids)
         seq.logprobs.extend(chunk.logprobs)
         seq.text += chunk.text
@@ -393,6 +399,8 @@ class UpstreamEngine:
         if finished:
             seq.finish(chunk.finish_reason)
             self.stats.prompt_tokens += len(seq.prompt_ids)
+            if len(seq.output_ids) > 1:
+                self.stats.longest_gap.observe(seq.longest_gap)
         if seq.request_id in self._held:
             if finished:
                 ids, reason = list(seq.output_ids), seq.finish_reason
