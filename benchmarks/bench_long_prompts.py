@@ -13,6 +13,9 @@ base model in turn; greedy, end-of-sequence ignored, float32):
   latency  the engine alone: one stream decoding while N prompts of about 1,400 tokens join;
            its longest gap between two tokens, at the default prefill budget and with no budget
            (every joining prompt at once, as the engine did before it had one).
+  budget   (asked for by name) the engine alone, per prefill budget: prompt tokens/s of long
+           prompts joining a running stream, the stream's longest wait, and the requests/s of
+           64 short requests at once (what the default budget was chosen on).
 
 Engine and vLLM (``vllm_peer.py``, its own venv, automatic prefix caching on) alternate round by
 round on the same requests, each warmed up on other requests first; each keeps its caches from
@@ -89,12 +92,32 @@ def spec_requests(spm, requests: list[tuple]) -> list[dict]:
     ]
 
 
-def matmul_peak() -> float:
-    """GFLOP/s of a 4096 x 4096 float32 matrix product here (best of five)."""
-    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(5))
-    return 2 * 4096**3 / best / 1e9
+def matmul_peak() -> dict[str, float]:
+    """GFLOP/s of float32 matrix products here, best of five each: torch's ``matmul`` (MKL on
+    this wheel) on squares of 2,048 and 4,096, and oneDNN's inner product on packed weights
+    (what the engine's linear layers run) on a square of 2,048 and on the embedded model's
+    widest prefill product (512 x 576 by 576 x 3,072). The highest is the peak a prefill rate is
+    set against (on AMD CPUs MKL's products run far below oneDNN's)."""
+    from torch import nn
+
+    from softprompt.engine.packed import PackedLinear
+
+    rates = {}
+    for name, (m, k, n) in {"matmul 2048": (2048, 2048, 2048),
+                            "matmul 4096": (4096, 4096, 4096)}.items():  # fmt: skip
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        best = min(_timed(lambda a=a, b=b: a @ b) for _ in range(5))
+        rates[name] = round(2 * m * k * n / best / 1e9, 1)
+    for name, (m, k, n) in {"oneDNN 2048": (2048, 2048, 2048),
+                            "oneDNN 512x576x3072": (512, 576, 3072)}.items():  # fmt: skip
+        linear = PackedLinear.of(nn.Linear(k, n, bias=False))
+        x = torch.randn(m, k)
+        with torch.no_grad():
+            linear(x)
+            best = min(_timed(lambda x=x, linear=linear: linear(x)) for _ in range(5))
+        rates[name] = round(2 * m * k * n / best / 1e9, 1)
+    return rates
 
 
 def _timed(fn) -> float:
@@ -104,8 +127,11 @@ def _timed(fn) -> float:
 
 
 def linear_flops(model) -> float:
-    """FLOPs per token of the model's linear layers (attention's own products come on top)."""
-    return 2.0 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    """FLOPs per prompt token of the model's linear layers, the output head left out (prefill
+    computes it at the last position only; attention's own products come on top)."""
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    return 2.0 * sum(m.weight.numel() for m in linears)
 
 
 def side_by_side(spm, workload: str, rounds: list, warm: list, args, tmp: Path) -> dict:
@@ -246,12 +272,59 @@ def latency(spm, text: Text, joining: int, budget: int | None) -> dict:
     )
 
 
+def budgets(spm, text: Text, sizes: list[int], short: int) -> None:
+    """Per prefill budget: the prompt tokens/s of 4 prompts of 1,400 tokens joining one running
+    stream (and the stream's longest wait between two steps), and the requests/s of ``short``
+    short requests (20 tokens, 16 new) arriving at once: what the default budget trades."""
+    from softprompt.engine import Engine, EngineConfig, SamplingParams
+
+    names = [*spm.adapters, None]
+    for size in sizes:
+        config = EngineConfig(max_batch_size=32, max_prefill_tokens=size, prefix_cache_mb=0)
+        engine = Engine.from_softprompt(spm, config)
+        engine.generate([text(30)], ["p0"], SamplingParams(max_new_tokens=2))  # warm
+        stream = engine.submit(text(20), "p0", SamplingParams(max_new_tokens=4000, ignore_eos=True))
+        engine.step()
+        handles = [
+            engine.submit(text(1400), names[i % len(names)], SamplingParams(max_new_tokens=1))
+            for i in range(4)
+        ]
+        steps = []
+        start = time.perf_counter()
+        while not all(h.seq.finished for h in handles):
+            began = time.perf_counter()
+            engine.step()
+            steps.append(time.perf_counter() - began)
+        long_s = time.perf_counter() - start
+        engine.cancel(stream.request_id)
+        engine.step()
+        prompts = [text(20) for _ in range(short)]
+        start = time.perf_counter()
+        engine.generate(
+            prompts,
+            [names[i % len(names)] for i in range(short)],
+            SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True),
+        )
+        short_s = time.perf_counter() - start
+        emit(
+            {
+                "workload": "budget",
+                "max_prefill_tokens": size,
+                "long_prompt_tok_s": round(4 * 1400 / long_s),
+                "longest_step_s": round(max(steps), 3),
+                "short_requests_per_s": round(short / short_s, 2),
+            }
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--workloads", nargs="+", default=["long", "repeat", "shared", "chat", "latency"],
-        choices=["long", "repeat", "shared", "chat", "latency"],
+        choices=["long", "repeat", "shared", "chat", "latency", "budget"],
+        help="budget: prefill speed and stalls at --budgets (not in the default list)",
     )  # fmt: skip
+    parser.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--joining", type=int, default=128, help="latency: prompts that join")
     parser.add_argument(
@@ -272,15 +345,19 @@ def main() -> None:
     for i in range(8):
         spm.add_adapter(Adapter(f"p{i}", init_prompt(base, 20, "vocab", seed=i)))
     targets = [*spm.adapters, None]
-    peak = matmul_peak()
+    products = matmul_peak()
+    peak = max(products.values())
     flops = linear_flops(base.model)
     emit({"cpu": cpu_signature(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-          "matmul_peak_gflop_s": round(peak, 1), "linear_gflop_per_token": round(flops / 1e9, 3),
+          "matmul_gflop_s": products, "linear_gflop_per_prompt_token": round(flops / 1e9, 3),
           "torch": torch.__version__})  # fmt: skip
     ids = corpus(spm.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         for seed, workload in enumerate(args.workloads):
             text = Text(ids, seed)
+            if workload == "budget":
+                budgets(spm, text, args.budgets, 64)
+                continue
             if workload == "latency":
                 for budget in (None, 1 << 20):
                     latency(spm, text, args.joining, budget)

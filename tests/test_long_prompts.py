@@ -187,9 +187,35 @@ def test_the_scheduler_splits_its_budget_first_among_prompts_under_way():
 
     assert run(scheduler.plan(remaining)) == [(0, 10)]
     assert run(scheduler.plan(remaining)) == [(0, 10)]
-    assert run(scheduler.plan(remaining)) == [(0, 5), (1, 4), (2, 1)]
-    assert run(scheduler.plan(remaining)) == [(2, 2)]  # three admitted: the batch is full
+    # The rest of the long one, a short one whole; the next would need a chunk of its own
+    # beside the one under way: it waits.
+    assert run(scheduler.plan(remaining)) == [(0, 5), (1, 4)]
+    assert run(scheduler.plan(remaining)) == [(2, 3)]  # three admitted: the batch is full
     assert seqs[3].status is Status.WAITING
     seqs[1].finish("stop")
     scheduler.remove_finished()
     assert run(scheduler.plan(remaining)) == [(3, 2)]
+
+
+def test_a_second_long_prompt_starts_after_the_first_and_reuses_its_start(spm):
+    engine = _engine(spm, prefix_cache_block=8, max_prefill_tokens=16)
+    system = _text(64, 30)
+    first = engine.submit(system + _text(20, 31), "a", GREEDY)
+    second = engine.submit(system + _text(20, 32), "a", GREEDY)
+    engine.step()
+    assert engine.scheduler.prefilling == [first.seq]  # the second waits for it
+    first.result(), second.result()
+    assert second.seq.reused == 64  # the shared start, computed once
+
+
+def test_with_no_row_running_short_prompts_join_together_and_long_ones_still_chunk():
+    scheduler = Scheduler(max_batch_size=8, max_prefill_tokens=10, idle_prefill_tokens=40)
+    seqs = [Sequence([0] * n, None, SamplingParams()) for n in (8, 9, 30, 7)]
+    for seq in seqs:
+        scheduler.add(seq)
+    plan = scheduler.plan(lambda seq: len(seq.prompt_ids))
+    # Idle: 8 + 9 whole, the long one a chunk of 10, the last whole: 34 of 40.
+    assert [(seqs.index(s), t) for s, t in plan] == [(0, 8), (1, 9), (2, 10), (3, 7)]
+    scheduler.start([seqs[0]])  # a row runs now: the budget is 10 a step
+    plan = scheduler.plan(lambda seq: len(seq.prompt_ids) - (10 if seq is seqs[2] else 0))
+    assert [(seqs.index(s), t) for s, t in plan] == [(1, 9), (2, 1)]

@@ -288,6 +288,9 @@ class Batch:
             seq.chunk_logits.append(logits[0])
             logits = logits[:, -1]
         if seq.prefilled < len(seq.prompt_ids):
+            # The blocks done so far go to the prefix cache now: a prompt starting later
+            # reuses them even while this one is still under way.
+            self._keep(seq, seq.staging, 0, seq.prefix_length, seq.prefilled)
             return
         staged, seq.staging = seq.staging, None
         if every:
@@ -303,15 +306,18 @@ class Batch:
         self.cache.place(slot, staged, 0, staged.end)
         self._started([seq], [slot], logits)
 
-    def _keep(self, seq: Sequence, staged: SlotCache, row: int, column: int) -> None:
+    def _keep(
+        self, seq: Sequence, staged: SlotCache, row: int, column: int, done: int | None = None
+    ) -> None:
         """Offer the prefix cache the prompt blocks ``seq`` computed (row ``row`` of ``staged``,
-        its prompt's token i at column ``column + i``)."""
+        its prompt's token i at column ``column + i``; its first ``done`` tokens, or all)."""
         if seq.params.prompt_logprobs or not self.prefix_cache.enabled:
             return
         keys = [k[row] for k in staged.keys]
         values = [v[row] for v in staged.values]
         owner = seq.context.owner if seq.context is not None else b""
-        self.prefix_cache.store(owner, seq.prompt_ids, seq.reused, keys, values, column)
+        ids = seq.prompt_ids if done is None else seq.prompt_ids[:done]
+        self.prefix_cache.store(owner, ids, seq.reused, keys, values, column)
 
     def _started(self, seqs: list[Sequence], slots: list[int], logits: torch.Tensor) -> None:
         """Requests whose prompt is in their slots now: their first token."""

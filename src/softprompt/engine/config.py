@@ -13,12 +13,18 @@ class EngineConfig:
 
     max_batch_size: int = 32
     """Requests decoded together at most (slots of the KV cache)."""
-    max_prefill_tokens: int = 2048
-    """Prompt tokens computed in one engine step at most. A prompt longer than what is left of
-    it is computed in chunks over the next steps, while the running rows keep getting a token
-    every step: this bounds how long a stream waits between two tokens, and the attention
-    memory of a prefill (chunk x context, never prompts x length²)."""
-    prefix_cache_mb: float = 512.0
+    max_prefill_tokens: int = 128
+    """Prompt tokens computed in one engine step at most while rows are running, and the
+    largest chunk of one prompt. A longer prompt is computed in chunks over several steps while
+    the running rows keep getting a token every step: this bounds how long a stream waits
+    between two tokens, and the attention memory of a prefill (chunk x context, never
+    prompts x length²). Chosen by measurement (docs/benchmarks/engine.md, ``benchmarks/
+    bench_long_prompts.py --workloads budget``)."""
+    idle_prefill_tokens: int = 2048
+    """Prompt tokens one step computes at most when no row is running (no stream waits on it):
+    many short prompts arriving together then join in one forward. Long prompts are still
+    chunked at ``max_prefill_tokens``."""
+    prefix_cache_mb: float = 2048.0
     """Memory for the prefix cache of prompt text (MiB; 0 turns it off): keys/values of prompt
     blocks kept after their request and reused by later prompts that start the same way (same
     adapter, same tokens), least recently used evicted first (``prefix_cache.py``)."""
@@ -76,6 +82,7 @@ class EngineConfig:
         for name in (
             "max_batch_size",
             "max_prefill_tokens",
+            "idle_prefill_tokens",
             "max_new_tokens_cap",
             "max_resident_adapters",
             "prefix_cache_block",

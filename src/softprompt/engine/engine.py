@@ -136,7 +136,10 @@ class Engine:
             self.runner,
             self.registry,
             Scheduler(
-                self.config.max_batch_size, self.config.max_prefill_tokens, self.config.policy
+                self.config.max_batch_size,
+                self.config.max_prefill_tokens,
+                self.config.policy,
+                self.config.idle_prefill_tokens,
             ),
             self.config.prefill_padding,
             eos_ids(model, tokenizer),

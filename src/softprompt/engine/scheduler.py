@@ -22,11 +22,20 @@ POLICIES = ("continuous", "static")
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, max_prefill_tokens: int, policy: str = "continuous"):
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_prefill_tokens: int,
+        policy: str = "continuous",
+        idle_prefill_tokens: int | None = None,
+    ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if max_prefill_tokens < 1:
             raise ValueError("max_prefill_tokens must be at least 1")
+        if idle_prefill_tokens is not None and idle_prefill_tokens < 1:
+            raise ValueError("idle_prefill_tokens must be at least 1")
+        self.idle_prefill_tokens = max(max_prefill_tokens, idle_prefill_tokens or 0)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
         self.max_batch_size = max_batch_size
@@ -45,18 +54,25 @@ class Scheduler:
         return bool(self.waiting or self.prefilling or self.running)
 
     def plan(self, remaining: Callable[[Sequence], int | None]) -> list[tuple[Sequence, int]]:
-        """This step's prefill: ``(request, prompt tokens to compute now)``, at most
-        ``max_prefill_tokens`` tokens in all.
+        """This step's prefill: ``(request, prompt tokens to compute now)``.
 
         Requests part-way through their prompt go first, in arrival order, then waiting requests
-        join while slots are free and the budget lasts: a prompt longer than what is left of the
-        budget is computed in chunks over the next steps (its first chunk now), so however long
-        the prompts that join, a step computes at most the budget and the running rows get their
-        next token every step. ``remaining(seq)`` says how many of a request's prompt tokens are
-        still to compute (None: the request failed to start and is finished).
+        join while slots are free and the budget lasts. The budget is ``max_prefill_tokens``
+        while rows are running (a step never holds their next token back for longer than that
+        much prompt), ``idle_prefill_tokens`` when none is (nobody waits: many short prompts
+        then join in one forward). A prompt longer than ``max_prefill_tokens``, or than what is
+        left of the budget, is computed in chunks of at most that over the next steps: chunks
+        against what the row already holds cost attention in proportion to the chunk, where one
+        forward over a long prompt costs it in proportion to the prompt. One prompt at a time
+        is computed in chunks: the next long one starts when it is done, so it finds the first's
+        blocks in the prefix cache (the same system prompt or document is not computed twice
+        side by side); short prompts still join meanwhile. ``remaining(seq)`` says
+        how many of a request's prompt tokens are still to compute (None: the request failed to
+        start and is finished).
         """
         self.prefilling = [s for s in self.prefilling if not s.finished]  # cancelled meanwhile
-        budget = self.max_prefill_tokens
+        budget = self.max_prefill_tokens if self.running else self.idle_prefill_tokens
+        chunk = self.max_prefill_tokens
         work: list[tuple[Sequence, int]] = []
         for seq in self.prefilling:
             if budget <= 0:
@@ -64,23 +80,30 @@ class Scheduler:
             left = remaining(seq)
             if left is None:
                 continue
-            take = min(left, budget)
+            take = min(left, chunk, budget)
             work.append((seq, take))
             budget -= take
         if self.policy == "static" and (self.running or self.prefilling):
             return work
+        chunking = bool(self.prefilling)  # a prompt is under way in chunks
         while (
             self.waiting
             and budget > 0
             and len(self.running) + len(self.prefilling) < self.max_batch_size
         ):
-            seq = self.waiting.popleft()
+            seq = self.waiting[0]
+            if chunking and len(seq.prompt_ids) > min(chunk, budget):
+                # One prompt in chunks at a time: the next starts once this one's keys are in
+                # the prefix cache (looked up when it starts), reusing what they share.
+                break
+            self.waiting.popleft()
             left = remaining(seq)
             if left is None:
                 continue
             seq.status = Status.RUNNING
             self.prefilling.append(seq)
-            take = min(left, budget)
+            take = min(left, budget) if left <= chunk else min(chunk, budget)
+            chunking = chunking or take < left
             work.append((seq, take))
             budget -= take
         return work
