@@ -145,3 +145,23 @@ def generation_args(
     p.add_argument(
         "--seed", type=int, default=0, help="seed of each sampled request (default: %(default)s)"
     )
+
+
+def engine_limit_args(p: argparse.ArgumentParser) -> None:
+    """How much prompt the serving engine computes a step, and keeps for reuse."""
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=128,
+        help="prompt tokens computed per engine step at most; a longer prompt is computed in "
+        "chunks over several steps while running streams keep getting tokens: lower it for "
+        "shorter stalls, raise it for faster prompts (default: %(default)s)",
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=2048.0,
+        help="memory for keys/values of prompt text kept and reused by later prompts that "
+        "start the same way with the same adapter (a system prompt, few-shot examples, earlier "
+        "chat turns); least recently used first out; 0 turns it off (default: %(default)g)",
+    )

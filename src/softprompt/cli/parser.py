@@ -457,22 +457,7 @@ def add_serve(sub: Commands) -> None:
         default=32,
         help="requests decoded together at most (default: %(default)s)",
     )
-    srv.add_argument(
-        "--max-prefill-tokens",
-        type=int,
-        default=128,
-        help="prompt tokens computed per engine step at most; a longer prompt is computed in "
-        "chunks over several steps while running streams keep getting tokens: lower it for "
-        "shorter stalls, raise it for faster prompts (default: %(default)s)",
-    )
-    srv.add_argument(
-        "--prefix-cache-mb",
-        type=float,
-        default=2048.0,
-        help="memory for keys/values of prompt text kept and reused by later prompts that "
-        "start the same way with the same adapter (a system prompt, few-shot examples, earlier "
-        "chat turns); least recently used first out; 0 turns it off (default: %(default)g)",
-    )
+    args.engine_limit_args(srv)
     srv.add_argument(
         "--max-tokens-cap",
         type=int,

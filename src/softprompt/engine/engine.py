@@ -27,7 +27,7 @@ from .detokenize import Detokenizer
 from .prefix_cache import PrefixCache
 from .registry import AdapterRegistry
 from .runner import ModelRunner
-from .sampling import RequestError, SamplingParams
+from .sampling import RequestError, SamplingParams, prompt_ids
 from .scheduler import Scheduler
 from .sequence import Completion, Output, Sequence, Status
 from .stops import StopMatcher
@@ -582,32 +582,6 @@ class Engine:
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         return prompt_ids(self.tokenizer, prompt, self.runner.vocab_size)
-
-
-def prompt_ids(tokenizer: Any, prompt: str | list[int], vocab: int) -> list[int]:
-    """A request's prompt as token ids: text tokenized, ids checked against the vocabulary.
-
-    Raises:
-        RequestError: neither text nor ids, an id outside ``0..vocab-1``, or no tokens.
-    """
-    if isinstance(prompt, str):
-        ids = list(tokenizer(prompt)["input_ids"])
-    elif isinstance(prompt, list) and all(
-        isinstance(i, int) and not isinstance(i, bool) for i in prompt
-    ):
-        ids = list(prompt)
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise RequestError(
-                f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", field="prompt"
-            )
-    else:
-        raise RequestError("a prompt is text or a list of token ids", field="prompt")
-    if not ids:
-        raise RequestError(
-            "a prompt with no tokens cannot be completed; give some text", field="prompt"
-        )
-    return ids
 
 
 def _post(loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue[Output], out: Output) -> None:

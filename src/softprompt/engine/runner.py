@@ -72,7 +72,7 @@ def owner_digest(adapter: Adapter, weights: torch.Tensor) -> bytes:
     (as the runner reads them), whatever its name."""
     h = hashlib.blake2b(adapter.method.encode(), digest_size=16)
     h.update(str(tuple(weights.shape)).encode())
-    h.update(weights.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(weights.detach().float().numpy(force=True).tobytes())
     return h.digest()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -313,3 +314,29 @@ def prompt_logprobs(logits: torch.Tensor, ids: list[int], k: int) -> list[TokenL
         pairs = zip(top[t].tolist(), values[t].tolist(), strict=True)
         out.append(TokenLogprobs(token=token, logprob=float(own[t]), top=list(pairs)))
     return out
+
+
+def prompt_ids(tokenizer: Any, prompt: str | list[int], vocab: int) -> list[int]:
+    """A request's prompt as token ids: text tokenized, ids checked against the vocabulary.
+
+    Raises:
+        RequestError: neither text nor ids, an id outside ``0..vocab-1``, or no tokens.
+    """
+    if isinstance(prompt, str):
+        ids = list(tokenizer(prompt)["input_ids"])
+    elif isinstance(prompt, list) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in prompt
+    ):
+        ids = list(prompt)
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise RequestError(
+                f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", field="prompt"
+            )
+    else:
+        raise RequestError("a prompt is text or a list of token ids", field="prompt")
+    if not ids:
+        raise RequestError(
+            "a prompt with no tokens cannot be completed; give some text", field="prompt"
+        )
+    return ids
