@@ -2,7 +2,9 @@
 
 Split as nano-vllm splits its engine, each part plain and testable alone:
 
-- ``scheduler``: which requests run (a FIFO queue admitted into free slots between steps);
+- ``scheduler``: which requests run (a FIFO queue admitted into free slots between steps) and
+  how much of their prompts a step computes (long prompts in chunks);
+- ``prefix_cache``: keys/values of prompt text kept and reused by prompts that start the same;
 - ``runner``: runs the frozen model (adapter prefixes, prefill, decode);
 - ``kv_cache``: a slot-based KV cache that rows join and leave without copying the batch;
 - ``registry``: the adapters, each a cached KV prefix, resident under an LRU bound;
