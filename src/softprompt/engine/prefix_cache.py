@@ -144,10 +144,6 @@ class PrefixCache:
             self.stats.stored_blocks += 1
         self._evict()
 
-    def clear(self) -> None:
-        self.blocks.clear()
-        self.nbytes = 0
-
     def _evict(self) -> None:
         while self.nbytes > self.max_bytes and self.blocks:
             _, entry = self.blocks.popitem(last=False)

@@ -4,8 +4,9 @@ prompts computed within a token budget per step.
 Plain Python, no tensors, so it is testable alone. ``continuous`` admits waiting requests at every
 step while slots are free; ``static`` admits a new batch only when the running one has finished
 (what a static-batch server does, kept to measure against). Either way a step computes at most
-``max_prefill_tokens`` prompt tokens: a longer prompt is computed in chunks over several steps
-while the running rows keep decoding.
+``max_prefill_tokens`` prompt tokens while rows are running (``idle_prefill_tokens`` when none
+is), and a longer prompt is computed in chunks over several steps while the running rows keep
+decoding.
 """
 
 from __future__ import annotations
