@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from softprompt.engine import cpu_kernels
 from softprompt.engine.kv_cache import SlotCache
-from softprompt.engine.llama import _Attention, _normalise
+from softprompt.engine.lean import _Attention, _normalise
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def decode_attention(
     cpu_kernels._check(qkv)
     batch, _, _, dim = keys.shape
     step = cpu_kernels.DecodeStep(
-        kernels, [keys], [values], valid, slice(0, batch), end, cos, sin, heads
+        kernels, [keys], [values], valid, slice(0, batch), end, {None: (cos, sin)}, heads
     )
     out = torch.empty(batch, heads * dim)
     step.attention(0, qkv, scaling, out=out)
@@ -86,7 +86,7 @@ def test_decode_attention_equals_the_torch_path(kernels, heads, kv_heads, dim, e
     signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
     scaling = dim**-0.5
 
-    # The PyTorch path (LeanLlama.layers_forward's arithmetic): rotate, write, attend.
+    # The PyTorch path (LeanDecoder.layers_forward's arithmetic): rotate, write, attend.
     keys, values = cache.keys[0].clone(), cache.values[0].clone()
     split = qkv.view(batch, 1, heads + 2 * kv_heads, dim)
     qk = split[:, :, : heads + kv_heads]
@@ -106,7 +106,7 @@ def test_decode_attention_equals_the_torch_path(kernels, heads, kv_heads, dim, e
     twin.values[0].copy_(cache.values[0])
     twin.valid.copy_(cache.valid)
     step = cpu_kernels.DecodeStep(
-        kernels, twin.keys, twin.values, twin.valid, rows, end, cos, signed, heads
+        kernels, twin.keys, twin.values, twin.valid, rows, end, {None: (cos, signed)}, heads
     )
     stepped = torch.empty(batch, heads * dim)
     step.attention(0, qkv, scaling, out=stepped)
@@ -164,6 +164,12 @@ def test_add_normalise_equals_residual_add_then_rms_norm(kernels, width):
     torch.testing.assert_close(alone, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="output buffer"):
         kernels.add_normalise(h, delta, 1e-5, out=torch.empty(64, width + 1))
+    # Gemma's norms on the residual branch keep their weight (here already offset, 1 + w).
+    weight = torch.randn(width, generator=generator)
+    weighted = kernels.add_normalise(h.clone(), None, 1e-5, weight=weight)
+    torch.testing.assert_close(weighted, expected * weight, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="weight vector"):
+        kernels.add_normalise(h.clone(), None, 1e-5, weight=weight[:-1])
 
 
 def test_silu_mul_equals_swiglu_across_the_float_range(kernels):
@@ -175,6 +181,9 @@ def test_silu_mul_equals_swiglu_across_the_float_range(kernels):
     torch.testing.assert_close(got, F.silu(gate) * up, rtol=2e-6, atol=1e-30)
     nan = kernels.silu_mul(torch.tensor([[float("nan"), 1.0]]))
     assert torch.isnan(nan).all()
+    # GeGLU (Gemma): GELU's tanh approximation in place of SiLU.
+    geglu = kernels.silu_mul(torch.cat((gate, up), dim=-1), gelu=True)
+    torch.testing.assert_close(geglu, F.gelu(gate, approximate="tanh") * up, rtol=2e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -87,7 +87,7 @@ def cpu_signature() -> dict[str, Any]:
 
 
 def cache_key(
-    model_shape: Sequence[int], max_batch: int, candidates: Sequence[DecodePath] = ()
+    model_shape: Sequence[int | str], max_batch: int, candidates: Sequence[DecodePath] = ()
 ) -> str:
     """What the decision depends on, hashed: CPU, torch, threads, model shape, batch, and the
     paths it chose among (a new candidate is measured, not ruled out by an old decision)."""

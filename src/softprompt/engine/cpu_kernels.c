@@ -40,16 +40,49 @@ static inline float sp_exp(float x) {
     return p * scale;
 }
 
-/* x * cos + rotate_half(x) * sin for one head of `dim` values; `sin` carries the sign of
- * rotate_half (its first half negated), so the rotation is x[d +- dim/2] * sin[d]. */
-static inline void sp_rotate(const float *restrict x, const float *restrict cos,
-                             const float *restrict sin, float factor, int64_t dim,
-                             float *restrict out) {
-    const int64_t half = dim / 2;
+/* tanh from sp_exp, branch-free: 1 - 2 / (e^2x + 1) (exact to float rounding at both ends). */
+static inline float sp_tanh(float x) { return 1.0f - 2.0f / (sp_exp(2.0f * x) + 1.0f); }
+
+/* One head of `dim` values made ready for attention: RMS-normalised with `norm` (the q/k norm
+ * of Qwen3 and Gemma 3, its weight already offset; skipped when NULL), then rotated on its first
+ * `rot` values (x * cos + rotate_half(x) * sin; `sin` carries the sign of rotate_half, its first
+ * half negated, so the rotation is x[d +- rot/2] * sin[d]), the rest passed through (partial
+ * rotary, Phi-3); everything times `factor`. */
+static inline void sp_rotate(const float *restrict x, const float *restrict norm, float eps,
+                             const float *restrict cos, const float *restrict sin, float factor,
+                             int64_t dim, int64_t rot, float *restrict out) {
+    float normed[dim];
+    if (norm != NULL) {
+        float squares = 0.0f;
+        for (int64_t d = 0; d < dim; ++d)
+            squares += x[d] * x[d];
+        const float scale = 1.0f / sqrtf(squares / (float)dim + eps);
+        for (int64_t d = 0; d < dim; ++d)
+            normed[d] = x[d] * scale * norm[d];
+        x = normed;
+    }
+    const int64_t half = rot / 2;
     for (int64_t d = 0; d < half; ++d)
         out[d] = (x[d] * cos[d] + x[d + half] * sin[d]) * factor;
-    for (int64_t d = half; d < dim; ++d)
+    for (int64_t d = half; d < rot; ++d)
         out[d] = (x[d] * cos[d] + x[d - half] * sin[d]) * factor;
+    for (int64_t d = rot; d < dim; ++d)
+        out[d] = x[d] * factor;
+}
+
+/* The first column a sliding window of `window` positions lets the new token at `end` see: the
+ * newest window - 1 valid columns before it (a row's valid columns hold consecutive positions),
+ * never before `first`. window 0: no window. */
+static inline int64_t sp_window_first(const uint8_t *ok, int64_t first, int64_t end,
+                                      int64_t window) {
+    if (window <= 0)
+        return first;
+    int64_t column = end, seen = 0;
+    while (column > first && seen < window - 1) {
+        --column;
+        seen += ok[column] != 0;
+    }
+    return column;
 }
 
 /* The first valid column of a row (columns before it are never read), at most `end`. */
@@ -97,6 +130,16 @@ sp_scores_block(const float *restrict q, const float *restrict k, int64_t ks_dim
             scores[g * n + l] = a[g][l];
 }
 
+/* What a decoder family changes in a decode step's attention (see sp_decode_attention). */
+struct sp_options {
+    int64_t rotary_dim;   /* rotated values of each head (the head size unless partial) */
+    int64_t window;       /* sliding window in positions, 0 for none */
+    float softcap;        /* scores -> softcap * tanh(scores / softcap), 0 for none */
+    const float *q_norm;  /* per-head RMSNorm weights of q and k (offset applied), or NULL */
+    const float *k_norm;
+    float qk_eps;
+};
+
 /* Attention of one (row, key/value head) pair: see sp_decode_attention. `groups` and `dim` are
  * compile-time constants in the common cases (the function is inlined into a dispatch on
  * them), so the per-column accumulators below stay in vector registers. */
@@ -105,17 +148,20 @@ sp_attend_one(const float *restrict row, const float *restrict cos, const float 
               float *restrict k_cache, int64_t ks_dim, float *restrict v_cache, int64_t vs_col,
               const uint8_t *restrict ok, int64_t end, float scaling, int64_t h,
               int64_t heads, int64_t kv_heads, const int64_t groups, const int64_t dim,
-              float *restrict scores, float *restrict out) {
+              const struct sp_options *restrict opt, float *restrict scores,
+              float *restrict out) {
     float q[groups * dim], key[dim], acc[groups * dim], total[groups];
-    sp_rotate(row + (heads + h) * dim, cos, sin, 1.0f, dim, key);
+    const int64_t rot = opt->rotary_dim;
+    sp_rotate(row + (heads + h) * dim, opt->k_norm, opt->qk_eps, cos, sin, 1.0f, dim, rot, key);
     for (int64_t d = 0; d < dim; ++d)
         k_cache[d * ks_dim + end] = key[d];
     memcpy(v_cache + end * vs_col, row + (heads + kv_heads + h) * dim,
            sizeof(float) * (size_t)dim);
     for (int64_t g = 0; g < groups; ++g)
-        sp_rotate(row + (h * groups + g) * dim, cos, sin, scaling, dim, q + g * dim);
+        sp_rotate(row + (h * groups + g) * dim, opt->q_norm, opt->qk_eps, cos, sin, scaling, dim,
+                  rot, q + g * dim);
 
-    const int64_t first = sp_first_valid(ok, end);
+    const int64_t first = sp_window_first(ok, sp_first_valid(ok, end), end, opt->window);
     const int64_t n = end + 1 - first;
     const uint8_t *restrict okn = ok + first;
     const float *restrict k_first = k_cache + first;
@@ -142,6 +188,11 @@ sp_attend_one(const float *restrict row, const float *restrict cos, const float 
 
     /* Softmax over the valid columns; masked ones get weight exactly 0. Maxima and sums in
      * sixteen lanes (vectorised without reassociating a single running value). */
+    if (opt->softcap > 0.0f) {
+        const float cap = opt->softcap, inverse = 1.0f / opt->softcap;
+        for (int64_t j = 0; j < groups * n; ++j)
+            scores[j] = cap * sp_tanh(scores[j] * inverse);
+    }
     for (int64_t g = 0; g < groups; ++g) {
         float *restrict sg = scores + g * n;
         float lane[W];
@@ -199,7 +250,8 @@ sp_attend_one(const float *restrict row, const float *restrict cos, const float 
 /* One decode step of grouped-query attention for `batch` rows over their cache slots.
  *
  * qkv: (batch, (heads + 2 kv_heads) * dim), the fused q/k/v projection of the new token, before
- *   rotary embeddings. cos, sin: (batch, dim) for each row's position (sin signed, above).
+ *   rotary embeddings. cos, sin: (batch, rotary_dim) for each row's position (sin signed,
+ *   above).
  * keys: row b's key for head h, cache column c, component d is at
  *   keys[b * ks_slot + h * ks_head + d * ks_dim + c] (keys stored transposed, columns
  *   contiguous); values: values[b * vs_slot + h * vs_head + c * vs_col + d].
@@ -207,6 +259,8 @@ sp_attend_one(const float *restrict row, const float *restrict cos, const float 
  * The rotated key and the value of the new token are written at column `end`; each query head
  * then attends to the valid columns of its row before `end`, and to `end` itself (a new token
  * always sees itself, as the engine's attention mask has it).
+ * The family's options: q_norm, k_norm (dim,) each or NULL, with qk_eps; rotary_dim <= dim;
+ * window (the newest `window` positions, the new one included; 0: all); softcap (0: none).
  * out: (batch, heads * dim).
  */
 void sp_decode_attention(const float *restrict qkv, int64_t batch, int64_t heads,
@@ -215,7 +269,10 @@ void sp_decode_attention(const float *restrict qkv, int64_t batch, int64_t heads
                          int64_t ks_head, int64_t ks_dim, float *restrict values,
                          int64_t vs_slot, int64_t vs_head, int64_t vs_col,
                          const uint8_t *restrict valid, int64_t valid_stride, int64_t end,
-                         float scaling, float *restrict out, int threads) {
+                         float scaling, int64_t rotary_dim, int64_t window, float softcap,
+                         const float *restrict q_norm, const float *restrict k_norm,
+                         float qk_eps, float *restrict out, int threads) {
+    const struct sp_options options = {rotary_dim, window, softcap, q_norm, k_norm, qk_eps};
     const int64_t groups = heads / kv_heads;
     const int64_t width = (heads + 2 * kv_heads) * dim;
     const int64_t items = batch * kv_heads;
@@ -234,14 +291,14 @@ void sp_decode_attention(const float *restrict qkv, int64_t batch, int64_t heads
                             sp_first_valid(valid + nb * valid_stride, end), end, dim);
             }
             const float *row = qkv + b * width;
-            const float *c = cos + b * dim, *s = sin + b * dim;
+            const float *c = cos + b * rotary_dim, *s = sin + b * rotary_dim;
             const uint8_t *ok = valid + b * valid_stride;
             float *k_cache = keys + b * ks_slot + h * ks_head;
             float *v_cache = values + b * vs_slot + h * vs_head;
             float *o = out + b * heads * dim;
 #define SP_ATTEND(G, D)                                                                        \
     sp_attend_one(row, c, s, k_cache, ks_dim, v_cache, vs_col, ok, end, scaling, h, heads,     \
-                  kv_heads, G, D, scores, o)
+                  kv_heads, G, D, &options, scores, o)
             if (dim == 64 && groups == 3)
                 SP_ATTEND(3, 64);
             else if (dim == 64 && groups == 4)
@@ -258,11 +315,13 @@ void sp_decode_attention(const float *restrict qkv, int64_t batch, int64_t heads
     }
 }
 
-/* RMS normalisation without a weight (it is folded into the next linear), optionally after a
- * residual add: h += delta (when delta is not NULL), then out = h / sqrt(mean(h^2) + eps).
- * h, delta, out: (rows, dim), contiguous. */
+/* RMS normalisation, optionally after a residual add: h += delta (when delta is not NULL), then
+ * out = h / sqrt(mean(h^2) + eps), times `weight` (dim,) when it is not NULL (a norm feeding a
+ * linear layer has its weight folded into that layer instead; Gemma's norms after attention and
+ * the MLP feed the residual). h, delta, out: (rows, dim), contiguous. */
 void sp_add_normalise(float *restrict h, const float *restrict delta, float *restrict out,
-                      int64_t rows, int64_t dim, float eps, int threads) {
+                      int64_t rows, int64_t dim, float eps, const float *restrict weight,
+                      int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         float *x = h + r * dim;
@@ -284,21 +343,34 @@ void sp_add_normalise(float *restrict h, const float *restrict delta, float *res
             squares += part[l];
         const float scale = 1.0f / sqrtf(squares / (float)dim + eps);
         float *o = out + r * dim;
-        for (int64_t j = 0; j < dim; ++j)
-            o[j] = x[j] * scale;
+        if (weight != NULL)
+            for (int64_t j = 0; j < dim; ++j)
+                o[j] = x[j] * scale * weight[j];
+        else
+            for (int64_t j = 0; j < dim; ++j)
+                o[j] = x[j] * scale;
     }
 }
 
-/* SwiGLU's activation: out[r, i] = silu(gate[r, i]) * up[r, i], where each row of gate_up
- * (rows, 2 * width) holds the gate then the up projection. out: (rows, width). */
+/* A gated MLP's activation: out[r, i] = act(gate[r, i]) * up[r, i], where each row of gate_up
+ * (rows, 2 * width) holds the gate then the up projection; act is SiLU (SwiGLU, `gelu` 0) or
+ * GELU's tanh approximation (GeGLU, Gemma; `gelu` 1). out: (rows, width). */
 void sp_silu_mul(const float *restrict gate_up, float *restrict out, int64_t rows,
-                 int64_t width, int threads) {
+                 int64_t width, int gelu, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         const float *g = gate_up + r * 2 * width, *u = g + width;
         float *o = out + r * width;
-        for (int64_t i = 0; i < width; ++i)
-            o[i] = g[i] / (1.0f + sp_exp(-g[i])) * u[i];
+        if (gelu)
+            for (int64_t i = 0; i < width; ++i) {
+                const float x = g[i];
+                /* 0.5 (1 + tanh(y)) = 1 / (1 + e^-2y): no cancellation where tanh is near -1 */
+                const float inner = 1.5957691216057308f * (x + 0.044715f * x * x * x);
+                o[i] = x / (1.0f + sp_exp(-inner)) * u[i];
+            }
+        else
+            for (int64_t i = 0; i < width; ++i)
+                o[i] = g[i] / (1.0f + sp_exp(-g[i])) * u[i];
     }
 }
 

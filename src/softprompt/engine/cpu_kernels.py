@@ -25,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +49,14 @@ class CpuKernels:
         self._attention.restype = None
         self._attention.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr]
         self._attention.argtypes += [_ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64]
-        self._attention.argtypes += [_ptr, _i64, _i64, _f32, _ptr, _int]
+        self._attention.argtypes += [_ptr, _i64, _i64, _f32, _i64, _i64, _f32]
+        self._attention.argtypes += [_ptr, _ptr, _f32, _ptr, _int]
         self._normalise = lib.sp_add_normalise
         self._normalise.restype = None
-        self._normalise.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _f32, _int]
+        self._normalise.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _f32, _ptr, _int]
         self._silu_mul = lib.sp_silu_mul
         self._silu_mul.restype = None
-        self._silu_mul.argtypes = [_ptr, _ptr, _i64, _i64, _int]
+        self._silu_mul.argtypes = [_ptr, _ptr, _i64, _i64, _int, _int]
         self._panel_linear = lib.sp_panel_linear
         self._panel_linear.restype = None
         self._panel_linear.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _ptr, _int]
@@ -65,26 +67,33 @@ class CpuKernels:
         delta: torch.Tensor | None,
         eps: float,
         out: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``h += delta`` in place (when given), then ``h * rsqrt(mean(h²) + eps)`` per row
-        (into ``out`` when given)."""
+        """``h += delta`` in place (when given), then ``h * rsqrt(mean(h²) + eps)`` per row,
+        times ``weight`` (D,) when given (into ``out`` when given)."""
         _check(h, *(() if delta is None else (delta,)))
         if delta is not None and delta.shape != h.shape:
             raise ValueError("add_normalise: h and delta differ in shape")
         out = _output(out, h, h.shape)
         rows, dim = h.shape
         pointer = None if delta is None else delta.data_ptr()
+        scale = None if weight is None else _vector(weight, dim).data_ptr()
         self._normalise(
-            h.data_ptr(), pointer, out.data_ptr(), rows, dim, eps, torch.get_num_threads()
+            h.data_ptr(), pointer, out.data_ptr(), rows, dim, eps, scale, torch.get_num_threads()
         )
         return out
 
-    def silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, 2W) holding gate then up → ``silu(gate) * up`` (B, W), into ``out`` if given."""
+    def silu_mul(
+        self, gate_up: torch.Tensor, out: torch.Tensor | None = None, gelu: bool = False
+    ) -> torch.Tensor:
+        """(B, 2W) holding gate then up → ``silu(gate) * up`` (B, W), into ``out`` if given;
+        with ``gelu``, GELU's tanh approximation instead of SiLU (GeGLU)."""
         _check(gate_up)
         rows, width = gate_up.shape[0], gate_up.shape[1] // 2
         out = _output(out, gate_up, (rows, width))
-        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width, torch.get_num_threads())
+        self._silu_mul(
+            gate_up.data_ptr(), out.data_ptr(), rows, width, int(gelu), torch.get_num_threads()
+        )
         return out
 
     def panel_linear(
@@ -134,8 +143,7 @@ class DecodeStep:
         valid: torch.Tensor,
         rows: slice,
         end: int,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rotaries: dict[Any, tuple[torch.Tensor, torch.Tensor]],
         heads: int,
     ) -> None:
         keys, values = cache_keys[0][rows], cache_values[0][rows]
@@ -150,7 +158,8 @@ class DecodeStep:
             _check_buffer(k)
             _check_buffer(v)
         qkv_shape = (batch, (heads + 2 * kv_heads) * dim)
-        _check_attention(qkv_shape, cos, sin, keys, values, valid[rows], end, heads)
+        for cos, sin in rotaries.values():
+            _check_attention(qkv_shape, cos, sin, keys, values, valid[rows], end, heads)
         self.kernels, self.heads, self.end, self.threads = (
             kernels,
             heads,
@@ -166,20 +175,34 @@ class DecodeStep:
         self.value_strides = (values.stride(0), values.stride(1), values.stride(2))
         row_valid = valid[rows]
         self.valid = (row_valid.data_ptr(), row_valid.stride(0))
-        self.cos, self.sin = cos, sin  # kept alive: the kernel reads them by address
-        self.rotary = (cos.data_ptr(), sin.data_ptr())
+        self._rotaries = rotaries  # kept alive: the kernel reads them by address
+        self.rotary = {
+            key: (cos.data_ptr(), sin.data_ptr(), cos.shape[1])
+            for key, (cos, sin) in rotaries.items()
+        }
 
-    def attention(self, layer: int, qkv: torch.Tensor, scaling: float, out: torch.Tensor) -> None:
-        """``decode_attention`` for cache layer ``layer``, into ``out`` (B, H·Dh)."""
+    def attention(
+        self,
+        layer: int,
+        qkv: torch.Tensor,
+        scaling: float,
+        out: torch.Tensor,
+        options: AttentionOptions | None = None,
+    ) -> None:
+        """``decode_attention`` for cache layer ``layer``, into ``out`` (B, H·Dh), with the
+        layer's ``options`` (its rotary among the step's, window, soft cap, q/k norms)."""
         _expect(qkv, self.qkv_shape)
         _expect(out, (self.batch, self.heads * self.dim))
+        options = options or _PLAIN
+        cos, sin, rotary_dim = self.rotary[options.rotary]
         self.kernels._attention(
             qkv.data_ptr(),
             self.batch,
             self.heads,
             self.kv_heads,
             self.dim,
-            *self.rotary,
+            cos,
+            sin,
             self.keys[layer].data_ptr() + self.key_offset,
             *self.key_strides,
             self.values[layer].data_ptr() + self.value_offset,
@@ -187,28 +210,77 @@ class DecodeStep:
             *self.valid,
             self.end,
             scaling,
+            rotary_dim,
+            options.window,
+            options.softcap,
+            options.q_norm_pointer,
+            options.k_norm_pointer,
+            options.qk_eps,
             out.data_ptr(),
             self.threads,
         )
 
     def add_normalise(
-        self, h: torch.Tensor, delta: torch.Tensor | None, eps: float, out: torch.Tensor
+        self,
+        h: torch.Tensor,
+        delta: torch.Tensor | None,
+        eps: float,
+        out: torch.Tensor,
+        weight: torch.Tensor | None = None,
     ) -> None:
-        """``CpuKernels.add_normalise`` on (B, D) tensors of one shape."""
+        """``CpuKernels.add_normalise`` on (B, D) tensors of one shape (``weight``: a contiguous
+        float32 (D,) vector, checked by its owner)."""
         _expect(out, h.shape)
         if delta is not None:
             _expect(delta, h.shape)
         _expect(h, out.shape)
         rows, dim = h.shape
         pointer = None if delta is None else delta.data_ptr()
-        self.kernels._normalise(h.data_ptr(), pointer, out.data_ptr(), rows, dim, eps, self.threads)
+        scale = None if weight is None else weight.data_ptr()
+        self.kernels._normalise(
+            h.data_ptr(), pointer, out.data_ptr(), rows, dim, eps, scale, self.threads
+        )
 
-    def silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor) -> None:
+    def silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor, gelu: bool = False) -> None:
         """``CpuKernels.silu_mul`` into ``out`` (B, W) from gate_up (B, 2W)."""
         rows, width = out.shape
         _expect(gate_up, (rows, 2 * width))
         _expect(out, out.shape)
-        self.kernels._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width, self.threads)
+        self.kernels._silu_mul(
+            gate_up.data_ptr(), out.data_ptr(), rows, width, int(gelu), self.threads
+        )
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """What a decoder family changes in one layer's decode attention (none: Llama's)."""
+
+    rotary: Any = None
+    """Which of the step's rotary tables the layer uses (Gemma 3: local or global)."""
+    window: int = 0
+    """Sliding window in positions, the new one included (0: none)."""
+    softcap: float = 0.0
+    """Scores become ``softcap * tanh(scores / softcap)`` (0: none; Gemma 2)."""
+    q_norm: torch.Tensor | None = None
+    """Per-head RMSNorm weights (Dh,) of q and k, offset applied (Qwen3, Gemma 3)."""
+    k_norm: torch.Tensor | None = None
+    qk_eps: float = 0.0
+
+    def __post_init__(self) -> None:
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                _vector(norm, norm.shape[0])
+
+    @property
+    def q_norm_pointer(self) -> int | None:
+        return None if self.q_norm is None else self.q_norm.data_ptr()
+
+    @property
+    def k_norm_pointer(self) -> int | None:
+        return None if self.k_norm is None else self.k_norm.data_ptr()
+
+
+_PLAIN = AttentionOptions()
 
 
 def _check_attention(
@@ -228,8 +300,10 @@ def _check_attention(
     batch, kv_heads, capacity, dim = keys.shape
     if not (0 <= end < capacity) or keys.stride(2) != 1 or values.stride(3) != 1:
         raise ValueError("decode_attention: cache column out of range or unexpected layout")
-    if tuple(qkv_shape) != (batch, (heads + 2 * kv_heads) * dim) or cos.shape != (batch, dim):
-        raise ValueError("decode_attention: qkv or cos has the wrong shape")
+    if tuple(qkv_shape) != (batch, (heads + 2 * kv_heads) * dim):
+        raise ValueError("decode_attention: qkv has the wrong shape")
+    if cos.shape[0] != batch or not (0 < cos.shape[1] <= dim) or cos.shape[1] % 2:
+        raise ValueError("decode_attention: cos has the wrong shape")
     if sin.shape != cos.shape or valid.shape[0] != batch or valid.shape[1] <= end:
         raise ValueError("decode_attention: sin or valid has the wrong shape")
     if valid.stride(1) != 1 or valid.device.type != "cpu":
@@ -242,6 +316,15 @@ def _expect(t: torch.Tensor, shape: Any) -> None:
     """The cheap per-call check: float32, contiguous, this shape (the device is the step's)."""
     if t.shape != shape or t.dtype != torch.float32 or not t.is_contiguous():
         raise ValueError(f"decode step: expected a contiguous float32 {tuple(shape)} tensor")
+
+
+def _vector(t: torch.Tensor, size: int) -> torch.Tensor:
+    """A weight vector the kernels read by address: float32, contiguous, (size,), on the CPU."""
+    if t.shape != (size,) or t.dtype != torch.float32 or not t.is_contiguous():
+        raise ValueError(f"CPU kernels take a contiguous float32 ({size},) weight vector")
+    if t.device.type != "cpu":
+        raise ValueError("CPU kernels take CPU tensors")
+    return t
 
 
 def _check_buffer(t: torch.Tensor) -> None:

@@ -3,7 +3,7 @@
 At a small model's sizes a GPU decode step is bound by launching its few hundred kernels from
 Python, not by arithmetic (transformers' ``generate`` spends about 22 ms a step on a 135M model on
 an H200). A CUDA graph records the step's kernels once and replays them with one launch. That
-needs every shape and address fixed, so this step differs from ``LeanLlama.forward`` in three
+needs every shape and address fixed, so this step differs from ``LeanDecoder.forward`` in three
 ways, none of which changes what it computes:
 
 - the batch is rounded up to a bucket (1, 2, 4, 8, then multiples of 8); rows past the real batch
@@ -23,10 +23,9 @@ import logging
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from .kv_cache import SlotCache
-from .llama import LeanLlama
+from .lean import LeanDecoder, LeanLayer, capped
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +52,35 @@ class _ColumnWriter:
 
 
 class _FullAttention:
-    """One query per row against every column of the cache; invalid columns get -inf."""
+    """One query per row against every column of the cache; invalid columns get -inf, and so do
+    columns outside a layer's sliding window (a row's valid columns hold consecutive
+    positions: a column's position is the count of valid columns before it)."""
 
-    def __init__(self, valid: torch.Tensor, heads: int, kv_heads: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        valid: torch.Tensor,
+        positions: torch.Tensor,
+        heads: int,
+        kv_heads: int,
+        dtype: torch.dtype,
+        windows: list[int],
+    ):
         rows, columns = valid.shape
         self.groups = heads // kv_heads
-        bias = torch.zeros(rows, 1, 1, columns, dtype=dtype, device=valid.device)
-        bias = bias.masked_fill(~valid[:, None, None, :], float("-inf"))
-        bias = bias.expand(rows, kv_heads, self.groups, columns)
-        self.bias = bias.reshape(-1, self.groups, columns)
+        key_positions = valid.cumsum(-1) - 1  # (R, C)
+        self.bias = {}
+        for window in windows:
+            seen = valid
+            if window:
+                near = positions[:, None] - key_positions < window
+                seen = valid & near
+            bias = torch.zeros(rows, 1, 1, columns, dtype=dtype, device=valid.device)
+            bias = bias.masked_fill(~seen[:, None, None, :], float("-inf"))
+            bias = bias.expand(rows, kv_heads, self.groups, columns)
+            self.bias[window] = bias.reshape(-1, self.groups, columns)
 
     def __call__(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer: LeanLayer
     ) -> torch.Tensor:
         batch, heads, _, dim = q.shape
         columns = keys.shape[-2]
@@ -73,7 +89,11 @@ class _FullAttention:
             keys_t = keys.reshape(-1, columns, dim).transpose(1, 2)
         else:  # stored transposed (CPU): the view is in memory order
             keys_t = keys.transpose(2, 3).reshape(-1, dim, columns)  # (B·KV, Dh, C)
-        scores = torch.baddbmm(self.bias, grouped, keys_t, alpha=scaling)
+        bias = self.bias[layer.window]
+        if layer.softcap:
+            scores = capped(torch.bmm(grouped, keys_t) * layer.scaling, layer.softcap) + bias
+        else:
+            scores = torch.baddbmm(bias, grouped, keys_t, alpha=layer.scaling)
         # The GPU's softmax accumulates in float32 whatever the input dtype: one kernel.
         if scores.is_cuda or scores.dtype == torch.float32:
             weights = scores.softmax(dim=-1)
@@ -92,7 +112,7 @@ class GraphedDecode:
         capture: record CUDA graphs (on a GPU); False runs the same step eagerly.
     """
 
-    def __init__(self, lean: LeanLlama, max_batch: int, capture: bool) -> None:
+    def __init__(self, lean: LeanDecoder, max_batch: int, capture: bool) -> None:
         self.lean = lean
         weight = lean.embedding.weight
         self.device = weight.device
@@ -137,9 +157,16 @@ class GraphedDecode:
     def _step(self, cache: SlotCache, rows: int) -> torch.Tensor:
         lean = self.lean
         cache.valid[:rows].index_fill_(1, self.column, True)
-        embeds = F.embedding(self.tokens[:rows, None], lean.embedding.weight)  # (R, 1, D)
+        embeds = lean.embedding(self.tokens[:rows, None])  # (R, 1, D), the model's own scale
         writers = [_ColumnWriter(cache, i, rows, self.column) for i in range(len(lean.layers))]
-        attend = _FullAttention(cache.valid[:rows], lean.heads, lean.kv_heads, embeds.dtype)
+        attend = _FullAttention(
+            cache.valid[:rows],
+            self.positions[:rows],
+            lean.heads,
+            lean.kv_heads,
+            embeds.dtype,
+            lean.windows,
+        )
         h = lean.layers_forward(embeds, self.positions[:rows, None], writers, attend)
         return lean.logits(h[:, -1])
 

@@ -29,9 +29,10 @@ from .autotune import (
 )
 from .cpu_kernels import ENV, CpuKernels
 from .cpu_kernels import load as load_cpu_kernels
+from .families import describe
 from .graphs import GraphedDecode
 from .kv_cache import SlotCache
-from .llama import LeanLlama, supports
+from .lean import LeanDecoder, window_mask
 from .packed import PackedLinear, can_pack, packed_model
 from .registry import Prefix
 from .sampling import RequestError
@@ -46,8 +47,8 @@ class DecodeSwitches:
 
     packed_weights: bool | None = None
     """Linear layers on packed weights (CPU float32 only; None: when that applies):
-    Llama-family models through the lean forward of ``llama.py``, others through a shadow of
-    the model (``packed.py``)."""
+    the decoder families of ``families.py`` through the lean forward of ``lean.py``, others
+    through a shadow of the model (``packed.py``)."""
     graphs: bool | None = None
     """Decode steps of fixed shape (``graphs.py``), recorded as CUDA graphs on a GPU (None: on
     a GPU, where the lean forward applies); on the CPU they run eagerly."""
@@ -98,7 +99,10 @@ class ModelRunner:
         self.lean = None
         self.decode_path: Decision | None = None
         """On the CPU's lean forward: the decode path in use and why (``autotune.py``)."""
-        if supports(model) and (self.packed or on_gpu):
+        family, why = describe(model)
+        if family is None and (self.packed or on_gpu):
+            log.info("transformers' forward runs this model, not the lean one: %s", why)
+        if family is not None and (self.packed or on_gpu):
             kernels = None
             if self.packed and cpu_kernels is not False:
                 kernels = load_cpu_kernels()
@@ -107,8 +111,12 @@ class ModelRunner:
                         "the fused CPU kernels were asked for but are not available (no C "
                         "compiler, a failed build, or SOFTPROMPT_CPU_KERNELS=0)"
                     )
-            self.lean = LeanLlama(
-                model, full_batch if self.packed else None, packed=self.packed, kernels=kernels
+            self.lean = LeanDecoder(
+                model,
+                full_batch if self.packed else None,
+                packed=self.packed,
+                kernels=kernels,
+                family=family,
             )
         self.graphed = None
         if (on_gpu if graphs is None else graphs) and self.lean is not None:
@@ -172,8 +180,16 @@ class ModelRunner:
             self._set_decode_path(path, full_batch, kernels)
             return self._time_decode(full_batch or 1)
 
-        shape = (self.num_layers, self.hidden_size, self.num_kv_heads, self.head_dim)
-        key = cache_key((*shape, self.vocab_size), full_batch or 1, candidates)
+        shape: tuple[int | str, ...] = (
+            self.num_layers,
+            self.hidden_size,
+            self.num_kv_heads,
+            self.head_dim,
+            self.vocab_size,
+        )
+        if lean.family.name != "llama":  # (Llama's decisions cached before families keep)
+            shape = (*shape, lean.family.name)
+        key = cache_key(shape, full_batch or 1, candidates)
         decision = decide(candidates, measure, key, cache_dir() if tune else None, retune=retune)
         self._set_decode_path(decision.picked, full_batch, kernels)
         for linear in lean.packed_linears():  # the copies measuring made for the losers
@@ -247,7 +263,7 @@ class ModelRunner:
             else:
                 out = self.model(
                     inputs_embeds=embeds,
-                    attention_mask=mask,
+                    attention_mask=self._masks(cache, mask, positions),
                     position_ids=positions,
                     cache=cache,
                     use_cache=True,
@@ -258,6 +274,25 @@ class ModelRunner:
             cache.mark(rows, torch.zeros_like(new_valid))
             raise
         return logits[..., : self.vocab_size].float()
+
+    def _masks(self, cache: SlotCache, mask: torch.Tensor, positions: torch.Tensor) -> Any:
+        """The attention mask as transformers' forward takes it. A 4-D mask is used as given
+        for every layer, so a model with sliding windows gets them applied here: the windowed
+        mask alone where every layer is windowed, else one per layer type. Eager attention
+        adds its mask to the scores: it gets 0 and -inf, not booleans."""
+        config = self.base.config.get_text_config()
+        window = int(getattr(config, "sliding_window", None) or 0)
+        types = getattr(config, "layer_types", None)
+        masks = {"full_attention": mask}
+        if window and (not types or "sliding_attention" in types):
+            masks["sliding_attention"] = window_mask(mask, cache, positions, window)
+        if getattr(config, "_attn_implementation", None) == "eager":
+            for kind, given in masks.items():
+                additive = torch.zeros(given.shape, dtype=self.dtype, device=given.device)
+                masks[kind] = additive.masked_fill_(~given, torch.finfo(self.dtype).min)
+        if len(masks) == 1:
+            return masks["full_attention"]
+        return masks if types else masks["sliding_attention"]
 
     def prefixes(self, adapters: list[Adapter]) -> list[Prefix]:
         """Keys/values of each adapter's virtual tokens at positions 0..n-1, for every layer.

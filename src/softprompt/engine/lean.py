@@ -1,4 +1,4 @@
-"""A lean forward for Llama-family models over the slot cache (CPU fast path, and the GPU's).
+"""A lean forward for decoder models over the slot cache (CPU fast path, and the GPU's).
 
 transformers' modules are written for every use; a decode step of a 135M model spends as long
 in their small tensor operations (views, casts, masks, rotary halves) as in its matrix products.
@@ -10,10 +10,12 @@ rotary module, so every rope variant it supports is respected. On the CPU, when 
 kernels of ``cpu_kernels.py`` are loaded, a decode step runs its attention, normalisations and
 SwiGLU on them instead (``_fused_decode``); prefill always runs the PyTorch path here.
 
-Used for ``model_type == "llama"``: on the CPU in float32 with packed weights, and on a GPU in
-any floating dtype with plain fused weights (and there its decode step is captured as a CUDA
-graph, ``graphs.py``); anything else runs transformers' own forward. The caller's model is not
-changed: the fused weights are copies.
+One forward serves every family ``families.py`` describes (Llama, Mistral, Qwen2/2.5/3, Gemma
+2/3, Phi-3): their differences are options of each layer (q/k norms, windows, soft caps, norms
+after attention and the MLP, GeGLU, partial rotary), not copies of the forward. Used on the CPU
+in float32 with packed weights, and on a GPU in any floating dtype with plain fused weights (and
+there its decode step is captured as a CUDA graph, ``graphs.py``); anything else runs
+transformers' own forward. The caller's model is not changed: the fused weights are copies.
 """
 
 from __future__ import annotations
@@ -25,20 +27,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .cpu_kernels import CpuKernels, DecodeStep
+from .cpu_kernels import AttentionOptions, CpuKernels, DecodeStep
+from .families import Family, describe
 from .kv_cache import SlotCache
 from .packed import PackedLinear
 
 
 def supports(model: Any) -> bool:
     """Whether the lean forward computes what ``model`` computes (any device or dtype)."""
-    config = model.config
-    return (
-        getattr(config, "model_type", None) == "llama"
-        and not getattr(config, "mlp_bias", False)
-        and getattr(config, "hidden_act", "silu") == "silu"
-        and getattr(config, "pretraining_tp", 1) == 1
-    )
+    return describe(model)[0] is not None
 
 
 class PlainLinear:
@@ -114,19 +111,61 @@ def _single(linear: nn.Linear, full_batch: int | None, packed: bool) -> Linear:
     return PlainLinear(linear.weight, linear.bias)
 
 
-class _Layer:
-    def __init__(self, layer: Any, full_batch: int | None, packed: bool) -> None:
-        attn, mlp = layer.self_attn, layer.mlp
-        norm1, norm2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-        self.qkv = _fused(
-            attn.q_proj, attn.k_proj, attn.v_proj, norm=norm1, full_batch=full_batch, packed=packed
-        )
+def _weight(norm: Any, offset: float) -> torch.Tensor:
+    """An RMSNorm's effective weight in float32 (Gemma's ``1 + w``), detached and contiguous."""
+    return (norm.weight.detach().float() + offset).contiguous()
+
+
+class LeanLayer:
+    def __init__(
+        self,
+        layer: Any,
+        index: int,
+        family: Family,
+        eps: float,
+        full_batch: int | None,
+        packed: bool,
+    ) -> None:
+        attn, mlp, offset = layer.self_attn, layer.mlp, family.norm_offset
+        before_mlp = layer.pre_feedforward_layernorm if family.sandwich else None
+        before_mlp = before_mlp or layer.post_attention_layernorm
+        norm1 = _weight(layer.input_layernorm, offset)
+        norm2 = _weight(before_mlp, offset)
+        qkv = [getattr(attn, name) for name in family.qkv]
+        self.qkv = _fused(*qkv, norm=norm1, full_batch=full_batch, packed=packed)
         self.o = _single(attn.o_proj, full_batch, packed)
-        self.gate_up = _fused(
-            mlp.gate_proj, mlp.up_proj, norm=norm2, full_batch=full_batch, packed=packed
-        )
+        gate_up = [getattr(mlp, name) for name in family.gate_up]
+        self.gate_up = _fused(*gate_up, norm=norm2, full_batch=full_batch, packed=packed)
         self.down = _single(mlp.down_proj, full_batch, packed)
         self.scaling = float(attn.scaling)
+        self.gelu = family.gelu
+        self.window = family.windows[index] if family.windows else 0
+        self.softcap = family.attn_softcap
+        self.rotary = family.rotary_types[index] if family.rotary_types else None
+        device = attn.o_proj.weight.device
+        # Norms on the residual branch (Gemma), kept in the model's dtype for the PyTorch path.
+        dtype = attn.o_proj.weight.dtype
+        self.post_attention: torch.Tensor | None = None
+        self.post_mlp: torch.Tensor | None = None
+        if family.sandwich:
+            self.post_attention = _weight(layer.post_attention_layernorm, offset).to(dtype)
+            self.post_mlp = _weight(layer.post_feedforward_layernorm, offset).to(dtype)
+        self.q_norm: torch.Tensor | None = None
+        self.k_norm: torch.Tensor | None = None
+        if family.qk_norm:
+            self.q_norm = _weight(attn.q_norm, offset).to(dtype)
+            self.k_norm = _weight(attn.k_norm, offset).to(dtype)
+        on_cpu = device.type == "cpu" and dtype == torch.float32
+        self.options = AttentionOptions(
+            rotary=self.rotary,
+            window=self.window,
+            softcap=self.softcap,
+            q_norm=self.q_norm if on_cpu else None,
+            k_norm=self.k_norm if on_cpu else None,
+            qk_eps=eps,
+        )
+        """What the fused CPU decode kernel needs of this layer (it runs on float32 CPU
+        weights only)."""
 
 
 def _normalise(h: torch.Tensor, eps: float) -> torch.Tensor:
@@ -148,8 +187,19 @@ def _normalise(h: torch.Tensor, eps: float) -> torch.Tensor:
     return h * scale.div_(h.shape[-1]).add_(eps).rsqrt_()
 
 
-class LeanLlama:
-    """``forward(cache, embeds, positions, mask)`` → last-position logits, like the model would."""
+def capped(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap if cap else x
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "LeanLayer"], torch.Tensor]
+"""``attend(q, keys, values, layer)`` → (B, q, H·Dh), with the layer's scaling, window, cap."""
+
+
+class LeanDecoder:
+    """``forward(cache, embeds, positions, mask)`` → last-position logits, like the model would.
+
+    ``family`` (``families.describe``) says what the model computes beyond Llama's decoder.
+    """
 
     def __init__(
         self,
@@ -157,8 +207,14 @@ class LeanLlama:
         full_batch: int | None = None,
         packed: bool = True,
         kernels: CpuKernels | None = None,
+        family: Family | None = None,
     ) -> None:
         config = model.config
+        if family is None:
+            family, why = describe(model)
+            if family is None:
+                raise ValueError(f"the lean forward cannot run this model: {why}")
+        self.family = family
         self.packed = packed
         self.kernels = kernels
         """The fused CPU kernels for decode steps (``cpu_kernels.py``), or None."""
@@ -167,12 +223,22 @@ class LeanLlama:
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
         self.eps = float(config.rms_norm_eps)
         self.rotary = model.model.rotary_emb
+        self.rotary_keys = sorted(set(family.rotary_types)) if family.rotary_types else [None]
         layers = model.model.layers[: config.num_hidden_layers]
-        self.layers = [_Layer(layer, full_batch, packed) for layer in layers]
+        self.layers = [
+            LeanLayer(layer, i, family, self.eps, full_batch, packed)
+            for i, layer in enumerate(layers)
+        ]
+        self.windows = sorted({layer.window for layer in self.layers})
+        self.final_softcap = family.final_softcap
         self.lm_head = _fused(
-            model.lm_head, norm=model.model.norm.weight, full_batch=full_batch, packed=packed
+            model.lm_head,
+            norm=_weight(model.model.norm, family.norm_offset),
+            full_batch=full_batch,
+            packed=packed,
         )
         self.embedding = model.get_input_embeddings()
+        """The model's embedding module (with Gemma's scale, where it has one)."""
 
     def packed_linears(self) -> list[PackedLinear]:
         """The linear layers on packed weights (none off the CPU path)."""
@@ -188,6 +254,24 @@ class LeanLlama:
         """Whether a forward of ``embeds`` (B, q, D) runs on the fused CPU kernels (a decode
         step, one new token per row, with the kernels loaded); it then needs no mask."""
         return self.kernels is not None and embeds.shape[1] == 1
+
+    def tables(
+        self, x: torch.Tensor, positions: torch.Tensor
+    ) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
+        """Each rotary table's cos and signed sin at ``positions`` (B, q) → (B, q, R) each.
+
+        Rotary as ``x * cos + roll(x, R/2) * signed_sin``: rotate_half(x) is the rolled x with
+        its first half negated, so the sign moves onto sin, computed once for every layer. R is
+        the rotated part of a head (all of it unless the model rotates only part: Phi-3)."""
+        out = {}
+        for key in self.rotary_keys:
+            if key is None:
+                cos, sin = self.rotary(x, positions)
+            else:
+                cos, sin = self.rotary(x, positions, key)
+            half = cos.shape[-1] // 2
+            out[key] = (cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1))
+        return out
 
     @torch.no_grad()
     def forward(
@@ -206,40 +290,63 @@ class LeanLlama:
             return self._fused_decode(self.kernels, cache, embeds, positions)
         if mask is None:
             raise ValueError("a forward off the fused kernels needs its attention mask")
-        attend = _Attention(mask, self.heads, self.kv_heads, self.head_dim, embeds.shape[1])
+        length = embeds.shape[1]
+        attends = {}
+        for window in self.windows:
+            windowed = mask if not window else window_mask(mask, cache, positions, window)
+            attends[window] = _Attention(windowed, self.heads, self.kv_heads, self.head_dim, length)
+
+        def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer: LeanLayer):
+            return attends[layer.window](q, keys, values, layer.scaling, layer.softcap)
+
         h = self.layers_forward(embeds, positions, cache.slot_layers, attend)
-        return self.lm_head(_normalise(h if every else h[:, -1], self.eps))
+        return self.logits(h if every else h[:, -1])
 
     def layers_forward(
         self,
         embeds: torch.Tensor,
         positions: torch.Tensor,
         kv: Sequence[Any],
-        attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor],
+        attend: Attend,
     ) -> torch.Tensor:
         """The decoder layers: ``kv[i].update(k, v)`` stores layer i's new keys/values and gives
-        back all of them; ``attend(q, keys, values, scaling)`` → (B, q, H·Dh)."""
+        back all of them; ``attend(q, keys, values, layer)`` → (B, q, H·Dh)."""
         batch, length, _ = embeds.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        cos, sin = self.rotary(embeds, positions)  # (B, q, Dh) each
-        # Rotary as x * cos + roll(x, Dh/2) * signed_sin: rotate_half(x) is the rolled x with
-        # its first half negated, so the sign moves onto sin, computed once for every layer.
-        half = dim // 2
-        cos = cos.unsqueeze(2)  # (B, q, 1, Dh): broadcast over the q and k heads together
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)
+        tables = {
+            key: (cos.unsqueeze(2), sin.unsqueeze(2))  # (B, q, 1, R): over q and k heads at once
+            for key, (cos, sin) in self.tables(embeds, positions).items()
+        }
         h = embeds
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv(_normalise(h, self.eps)).view(batch, length, heads + 2 * kv_heads, dim)
             qk = qkv[:, :, : heads + kv_heads]
-            qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)  # (B, q, H + KV, Dh)
+            if layer.q_norm is not None and layer.k_norm is not None:
+                q_part = _normalise(qk[:, :, :heads], self.eps) * layer.q_norm
+                k_part = _normalise(qk[:, :, heads:], self.eps) * layer.k_norm
+                qk = torch.cat((q_part, k_part), dim=2)
+            cos, sin = tables[layer.rotary]
+            rotated = cos.shape[-1]
+            if rotated == dim:
+                qk = torch.addcmul(qk * cos, qk.roll(rotated // 2, dims=-1), sin)
+            else:  # only the first part of each head turns (Phi-3's partial rotary)
+                part = qk[..., :rotated]
+                part = torch.addcmul(part * cos, part.roll(rotated // 2, dims=-1), sin)
+                qk = torch.cat((part, qk[..., rotated:]), dim=-1)
             q = qk[:, :, :heads].transpose(1, 2)  # (B, H, q, Dh)
             k = qk[:, :, heads:].transpose(1, 2)  # (B, KV, q, Dh)
             v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
             keys, values = kv[index].update(k, v)  # (B, KV, kv, Dh)
-            out = attend(q, keys, values, layer.scaling)  # (B, q, H * Dh)
-            h = h + layer.o(out)
+            branch = layer.o(attend(q, keys, values, layer))
+            if layer.post_attention is not None:
+                branch = _normalise(branch, self.eps) * layer.post_attention
+            h = h + branch
             gate, up = layer.gate_up(_normalise(h, self.eps)).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
+            gate = F.gelu(gate, approximate="tanh") if layer.gelu else F.silu(gate)
+            branch = layer.down(gate * up)
+            if layer.post_mlp is not None:
+                branch = _normalise(branch, self.eps) * layer.post_mlp
+            h = h + branch
         return h
 
     def _fused_decode(
@@ -251,31 +358,57 @@ class LeanLlama:
         the residual adds ride along with the normalisations."""
         rows, end = cache.rows, cache.end
         batch, dim = embeds.shape[0], self.head_dim
-        cos, sin = self.rotary(embeds, positions)  # (B, 1, Dh)
-        half = dim // 2
-        cos = cos[:, 0].contiguous()
-        sin = torch.cat((-sin[:, 0, :half], sin[:, 0, half:]), dim=-1)
+        rotaries = {
+            key: (cos[:, 0].contiguous(), sin[:, 0].contiguous())
+            for key, (cos, sin) in self.tables(embeds, positions).items()
+        }
         step = DecodeStep(
-            kernels, cache.keys, cache.values, cache.valid, rows, end, cos, sin, self.heads
+            kernels, cache.keys, cache.values, cache.valid, rows, end, rotaries, self.heads
         )
         h = embeds[:, 0].clone(memory_format=torch.contiguous_format)  # updated in place
         x = torch.empty_like(h)
+        branch = torch.empty_like(h) if self.family.sandwich else None
         step.add_normalise(h, None, self.eps, out=x)
         attention = h.new_empty(batch, self.heads * dim)
         activation: torch.Tensor | None = None
         for index, layer in enumerate(self.layers):
-            step.attention(index, layer.qkv(x), layer.scaling, out=attention)
-            step.add_normalise(h, layer.o(attention), self.eps, out=x)
+            step.attention(index, layer.qkv(x), layer.scaling, out=attention, options=layer.options)
+            out = layer.o(attention)
+            if branch is not None:
+                step.add_normalise(out, None, self.eps, out=branch, weight=layer.post_attention)
+                out = branch
+            step.add_normalise(h, out, self.eps, out=x)
             gate_up = layer.gate_up(x)
             if activation is None:
                 activation = gate_up.new_empty(batch, gate_up.shape[1] // 2)
-            step.silu_mul(gate_up, out=activation)
-            step.add_normalise(h, layer.down(activation), self.eps, out=x)
-        return self.lm_head(x)  # x: the final norm of h, as ``logits`` takes it
+            step.silu_mul(gate_up, out=activation, gelu=layer.gelu)
+            out = layer.down(activation)
+            if branch is not None:
+                step.add_normalise(out, None, self.eps, out=branch, weight=layer.post_mlp)
+                out = branch
+            step.add_normalise(h, out, self.eps, out=x)
+        # x: the final norm of h, as ``logits`` takes it
+        return capped(self.lm_head(x), self.final_softcap)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Last hidden states (B, D) → logits (B, V)."""
-        return self.lm_head(_normalise(h, self.eps))
+        """Last hidden states (..., D) → logits (..., V)."""
+        return capped(self.lm_head(_normalise(h, self.eps)), self.final_softcap)
+
+
+def window_mask(
+    mask: torch.Tensor, cache: SlotCache, positions: torch.Tensor, window: int
+) -> torch.Tensor:
+    """``mask`` (B, 1, q, kv) narrowed to a sliding window: query at position p sees keys at
+    positions p - window + 1 .. p. A row's valid columns hold consecutive positions, so a
+    column's position is the count of valid columns before it."""
+    kv = mask.shape[-1]
+    seen = cache.valid[cache.rows, :kv]
+    key_positions = seen.cumsum(-1) - 1  # (B, kv)
+    near = positions[:, :, None] - key_positions[:, None, :] < window  # (B, q, kv)
+    columns = torch.arange(kv, device=mask.device)
+    queries = torch.arange(kv - positions.shape[1], kv, device=mask.device)
+    itself = columns[None, :] == queries[:, None]  # a query always sees itself
+    return mask & (near | itself[None]).unsqueeze(1)
 
 
 class _Attention:
@@ -288,6 +421,7 @@ class _Attention:
     ``scaled_dot_product_attention`` on every device: its fused kernel was measured 3x faster
     than the two products on a 2-core Zen 5 for a chunk of 128 tokens against 1,024 or more
     cached ones, and as fast on short prompts (``benchmarks/bench_long_prompts.py``).
+    Soft-capped scores (Gemma 2) take the two products at every length (SDPA has no cap).
     Below float32 the softmax is taken in float32.
     """
 
@@ -306,10 +440,17 @@ class _Attention:
             self.bias = bias.reshape(-1, groups * length, kv)
 
     def __call__(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        scaling: float,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         """q (B, H, q, Dh), keys/values (B, KV, kv, Dh) → (B, q, H·Dh)."""
         batch, heads, length, dim = q.shape
+        if softcap and self.bias is None:
+            return self._capped(q, keys, values, scaling, softcap)
         if self.bias is None:
             if keys.stride(-1) != 1:
                 # Keys stored transposed (the CPU cache): the fused kernel wants the head
@@ -328,9 +469,33 @@ class _Attention:
         grouped = q.reshape(-1, heads // self.kv_heads * length, dim)  # (B·KV, G·q, Dh)
         # The slot cache stores keys transposed, so this is a view, read in memory order.
         keys_t = keys.transpose(2, 3).reshape(-1, dim, kv)  # (B·KV, Dh, kv)
-        scores = torch.baddbmm(self.bias.to(q.dtype), grouped, keys_t, alpha=scaling)
+        if softcap:
+            scores = capped(torch.bmm(grouped, keys_t) * scaling, softcap)
+            scores = scores + self.bias.to(q.dtype)
+        else:
+            scores = torch.baddbmm(self.bias.to(q.dtype), grouped, keys_t, alpha=scaling)
         weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.bmm(weights, values.reshape(-1, kv, dim))  # (B·KV, G·q, Dh)
         if length == 1:
             return out.view(batch, 1, heads * dim)
+        return out.view(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, -1)
+
+    def _capped(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        scaling: float,
+        softcap: float,
+    ) -> torch.Tensor:
+        """Attention with soft-capped scores at any length: the scores of the G query heads of
+        each key/value head in one product, capped, masked, normalised."""
+        batch, heads, length, dim = q.shape
+        kv, groups = keys.shape[-2], heads // self.kv_heads
+        grouped = q.reshape(batch, self.kv_heads, groups * length, dim)
+        scores = capped(torch.matmul(grouped, keys.transpose(-1, -2)) * scaling, softcap)
+        scores = scores.view(batch, self.kv_heads, groups, length, kv)
+        scores = scores.masked_fill(~self.mask[:, :, None], float("-inf"))
+        weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(weights.view(batch, self.kv_heads, groups * length, kv), values)
         return out.view(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, -1)
