@@ -40,7 +40,7 @@ class PrefixShape:
 
         Raises:
             UserError: the model's cache is not one key and one value of fixed heads per layer
-                (sliding windows mixed with global layers of other sizes, cross-attention, ...).
+                (layers of linear or chunked attention, cross-attention, ...).
         """
         config = model.config.get_text_config()
         layers = getattr(config, "num_hidden_layers", None)
@@ -51,10 +51,17 @@ class PrefixShape:
                 f"--method prefix supports decoder-only models with one key/value cache per "
                 f"layer; {type(model).__name__} is not one softprompt knows how to prefix"
             )
-        if getattr(config, "layer_types", None) and len(set(config.layer_types)) > 1:
+        # Sliding-window layers keep keys and values of the same heads and size as global ones
+        # (Gemma 2/3, Qwen2, Mistral); other kinds (linear or chunked attention, ...) do not.
+        kinds = set(getattr(config, "layer_types", None) or ()) - {
+            "full_attention",
+            "sliding_attention",
+        }
+        if kinds:
             raise UserError(
-                f"--method prefix: {type(model).__name__} mixes attention kinds across layers "
-                f"({', '.join(sorted(set(config.layer_types)))}); softprompt supports one kind"
+                f"--method prefix: {type(model).__name__} has layers of another attention kind "
+                f"({', '.join(sorted(kinds))}); softprompt prefixes full and sliding-window "
+                f"attention only"
             )
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or hidden // heads

@@ -50,11 +50,15 @@ class EngineConfig:
     policy: str = "continuous"
     """``continuous`` (join between steps) or ``static`` (a new batch when the last one ends)."""
     packed_weights: bool | None = None
-    """The CPU fast path: linear layers on weights packed for oneDNN, and a lean forward for
-    Llama-family models (CPU float32; None: when that applies)."""
+    """The CPU fast path: linear layers on weights packed for oneDNN, and the lean forward
+    (CPU float32; None: when that applies)."""
+    lean_forward: bool = True
+    """Run the model through the engine's lean forward (``lean.py``) where its family is one
+    ``families.py`` knows (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3); False: transformers' own
+    forward, as for every other model (for comparison, or to rule the lean forward out)."""
     graphs: bool | None = None
     """Decode steps of fixed shape recorded as CUDA graphs and replayed (``graphs.py``; None:
-    on a GPU, for Llama-family models). On the CPU, True runs the same step eagerly."""
+    on a GPU, where the lean forward runs). On the CPU, True runs the same step eagerly."""
     full_batch_pack: bool | None = None
     """With packed weights, a second copy packed for MKL at ``max_batch_size`` rows for full
     decode batches (a loaded server's); faster on some CPUs, slower on others
@@ -100,6 +104,7 @@ class EngineConfig:
         """The decode-path switches, handed whole to the model runner."""
         return DecodeSwitches(
             packed_weights=self.packed_weights,
+            lean_forward=self.lean_forward,
             graphs=self.graphs,
             full_batch_pack=self.full_batch_pack,
             cpu_kernels=self.cpu_kernels,

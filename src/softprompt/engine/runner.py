@@ -49,6 +49,8 @@ class DecodeSwitches:
     """Linear layers on packed weights (CPU float32 only; None: when that applies):
     the decoder families of ``families.py`` through the lean forward of ``lean.py``, others
     through a shadow of the model (``packed.py``)."""
+    lean_forward: bool = True
+    """The lean forward for the families it knows (False: transformers' forward always)."""
     graphs: bool | None = None
     """Decode steps of fixed shape (``graphs.py``), recorded as CUDA graphs on a GPU (None: on
     a GPU, where the lean forward applies); on the CPU they run eagerly."""
@@ -100,6 +102,8 @@ class ModelRunner:
         self.decode_path: Decision | None = None
         """On the CPU's lean forward: the decode path in use and why (``autotune.py``)."""
         family, why = describe(model)
+        if not switches.lean_forward:
+            family, why = None, "the lean forward is switched off"
         if family is None and (self.packed or on_gpu):
             log.info("transformers' forward runs this model, not the lean one: %s", why)
         if family is not None and (self.packed or on_gpu):
