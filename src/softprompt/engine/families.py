@@ -42,8 +42,8 @@ class Family:
     """Logits become ``c * tanh(logits / c)`` (0: none; Gemma 2)."""
     windows: tuple[int, ...] = ()
     """Each layer's sliding window in positions (0: attends to everything)."""
-    rotary_types: tuple[str | None, ...] = ()
-    """Each layer's rotary table, for a rotary module with one per layer type (Gemma 3); None
+    rotary_types: tuple[str, ...] = ()
+    """Each layer's rotary table, for a rotary module with one per layer type (Gemma 3); empty
     where the model has one table."""
 
 
@@ -73,10 +73,10 @@ def describe(model: Any) -> tuple[Family | None, str]:
             return None, f"{kind}: activation {activation!r}, not SiLU"
         if kind == "llama":
             return Family(kind, windows=(0,) * layers), ""
-        if kind in ("mistral", "phi3"):
-            # Both window every layer when the config names one.
-            fused = {"qkv": ("qkv_proj",), "gate_up": ("gate_up_proj",)} if kind == "phi3" else {}
-            return Family(kind, windows=every, **fused), ""
+        if kind == "mistral":  # windows every layer when the config names one, as Phi-3
+            return Family(kind, windows=every), ""
+        if kind == "phi3":
+            return Family(kind, ("qkv_proj",), ("gate_up_proj",), windows=every), ""
         return Family(kind, qk_norm=kind == "qwen3", windows=tuple(per_type)), ""
     if kind in ("gemma2", "gemma3_text"):
         if activation not in GELU_TANH:

@@ -223,7 +223,9 @@ class LeanDecoder:
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
         self.eps = float(config.rms_norm_eps)
         self.rotary = model.model.rotary_emb
-        self.rotary_keys = sorted(set(family.rotary_types)) if family.rotary_types else [None]
+        self.rotary_keys: list[str | None] = [None]
+        if family.rotary_types:
+            self.rotary_keys = [*sorted(set(family.rotary_types))]
         layers = model.model.layers[: config.num_hidden_layers]
         self.layers = [
             LeanLayer(layer, i, family, self.eps, full_batch, packed)

@@ -265,6 +265,7 @@ class ModelRunner:
             if lean is not None:
                 logits = lean.forward(cache, embeds, positions, mask, every)
             else:
+                assert mask is not None  # only the lean forward's decode steps go without
                 out = self.model(
                     inputs_embeds=embeds,
                     attention_mask=self._masks(cache, mask, positions),
