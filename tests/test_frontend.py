@@ -31,6 +31,25 @@ def test_the_front_end_reads_the_models_own_embedding_table(tiny_model_dir):
     assert torch.equal(got, want)  # what goes upstream is what the full model would take
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3_text", "phi3"])
+def test_the_front_end_embeds_as_each_family_does(family, tmp_path):
+    """Gemma's embedding module scales its rows by sqrt(hidden); vLLM takes prompt_embeds as
+    that module's output, so the front end must scale the text's rows as the model does."""
+    from conftest import _tiny_tokenizer
+    from test_families import tiny
+
+    tokenizer = _tiny_tokenizer()
+    model = tiny(family, len(tokenizer))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    front = load_front_end(str(tmp_path))
+    base = load_base_model(str(tmp_path))  # the tokenizer as the folder gives it
+    adapter = Adapter("a", torch.randn(3, model.config.hidden_size))
+    want = prompt_embeds(base.model, base.tokenizer, adapter, "be kind every day")
+    got = prompt_embeds(front, front.tokenizer, adapter, "be kind every day")
+    assert torch.equal(got, want)
+
+
 def test_a_sharded_checkpoint_is_read_through_its_index(tiny_model_dir, tmp_path):
     base = load_base_model(str(tiny_model_dir))
     folder = tmp_path / "sharded"

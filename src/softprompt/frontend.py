@@ -54,16 +54,36 @@ class FrontEnd:
         return self.embedding
 
 
+class ScaledEmbedding(torch.nn.Embedding):
+    """An embedding table whose rows the model scales as it looks them up (Gemma: by
+    sqrt(hidden), rounded to the table's dtype, as its own module does). vLLM takes
+    ``prompt_embeds`` as that module's output, so the text's rows must be scaled here too."""
+
+    def __init__(self, weight: torch.Tensor, scale: float) -> None:
+        super().__init__(*weight.shape, _weight=weight, _freeze=True)
+        self.scale = scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        factor = torch.tensor(self.scale, dtype=torch.float32).to(self.weight.dtype)
+        return super().forward(ids) * factor
+
+
 def embedding_name(config: Any) -> str:
     """The input embedding's parameter name in a checkpoint of ``config``'s model."""
+    return _embedding(config)[0]
+
+
+def _embedding(config: Any) -> tuple[str, float | None]:
+    """The input embedding's parameter name, and the scale its module applies (or None)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     table = model.get_input_embeddings()
+    scale = getattr(table, "scalar_embed_scale", None)
     for name, module in model.named_modules():
         if module is table:
-            return f"{name}.weight"
+            return f"{name}.weight", None if scale in (None, 1.0) else float(scale)
     raise UserError(f"cannot find the input embedding of {type(model).__name__}")
 
 
@@ -95,9 +115,12 @@ def load_front_end(name: str | None = None, dtype: torch.dtype | None = None) ->
         raise UserError(f"cannot load model {name or record!r}: {first}{note}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    weight = _read_tensor(source, embedding_name(config))
-    table = torch.nn.Embedding.from_pretrained(
-        weight.to(dtype or torch.float32), freeze=True, padding_idx=None
+    key, scale = _embedding(config)
+    weight = _read_tensor(source, key).to(dtype or torch.float32)
+    table: torch.nn.Embedding = (
+        torch.nn.Embedding.from_pretrained(weight, freeze=True, padding_idx=None)
+        if scale is None
+        else ScaledEmbedding(weight, scale)
     )
     return FrontEnd(name=record, config=config, tokenizer=tokenizer, embedding=table)
 
