@@ -91,3 +91,21 @@ def test_train_save_peft_and_serve_on_every_family(
     assert served[0].token_ids == reference
     no_rows = adapter.weights.new_zeros(0, spm.hidden_size)
     assert served[1].token_ids == _prompt_reference(untouched, no_rows, ids, 6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text"])
+def test_starting_rows_are_what_the_models_embedding_gives(folders, family):
+    """Gemma scales its rows as it looks them up: a prompt started from text or vocabulary rows
+    must start as those tokens' inputs would reach the model, scaled alike."""
+    from softprompt.tuning.init import init_prompt
+
+    base = load_base_model(str(folders[family]))
+    table = base.model.get_input_embeddings()
+    ids = torch.tensor(base.tokenizer("be kind")["input_ids"])
+    with torch.no_grad():
+        expected = table(ids)
+    started = init_prompt(base, len(ids), "text", text="be kind")
+    torch.testing.assert_close(started, expected)
+    vocab = init_prompt(base, 4, "vocab", seed=0)
+    norms = table(torch.arange(table.num_embeddings)).norm(dim=-1)
+    assert norms.min() <= vocab.norm(dim=-1).min() and vocab.norm(dim=-1).max() <= norms.max()

@@ -42,6 +42,13 @@ def init_prompt(
     """
     embedding: nn.Module = base.model.get_input_embeddings()
     weight = torch.as_tensor(embedding.weight).detach()  # (V, D), on the model's device
+
+    def lookup(ids: torch.Tensor) -> torch.Tensor:
+        """Rows as the model's embedding module gives them (Gemma's scales them by
+        sqrt(hidden) as it looks them up: a start must reach the model as tokens would)."""
+        with torch.no_grad():
+            return embedding(ids.to(weight.device)).detach()
+
     gen = torch.Generator().manual_seed(seed)
     how = how or "vocab"
     if how == "vocab":
@@ -51,7 +58,7 @@ def init_prompt(
                 f"tokens is more than the {weight.shape[0]} the vocabulary has"
             )
         rows = torch.randperm(weight.shape[0], generator=gen)[:num_virtual_tokens]
-        return weight[rows.to(weight.device)].float().cpu()
+        return lookup(rows).float().cpu()
     if how == "text":
         if not text or not text.strip():
             raise UserError("--init text needs a non-empty --init-text")
@@ -59,7 +66,7 @@ def init_prompt(
         if not ids:
             raise UserError(f"--init-text {text!r} gives no tokens")
         ids = (ids * math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens]
-        return weight[torch.tensor(ids, device=weight.device)].float().cpu()
+        return lookup(torch.tensor(ids)).float().cpu()
     if how == "labels":
         if not labels:
             raise UserError("--init labels needs prompt/completion data (its completions)")
@@ -68,14 +75,15 @@ def init_prompt(
             ids = list(base.tokenizer(label, add_special_tokens=False)["input_ids"])
             if not ids:
                 raise UserError(f"the label {label!r} gives no tokens")
-            means.append(weight[torch.tensor(ids, device=weight.device)].float().mean(dim=0))
+            means.append(lookup(torch.tensor(ids)).float().mean(dim=0))
         rows = torch.stack(means).cpu()
         if len(rows) < num_virtual_tokens:
             rest = init_prompt(base, num_virtual_tokens - len(rows), "vocab", seed=seed)
             rows = torch.cat([rows, rest])
         return rows
     if how == "random":
-        mean_norm = float(weight.float().norm(dim=1).mean())
+        scale = float(getattr(embedding, "scalar_embed_scale", None) or 1.0)
+        mean_norm = float(weight.float().norm(dim=1).mean()) * scale
         rows = torch.randn(num_virtual_tokens, weight.shape[1], generator=gen)
         return rows * (mean_norm / math.sqrt(weight.shape[1]))
     raise UserError(f"unknown init {how!r}: use vocab, text, labels, random or file")
