@@ -188,7 +188,9 @@ def _normalise(h: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def capped(x: torch.Tensor, cap: float) -> torch.Tensor:
-    return torch.tanh(x / cap) * cap if cap else x
+    """``cap * tanh(x / cap)`` in place (x is always a fresh product here; the logits of a
+    full decode batch are 64 x the vocabulary, where temporaries cost); x as is when cap is 0."""
+    return x.div_(cap).tanh_().mul_(cap) if cap else x
 
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "LeanLayer"], torch.Tensor]
