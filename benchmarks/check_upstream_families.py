@@ -28,7 +28,6 @@ from pathlib import Path
 
 import httpx
 import torch
-
 from bench_upstream import free_port, wait_healthy
 
 HERE = Path(__file__).resolve().parent
@@ -131,7 +130,11 @@ def check(family: str, folder: Path, vllm_python: str, new_tokens: int) -> dict:
                   "rows_equal": sum(equal)}  # fmt: skip
         if not all(equal):
             i = equal.index(False)
-            record["first_difference"] = {"case": cases[i], "upstream": got[i], "engine": expected[i]}
+            record["first_difference"] = {
+                "case": cases[i],
+                "upstream": got[i],
+                "engine": expected[i],
+            }
         return record
     finally:
         for proc in (serve, vllm):

@@ -30,6 +30,9 @@ def main(spec_path: str) -> None:
     dtype = spec.get("dtype", "float32")
     with safe_open(os.path.join(spec["model"], "model.safetensors"), "pt") as weights:
         table = weights.get_tensor("model.embed_tokens.weight").float()
+    # Models whose embedding module scales the rows it looks up (Gemma: sqrt(hidden)) take
+    # prompt_embeds as that module's output.
+    table = table * spec.get("embed_scale", 1.0)
 
     def inputs(requests: list[dict]) -> list[dict]:
         prompts = []

@@ -181,6 +181,9 @@ def test_silu_mul_equals_swiglu_across_the_float_range(kernels):
     torch.testing.assert_close(got, F.silu(gate) * up, rtol=2e-6, atol=1e-30)
     nan = kernels.silu_mul(torch.tensor([[float("nan"), 1.0]]))
     assert torch.isnan(nan).all()
+    # Soft caps (Gemma 2's logits and scores), in place, across the float range.
+    capped = kernels.softcap(gate.clone(), 30.0)
+    torch.testing.assert_close(capped, torch.tanh(gate / 30.0) * 30.0, rtol=2e-6, atol=2e-6)
     # GeGLU (Gemma): GELU's tanh approximation in place of SiLU.
     geglu = kernels.silu_mul(torch.cat((gate, up), dim=-1), gelu=True)
     torch.testing.assert_close(geglu, F.gelu(gate, approximate="tanh") * up, rtol=2e-6, atol=1e-6)

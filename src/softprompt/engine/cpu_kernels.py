@@ -57,6 +57,9 @@ class CpuKernels:
         self._silu_mul = lib.sp_silu_mul
         self._silu_mul.restype = None
         self._silu_mul.argtypes = [_ptr, _ptr, _i64, _i64, _int, _int]
+        self._softcap = lib.sp_softcap
+        self._softcap.restype = None
+        self._softcap.argtypes = [_ptr, _i64, _f32, _int]
         self._panel_linear = lib.sp_panel_linear
         self._panel_linear.restype = None
         self._panel_linear.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _ptr, _int]
@@ -95,6 +98,12 @@ class CpuKernels:
             gate_up.data_ptr(), out.data_ptr(), rows, width, int(gelu), torch.get_num_threads()
         )
         return out
+
+    def softcap(self, x: torch.Tensor, cap: float) -> torch.Tensor:
+        """``x = cap * tanh(x / cap)`` in place on a contiguous float32 (rows, n) tensor."""
+        _check(x)
+        self._softcap(x.data_ptr(), x.numel(), cap, torch.get_num_threads())
+        return x
 
     def panel_linear(
         self, x: torch.Tensor, panels: torch.Tensor, out_features: int

@@ -392,7 +392,10 @@ class LeanDecoder:
                 out = branch
             step.add_normalise(h, out, self.eps, out=x)
         # x: the final norm of h, as ``logits`` takes it
-        return capped(self.lm_head(x), self.final_softcap)
+        logits = self.lm_head(x)
+        if self.final_softcap and logits.is_contiguous():
+            return kernels.softcap(logits, self.final_softcap)
+        return capped(logits, self.final_softcap)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Last hidden states (..., D) → logits (..., V)."""
