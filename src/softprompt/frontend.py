@@ -60,7 +60,8 @@ class ScaledEmbedding(torch.nn.Embedding):
     ``prompt_embeds`` as that module's output, so the text's rows must be scaled here too."""
 
     def __init__(self, weight: torch.Tensor, scale: float) -> None:
-        super().__init__(*weight.shape, _weight=weight, _freeze=True)
+        rows, width = weight.shape
+        super().__init__(rows, width, _weight=weight, _freeze=True)
         self.scale = scale
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
