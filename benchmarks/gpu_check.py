@@ -31,6 +31,11 @@ a table. Runs in a few minutes on one H100/H200:
 
 ``--tiny`` swaps both configs for a two-layer model and fewer requests (what the test suite runs
 on the CPU, so the script is known to work before GPU time is spent on it).
+
+``--families llama mistral qwen2 qwen3 gemma2 gemma3_text phi3`` adds, for each family, a
+random model with the first config's sizes in that family's shape (``bench_archs.py``) served
+by the engine on its lean forward (CUDA graphs on a GPU): tok/s against the Llama model's in
+the same run, and greedy agreement with the family's own ``generate`` on the first requests.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CONFIGS = {
     "135M": dict(
@@ -456,6 +462,60 @@ def train_checks(name: str, spec, args, device, dtype) -> None:
         guarded(name, f"train: softprompt step, --compile ({mode})", lambda m=mode: ours(m))
 
 
+def family_checks(name: str, spec, args, device, dtype) -> None:
+    """Each family at ``spec``'s sizes on the engine: tok/s (against Llama's, same run) and
+    greedy agreement with transformers' ``generate`` of the same model, request by request."""
+    from types import SimpleNamespace
+
+    from bench_archs import sized
+
+    from softprompt.adapters import Adapter
+    from softprompt.engine import Engine, EngineConfig, SamplingParams
+
+    base = SimpleNamespace(**spec, eos_token_id=0, bos_token_id=None, pad_token_id=0)
+    tok = tokenizer_for(spec["vocab_size"])
+    prompts, targets = workload(spec["vocab_size"], args.requests, args.adapters)
+    rates: dict[str, float] = {}
+    for family in ["llama", *[f for f in args.families if f != "llama"]]:
+
+        def one(family: str = family) -> dict[str, Any]:
+            model = sized(family, base).to(device=device, dtype=dtype).requires_grad_(False)
+            rows = adapter_rows(model, args.adapters, args.virtual_tokens)
+            engine = Engine(model, tok, EngineConfig(max_batch_size=args.requests))
+            for adapter, weights in rows.items():
+                engine.add_adapter(adapter, Adapter(adapter, weights))
+            params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+            engine.generate(prompts[:2], targets[:2], params)  # warm-up: graphs recorded
+            sync(device)
+            seconds, done = timed(device, lambda: engine.generate(prompts, targets, params))
+            rates[family] = args.requests * args.new_tokens / seconds
+            count = min(args.alone, 8)
+            same = 0
+            embed = model.get_input_embeddings()
+            for ids, adapter, out in zip(prompts[:count], targets[:count], done, strict=False):
+                with torch.no_grad():
+                    text = embed(torch.tensor(ids, device=device))
+                    if adapter is not None:
+                        text = torch.cat((rows[adapter].to(device, dtype), text))
+                    mask = torch.ones(1, text.shape[0], dtype=torch.long, device=device)
+                    ref = model.generate(
+                        inputs_embeds=text[None], attention_mask=mask,
+                        max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
+                        pad_token_id=0,
+                    )[0].tolist()  # fmt: skip
+                same += ref == out.token_ids
+            record = {
+                "lean": engine.runner.lean is not None,
+                "graphs": engine.runner.graphed is not None,
+                "tok_s": round(rates[family], 1),
+                "vs_llama": round(rates[family] / rates["llama"], 3),
+                "identical_to_generate": f"{same}/{count}",
+            }
+            return record
+
+        guarded(name, f"family: {family}", one)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -501,6 +561,10 @@ def main() -> int:
         help="torch.compile modes to measure the training step in too (none: --compile-modes)",
     )
     parser.add_argument("--tiny", action="store_true", help="a two-layer model, few requests")
+    parser.add_argument(
+        "--families", nargs="*", default=[],
+        help="decoder families to serve at the first config's sizes (bench_archs.py's models)",
+    )  # fmt: skip
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     configs = {name: CONFIGS[name] for name in args.configs}
@@ -519,6 +583,9 @@ def main() -> int:
             "dtype": args.dtype,
         }
     )
+    if args.families:
+        name, spec = next(iter(configs.items()))
+        family_checks(name, spec, args, device, dtype)
     for name, spec in configs.items():
         if not args.skip_serve:
             serve_checks(name, spec, args, device, dtype)

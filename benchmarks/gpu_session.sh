@@ -3,7 +3,8 @@
 # README's GPU section says how). Writes logs and a GPU-trained adapter under $OUT (default
 # ./gpu-out). SERVE_ARGS / TRAIN_ARGS pass options to each gpu_check.py run, SERVE_SECONDS /
 # TRAIN_SECONDS bound them, SKIP_CLI=1 leaves out step 2.
-#   1. benchmarks/gpu_check.py: serving and training speed, both configs;
+#   1. benchmarks/gpu_check.py: serving and training speed, both configs; then every decoder
+#      family the lean forward runs, at the 135M config's sizes (FAMILY_SECONDS bounds it);
 #   2. the CLI on the GPU: train on a random-init 135M model saved to a folder, then generate and
 #      eval with the adapter, all with --device cuda (the adapter comes back to be loaded on a CPU).
 set -u
@@ -15,6 +16,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 timeout "${SERVE_SECONDS:-300}" python3 benchmarks/gpu_check.py --skip-train ${SERVE_ARGS:-} \
     2>"$OUT/serve.err" | tee "$OUT/serve.jsonl"
 tail -3 "$OUT/serve.err"
+timeout "${FAMILY_SECONDS:-240}" python3 benchmarks/gpu_check.py --configs 135M --skip-serve \
+    --skip-train --families llama mistral qwen2 qwen3 gemma2 gemma3_text phi3 \
+    2>"$OUT/families.err" | tee "$OUT/families.jsonl"
+tail -3 "$OUT/families.err"
 timeout "${TRAIN_SECONDS:-300}" python3 benchmarks/gpu_check.py --skip-serve ${TRAIN_ARGS:-} \
     2>"$OUT/train.err" | tee "$OUT/train.jsonl"
 tail -3 "$OUT/train.err"

@@ -14,7 +14,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 def test_gpu_check_runs_every_measurement_on_the_cpu():
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--dtype", "float32"]
-        + ["--compile-modes"],  # compiling takes a minute on this CPU; the GPU run measures it
+        + ["--compile-modes"]  # compiling takes a minute on this CPU; the GPU run measures it
+        + ["--families", "llama", "gemma2", "phi3"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -31,6 +32,9 @@ def test_gpu_check_runs_every_measurement_on_the_cpu():
         "train: softprompt step",
         "train: PEFT step, float32 weights, autocast",
     } <= what
+    families = [r for r in records if r.get("what", "").startswith("family: ")]
+    assert [r["what"] for r in families] == [f"family: {f}" for f in ("llama", "gemma2", "phi3")]
+    assert all(r["lean"] and r["identical_to_generate"] == "8/8" for r in families)
     engine = next(r for r in records if r.get("what", "").startswith("serve: softprompt"))
     assert engine["identical_alone_vs_batched"] == "9/9"  # float32 on the CPU: exact
     assert engine["tok_s"] > 0 and engine["vs_hf_static"] > 0
