@@ -32,7 +32,7 @@ ALLOWED = {
     ("checkpoint.py", "record"): "a search's record is read from a checkpoint on the CPU",
     ("common.py", "load_base"): "--shard reads the model into host memory, then shards it "
     "onto the device, which never holds it whole",
-    ("frontend.py", "embedding_name"): "the meta device: the model built without any weights, "
+    ("frontend.py", "_embedding"): "the meta device: the model built without any weights, "
     "to find its embedding's name",
 }
 
