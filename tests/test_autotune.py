@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from softprompt.engine import Engine, EngineConfig
 from softprompt.engine.autotune import CACHE_FILE, DecodePath, cache_key, decide, pick
@@ -62,8 +63,6 @@ def test_retune_measures_again_and_replaces_the_cached_decision(tmp_path, monkey
 
 
 def test_the_key_names_what_the_decision_depends_on(monkeypatch):
-    import torch
-
     key = cache_key((30, 576), 32)
     assert key != cache_key((30, 576), 64) and key != cache_key((24, 576), 32)
     # a decision among fewer paths does not stand for one with a new candidate
@@ -117,7 +116,9 @@ def test_the_engine_runs_the_path_measured_fastest(tiny_model_dir, tmp_path, mon
     onednn_packs: list[tuple[int, ...]] = []
     pack = packed._onednn_pack
     monkeypatch.setattr(
-        packed, "_onednn_pack", lambda w: onednn_packs.append(tuple(w.shape)) or pack(w)
+        packed,
+        "_onednn_pack",
+        lambda w, dtype=torch.float32: onednn_packs.append(tuple(w.shape)) or pack(w, dtype),
     )
     timed.clear()
     second = Engine(base.model, base.tokenizer, EngineConfig(max_batch_size=4))

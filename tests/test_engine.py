@@ -632,19 +632,23 @@ def test_background_thread_serves_requests_from_many_threads(spm):
     assert [got[i] for i in range(len(cases))] == expected
 
 
-def test_bfloat16_model_runs_in_its_dtype(tiny_model_dir):
+@pytest.mark.parametrize("lean", [True, False])
+def test_bfloat16_model_keys_and_values_in_the_forwards_dtype(tiny_model_dir, lean):
+    """transformers' forward runs a bfloat16 model in bfloat16 (its cache too); the CPU's lean
+    forward computes in float32 around its linear layers, so its cache is float32."""
     from softprompt.models import load_base_model
 
     base = load_base_model(str(tiny_model_dir), dtype=torch.bfloat16)
-    engine = Engine(base.model, base.tokenizer)
+    engine = Engine(base.model, base.tokenizer, EngineConfig(lean_forward=lean, tune=False))
     engine.add_adapter("a", Adapter("a", torch.randn(3, 16) * 4))
     result = engine.generate(["be kind"], ["a"], SamplingParams(max_new_tokens=6, ignore_eos=True))[
         0
     ]
     assert len(result.token_ids) == 6
-    assert not engine.runner.packed
-    assert engine.cache.keys[0].dtype == torch.bfloat16
-    assert engine.registry._resident["a"].prefix.keys[0].dtype == torch.bfloat16
+    assert engine.runner.packed == lean and (engine.runner.lean is not None) == lean
+    dtype = torch.float32 if lean else torch.bfloat16
+    assert engine.cache.keys[0].dtype == dtype
+    assert engine.registry._resident["a"].prefix.keys[0].dtype == dtype
 
 
 def test_generate_front_follows_the_adapters_loaded_in_the_model(spm):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import os
 import signal
@@ -234,3 +235,25 @@ def test_serve_flag_defaults_are_the_engines():
     args = build_parser().parse_args(["serve", "--adapters", "x"])
     assert args.max_prefill_tokens == EngineConfig.max_prefill_tokens
     assert args.prefix_cache_mb == EngineConfig.prefix_cache_mb
+
+
+@pytest.mark.parametrize(("dtype", "wanted"), [("auto", "auto"), ("float32", None)])
+def test_serve_auto_dtype_on_a_cpu_measures_bfloat16_linears_too(
+    tiny_model_dir, monkeypatch, dtype, wanted
+):
+    """``--dtype auto`` on the CPU lets the engine measure bfloat16 linear layers beside
+    float32's; an explicit ``--dtype float32`` keeps float32 (exact) throughout."""
+    from softprompt.engine import Engine, EngineConfig
+    from softprompt.server import run
+
+    made: list[EngineConfig] = []
+
+    class Recorded(Engine):
+        def __init__(self, model, tokenizer, config):
+            made.append(config)
+            super().__init__(model, tokenizer, dataclasses.replace(config, tune=False))
+
+    monkeypatch.setattr("softprompt.engine.Engine", Recorded)
+    engine, _, _ = run._local_engine(str(tiny_model_dir), "cpu", dtype, EngineConfig())
+    assert made[0].cpu_linear_dtype == wanted
+    engine.stop()

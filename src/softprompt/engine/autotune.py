@@ -47,10 +47,14 @@ class DecodePath:
     cpu_kernels: bool
     panel_linear: bool = False
     """Linear layers on the C kernel's panel layout (``cpu_kernels.py``) instead of oneDNN/MKL."""
+    bfloat16: bool = False
+    """Linear layers multiply in bfloat16 on oneDNN (``PackedLinear.dtype``), not float32."""
 
     def label(self) -> str:
         if self.panel_linear:
             linear = "C panel linears"
+        elif self.bfloat16:
+            linear = "oneDNN bfloat16"
         else:
             linear = "MKL at full batch" if self.full_batch_pack else "oneDNN"
         return f"{linear}, {'fused C kernels' if self.cpu_kernels else 'PyTorch ops'}"
@@ -114,13 +118,21 @@ def forced(name: str, configured: bool | None) -> bool | None:
 
 
 def pick(timings: dict[DecodePath, float]) -> DecodePath:
-    """The fastest path; a tie (within 2%) goes to the one with fewer extras (less memory,
-    fewer moving parts): oneDNN over MKL and over the panel linears, then the kernels over
-    none (they save memory traffic and were never slower where measured)."""
+    """The fastest path; a tie (within 2%) goes to float32 over bfloat16 (exact), then to the
+    one with fewer extras (less memory, fewer moving parts): oneDNN over MKL and over the panel
+    linears, then the kernels over none (they save memory traffic and were never slower where
+    measured)."""
     best = min(timings.values())
     near = [p for p, t in timings.items() if t <= best * 1.02]
     return min(
-        near, key=lambda p: (p.full_batch_pack, p.panel_linear, not p.cpu_kernels, timings[p])
+        near,
+        key=lambda p: (
+            p.bfloat16,
+            p.full_batch_pack,
+            p.panel_linear,
+            not p.cpu_kernels,
+            timings[p],
+        ),
     )
 
 

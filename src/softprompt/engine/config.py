@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .runner import DecodeSwitches
+from .runner import LINEAR_DTYPES, DecodeSwitches
 
 
 @dataclass
@@ -74,6 +74,15 @@ class EngineConfig:
     oneDNN/MKL (written for AVX2; None: if measured faster at start-up,
     ``$SOFTPROMPT_PANEL_LINEAR`` 0 or 1 forces it; figures in docs/benchmarks/engine.md).
     Only the chosen layout's copy of the weights is kept."""
+    cpu_linear_dtype: str | None = None
+    """What the CPU's lean forward multiplies its linear layers in (activations, norms,
+    attention and the KV cache stay float32): ``float32``, ``bfloat16`` (weights packed in
+    bfloat16 for oneDNN, products accumulated in float32: about twice float32's speed on CPUs
+    with native bfloat16 dot products, AVX512-BF16 or AMX, and much slower without), or
+    ``auto`` (both measured at start-up, the faster kept; bfloat16 only where this CPU has native
+    bfloat16 or the model is in bfloat16 already). None: float32 for a float32 model (exact),
+    ``auto`` for a bfloat16 one. The serve command's ``--dtype auto`` sets ``auto``. What
+    bfloat16 costs in agreement with float32: docs/benchmarks/engine.md."""
     tune: bool = True
     """Measure the undecided CPU decode switches above at start-up (a few decode steps per
     combination, once per machine, torch version and model shape; ``autotune.py``). False:
@@ -99,6 +108,11 @@ class EngineConfig:
             raise ValueError("prefix_cache_mb cannot be negative")
         if not 0 <= self.prefill_padding <= 1:
             raise ValueError("prefill_padding must be between 0 and 1")
+        if self.cpu_linear_dtype not in LINEAR_DTYPES:
+            raise ValueError(
+                f"cpu_linear_dtype must be one of {', '.join(map(str, LINEAR_DTYPES))}, "
+                f"not {self.cpu_linear_dtype!r}"
+            )
 
     def switches(self) -> DecodeSwitches:
         """The decode-path switches, handed whole to the model runner."""
@@ -109,6 +123,7 @@ class EngineConfig:
             full_batch_pack=self.full_batch_pack,
             cpu_kernels=self.cpu_kernels,
             panel_linear=self.panel_linear,
+            linear_dtype=self.cpu_linear_dtype,
             tune=self.tune,
             retune=self.retune,
         )

@@ -13,7 +13,8 @@ SwiGLU on them instead (``_fused_decode``); prefill always runs the PyTorch path
 One forward serves every family ``families.py`` describes (Llama, Mistral, Qwen2/2.5/3, Gemma
 2/3, Phi-3): their differences are options of each layer (q/k norms, windows, soft caps, norms
 after attention and the MLP, GeGLU, partial rotary), not copies of the forward. Used on the CPU
-in float32 with packed weights, and on a GPU in any floating dtype with plain fused weights (and
+in float32 with packed weights (multiplied in float32 or bfloat16, ``packed.py``), and on a GPU
+in any floating dtype with plain fused weights (and
 there its decode step is captured as a CUDA graph, ``graphs.py``); anything else runs
 transformers' own forward. The caller's model is not changed: the fused weights are copies.
 """
@@ -82,7 +83,7 @@ def _fused(
         first.new_zeros(()).expand(shape),
         bias,
         full_batch,
-        rebuild=lambda: _fused_weight(linears, norm),
+        rebuild=lambda: _fused_weight(linears, norm, keep_float=True),
     )
 
 
@@ -97,12 +98,17 @@ def _fused_bias(linears: tuple[nn.Linear, ...]) -> torch.Tensor | None:
     )
 
 
-def _fused_weight(linears: tuple[nn.Linear, ...], norm: torch.Tensor | None) -> torch.Tensor:
+def _fused_weight(
+    linears: tuple[nn.Linear, ...], norm: torch.Tensor | None, keep_float: bool = False
+) -> torch.Tensor:
+    """The weights side by side with ``norm`` folded in float32, then rounded once to the
+    model's dtype (``keep_float``: left in float32, for a packed copy that rounds it to its
+    own dtype)."""
     weight = torch.cat([lin.weight.detach() for lin in linears])
     if norm is None:
         return weight
-    # Folded in float32, then rounded once to the model's dtype.
-    return (weight.float() * norm.detach().float()[None, :]).to(weight.dtype)
+    folded = weight.float() * norm.detach().float()[None, :]
+    return folded if keep_float else folded.to(weight.dtype)
 
 
 def _single(linear: nn.Linear, full_batch: int | None, packed: bool) -> Linear:
@@ -143,8 +149,9 @@ class LeanLayer:
         self.softcap = family.attn_softcap
         self.rotary = family.rotary_types[index] if family.rotary_types else None
         device = attn.o_proj.weight.device
-        # Norms on the residual branch (Gemma), kept in the model's dtype for the PyTorch path.
-        dtype = attn.o_proj.weight.dtype
+        # Norms on the residual branch (Gemma), in the dtype the forward computes in: the
+        # model's, or float32 on packed weights (the CPU's path, whatever the weights are in).
+        dtype = torch.float32 if packed else attn.o_proj.weight.dtype
         self.post_attention: torch.Tensor | None = None
         self.post_mlp: torch.Tensor | None = None
         if family.sandwich:

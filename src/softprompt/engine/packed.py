@@ -39,13 +39,18 @@ class PackedLinear(nn.Module):
         bias: torch.Tensor | None = None,
         full_batch: int | None = None,
         rebuild: Callable[[], torch.Tensor] | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.dtype = dtype
+        """What the oneDNN copy holds and multiplies in: float32, or bfloat16 (inputs rounded
+        to it, products accumulated in float32 by oneDNN, outputs given back in float32; on
+        CPUs with native bfloat16 dot products, about twice float32's speed: ``bfloat16``)."""
         self.packed: torch.Tensor | None = None
         """oneDNN's copy, made at its first use (or by ``keep_only`` when it is the one kept), so
         a layer that runs on the panels never holds it."""
-        self.bias = None if bias is None else bias.detach()
+        self.bias = None if bias is None else bias.detach().float()
         self.full_batch = full_batch if full_batch and _has_mkl_pack() else None
         self._weight = rebuild if rebuild is not None else weight.detach
         self.batch_packed: torch.Tensor | None = None
@@ -59,6 +64,13 @@ class PackedLinear(nn.Module):
         """The packed form of ``linear`` (its weight and bias are shared, not copied)."""
         return cls(linear.weight, linear.bias, full_batch)
 
+    def use_dtype(self, dtype: torch.dtype) -> None:
+        """Multiply in ``dtype`` (float32 or bfloat16) on oneDNN; the copy packed for the other
+        is dropped. The MKL and panel paths are float32's only."""
+        if dtype != self.dtype:
+            self.dtype = dtype
+            self.packed = None
+
     def use_panels(self, kernels: Any) -> None:
         """Run on the C kernel's panel linear (``kernels``: a ``CpuKernels``), laying the
         weight out for it on first use; ``None``: back to oneDNN/MKL (the panels are kept until
@@ -66,7 +78,7 @@ class PackedLinear(nn.Module):
         if kernels is not None and self.panels is None:
             from .cpu_kernels import weight_panels
 
-            self.panels = weight_panels(self._weight())
+            self.panels = weight_panels(self._weight().float())
         self._panel_kernels = kernels
 
     def keep_only(self, panels: bool, mkl: bool = False) -> None:
@@ -74,7 +86,7 @@ class PackedLinear(nn.Module):
         without, the panels, and MKL's unless ``mkl``; oneDNN's copy is made now if it is kept,
         so the first request does not wait for it."""
         if not panels and self.packed is None:
-            self.packed = _onednn_pack(self._weight())
+            self.packed = _onednn_pack(self._weight(), self.dtype)
         if panels:
             if self.panels is None or self._panel_kernels is None:
                 raise RuntimeError("keep_only(panels=True) before use_panels")
@@ -87,6 +99,13 @@ class PackedLinear(nn.Module):
             self.batch_packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dtype != torch.float32:
+            if self.packed is None:
+                self.packed = _onednn_pack(self._weight(), self.dtype)
+            out = torch.ops.mkldnn._linear_pointwise(
+                x.to(self.dtype), self.packed, None, "none", [], ""
+            ).float()
+            return out if self.bias is None else out.add_(self.bias)
         if self._panel_kernels is not None:
             out = self._panel_kernels.panel_linear(x, self.panels, self.out_features)
             return out if self.bias is None else out.add_(self.bias)
@@ -97,11 +116,11 @@ class PackedLinear(nn.Module):
                 x, self.batch_packed, self.shape_only, self.bias, self.full_batch
             )
         if self.packed is None:
-            self.packed = _onednn_pack(self._weight())
+            self.packed = _onednn_pack(self._weight(), self.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def _pack_full_batch(self) -> None:
-        weight = self._weight()
+        weight = self._weight().float()
         self.batch_packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, self.full_batch)
         # MKL reads only the shape of the plain weight on this path: a zero-stride stand-in.
         self.shape_only = weight.new_zeros(()).expand(self.out_features, self.in_features)
@@ -120,29 +139,32 @@ class PackedLinear(nn.Module):
         return total
 
 
-def _onednn_pack(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` reordered for oneDNN's inner product."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+def _onednn_pack(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``weight`` in ``dtype``, reordered for oneDNN's inner product."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), None)
 
 
 def _has_mkl_pack() -> bool:
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
-def can_pack(model: nn.Module) -> bool:
-    """Whether packing applies: float32 weights on the CPU, and this PyTorch has the kernels."""
+def can_pack(model: nn.Module, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether packing applies: float32 or bfloat16 weights on the CPU, and this PyTorch's
+    oneDNN multiplies in ``dtype`` (float32, or bfloat16 for ``PackedLinear.dtype``)."""
     weight = next(model.parameters())
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return False
     if not torch.backends.mkldnn.is_available():
         return False
     linear = nn.Linear(8, 4)
     x = torch.randn(2, 8)
     try:
-        got = PackedLinear.of(linear)(x)
+        got = PackedLinear(linear.weight, linear.bias, dtype=dtype)(x)
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
-    return bool(torch.allclose(got, linear(x).detach(), atol=1e-5))
+    # bfloat16 keeps 8 bits of mantissa: its products land within a few hundredths here.
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    return bool(torch.allclose(got, linear(x).detach(), atol=tolerance))
 
 
 def packed_model(model: nn.Module, full_batch: int | None = None) -> nn.Module:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..adapters import Adapter
+from ..device import native_cpu_bf16
 from .autotune import (
     ENV_PACK,
     ENV_PANELS,
@@ -38,6 +39,9 @@ from .registry import Prefix
 from .sampling import RequestError
 
 log = logging.getLogger(__name__)
+
+LINEAR_DTYPES = (None, "auto", "float32", "bfloat16")
+"""``DecodeSwitches.linear_dtype``'s values."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,10 @@ class DecodeSwitches:
     panel_linear: bool | None = None
     """Linear layers on the C kernel's panel layout instead of oneDNN/MKL (None: if measured
     faster, with the fused kernels; only that copy of the weights is kept)."""
+    linear_dtype: str | None = None
+    """What the CPU's lean forward multiplies its linear layers in: ``float32``, ``bfloat16``,
+    ``auto`` (measured) or None (float32 for a float32 model, ``auto`` for a bfloat16 one);
+    everything else runs in float32 on that path (``EngineConfig.cpu_linear_dtype``)."""
     tune: bool = True
     """Measure the undecided switches (else: MKL off, the kernels on where they build)."""
     retune: bool = False
@@ -93,17 +101,20 @@ class ModelRunner:
         self.switches = switches
         full_batch = None if switches.full_batch_pack is False else max_batch
         graphs, cpu_kernels = switches.graphs, switches.cpu_kernels
+        model_dtype = model.get_input_embeddings().weight.dtype
+        family, why = describe(model)
+        if not switches.lean_forward:
+            family, why = None, "the lean forward is switched off"
         pack = switches.packed_weights
         if pack is None:
-            pack = can_pack(model)
+            # Below float32 only the lean forward packs (it computes in float32 around the
+            # linears); transformers' forward would get float32 out of a bfloat16 layer.
+            pack = can_pack(model) and (model_dtype == torch.float32 or family is not None)
         self.packed = bool(pack)
         on_gpu = model.get_input_embeddings().weight.device.type == "cuda"
         self.lean = None
         self.decode_path: Decision | None = None
         """On the CPU's lean forward: the decode path in use and why (``autotune.py``)."""
-        family, why = describe(model)
-        if not switches.lean_forward:
-            family, why = None, "the lean forward is switched off"
         if family is None and (self.packed or on_gpu):
             log.info("transformers' forward runs this model, not the lean one: %s", why)
         if family is not None and (self.packed or on_gpu):
@@ -148,7 +159,9 @@ class ModelRunner:
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         self.max_length = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
         self.device = embedding.weight.device
-        self.dtype = embedding.weight.dtype
+        self.dtype = torch.float32 if self.lean is not None and self.packed else model_dtype
+        """The dtype of the runner's activations and KV cache: the model's, except on the
+        CPU's lean forward, which computes in float32 whatever its weights are in."""
         if self.lean is not None and self.packed:
             retune = switches.retune or os.environ.get(ENV_RETUNE) == "1"
             self.decode_path = self._choose_decode_path(
@@ -174,12 +187,18 @@ class ModelRunner:
             wanted = forced(ENV, None) if forced_kernels is None else forced_kernels
             fused = [True, False] if wanted is None and tune else [wanted is not False]
         candidates = [DecodePath(m, k) for m in mkl for k in fused]
+        dtypes = self._linear_dtypes()
+        if len(dtypes) > 1 and not tune:  # unmeasured, the exact one
+            dtypes = ("float32",)
+        if "bfloat16" in dtypes:
+            halves = [DecodePath(False, k, bfloat16=True) for k in fused]
+            candidates = halves if "float32" not in dtypes else candidates + halves
         panels = forced(ENV_PANELS, self.switches.panel_linear)
         if panels and kernels is None:
             raise RuntimeError(
                 "the panel linears were asked for but the CPU kernels are not available"
             )
-        if kernels is not None and True in fused and panels is not False:
+        if kernels is not None and True in fused and panels is not False and "float32" in dtypes:
             # The panel linears come from the same library as the fused kernels: with them.
             with_panels = DecodePath(False, True, panel_linear=True)
             if panels:
@@ -218,6 +237,26 @@ class ModelRunner:
         for linear in lean.packed_linears():
             linear.full_batch = full_batch if path.full_batch_pack else None
             linear.use_panels(kernels if path.panel_linear else None)
+            linear.use_dtype(torch.bfloat16 if path.bfloat16 else torch.float32)
+
+    def _linear_dtypes(self) -> tuple[str, ...]:
+        """The dtypes the lean forward's linear layers may run in here (``linear_dtype``)."""
+        wanted = self.switches.linear_dtype
+        bf16_model = self.base.get_input_embeddings().weight.dtype == torch.bfloat16
+        if wanted is None:
+            wanted = "auto" if bf16_model else "float32"
+        if wanted != "auto":
+            if wanted == "bfloat16" and not can_pack(self.base, torch.bfloat16):
+                raise RuntimeError(
+                    "bfloat16 linear layers were asked for but oneDNN cannot run them here"
+                )
+            return (wanted,)
+        native = native_cpu_bf16() or bf16_model
+        return (
+            ("float32", "bfloat16")
+            if native and can_pack(self.base, torch.bfloat16)
+            else ("float32",)
+        )
 
     def _time_decode(self, batch: int, context: int = 48) -> float:
         """Median ms of a decode step of ``batch`` rows over ``context`` cached columns."""
@@ -400,7 +439,7 @@ class ModelRunner:
             positions[j, pad:] = torch.arange(start, start + len(text))
         for prefix, rows in sharing.values():
             cache.write_prefix(rows, prefix.keys, prefix.values)
-        embeds = self.embedding(ids.to(self.device))
+        embeds = self._embed(ids.to(self.device))
         logits = self.forward(
             cache, slice(0, n), embeds, positions.to(self.device), valid.to(self.device), every
         )
@@ -426,12 +465,16 @@ class ModelRunner:
         Attention spans the chunk against what the row holds: memory grows with the chunk, not
         with the square of the prompt."""
         q = len(ids)
-        embeds = self.embedding(torch.tensor([ids], device=self.device))
+        embeds = self._embed(torch.tensor([ids], device=self.device))
         positions = torch.arange(start, start + q, device=self.device)[None]
         valid = torch.ones(1, q, dtype=torch.bool, device=self.device)
         logits = self.forward(cache, slice(0, 1), embeds, positions, valid, every)
         cache.advance(q)
         return logits
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids through the model's embedding, in the runner's dtype."""
+        return self.embedding(ids).to(self.dtype)
 
     def decode(
         self, cache: SlotCache, rows: slice, tokens: torch.Tensor, positions: torch.Tensor
@@ -443,6 +486,6 @@ class ModelRunner:
         if self.graphed is not None and rows.start == 0:
             logits = self.graphed(cache, rows.stop, tokens, positions)
             return logits[:, : self.vocab_size].float()
-        embeds = self.embedding(tokens[:, None])
+        embeds = self._embed(tokens[:, None])
         valid = torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=self.device)
         return self.forward(cache, rows, embeds, positions[:, None], valid)
