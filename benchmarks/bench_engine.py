@@ -264,6 +264,54 @@ class VllmPeer:
         self.log.close()
 
 
+def matmul_peak(dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float:
+    """GFLOP/s of a ``size`` x ``size`` matrix product in ``dtype`` on this machine (best of
+    ``repeats``, torch's threads): the physical limit each figure is set against."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def decode_share_of_peak(engine, batch: int) -> dict:
+    """The engine's full decode step (``batch`` rows, 48 cached columns) against the matrix
+    product peak of the dtype its linear layers multiply in: linear-layer GFLOP/s over peak."""
+    runner = engine.runner
+    picked = runner.decode_path.picked
+    dtype = torch.bfloat16 if picked.bfloat16 else torch.float32
+    linear = sum(m.weight.numel() for m in runner.base.modules() if isinstance(m, torch.nn.Linear))
+    steps = [runner._time_decode(batch) for _ in range(3)]
+    ms = min(steps)
+    achieved = 2 * linear * batch / (ms / 1000) / 1e9
+    peak = matmul_peak(dtype)
+    return {
+        "decode_step": {
+            "rows": batch,
+            "linear_dtype": str(dtype).removeprefix("torch."),
+            "kv_cache_dtype": str(runner.cache_dtype).removeprefix("torch."),
+            "ms": round(ms, 2),
+            "linear_gflops": round(achieved),
+            "matmul_peak_gflops": round(peak),
+            "share_of_peak": round(achieved / peak, 2),
+        }
+    }
+
+
+def best_over_best(results: dict) -> float | None:
+    """The engine's best tok/s at any dtype over vLLM's best at any dtype (None unless both
+    sides ran at float32 and bfloat16)."""
+    ways = [results.get(w) for w in ("c", "c_bfloat16", "f", "f_bfloat16")]
+    if not all(w and "tok_s" in w for w in ways):
+        return None
+    tok_s = [w["tok_s"] for w in ways]
+    return round(max(tok_s[:2]) / max(tok_s[2:]), 2)
+
+
 def start_vllm(
     spm, requests, new_tokens: int, python: str, model_dir: Path, tmp: Path, dtype: str
 ) -> VllmPeer | None:
@@ -341,6 +389,8 @@ def run_side_by_side(
         if engine.runner.decode_path is not None:
             emit({"way": "c" if cpu_kernels is None else "c_torch",
                   "decode_path": engine.runner.decode_path.summary()})  # fmt: skip
+            if cpu_kernels is None:
+                emit(decode_share_of_peak(engine, batch))
         for name, adapter in spm.adapters.items():
             engine.add_adapter(name, adapter)
         warm = requests[:2]
@@ -558,10 +608,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "both"],
+        choices=["float32", "bfloat16", "both", "all"],
         default="float32",
-        help="weights and KV cache of the engine and of vLLM, the same on both sides; both: "
-        "(c) and (f) side by side at each dtype (the other parts at float32)",
+        help="weights of the engine and of vLLM, the same on both sides (bfloat16: the engine "
+        "chooses its linear layers' dtype by measurement, as --dtype auto serves); both or "
+        "all: (c) and (f) side by side at each dtype (the other parts at float32), with each "
+        "dtype's measured matrix-product peak",
     )
     parser.add_argument(
         "--no-pause-peer",
@@ -614,7 +666,8 @@ def main() -> None:
         results["a"], results["b"] = run_peft(
             spm, folders, requests, args.new_tokens, args.peft_one_by_one
         )
-    dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
+    dtypes = ["float32", "bfloat16"] if args.dtype in ("both", "all") else [args.dtype]
+    emit({"matmul_peak_gflops": {d: round(matmul_peak(getattr(torch, d))) for d in dtypes}})
     for dtype in dtypes:
         side = spm
         if dtype != "float32":
@@ -685,6 +738,7 @@ def main() -> None:
                     "fused_over_torch_median"
                 ),
                 "continuous_over_static_under_arrivals": ratio("e_continuous", "e_static"),
+                "best_dtype_over_best_dtype": best_over_best(results),
             }
         }
     )

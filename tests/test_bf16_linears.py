@@ -88,17 +88,32 @@ def test_bfloat16_linears_when_asked_for_stay_close_to_float32(tiny_model_dir):
     halved = ModelRunner(base.model, config.switches(), max_batch=4)
     assert halved.decode_path is not None and halved.decode_path.picked.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in halved.lean.packed_linears())
-    assert halved.dtype == torch.float32  # the KV cache and activations stay float32
+    # activations stay float32 around the linears; the KV cache is bfloat16
+    assert halved.dtype == torch.float32 and halved.cache_dtype == torch.bfloat16
     ids = [list(range(3, 3 + n)) for n in (4, 9)]
     _, want = exact.prefill(ids, [None, None], every=True)
     _, got = halved.prefill(ids, [None, None], every=True)
+    _close_but_not_equal(got, want)
+    # A decode step on the fused kernels over a bfloat16 cache (when they build).
+    stepped = []
+    for runner in (exact, halved):
+        cache = runner.staging(None, 12)
+        runner.extend(cache, ids[1][:-1], 0)
+        token, position = torch.tensor([ids[1][-1]]), torch.tensor([len(ids[1]) - 1])
+        stepped.append(runner.decode(cache, slice(0, 1), token, position))
+        assert cache.keys[0].dtype == runner.cache_dtype
+    _close_but_not_equal(stepped[1], stepped[0])
+    assert torch.allclose(stepped[0], want[1, -1:], atol=1e-4)  # float32 decode = prefill
+    assert base.model.dtype == torch.float32
+
+
+def _close_but_not_equal(got: torch.Tensor, want: torch.Tensor) -> None:
+    """bfloat16 products (8 bits of mantissa per operand, two layers of them): within a tenth
+    of the logits' spread everywhere, a hundredth on average, and not float32's numbers."""
     spread = want.std().item()
     assert not torch.equal(got, want)
-    # 8 bits of mantissa per operand, two layers of them: within a tenth of the logits'
-    # spread everywhere, a hundredth on average.
     assert (got - want).abs().max().item() < 0.1 * spread
     assert (got - want).abs().mean().item() < 0.01 * spread
-    assert base.model.dtype == torch.float32
 
 
 class _Timer:
@@ -146,7 +161,9 @@ def test_auto_measures_bfloat16_beside_float32_where_the_cpu_has_it(
         assert halves in timer.timed and DecodePath(False, False, bfloat16=True) in timer.timed
         assert picked == halves
         assert all(p.dtype == torch.bfloat16 for p in engine.runner.lean.packed_linears())
-        assert "oneDNN bfloat16, fused C kernels" in engine.runner.decode_path.summary()
+        summary = engine.runner.decode_path.summary()
+        assert "oneDNN bfloat16 with a bfloat16 KV cache, fused C kernels" in summary
+        assert engine.cache.keys[0].dtype == torch.bfloat16
     else:  # no bfloat16 instructions: never a candidate, so never slower than float32
         assert not any(p.bfloat16 for p in timer.timed) and not picked.bfloat16
     # float32 (the default for a float32 model) never measures bfloat16.

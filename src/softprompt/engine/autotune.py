@@ -48,13 +48,14 @@ class DecodePath:
     panel_linear: bool = False
     """Linear layers on the C kernel's panel layout (``cpu_kernels.py``) instead of oneDNN/MKL."""
     bfloat16: bool = False
-    """Linear layers multiply in bfloat16 on oneDNN (``PackedLinear.dtype``), not float32."""
+    """Linear layers multiply in bfloat16 on oneDNN (``PackedLinear.dtype``), not float32, and
+    the KV cache is bfloat16 (half the bytes attention reads; its arithmetic stays float32)."""
 
     def label(self) -> str:
         if self.panel_linear:
             linear = "C panel linears"
         elif self.bfloat16:
-            linear = "oneDNN bfloat16"
+            linear = "oneDNN bfloat16 with a bfloat16 KV cache"
         else:
             linear = "MKL at full batch" if self.full_batch_pack else "oneDNN"
         return f"{linear}, {'fused C kernels' if self.cpu_kernels else 'PyTorch ops'}"

@@ -75,10 +75,11 @@ class EngineConfig:
     ``$SOFTPROMPT_PANEL_LINEAR`` 0 or 1 forces it; figures in docs/benchmarks/engine.md).
     Only the chosen layout's copy of the weights is kept."""
     cpu_linear_dtype: str | None = None
-    """What the CPU's lean forward multiplies its linear layers in (activations, norms,
-    attention and the KV cache stay float32): ``float32``, ``bfloat16`` (weights packed in
-    bfloat16 for oneDNN, products accumulated in float32: about twice float32's speed on CPUs
-    with native bfloat16 dot products, AVX512-BF16 or AMX, and much slower without), or
+    """What the CPU's lean forward multiplies its linear layers in (activations, norms and
+    attention arithmetic stay float32): ``float32``, ``bfloat16`` (weights packed in bfloat16
+    for oneDNN, products accumulated in float32: about twice float32's speed on CPUs with
+    native bfloat16 dot products, AVX512-BF16 or AMX, and much slower without; the KV cache is
+    then bfloat16 too, half the bytes for attention to read), or
     ``auto`` (both measured at start-up, the faster kept; bfloat16 only where this CPU has native
     bfloat16 or the model is in bfloat16 already). None: float32 for a float32 model (exact),
     ``auto`` for a bfloat16 one. The serve command's ``--dtype auto`` sets ``auto``. What

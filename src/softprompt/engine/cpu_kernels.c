@@ -1,4 +1,5 @@
-/* Fused CPU kernels for the engine's float32 decode step (see cpu_kernels.py).
+/* Fused CPU kernels for the engine's float32 decode step (see cpu_kernels.py); the KV cache
+ * they attend over may be bfloat16.
  *
  * A decode step of a small model on a CPU spends a third of its time outside the matrix
  * products: attention over the slot cache as two batched products, a separate strided write of
@@ -48,6 +49,33 @@ static inline float sp_tanh(float x) {
     const float near = x * (1.0f + s * (-0.333333333f + s * (0.133333333f +
                                   s * (-0.0539682540f + s * 0.0218694885f))));
     return fabsf(x) < 0.25f ? near : wide;
+}
+
+/* A key/value cache element: float32, or bfloat16 (`half`; the upper 16 bits of a float32)
+ * widened to float32 on reading and rounded to nearest even on writing, as PyTorch rounds.
+ * `half` is a compile-time constant at every call (the callers are inlined into a dispatch on
+ * it), so these are a plain load or a widening load in the vectorised loops. */
+static inline __attribute__((always_inline)) float sp_kv_get(const void *restrict p, int64_t i,
+                                                             const int half) {
+    if (half) {
+        const uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
+        float x;
+        memcpy(&x, &bits, sizeof x);
+        return x;
+    }
+    return ((const float *)p)[i];
+}
+
+static inline __attribute__((always_inline)) void sp_kv_set(void *restrict p, int64_t i, float x,
+                                                            const int half) {
+    if (half) {
+        uint32_t bits;
+        memcpy(&bits, &x, sizeof bits);
+        bits += 0x7fffu + ((bits >> 16) & 1u);
+        ((uint16_t *)p)[i] = (uint16_t)(bits >> 16);
+    } else {
+        ((float *)p)[i] = x;
+    }
 }
 
 /* One head of `dim` values made ready for attention: RMS-normalised with `norm` (the q/k norm
@@ -102,35 +130,38 @@ static inline int64_t sp_first_valid(const uint8_t *ok, int64_t end) {
 
 /* Ask for the next (row, head) pair's keys and values in columns first..end to be brought into
  * the cache while the current pair computes (its key rows are `dim` short runs, one per
- * component, a cache row apart). */
-static inline void sp_prefetch(const float *k_cache, int64_t ks_dim, const float *v_cache,
-                               int64_t vs_col, int64_t first, int64_t end, int64_t dim) {
-    const int64_t line = 64 / (int64_t)sizeof(float);
+ * component, a cache row apart). Strides in elements of `size` bytes. */
+static inline void sp_prefetch(const char *k_cache, int64_t ks_dim, const char *v_cache,
+                               int64_t vs_col, int64_t first, int64_t end, int64_t dim,
+                               int64_t size) {
+    const int64_t line = 64 / size;
     for (int64_t d = 0; d < dim; ++d) {
-        const float *k_row = k_cache + d * ks_dim;
+        const char *k_row = k_cache + d * ks_dim * size;
         for (int64_t j = first; j <= end; j += line)
-            __builtin_prefetch(k_row + j, 0, 3);
-        __builtin_prefetch(k_row + end, 0, 3);
+            __builtin_prefetch(k_row + j * size, 0, 3);
+        __builtin_prefetch(k_row + end * size, 0, 3);
     }
-    const float *v_first = v_cache + first * vs_col, *v_end = v_cache + end * vs_col + dim;
-    for (const float *v = v_first; v < v_end; v += line)
+    const char *v_first = v_cache + first * vs_col * size;
+    const char *v_end = v_cache + (end * vs_col + dim) * size;
+    for (const char *v = v_first; v < v_end; v += 64)
         __builtin_prefetch(v, 0, 3);
 }
 
-/* scores[g * n + l] = q_g . k_l for the `width` key columns starting at `k` (width 16 or 32). */
+/* scores[g * n + l] = q_g . k_l for the `width` key columns starting at column `start` of `k`
+ * (width 16 or 32). */
 static inline __attribute__((always_inline)) void
-sp_scores_block(const float *restrict q, const float *restrict k, int64_t ks_dim,
+sp_scores_block(const float *restrict q, const void *restrict k, int64_t start, int64_t ks_dim,
                 const int64_t groups, const int64_t dim, const int64_t width,
-                float *restrict scores, int64_t n) {
+                float *restrict scores, int64_t n, const int half) {
     float a[groups][width];
     for (int64_t g = 0; g < groups; ++g)
         for (int64_t l = 0; l < width; ++l)
             a[g][l] = 0.0f;
     for (int64_t d = 0; d < dim; ++d) {
-        const float *restrict k_row = k + d * ks_dim;
+        const int64_t at = d * ks_dim + start;
         for (int64_t g = 0; g < groups; ++g)
             for (int64_t l = 0; l < width; ++l)
-                a[g][l] += q[g * dim + d] * k_row[l];
+                a[g][l] += q[g * dim + d] * sp_kv_get(k, at + l, half);
     }
     for (int64_t g = 0; g < groups; ++g)
         for (int64_t l = 0; l < width; ++l)
@@ -152,18 +183,19 @@ struct sp_options {
  * them), so the per-column accumulators below stay in vector registers. */
 static inline __attribute__((always_inline)) void
 sp_attend_one(const float *restrict row, const float *restrict cos, const float *restrict sin,
-              float *restrict k_cache, int64_t ks_dim, float *restrict v_cache, int64_t vs_col,
+              void *restrict k_cache, int64_t ks_dim, void *restrict v_cache, int64_t vs_col,
               const uint8_t *restrict ok, int64_t end, float scaling, int64_t h,
               int64_t heads, int64_t kv_heads, const int64_t groups, const int64_t dim,
               const struct sp_options *restrict opt, float *restrict scores,
-              float *restrict out) {
+              float *restrict out, const int half) {
     float q[groups * dim], key[dim], acc[groups * dim], total[groups];
     const int64_t rot = opt->rotary_dim;
     sp_rotate(row + (heads + h) * dim, opt->k_norm, opt->qk_eps, cos, sin, 1.0f, dim, rot, key);
     for (int64_t d = 0; d < dim; ++d)
-        k_cache[d * ks_dim + end] = key[d];
-    memcpy(v_cache + end * vs_col, row + (heads + kv_heads + h) * dim,
-           sizeof(float) * (size_t)dim);
+        sp_kv_set(k_cache, d * ks_dim + end, key[d], half);
+    const float *restrict value = row + (heads + kv_heads + h) * dim;
+    for (int64_t d = 0; d < dim; ++d)
+        sp_kv_set(v_cache, end * vs_col + d, value[d], half);
     for (int64_t g = 0; g < groups; ++g)
         sp_rotate(row + (h * groups + g) * dim, opt->q_norm, opt->qk_eps, cos, sin, scaling, dim,
                   rot, q + g * dim);
@@ -171,7 +203,6 @@ sp_attend_one(const float *restrict row, const float *restrict cos, const float 
     const int64_t first = sp_window_first(ok, sp_first_valid(ok, end), end, opt->window);
     const int64_t n = end + 1 - first;
     const uint8_t *restrict okn = ok + first;
-    const float *restrict k_first = k_cache + first;
 
     /* scores[g, j] = q_g . k_j: 32 columns at a time for every group at once (independent
      * accumulators in vector registers), then 16; the last partial block is computed as the
@@ -179,17 +210,18 @@ sp_attend_one(const float *restrict row, const float *restrict cos, const float 
     enum { W = 16 };
     int64_t j0 = 0;
     for (; j0 + 2 * W <= n; j0 += 2 * W)
-        sp_scores_block(q, k_first + j0, ks_dim, groups, dim, 2 * W, scores + j0, n);
+        sp_scores_block(q, k_cache, first + j0, ks_dim, groups, dim, 2 * W, scores + j0, n, half);
     for (; j0 + W <= n; j0 += W)
-        sp_scores_block(q, k_first + j0, ks_dim, groups, dim, W, scores + j0, n);
+        sp_scores_block(q, k_cache, first + j0, ks_dim, groups, dim, W, scores + j0, n, half);
     if (j0 < n && n >= W)
-        sp_scores_block(q, k_first + n - W, ks_dim, groups, dim, W, scores + n - W, n);
+        sp_scores_block(q, k_cache, first + n - W, ks_dim, groups, dim, W, scores + n - W, n,
+                        half);
     else
         for (; j0 < n; ++j0)
             for (int64_t g = 0; g < groups; ++g) {
                 float a = 0.0f;
                 for (int64_t d = 0; d < dim; ++d)
-                    a += q[g * dim + d] * k_first[d * ks_dim + j0];
+                    a += q[g * dim + d] * sp_kv_get(k_cache, d * ks_dim + first + j0, half);
                 scores[g * n + j0] = a;
             }
 
@@ -239,11 +271,11 @@ sp_attend_one(const float *restrict row, const float *restrict cos, const float 
     for (int64_t i = 0; i < groups * dim; ++i)
         acc[i] = 0.0f;
     for (int64_t j = 0; j < n; ++j) {
-        const float *restrict v_row = v_cache + (first + j) * vs_col;
+        const int64_t at = (first + j) * vs_col;
         for (int64_t g = 0; g < groups; ++g) {
             const float w = scores[g * n + j];
             for (int64_t d = 0; d < dim; ++d)
-                acc[g * dim + d] += w * v_row[d];
+                acc[g * dim + d] += w * sp_kv_get(v_cache, at + d, half);
         }
     }
     for (int64_t g = 0; g < groups; ++g) {
@@ -261,7 +293,8 @@ sp_attend_one(const float *restrict row, const float *restrict cos, const float 
  *   above).
  * keys: row b's key for head h, cache column c, component d is at
  *   keys[b * ks_slot + h * ks_head + d * ks_dim + c] (keys stored transposed, columns
- *   contiguous); values: values[b * vs_slot + h * vs_head + c * vs_col + d].
+ *   contiguous); values: values[b * vs_slot + h * vs_head + c * vs_col + d]; both float32, or
+ *   bfloat16 with `half` (read widened, written rounded; the arithmetic is float32's).
  * valid: valid[b * valid_stride + c] != 0 where row b holds a real key/value in column c.
  * The rotated key and the value of the new token are written at column `end`; each query head
  * then attends to the valid columns of its row before `end`, and to `end` itself (a new token
@@ -272,17 +305,18 @@ sp_attend_one(const float *restrict row, const float *restrict cos, const float 
  */
 void sp_decode_attention(const float *restrict qkv, int64_t batch, int64_t heads,
                          int64_t kv_heads, int64_t dim, const float *restrict cos,
-                         const float *restrict sin, float *restrict keys, int64_t ks_slot,
-                         int64_t ks_head, int64_t ks_dim, float *restrict values,
+                         const float *restrict sin, void *restrict keys, int64_t ks_slot,
+                         int64_t ks_head, int64_t ks_dim, void *restrict values,
                          int64_t vs_slot, int64_t vs_head, int64_t vs_col,
                          const uint8_t *restrict valid, int64_t valid_stride, int64_t end,
                          float scaling, int64_t rotary_dim, int64_t window, float softcap,
                          const float *restrict q_norm, const float *restrict k_norm,
-                         float qk_eps, float *restrict out, int threads) {
+                         float qk_eps, float *restrict out, int half, int threads) {
     const struct sp_options options = {rotary_dim, window, softcap, q_norm, k_norm, qk_eps};
     const int64_t groups = heads / kv_heads;
     const int64_t width = (heads + 2 * kv_heads) * dim;
     const int64_t items = batch * kv_heads;
+    const int64_t size = half ? 2 : 4;
 #pragma omp parallel num_threads(threads)
     {
         float *scores = malloc(sizeof(float) * (size_t)(groups * (end + 1)));
@@ -293,29 +327,36 @@ void sp_decode_attention(const float *restrict qkv, int64_t batch, int64_t heads
             const int64_t b = item / kv_heads, h = item % kv_heads;
             if (item + 1 < stop) {
                 const int64_t nb = (item + 1) / kv_heads, nh = (item + 1) % kv_heads;
-                sp_prefetch(keys + nb * ks_slot + nh * ks_head, ks_dim,
-                            values + nb * vs_slot + nh * vs_head, vs_col,
-                            sp_first_valid(valid + nb * valid_stride, end), end, dim);
+                sp_prefetch((const char *)keys + (nb * ks_slot + nh * ks_head) * size, ks_dim,
+                            (const char *)values + (nb * vs_slot + nh * vs_head) * size, vs_col,
+                            sp_first_valid(valid + nb * valid_stride, end), end, dim, size);
             }
             const float *row = qkv + b * width;
             const float *c = cos + b * rotary_dim, *s = sin + b * rotary_dim;
             const uint8_t *ok = valid + b * valid_stride;
-            float *k_cache = keys + b * ks_slot + h * ks_head;
-            float *v_cache = values + b * vs_slot + h * vs_head;
+            char *k_cache = (char *)keys + (b * ks_slot + h * ks_head) * size;
+            char *v_cache = (char *)values + (b * vs_slot + h * vs_head) * size;
             float *o = out + b * heads * dim;
-#define SP_ATTEND(G, D)                                                                        \
+#define SP_ATTEND(G, D, HALF)                                                                  \
     sp_attend_one(row, c, s, k_cache, ks_dim, v_cache, vs_col, ok, end, scaling, h, heads,     \
-                  kv_heads, G, D, &options, scores, o)
-            if (dim == 64 && groups == 3)
-                SP_ATTEND(3, 64);
-            else if (dim == 64 && groups == 4)
-                SP_ATTEND(4, 64);
-            else if (dim == 64 && groups == 1)
-                SP_ATTEND(1, 64);
-            else if (dim == 128 && groups == 4)
-                SP_ATTEND(4, 128);
-            else
-                SP_ATTEND(groups, dim);
+                  kv_heads, G, D, &options, scores, o, HALF)
+#define SP_DISPATCH(HALF)                                                                      \
+    if (dim == 64 && groups == 3)                                                              \
+        SP_ATTEND(3, 64, HALF);                                                                \
+    else if (dim == 64 && groups == 4)                                                         \
+        SP_ATTEND(4, 64, HALF);                                                                \
+    else if (dim == 64 && groups == 1)                                                         \
+        SP_ATTEND(1, 64, HALF);                                                                \
+    else if (dim == 128 && groups == 4)                                                        \
+        SP_ATTEND(4, 128, HALF);                                                               \
+    else                                                                                       \
+        SP_ATTEND(groups, dim, HALF)
+            if (half) {
+                SP_DISPATCH(1);
+            } else {
+                SP_DISPATCH(0);
+            }
+#undef SP_DISPATCH
 #undef SP_ATTEND
         }
         free(scores);

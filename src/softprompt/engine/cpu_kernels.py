@@ -50,7 +50,7 @@ class CpuKernels:
         self._attention.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr]
         self._attention.argtypes += [_ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64]
         self._attention.argtypes += [_ptr, _i64, _i64, _f32, _i64, _i64, _f32]
-        self._attention.argtypes += [_ptr, _ptr, _f32, _ptr, _int]
+        self._attention.argtypes += [_ptr, _ptr, _f32, _ptr, _int, _int]
         self._normalise = lib.sp_add_normalise
         self._normalise.restype = None
         self._normalise.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _f32, _ptr, _int]
@@ -164,8 +164,8 @@ class DecodeStep:
                 raise ValueError("decode step: the cache's layers differ in layout")
             if v.shape != cache_values[0].shape or v.stride() != cache_values[0].stride():
                 raise ValueError("decode step: the cache's layers differ in layout")
-            _check_buffer(k)
-            _check_buffer(v)
+            _check_buffer(k, keys.dtype)
+            _check_buffer(v, keys.dtype)
         qkv_shape = (batch, (heads + 2 * kv_heads) * dim)
         for cos, sin in rotaries.values():
             _check_attention(qkv_shape, cos, sin, keys, values, valid[rows], end, heads)
@@ -180,6 +180,8 @@ class DecodeStep:
         self.keys, self.values = cache_keys, cache_values
         self.key_offset = rows.start * keys.stride(0) * keys.element_size()
         self.value_offset = rows.start * values.stride(0) * values.element_size()
+        self.half = int(keys.dtype == torch.bfloat16)
+        """Whether the cache holds bfloat16 (the kernel widens it to float32 as it reads)."""
         self.key_strides = (keys.stride(0), keys.stride(1), keys.stride(3))
         self.value_strides = (values.stride(0), values.stride(1), values.stride(2))
         row_valid = valid[rows]
@@ -226,6 +228,7 @@ class DecodeStep:
             options.k_norm_pointer,
             options.qk_eps,
             out.data_ptr(),
+            self.half,
             self.threads,
         )
 
@@ -304,8 +307,8 @@ def _check_attention(
 ) -> None:
     """Everything ``sp_decode_attention`` relies on about its arguments (it checks nothing)."""
     _check(cos, sin)
-    _check_buffer(keys)
-    _check_buffer(values)
+    _check_buffer(keys, keys.dtype)
+    _check_buffer(values, keys.dtype)
     batch, kv_heads, capacity, dim = keys.shape
     if not (0 <= end < capacity) or keys.stride(2) != 1 or values.stride(3) != 1:
         raise ValueError("decode_attention: cache column out of range or unexpected layout")
@@ -336,9 +339,12 @@ def _vector(t: torch.Tensor, size: int) -> torch.Tensor:
     return t
 
 
-def _check_buffer(t: torch.Tensor) -> None:
-    if t.device.type != "cpu" or t.dtype != torch.float32:
-        raise ValueError("CPU kernels take float32 CPU tensors")
+def _check_buffer(t: torch.Tensor, dtype: torch.dtype) -> None:
+    """A KV cache buffer: on the CPU, float32 or bfloat16, all of them in ``dtype``."""
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError("the CPU kernels' KV cache is float32 or bfloat16, on the CPU")
+    if t.dtype != dtype:
+        raise ValueError("the CPU kernels' KV cache buffers differ in dtype")
 
 
 def _output(out: torch.Tensor | None, like: torch.Tensor, shape: Any) -> torch.Tensor:

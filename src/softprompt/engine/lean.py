@@ -350,6 +350,8 @@ class LeanDecoder:
             k = qk[:, :, heads:].transpose(1, 2)  # (B, KV, q, Dh)
             v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
             keys, values = kv[index].update(k, v)  # (B, KV, kv, Dh)
+            if keys.dtype != q.dtype:  # a bfloat16 cache under float32 arithmetic
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
             branch = layer.o(attend(q, keys, values, layer))
             if layer.post_attention is not None:
                 branch = _normalise(branch, self.eps) * layer.post_attention

@@ -160,8 +160,11 @@ class ModelRunner:
         self.max_length = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
         self.device = embedding.weight.device
         self.dtype = torch.float32 if self.lean is not None and self.packed else model_dtype
-        """The dtype of the runner's activations and KV cache: the model's, except on the
-        CPU's lean forward, which computes in float32 whatever its weights are in."""
+        """The dtype of the runner's activations: the model's, except on the CPU's lean
+        forward, which computes in float32 whatever its weights are in."""
+        self.cache_dtype = self.dtype
+        """The KV cache's dtype: the activations', or bfloat16 on the CPU's bfloat16 path
+        (the fused kernels read it widened to float32)."""
         if self.lean is not None and self.packed:
             retune = switches.retune or os.environ.get(ENV_RETUNE) == "1"
             self.decode_path = self._choose_decode_path(
@@ -238,6 +241,7 @@ class ModelRunner:
             linear.full_batch = full_batch if path.full_batch_pack else None
             linear.use_panels(kernels if path.panel_linear else None)
             linear.use_dtype(torch.bfloat16 if path.bfloat16 else torch.float32)
+        self.cache_dtype = torch.bfloat16 if path.bfloat16 else self.dtype
 
     def _linear_dtypes(self) -> tuple[str, ...]:
         """The dtypes the lean forward's linear layers may run in here (``linear_dtype``)."""
@@ -281,7 +285,7 @@ class ModelRunner:
             self.head_dim,
             slots,
             capacity,
-            dtype=self.dtype,
+            dtype=self.cache_dtype,
             device=self.device,
         )
 
@@ -393,8 +397,8 @@ class ModelRunner:
         weights = weights.to(device=self.device, dtype=self.dtype)
         keys, values = split(weights, self.prefix_shape)
         return Prefix(
-            keys=list(keys.contiguous()),
-            values=list(values.contiguous()),
+            keys=list(keys.to(self.cache_dtype).contiguous()),
+            values=list(values.to(self.cache_dtype).contiguous()),
             owner=owner_digest(adapter, weights),
         )
 
