@@ -30,10 +30,12 @@ def test_a_bfloat16_layer_multiplies_rounded_operands_and_answers_in_float32():
     layer = PackedLinear(weight, bias, dtype=torch.bfloat16)
     got = layer(x)
     assert got.dtype == torch.float32 and got.shape == (5, 96)
-    # The product of the operands rounded to bfloat16, accumulated in float32; oneDNN hands
-    # the result back in bfloat16 (8 bits of mantissa), then the float32 bias is added.
-    rounded = F.linear(x.bfloat16().float(), weight.bfloat16().float())
-    assert torch.allclose(got - bias, rounded, rtol=2**-8, atol=1e-3)
+    # The product of the operands (and bias) rounded to bfloat16, accumulated in float32;
+    # oneDNN hands the result back in bfloat16 (8 bits of mantissa), widened to float32.
+    rounded = F.linear(x.bfloat16().float(), weight.bfloat16().float(), bias.bfloat16().float())
+    assert torch.allclose(got, rounded, rtol=2**-8, atol=1e-3)
+    narrow = layer.narrow(x)  # what the fused decode step passes on: no conversion after
+    assert narrow.dtype == torch.bfloat16 and torch.equal(narrow.float(), got)
     exact = F.linear(x, weight, bias)
     assert not torch.equal(got, exact)  # it is not float32's product
     # Switching dtype repacks: float32 is float32's product again.

@@ -198,6 +198,56 @@ def test_silu_mul_equals_swiglu_across_the_float_range(kernels):
     torch.testing.assert_close(geglu, F.gelu(gate, approximate="tanh") * up, rtol=2e-6, atol=1e-6)
 
 
+def test_a_decode_steps_kernels_take_bfloat16_in_and_out(kernels):
+    """On the bfloat16 path the linear layers read and write bfloat16: add_normalise reads its
+    delta and writes its output in bfloat16 (the residual stream stays float32), silu_mul and
+    attention read and write bfloat16; each equals the float32 kernel on the widened input,
+    rounded to nearest even once at the end."""
+    generator = torch.Generator().manual_seed(3)
+    slots, heads, kv_heads, dim, end = 4, 9, 3, 64, 20
+    cache = SlotCache(1, kv_heads, dim, slots, end + 1, dtype=torch.bfloat16, device="cpu")
+    cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=generator))
+    cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=generator))
+    cache.valid[:, :end] = True
+    cos, sin = _rotary(torch.arange(slots) + end, dim)
+    rows = slice(0, slots)
+    twins = []
+    for _ in range(2):
+        twin = SlotCache(1, kv_heads, dim, slots, end + 1, dtype=torch.bfloat16, device="cpu")
+        twin.keys[0].copy_(cache.keys[0])
+        twin.values[0].copy_(cache.values[0])
+        twin.valid.copy_(cache.valid)
+        twins.append(twin)
+    steps = [
+        cpu_kernels.DecodeStep(kernels, t.keys, t.values, t.valid, rows, end, {None: (cos, sin)}, heads)
+        for t in twins
+    ]  # fmt: skip
+    qkv = torch.randn(slots, (heads + 2 * kv_heads) * dim, generator=generator).bfloat16()
+    wide_out = torch.empty(slots, heads * dim)
+    steps[0].attention(0, qkv.float(), 0.125, out=wide_out)
+    narrow_out = torch.empty(slots, heads * dim, dtype=torch.bfloat16)
+    steps[1].attention(0, qkv, 0.125, out=narrow_out)
+    assert torch.equal(narrow_out, wide_out.bfloat16())
+    assert torch.equal(twins[0].keys[0], twins[1].keys[0])
+    with pytest.raises(ValueError, match="bfloat16"):
+        steps[1].attention(0, qkv, 0.125, out=wide_out)  # out must match qkv
+
+    h = torch.randn(slots, 576, generator=generator) * 3
+    delta = torch.randn(slots, 576, generator=generator).bfloat16()
+    wide_h, wide = h.clone(), torch.empty(slots, 576)
+    steps[0].add_normalise(wide_h, delta.float(), 1e-5, out=wide)
+    narrow = torch.empty(slots, 576, dtype=torch.bfloat16)
+    steps[1].add_normalise(h, delta, 1e-5, out=narrow)
+    assert torch.equal(h, wide_h) and torch.equal(narrow, wide.bfloat16())
+
+    gate_up = (torch.randn(slots, 2 * 1536, generator=generator) * 4).bfloat16()
+    wide_act = torch.empty(slots, 1536)
+    steps[0].silu_mul(gate_up.float(), out=wide_act)
+    narrow_act = torch.empty(slots, 1536, dtype=torch.bfloat16)
+    steps[1].silu_mul(gate_up, out=narrow_act)
+    assert torch.equal(narrow_act, wide_act.bfloat16())
+
+
 @pytest.mark.parametrize(
     ("rows", "in_features", "out_features"),
     [(64, 576, 960), (61, 576, 3072), (1, 1536, 576), (13, 33, 49), (6, 5, 16), (7, 3, 17)],

@@ -51,11 +51,12 @@ static inline float sp_tanh(float x) {
     return fabsf(x) < 0.25f ? near : wide;
 }
 
-/* A key/value cache element: float32, or bfloat16 (`half`; the upper 16 bits of a float32)
- * widened to float32 on reading and rounded to nearest even on writing, as PyTorch rounds.
+/* An element of a buffer that is float32, or bfloat16 (`half`; the upper 16 bits of a float32)
+ * widened to float32 on reading and rounded to nearest even on writing, as PyTorch rounds: the
+ * KV cache, and on the bfloat16 path the inputs and outputs of the linear layers.
  * `half` is a compile-time constant at every call (the callers are inlined into a dispatch on
  * it), so these are a plain load or a widening load in the vectorised loops. */
-static inline __attribute__((always_inline)) float sp_kv_get(const void *restrict p, int64_t i,
+static inline __attribute__((always_inline)) float sp_get(const void *restrict p, int64_t i,
                                                              const int half) {
     if (half) {
         const uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
@@ -66,7 +67,7 @@ static inline __attribute__((always_inline)) float sp_kv_get(const void *restric
     return ((const float *)p)[i];
 }
 
-static inline __attribute__((always_inline)) void sp_kv_set(void *restrict p, int64_t i, float x,
+static inline __attribute__((always_inline)) void sp_set(void *restrict p, int64_t i, float x,
                                                             const int half) {
     if (half) {
         uint32_t bits;
@@ -161,7 +162,7 @@ sp_scores_block(const float *restrict q, const void *restrict k, int64_t start, 
         const int64_t at = d * ks_dim + start;
         for (int64_t g = 0; g < groups; ++g)
             for (int64_t l = 0; l < width; ++l)
-                a[g][l] += q[g * dim + d] * sp_kv_get(k, at + l, half);
+                a[g][l] += q[g * dim + d] * sp_get(k, at + l, half);
     }
     for (int64_t g = 0; g < groups; ++g)
         for (int64_t l = 0; l < width; ++l)
@@ -182,23 +183,29 @@ struct sp_options {
  * compile-time constants in the common cases (the function is inlined into a dispatch on
  * them), so the per-column accumulators below stay in vector registers. */
 static inline __attribute__((always_inline)) void
-sp_attend_one(const float *restrict row, const float *restrict cos, const float *restrict sin,
+sp_attend_one(const void *restrict row, const float *restrict cos, const float *restrict sin,
               void *restrict k_cache, int64_t ks_dim, void *restrict v_cache, int64_t vs_col,
               const uint8_t *restrict ok, int64_t end, float scaling, int64_t h,
               int64_t heads, int64_t kv_heads, const int64_t groups, const int64_t dim,
               const struct sp_options *restrict opt, float *restrict scores,
-              float *restrict out, const int half) {
+              void *restrict out, const int half, const int half_io) {
     float q[groups * dim], key[dim], acc[groups * dim], total[groups];
+    float wide[groups * dim], raw_key[dim];
     const int64_t rot = opt->rotary_dim;
-    sp_rotate(row + (heads + h) * dim, opt->k_norm, opt->qk_eps, cos, sin, 1.0f, dim, rot, key);
+    /* This pair's query heads and key head, widened when the projection is bfloat16. */
+    for (int64_t i = 0; i < groups * dim; ++i)
+        wide[i] = sp_get(row, h * groups * dim + i, half_io);
     for (int64_t d = 0; d < dim; ++d)
-        sp_kv_set(k_cache, d * ks_dim + end, key[d], half);
-    const float *restrict value = row + (heads + kv_heads + h) * dim;
+        raw_key[d] = sp_get(row, (heads + h) * dim + d, half_io);
+    sp_rotate(raw_key, opt->k_norm, opt->qk_eps, cos, sin, 1.0f, dim, rot, key);
     for (int64_t d = 0; d < dim; ++d)
-        sp_kv_set(v_cache, end * vs_col + d, value[d], half);
+        sp_set(k_cache, d * ks_dim + end, key[d], half);
+    for (int64_t d = 0; d < dim; ++d)
+        sp_set(v_cache, end * vs_col + d, sp_get(row, (heads + kv_heads + h) * dim + d, half_io),
+               half);
     for (int64_t g = 0; g < groups; ++g)
-        sp_rotate(row + (h * groups + g) * dim, opt->q_norm, opt->qk_eps, cos, sin, scaling, dim,
-                  rot, q + g * dim);
+        sp_rotate(wide + g * dim, opt->q_norm, opt->qk_eps, cos, sin, scaling, dim, rot,
+                  q + g * dim);
 
     const int64_t first = sp_window_first(ok, sp_first_valid(ok, end), end, opt->window);
     const int64_t n = end + 1 - first;
@@ -221,7 +228,7 @@ sp_attend_one(const float *restrict row, const float *restrict cos, const float 
             for (int64_t g = 0; g < groups; ++g) {
                 float a = 0.0f;
                 for (int64_t d = 0; d < dim; ++d)
-                    a += q[g * dim + d] * sp_kv_get(k_cache, d * ks_dim + first + j0, half);
+                    a += q[g * dim + d] * sp_get(k_cache, d * ks_dim + first + j0, half);
                 scores[g * n + j0] = a;
             }
 
@@ -275,14 +282,14 @@ sp_attend_one(const float *restrict row, const float *restrict cos, const float 
         for (int64_t g = 0; g < groups; ++g) {
             const float w = scores[g * n + j];
             for (int64_t d = 0; d < dim; ++d)
-                acc[g * dim + d] += w * sp_kv_get(v_cache, at + d, half);
+                acc[g * dim + d] += w * sp_get(v_cache, at + d, half);
         }
     }
     for (int64_t g = 0; g < groups; ++g) {
         const float inverse = 1.0f / total[g];
-        float *restrict o = out + (h * groups + g) * dim;
+        const int64_t at = (h * groups + g) * dim;
         for (int64_t d = 0; d < dim; ++d)
-            o[d] = acc[g * dim + d] * inverse;
+            sp_set(out, at + d, acc[g * dim + d] * inverse, half_io);
     }
 }
 
@@ -295,6 +302,7 @@ sp_attend_one(const float *restrict row, const float *restrict cos, const float 
  *   keys[b * ks_slot + h * ks_head + d * ks_dim + c] (keys stored transposed, columns
  *   contiguous); values: values[b * vs_slot + h * vs_head + c * vs_col + d]; both float32, or
  *   bfloat16 with `half` (read widened, written rounded; the arithmetic is float32's).
+ * half_io: qkv and out are bfloat16 (the bfloat16 path's linear layers read and write it). 
  * valid: valid[b * valid_stride + c] != 0 where row b holds a real key/value in column c.
  * The rotated key and the value of the new token are written at column `end`; each query head
  * then attends to the valid columns of its row before `end`, and to `end` itself (a new token
@@ -303,7 +311,7 @@ sp_attend_one(const float *restrict row, const float *restrict cos, const float 
  * window (the newest `window` positions, the new one included; 0: all); softcap (0: none).
  * out: (batch, heads * dim).
  */
-void sp_decode_attention(const float *restrict qkv, int64_t batch, int64_t heads,
+void sp_decode_attention(const void *restrict qkv, int64_t batch, int64_t heads,
                          int64_t kv_heads, int64_t dim, const float *restrict cos,
                          const float *restrict sin, void *restrict keys, int64_t ks_slot,
                          int64_t ks_head, int64_t ks_dim, void *restrict values,
@@ -311,12 +319,13 @@ void sp_decode_attention(const float *restrict qkv, int64_t batch, int64_t heads
                          const uint8_t *restrict valid, int64_t valid_stride, int64_t end,
                          float scaling, int64_t rotary_dim, int64_t window, float softcap,
                          const float *restrict q_norm, const float *restrict k_norm,
-                         float qk_eps, float *restrict out, int half, int threads) {
+                         float qk_eps, void *restrict out, int half, int half_io,
+                         int threads) {
     const struct sp_options options = {rotary_dim, window, softcap, q_norm, k_norm, qk_eps};
     const int64_t groups = heads / kv_heads;
     const int64_t width = (heads + 2 * kv_heads) * dim;
     const int64_t items = batch * kv_heads;
-    const int64_t size = half ? 2 : 4;
+    const int64_t size = half ? 2 : 4, io_size = half_io ? 2 : 4;
 #pragma omp parallel num_threads(threads)
     {
         float *scores = malloc(sizeof(float) * (size_t)(groups * (end + 1)));
@@ -331,30 +340,34 @@ void sp_decode_attention(const float *restrict qkv, int64_t batch, int64_t heads
                             (const char *)values + (nb * vs_slot + nh * vs_head) * size, vs_col,
                             sp_first_valid(valid + nb * valid_stride, end), end, dim, size);
             }
-            const float *row = qkv + b * width;
+            const char *row = (const char *)qkv + b * width * io_size;
             const float *c = cos + b * rotary_dim, *s = sin + b * rotary_dim;
             const uint8_t *ok = valid + b * valid_stride;
             char *k_cache = (char *)keys + (b * ks_slot + h * ks_head) * size;
             char *v_cache = (char *)values + (b * vs_slot + h * vs_head) * size;
-            float *o = out + b * heads * dim;
-#define SP_ATTEND(G, D, HALF)                                                                  \
+            char *o = (char *)out + b * heads * dim * io_size;
+#define SP_ATTEND(G, D, HALF, IO)                                                              \
     sp_attend_one(row, c, s, k_cache, ks_dim, v_cache, vs_col, ok, end, scaling, h, heads,     \
-                  kv_heads, G, D, &options, scores, o, HALF)
-#define SP_DISPATCH(HALF)                                                                      \
+                  kv_heads, G, D, &options, scores, o, HALF, IO)
+#define SP_DISPATCH(HALF, IO)                                                                  \
     if (dim == 64 && groups == 3)                                                              \
-        SP_ATTEND(3, 64, HALF);                                                                \
+        SP_ATTEND(3, 64, HALF, IO);                                                            \
     else if (dim == 64 && groups == 4)                                                         \
-        SP_ATTEND(4, 64, HALF);                                                                \
+        SP_ATTEND(4, 64, HALF, IO);                                                            \
     else if (dim == 64 && groups == 1)                                                         \
-        SP_ATTEND(1, 64, HALF);                                                                \
+        SP_ATTEND(1, 64, HALF, IO);                                                            \
     else if (dim == 128 && groups == 4)                                                        \
-        SP_ATTEND(4, 128, HALF);                                                               \
+        SP_ATTEND(4, 128, HALF, IO);                                                           \
     else                                                                                       \
-        SP_ATTEND(groups, dim, HALF)
-            if (half) {
-                SP_DISPATCH(1);
+        SP_ATTEND(groups, dim, HALF, IO)
+            if (half && half_io) {
+                SP_DISPATCH(1, 1);
+            } else if (half) {
+                SP_DISPATCH(1, 0);
+            } else if (half_io) {
+                SP_DISPATCH(0, 1);
             } else {
-                SP_DISPATCH(0);
+                SP_DISPATCH(0, 0);
             }
 #undef SP_DISPATCH
 #undef SP_ATTEND
@@ -367,58 +380,81 @@ void sp_decode_attention(const float *restrict qkv, int64_t batch, int64_t heads
  * out = h / sqrt(mean(h^2) + eps), times `weight` (dim,) when it is not NULL (a norm feeding a
  * linear layer has its weight folded into that layer instead; Gemma's norms after attention and
  * the MLP feed the residual). h, delta, out: (rows, dim), contiguous. */
-void sp_add_normalise(float *restrict h, const float *restrict delta, float *restrict out,
+static inline __attribute__((always_inline)) void
+sp_add_normalise_row(float *restrict x, const void *restrict delta, void *restrict out,
+                     int64_t r, int64_t dim, float eps, const float *restrict weight,
+                     const int half_delta, const int half_out) {
+    if (delta != NULL)
+        for (int64_t i = 0; i < dim; ++i)
+            x[i] += sp_get(delta, r * dim + i, half_delta);
+    /* Sixteen partial sums: a vectorised reduction without reassociation flags. */
+    float part[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= dim; i += 16)
+        for (int64_t l = 0; l < 16; ++l)
+            part[l] += x[i + l] * x[i + l];
+    for (; i < dim; ++i)
+        part[0] += x[i] * x[i];
+    float squares = 0.0f;
+    for (int64_t l = 0; l < 16; ++l)
+        squares += part[l];
+    const float scale = 1.0f / sqrtf(squares / (float)dim + eps);
+    if (weight != NULL)
+        for (int64_t j = 0; j < dim; ++j)
+            sp_set(out, r * dim + j, x[j] * scale * weight[j], half_out);
+    else
+        for (int64_t j = 0; j < dim; ++j)
+            sp_set(out, r * dim + j, x[j] * scale, half_out);
+}
+
+/* half_delta, half_out: delta, out are bfloat16 (h is always float32). */
+void sp_add_normalise(float *restrict h, const void *restrict delta, void *restrict out,
                       int64_t rows, int64_t dim, float eps, const float *restrict weight,
-                      int threads) {
+                      int half_delta, int half_out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         float *x = h + r * dim;
-        if (delta != NULL) {
-            const float *y = delta + r * dim;
-            for (int64_t i = 0; i < dim; ++i)
-                x[i] += y[i];
-        }
-        /* Sixteen partial sums: a vectorised reduction without reassociation flags. */
-        float part[16] = {0};
-        int64_t i = 0;
-        for (; i + 16 <= dim; i += 16)
-            for (int64_t l = 0; l < 16; ++l)
-                part[l] += x[i + l] * x[i + l];
-        for (; i < dim; ++i)
-            part[0] += x[i] * x[i];
-        float squares = 0.0f;
-        for (int64_t l = 0; l < 16; ++l)
-            squares += part[l];
-        const float scale = 1.0f / sqrtf(squares / (float)dim + eps);
-        float *o = out + r * dim;
-        if (weight != NULL)
-            for (int64_t j = 0; j < dim; ++j)
-                o[j] = x[j] * scale * weight[j];
+        if (half_delta && half_out)
+            sp_add_normalise_row(x, delta, out, r, dim, eps, weight, 1, 1);
+        else if (half_out)
+            sp_add_normalise_row(x, delta, out, r, dim, eps, weight, 0, 1);
+        else if (half_delta)
+            sp_add_normalise_row(x, delta, out, r, dim, eps, weight, 1, 0);
         else
-            for (int64_t j = 0; j < dim; ++j)
-                o[j] = x[j] * scale;
+            sp_add_normalise_row(x, delta, out, r, dim, eps, weight, 0, 0);
     }
 }
 
 /* A gated MLP's activation: out[r, i] = act(gate[r, i]) * up[r, i], where each row of gate_up
  * (rows, 2 * width) holds the gate then the up projection; act is SiLU (SwiGLU, `gelu` 0) or
  * GELU's tanh approximation (GeGLU, Gemma; `gelu` 1). out: (rows, width). */
-void sp_silu_mul(const float *restrict gate_up, float *restrict out, int64_t rows,
-                 int64_t width, int gelu, int threads) {
+static inline __attribute__((always_inline)) void
+sp_silu_mul_row(const void *restrict gate_up, void *restrict out, int64_t r, int64_t width,
+                int gelu, const int half) {
+    const int64_t g = r * 2 * width, u = g + width, o = r * width;
+    if (gelu)
+        for (int64_t i = 0; i < width; ++i) {
+            const float x = sp_get(gate_up, g + i, half);
+            /* 0.5 (1 + tanh(y)) = 1 / (1 + e^-2y): no cancellation where tanh is near -1 */
+            const float inner = 1.5957691216057308f * (x + 0.044715f * x * x * x);
+            sp_set(out, o + i, x / (1.0f + sp_exp(-inner)) * sp_get(gate_up, u + i, half), half);
+        }
+    else
+        for (int64_t i = 0; i < width; ++i) {
+            const float x = sp_get(gate_up, g + i, half);
+            sp_set(out, o + i, x / (1.0f + sp_exp(-x)) * sp_get(gate_up, u + i, half), half);
+        }
+}
+
+/* half: gate_up and out are bfloat16 (the arithmetic is float32's). */
+void sp_silu_mul(const void *restrict gate_up, void *restrict out, int64_t rows,
+                 int64_t width, int gelu, int half, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-        const float *g = gate_up + r * 2 * width, *u = g + width;
-        float *o = out + r * width;
-        if (gelu)
-            for (int64_t i = 0; i < width; ++i) {
-                const float x = g[i];
-                /* 0.5 (1 + tanh(y)) = 1 / (1 + e^-2y): no cancellation where tanh is near -1 */
-                const float inner = 1.5957691216057308f * (x + 0.044715f * x * x * x);
-                o[i] = x / (1.0f + sp_exp(-inner)) * u[i];
-            }
+        if (half)
+            sp_silu_mul_row(gate_up, out, r, width, gelu, 1);
         else
-            for (int64_t i = 0; i < width; ++i)
-                o[i] = g[i] / (1.0f + sp_exp(-g[i])) * u[i];
+            sp_silu_mul_row(gate_up, out, r, width, gelu, 0);
     }
 }
 

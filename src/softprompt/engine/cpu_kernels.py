@@ -50,13 +50,13 @@ class CpuKernels:
         self._attention.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr]
         self._attention.argtypes += [_ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64]
         self._attention.argtypes += [_ptr, _i64, _i64, _f32, _i64, _i64, _f32]
-        self._attention.argtypes += [_ptr, _ptr, _f32, _ptr, _int, _int]
+        self._attention.argtypes += [_ptr, _ptr, _f32, _ptr, _int, _int, _int]
         self._normalise = lib.sp_add_normalise
         self._normalise.restype = None
-        self._normalise.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _f32, _ptr, _int]
+        self._normalise.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _f32, _ptr, _int, _int, _int]
         self._silu_mul = lib.sp_silu_mul
         self._silu_mul.restype = None
-        self._silu_mul.argtypes = [_ptr, _ptr, _i64, _i64, _int, _int]
+        self._silu_mul.argtypes = [_ptr, _ptr, _i64, _i64, _int, _int, _int]
         self._softcap = lib.sp_softcap
         self._softcap.restype = None
         self._softcap.argtypes = [_ptr, _i64, _f32, _int]
@@ -82,8 +82,9 @@ class CpuKernels:
         pointer = None if delta is None else delta.data_ptr()
         scale = None if weight is None else _vector(weight, dim).data_ptr()
         self._normalise(
-            h.data_ptr(), pointer, out.data_ptr(), rows, dim, eps, scale, torch.get_num_threads()
-        )
+            h.data_ptr(), pointer, out.data_ptr(), rows, dim, eps, scale, 0, 0,
+            torch.get_num_threads(),
+        )  # fmt: skip
         return out
 
     def silu_mul(
@@ -95,8 +96,9 @@ class CpuKernels:
         rows, width = gate_up.shape[0], gate_up.shape[1] // 2
         out = _output(out, gate_up, (rows, width))
         self._silu_mul(
-            gate_up.data_ptr(), out.data_ptr(), rows, width, int(gelu), torch.get_num_threads()
-        )
+            gate_up.data_ptr(), out.data_ptr(), rows, width, int(gelu), 0,
+            torch.get_num_threads(),
+        )  # fmt: skip
         return out
 
     def softcap(self, x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -201,9 +203,10 @@ class DecodeStep:
         options: AttentionOptions | None = None,
     ) -> None:
         """``decode_attention`` for cache layer ``layer``, into ``out`` (B, H·Dh), with the
-        layer's ``options`` (its rotary among the step's, window, soft cap, q/k norms)."""
-        _expect(qkv, self.qkv_shape)
-        _expect(out, (self.batch, self.heads * self.dim))
+        layer's ``options`` (its rotary among the step's, window, soft cap, q/k norms). qkv and
+        out are both float32 or both bfloat16 (the bfloat16 path's linear layers)."""
+        _expect(qkv, self.qkv_shape, _WIDTHS)
+        _expect(out, (self.batch, self.heads * self.dim), (qkv.dtype,))
         options = options or _PLAIN
         cos, sin, rotary_dim = self.rotary[options.rotary]
         self.kernels._attention(
@@ -229,6 +232,7 @@ class DecodeStep:
             options.qk_eps,
             out.data_ptr(),
             self.half,
+            int(qkv.dtype == torch.bfloat16),
             self.threads,
         )
 
@@ -241,25 +245,31 @@ class DecodeStep:
         weight: torch.Tensor | None = None,
     ) -> None:
         """``CpuKernels.add_normalise`` on (B, D) tensors of one shape (``weight``: a contiguous
-        float32 (D,) vector, checked by its owner)."""
-        _expect(out, h.shape)
+        float32 (D,) vector, checked by its owner); h is float32, delta and out float32 or
+        bfloat16 (read widened, written rounded)."""
+        _expect(out, h.shape, _WIDTHS)
         if delta is not None:
-            _expect(delta, h.shape)
+            _expect(delta, h.shape, _WIDTHS)
         _expect(h, out.shape)
         rows, dim = h.shape
         pointer = None if delta is None else delta.data_ptr()
         scale = None if weight is None else weight.data_ptr()
+        half_delta = int(delta is not None and delta.dtype == torch.bfloat16)
+        half_out = int(out.dtype == torch.bfloat16)
         self.kernels._normalise(
-            h.data_ptr(), pointer, out.data_ptr(), rows, dim, eps, scale, self.threads
-        )
+            h.data_ptr(), pointer, out.data_ptr(), rows, dim, eps, scale, half_delta, half_out,
+            self.threads,
+        )  # fmt: skip
 
     def silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor, gelu: bool = False) -> None:
-        """``CpuKernels.silu_mul`` into ``out`` (B, W) from gate_up (B, 2W)."""
+        """``CpuKernels.silu_mul`` into ``out`` (B, W) from gate_up (B, 2W), both float32 or
+        both bfloat16."""
         rows, width = out.shape
-        _expect(gate_up, (rows, 2 * width))
-        _expect(out, out.shape)
+        _expect(gate_up, (rows, 2 * width), _WIDTHS)
+        _expect(out, out.shape, (gate_up.dtype,))
+        half = int(gate_up.dtype == torch.bfloat16)
         self.kernels._silu_mul(
-            gate_up.data_ptr(), out.data_ptr(), rows, width, int(gelu), self.threads
+            gate_up.data_ptr(), out.data_ptr(), rows, width, int(gelu), half, self.threads
         )
 
 
@@ -324,10 +334,18 @@ def _check_attention(
         raise ValueError("decode_attention: valid must be bool, values shaped like keys")
 
 
-def _expect(t: torch.Tensor, shape: Any) -> None:
-    """The cheap per-call check: float32, contiguous, this shape (the device is the step's)."""
-    if t.shape != shape or t.dtype != torch.float32 or not t.is_contiguous():
-        raise ValueError(f"decode step: expected a contiguous float32 {tuple(shape)} tensor")
+_WIDTHS = (torch.float32, torch.bfloat16)
+"""What a decode step's activations may be in (bfloat16: the bfloat16 path's linear layers)."""
+
+
+def _expect(
+    t: torch.Tensor, shape: Any, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+) -> None:
+    """The cheap per-call check: one of ``dtypes``, contiguous, this shape (the device is the
+    step's)."""
+    if t.shape != shape or t.dtype not in dtypes or not t.is_contiguous():
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"decode step: expected a contiguous {names} {tuple(shape)} tensor")
 
 
 def _vector(t: torch.Tensor, size: int) -> torch.Tensor:

@@ -381,28 +381,38 @@ class LeanDecoder:
             kernels, cache.keys, cache.values, cache.valid, rows, end, rotaries, self.heads
         )
         h = embeds[:, 0].clone(memory_format=torch.contiguous_format)  # updated in place
-        x = torch.empty_like(h)
+        # On bfloat16 linear layers, what passes between the kernels and the layers (x, the
+        # attention's output, the activation) is bfloat16, converted inside the kernels; the
+        # residual stream h stays float32.
+        narrow = self.layers[0].o.dtype if isinstance(self.layers[0].o, PackedLinear) else None
+        narrow = narrow if narrow == torch.bfloat16 else None
+        x = h.new_empty(h.shape, dtype=narrow or h.dtype)
         branch = torch.empty_like(h) if self.family.sandwich else None
         step.add_normalise(h, None, self.eps, out=x)
-        attention = h.new_empty(batch, self.heads * dim)
+        attention = x.new_empty(batch, self.heads * dim)
         activation: torch.Tensor | None = None
+
+        def linear(layer: Linear, x: torch.Tensor) -> torch.Tensor:
+            assert isinstance(layer, PackedLinear) or narrow is None
+            return layer.narrow(x) if narrow is not None else layer(x)  # type: ignore[union-attr]
 
         def residual(out: torch.Tensor, post: torch.Tensor | None) -> None:
             """h += out (normalised with ``post`` first where the family has a norm on the
             branch: Gemma), then x = the normalised h for the next linear."""
             if branch is not None:
-                step.add_normalise(out, None, self.eps, out=branch, weight=post)
+                step.add_normalise(out.float(), None, self.eps, out=branch, weight=post)
                 out = branch
             step.add_normalise(h, out, self.eps, out=x)
 
         for index, layer in enumerate(self.layers):
-            step.attention(index, layer.qkv(x), layer.scaling, out=attention, options=layer.options)
-            residual(layer.o(attention), layer.post_attention)
-            gate_up = layer.gate_up(x)
+            qkv = linear(layer.qkv, x)
+            step.attention(index, qkv, layer.scaling, out=attention, options=layer.options)
+            residual(linear(layer.o, attention), layer.post_attention)
+            gate_up = linear(layer.gate_up, x)
             if activation is None:
                 activation = gate_up.new_empty(batch, gate_up.shape[1] // 2)
             step.silu_mul(gate_up, out=activation, gelu=layer.gelu)
-            residual(layer.down(activation), layer.post_mlp)
+            residual(linear(layer.down, activation), layer.post_mlp)
         # x: the final norm of h, as ``logits`` takes it
         logits = self.lm_head(x)
         if self.final_softcap and logits.is_contiguous():

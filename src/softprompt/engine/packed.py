@@ -51,6 +51,7 @@ class PackedLinear(nn.Module):
         """oneDNN's copy, made at its first use (or by ``keep_only`` when it is the one kept), so
         a layer that runs on the panels never holds it."""
         self.bias = None if bias is None else bias.detach().float()
+        self._narrow_bias: torch.Tensor | None = None
         self.full_batch = full_batch if full_batch and _has_mkl_pack() else None
         self._weight = rebuild if rebuild is not None else weight.detach
         self.batch_packed: torch.Tensor | None = None
@@ -70,6 +71,7 @@ class PackedLinear(nn.Module):
         if dtype != self.dtype:
             self.dtype = dtype
             self.packed = None
+            self._narrow_bias = None
 
     def use_panels(self, kernels: Any) -> None:
         """Run on the C kernel's panel linear (``kernels``: a ``CpuKernels``), laying the
@@ -98,14 +100,21 @@ class PackedLinear(nn.Module):
         if panels or not mkl:
             self.batch_packed = None
 
+    def narrow(self, x: torch.Tensor) -> torch.Tensor:
+        """The product in the layer's own dtype, input and output alike (bfloat16 in, bfloat16
+        out, the bias added inside oneDNN's float32 accumulation): what the fused decode step
+        passes between its kernels, with no conversion on either side."""
+        if self.packed is None:
+            self.packed = _onednn_pack(self._weight(), self.dtype)
+        if self.bias is not None and self._narrow_bias is None:
+            self._narrow_bias = self.bias.to(self.dtype)
+        return torch.ops.mkldnn._linear_pointwise(
+            x.to(self.dtype), self.packed, self._narrow_bias, "none", [], ""
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dtype != torch.float32:
-            if self.packed is None:
-                self.packed = _onednn_pack(self._weight(), self.dtype)
-            out = torch.ops.mkldnn._linear_pointwise(
-                x.to(self.dtype), self.packed, None, "none", [], ""
-            ).float()
-            return out if self.bias is None else out.add_(self.bias)
+            return self.narrow(x).float()
         if self._panel_kernels is not None:
             out = self._panel_kernels.panel_linear(x, self.panels, self.out_features)
             return out if self.bias is None else out.add_(self.bias)
