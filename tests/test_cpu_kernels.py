@@ -218,10 +218,11 @@ def test_a_decode_steps_kernels_take_bfloat16_in_and_out(kernels):
         twin.values[0].copy_(cache.values[0])
         twin.valid.copy_(cache.valid)
         twins.append(twin)
+    tables = {None: (cos, sin)}
     steps = [
-        cpu_kernels.DecodeStep(kernels, t.keys, t.values, t.valid, rows, end, {None: (cos, sin)}, heads)
+        cpu_kernels.DecodeStep(kernels, t.keys, t.values, t.valid, rows, end, tables, heads)
         for t in twins
-    ]  # fmt: skip
+    ]
     qkv = torch.randn(slots, (heads + 2 * kv_heads) * dim, generator=generator).bfloat16()
     wide_out = torch.empty(slots, heads * dim)
     steps[0].attention(0, qkv.float(), 0.125, out=wide_out)
