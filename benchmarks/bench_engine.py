@@ -296,7 +296,7 @@ def decode_share_of_peak(engine, batch: int) -> dict:
     steps = [runner._time_decode(batch) for _ in range(3)]
     ms = min(steps)
     achieved = 2 * linear * batch / (ms / 1000) / 1e9
-    peak = matmul_peak(dtype)
+    peak = max(matmul_peak(dtype), matmul_peak(dtype))  # it moves on a shared machine
     return {
         "decode_step": {
             "rows": batch,
