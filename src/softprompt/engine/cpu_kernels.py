@@ -7,7 +7,7 @@ every row's whole window and the transposed key write is a slow strided copy; RM
 are chains of small elementwise kernels. Measured on this project's 2-core machine (embedded
 model, 64 rows): see the README's engine benchmark.
 
-The C file compiles with the system's C compiler (``$CC``, else ``cc``) in about a second, for
+The C file compiles with the system's C compiler (``$CC``, else ``cc``) in about ten seconds, for
 this CPU (``-march=native``), into the softprompt cache (``$SOFTPROMPT_CACHE/kernels``), named by
 a hash of the source, the compiler, its flags and the CPU, so a change to any of them gets its
 own build. Without a compiler, or with ``SOFTPROMPT_CPU_KERNELS=0``, ``load()`` gives ``None``
