@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_engine import PEER, VllmPeer, emit
+from bench_engine import PEER, VllmPeer, _timed, emit
 
 NEW_TOKENS = 16
 
@@ -120,12 +120,6 @@ def matmul_peak(dtype: torch.dtype = torch.float32) -> dict[str, float]:
             best = min(_timed(lambda x=x, linear=linear: linear(x)) for _ in range(5))
         rates[name] = round(2 * m * k * n / best / 1e9, 1)
     return rates
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def linear_flops(model) -> float:

@@ -24,10 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-
-def emit(record: dict) -> dict:
-    print(json.dumps(record), flush=True)
-    return record
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import emit  # noqa: E402
 
 
 def held_out_loss(engine, texts: list[str], adapter: str | None) -> tuple[float, int]:

@@ -20,14 +20,12 @@ Run: .venv/bin/python benchmarks/check_int8_price.py
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
+from pathlib import Path
 
-
-def emit(record: dict) -> dict:
-    print(json.dumps(record), flush=True)
-    return record
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import emit  # noqa: E402
 
 
 def gflops(call, flops: float, repeats: int = 20) -> float:
