@@ -335,7 +335,7 @@ def _check_attention(
 
 
 _WIDTHS = (torch.float32, torch.bfloat16)
-"""What a decode step's activations may be in (bfloat16: the bfloat16 path's linear layers)."""
+"""What a decode step's activations and KV cache may be in (bfloat16: the bfloat16 path)."""
 
 
 def _expect(
@@ -359,7 +359,7 @@ def _vector(t: torch.Tensor, size: int) -> torch.Tensor:
 
 def _check_buffer(t: torch.Tensor, dtype: torch.dtype) -> None:
     """A KV cache buffer: on the CPU, float32 or bfloat16, all of them in ``dtype``."""
-    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16):
+    if t.device.type != "cpu" or t.dtype not in _WIDTHS:
         raise ValueError("the CPU kernels' KV cache is float32 or bfloat16, on the CPU")
     if t.dtype != dtype:
         raise ValueError("the CPU kernels' KV cache buffers differ in dtype")

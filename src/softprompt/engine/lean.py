@@ -392,10 +392,6 @@ class LeanDecoder:
         attention = x.new_empty(batch, self.heads * dim)
         activation: torch.Tensor | None = None
 
-        def linear(layer: Linear, x: torch.Tensor) -> torch.Tensor:
-            assert isinstance(layer, PackedLinear) or narrow is None
-            return layer.narrow(x) if narrow is not None else layer(x)  # type: ignore[union-attr]
-
         def residual(out: torch.Tensor, post: torch.Tensor | None) -> None:
             """h += out (normalised with ``post`` first where the family has a norm on the
             branch: Gemma), then x = the normalised h for the next linear."""
@@ -405,14 +401,14 @@ class LeanDecoder:
             step.add_normalise(h, out, self.eps, out=x)
 
         for index, layer in enumerate(self.layers):
-            qkv = linear(layer.qkv, x)
+            qkv = _product(layer.qkv, x, narrow)
             step.attention(index, qkv, layer.scaling, out=attention, options=layer.options)
-            residual(linear(layer.o, attention), layer.post_attention)
-            gate_up = linear(layer.gate_up, x)
+            residual(_product(layer.o, attention, narrow), layer.post_attention)
+            gate_up = _product(layer.gate_up, x, narrow)
             if activation is None:
                 activation = gate_up.new_empty(batch, gate_up.shape[1] // 2)
             step.silu_mul(gate_up, out=activation, gelu=layer.gelu)
-            residual(linear(layer.down, activation), layer.post_mlp)
+            residual(_product(layer.down, activation, narrow), layer.post_mlp)
         # x: the final norm of h, as ``logits`` takes it
         logits = self.lm_head(x)
         if self.final_softcap and logits.is_contiguous():
@@ -422,6 +418,15 @@ class LeanDecoder:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Last hidden states (..., D) → logits (..., V)."""
         return capped(self.lm_head(_normalise(h, self.eps)), self.final_softcap)
+
+
+def _product(layer: Linear, x: torch.Tensor, narrow: torch.dtype | None) -> torch.Tensor:
+    """``layer(x)``, or with ``narrow`` (bfloat16 linear layers) the product in that dtype,
+    input and output alike (``PackedLinear.narrow``)."""
+    if narrow is None:
+        return layer(x)
+    assert isinstance(layer, PackedLinear)  # only packed layers multiply in bfloat16
+    return layer.narrow(x)
 
 
 def window_mask(

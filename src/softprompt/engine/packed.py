@@ -87,8 +87,8 @@ class PackedLinear(nn.Module):
         """Free the copies the chosen path does not read: with ``panels``, oneDNN's and MKL's;
         without, the panels, and MKL's unless ``mkl``; oneDNN's copy is made now if it is kept,
         so the first request does not wait for it."""
-        if not panels and self.packed is None:
-            self.packed = _onednn_pack(self._weight(), self.dtype)
+        if not panels:
+            self._onednn()
         if panels:
             if self.panels is None or self._panel_kernels is None:
                 raise RuntimeError("keep_only(panels=True) before use_panels")
@@ -104,12 +104,10 @@ class PackedLinear(nn.Module):
         """The product in the layer's own dtype, input and output alike (bfloat16 in, bfloat16
         out, the bias added inside oneDNN's float32 accumulation): what the fused decode step
         passes between its kernels, with no conversion on either side."""
-        if self.packed is None:
-            self.packed = _onednn_pack(self._weight(), self.dtype)
         if self.bias is not None and self._narrow_bias is None:
             self._narrow_bias = self.bias.to(self.dtype)
         return torch.ops.mkldnn._linear_pointwise(
-            x.to(self.dtype), self.packed, self._narrow_bias, "none", [], ""
+            x.to(self.dtype), self._onednn(), self._narrow_bias, "none", [], ""
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,9 +122,13 @@ class PackedLinear(nn.Module):
             return torch.ops.mkl._mkl_linear(
                 x, self.batch_packed, self.shape_only, self.bias, self.full_batch
             )
+        return torch.ops.mkldnn._linear_pointwise(x, self._onednn(), self.bias, "none", [], "")
+
+    def _onednn(self) -> torch.Tensor:
+        """oneDNN's copy of the weight in ``dtype``, packed at its first use."""
         if self.packed is None:
             self.packed = _onednn_pack(self._weight(), self.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return self.packed
 
     def _pack_full_batch(self) -> None:
         weight = self._weight().float()
