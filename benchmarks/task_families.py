@@ -18,7 +18,10 @@ No held-out input appears in training. ``write(folder, family)`` writes each tas
 ``NAME.train.jsonl`` and ``NAME.heldout.jsonl`` and ``family.json`` (how each is judged), which
 ``bench_tasks.py --family FOLDER`` reads.
 
-Run: .venv/bin/python benchmarks/task_families.py FOLDER [--family decide|confirm] [--count 12]
+A third family, ``hard`` (``task_family_hard.py``: fewer rows per label, labels that begin
+alike, longer inputs), was written later, before any result of it, to confirm on.
+
+Run: .venv/bin/python benchmarks/task_families.py FOLDER [--family decide|confirm|hard] [--count 12]
 """
 
 from __future__ import annotations
@@ -542,6 +545,12 @@ def chat(name: str, vocab: Vocabulary, rng: random.Random, behaviour: int) -> Ta
 def generate(family: str, count: int = 12, seed: int = 0) -> list[Task]:
     """``count`` tasks of ``family``: three quarters classification, the rest chat
     behaviours (each behaviour in turn)."""
+    if family == "hard":  # the third family, with its own generator
+        import task_family_hard
+
+        tasks = task_family_hard.generate(count, seed)
+        _check_apart(tasks)
+        return tasks
     vocab = FAMILIES[family]
     rng = random.Random(f"{family}-{seed}")
     chats = max(1, count // 4)
@@ -583,7 +592,7 @@ def write(folder: Path, family: str, count: int = 12, seed: int = 0) -> list[Tas
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="decide")
+    parser.add_argument("--family", choices=[*sorted(FAMILIES), "hard"], default="decide")
     parser.add_argument("--count", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
