@@ -302,3 +302,100 @@ def test_resume_continues_an_interrupted_overwrite_and_refuses_other_arithmetic(
     assert not torch.equal(load_adapter(out).weights, before)
     assert json.loads((out / "training_config.json").read_text())["lr"] == 0.2
     assert not checkpoint_dir(out).exists()
+
+
+def _scripted(monkeypatch, losses):
+    """Held-out evaluations that return ``losses`` in turn (the first is the one before
+    training), so the test decides when the run improves."""
+    import softprompt.tuning.train as train_module
+
+    script = iter(losses)
+
+    def scripted(*args, **kwargs):
+        result = evaluate(*args, **kwargs)
+        result.loss = next(script)
+        return result
+
+    monkeypatch.setattr(train_module, "evaluate", scripted)
+
+
+def test_a_run_still_improving_at_its_last_epoch_trains_on_until_it_stops(spm, monkeypatch):
+    # epochs 1-3 improve, so the run goes on; 4 improves; 5 and 6 do not: two evaluations
+    # without a better loss end it at epoch 6, well before its cap of 10
+    _scripted(monkeypatch, [9.0, 5.0, 4.0, 3.0, 2.0, 2.5, 2.6, 1.0])
+    config, result = _run(spm, epochs=3, max_epochs=10)
+    assert result.epochs_trained == 6 and not result.stopped_early
+    assert [e["epoch"] for e in result.evals] == [0, 1, 2, 3, 4, 5, 6]
+    assert result.loss_after == 2.0 and result.best_step == result.evals[4]["step"]
+    assert len(result.steps) == 6 * 5  # 18 texts in batches of 4: 5 steps an epoch
+
+
+def test_an_extension_stops_at_the_cap_and_not_without_improvement(spm, monkeypatch):
+    _scripted(monkeypatch, [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0])
+    _, capped = _run(spm, epochs=2, max_epochs=4)
+    assert capped.epochs_trained == 4 and capped.loss_after == 5.0
+    spm.remove_adapter("tuned")
+    # its best two evaluations before the end: no epoch more
+    _scripted(monkeypatch, [9.0, 5.0, 6.0, 7.0, 1.0])
+    _, done = _run(spm, epochs=3, max_epochs=10)
+    assert done.epochs_trained == 3 and done.loss_after == 5.0
+    spm.remove_adapter("tuned")
+    # no cap above the epochs (the default when --epochs is given): never more
+    _scripted(monkeypatch, [9.0, 5.0, 4.0, 3.0, 1.0])
+    _, pinned = _run(spm, epochs=3)
+    assert pinned.epochs_trained == 3 and pinned.config.max_epochs == 3
+
+
+def test_the_epochs_cap_defaults_to_twice_the_epochs_the_data_decides():
+    task = ["completion"]
+    decided = TrainConfig().resolve(task, rows_per_epoch=(108, 8))
+    assert (decided.epochs, decided.max_epochs) == (15, 30)
+    assert TrainConfig().resolve(task, rows_per_epoch=(1000, 8)).max_epochs == 10
+    # asked epochs, or plain text: no more than asked or decided
+    assert TrainConfig(epochs=4).resolve(task, rows_per_epoch=(108, 8)).max_epochs == 4
+    assert TrainConfig().resolve(["text"], rows_per_epoch=(108, 8)).max_epochs == 5
+    assert TrainConfig(epochs=4, max_epochs=9).resolve(task).max_epochs == 9
+    # a cap below the epochs the data decides caps them
+    capped = TrainConfig(max_epochs=6).resolve(task, rows_per_epoch=(108, 8))
+    assert (capped.epochs, capped.max_epochs) == (6, 6)
+    with pytest.raises(UserError, match=r"--max-epochs \(2\) must be at least --epochs \(3\)"):
+        TrainConfig(epochs=3, max_epochs=2)
+    with pytest.raises(UserError, match="--max-epochs must be at least 1"):
+        TrainConfig(max_epochs=0)
+
+
+def test_a_run_stopped_in_its_extension_resumes_to_the_same_prompt(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    from softprompt.models import load_base_model
+    from softprompt.prompt import SoftPromptModel
+
+    losses = [9.0, 5.0, 4.0, 3.0, 2.0, 2.5, 2.6]  # six epochs: three more than planned
+    config = TrainConfig(
+        virtual_tokens=4, epochs=3, max_epochs=10, lr=0.1, batch_size=4, keep="last"
+    )  # the last rows kept: those trained after the resume
+
+    def fresh():
+        spm = SoftPromptModel(load_base_model(str(tiny_model_dir)))
+        return spm, init_prompt(spm.base, 4, "vocab", None)
+
+    spm, start = fresh()
+    _scripted(monkeypatch, losses)
+    whole = train(spm, "tuned", start, TEXTS, UNLIKE, config, progress=False)
+    assert whole.epochs_trained == 6
+    whole_rows = spm.adapter_weights("tuned").clone()
+
+    # the same run, stopped by an error in epoch 5's evaluation (its checkpoint: epoch 4's end)
+    spm, start = fresh()
+    _scripted(monkeypatch, [*losses[:5], None])
+    folder = tmp_path / "checkpoints"
+    with pytest.raises(TypeError):
+        train(spm, "tuned", start, TEXTS, UNLIKE, config, progress=False, checkpoints=folder)
+    spm, start = fresh()
+    _scripted(monkeypatch, losses[5:])
+    resumed = train(
+        spm, "tuned", start, TEXTS, UNLIKE, config, progress=False, checkpoints=folder, resume=True
+    )
+    assert resumed.epochs_trained == 6 and resumed.best_step == whole.best_step
+    assert [e["loss"] for e in resumed.evals] == [e["loss"] for e in whole.evals]
+    assert torch.equal(spm.adapter_weights("tuned"), whole_rows)

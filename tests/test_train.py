@@ -430,7 +430,12 @@ def test_the_cli_says_how_many_epochs_the_data_decided(tiny_model_dir, tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     # 18 training rows (2 held out) at 6 a step: 3 steps an epoch, 67 epochs for 200 steps
-    assert "epochs: 67, for at least 200 steps on 18 training rows" in done.stdout
+    assert (
+        "epochs: 67, for at least 200 steps on 18 training rows (5 on a larger set; --epochs "
+        "sets another), and on while the held-out loss improves, up to 134" in done.stdout
+    )
     config = json.loads((out / "training_config.json").read_text())
-    assert config["epochs"] == 67
-    assert len(json.loads((out / "loss_log.json").read_text())["steps"]) == 201
+    assert (config["epochs"], config["max_epochs"]) == (67, 134)
+    log = json.loads((out / "loss_log.json").read_text())
+    assert 67 <= log["epochs_trained"] <= 134
+    assert len(log["steps"]) == 3 * log["epochs_trained"]

@@ -151,6 +151,15 @@ def add_train(sub: Commands) -> None:
         "start: five epochs of a small set left prompts under-trained)",
     )
     train.add_argument(
+        "--max-epochs",
+        type=int,
+        metavar="N",
+        help="past --epochs, train on epoch by epoch while one of the last two held-out "
+        "evaluations was the best, up to N epochs in all (default: twice the epochs the data "
+        "decides when --epochs is not given on prompt/completion or chat data, where most runs "
+        "were still improving at their last epoch; else --epochs, no more)",
+    )
+    train.add_argument(
         "--lr", type=float, help="learning rate (default: 0.03; 0.01 for a prefix on plain text)"
     )
     train.add_argument(

@@ -67,6 +67,7 @@ def _request(args: argparse.Namespace) -> RunRequest:
         init_text=args.init_text,
         init_from=args.init_from,
         epochs=args.epochs,
+        max_epochs=args.max_epochs,
         lr=args.lr,
         weight_decay=args.weight_decay,
         batch_size=args.batch_size,
@@ -169,12 +170,20 @@ def _print_plan(plan: TrainingPlan) -> None:
         print(
             f"learning rate: {config.lr:g} (the default of {method} on {data}; --lr sets another)"
         )
+    more = (
+        f", and on while the held-out loss improves, up to {config.max_epochs} "
+        "(--max-epochs sets the cap)"
+        if config.max_epochs > config.epochs
+        else ""
+    )
     if asked.epochs is None and config.epochs != DEFAULT_EPOCHS:
         rows = sum(len(t.texts) for t in tasks)
         print(
             f"epochs: {config.epochs}, for at least {MIN_TASK_STEPS} steps on {rows} training "
-            f"rows ({DEFAULT_EPOCHS} on a larger set; --epochs sets another)"
+            f"rows ({DEFAULT_EPOCHS} on a larger set; --epochs sets another){more}"
         )
+    elif more:
+        print(f"epochs: {config.epochs}{more}")
     if plan.length_fitted:
         why = (
             "the cap; longer texts are cut, --max-length sets another"
@@ -250,6 +259,11 @@ def _print_trained(
             + f"held-out loss {result.loss_before:.3f} -> {result.loss_after:.3f} "
             f"(kept: step {result.best_step}{_judged(result)}"
             + (", stopped early" if result.stopped_early else "")
+            + (
+                f", {result.epochs_trained} epochs: the held-out loss was still improving"
+                if result.config is not None and result.epochs_trained > result.config.epochs
+                else ""
+            )
             + f"); {result.seconds:.0f} s; saved to {output} (loss plot: {output / 'loss.png'})"
         )
 
@@ -280,6 +294,7 @@ def _summary(item: TrainedTask) -> dict[str, Any]:
         "samples_per_second": result.samples / max(result.seconds, 1e-9),
         "best_step": result.best_step,
         "epochs": result.config.epochs if result.config is not None else None,
+        "epochs_trained": result.epochs_trained,
         "kept_by": result.kept_by,
         "stopped_early": result.stopped_early,
         "resumed_from": result.resumed_from,

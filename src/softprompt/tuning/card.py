@@ -23,6 +23,7 @@ def write_model_card(
     metadata the Hub and PEFT read (``library_name: peft``, ``base_model``, tags, the held-out
     loss as a ``model-index`` result), so the folder can be uploaded as it is."""
     before, after = result.loss_before, result.loss_after
+    epochs = max(1, result.epochs_trained or config.epochs)
     data = extra.get("data", "?")
     prefix = config.method == "prefix"
     what = (
@@ -49,8 +50,7 @@ def write_model_card(
         "|---|---|",
         f"| virtual tokens | {config.virtual_tokens} (init: {config.init}) |",
         f"| trainable parameters | {result.trainable_params:,d} of {result.total_params:,d} |",
-        f"| training data | `{data}` ({result.samples // config.epochs} texts, "
-        f"{config.epochs} epochs) |",
+        f"| training data | `{data}` ({result.samples // epochs} texts, {epochs} epochs) |",
         f"| held-out data | `{extra.get('eval_data', '?')}` |",
         f"| held-out loss | {before:.3f} before, {after:.3f} after (nats/token) |",
         f"| training time | {result.seconds:.0f} s |",

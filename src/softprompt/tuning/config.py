@@ -25,6 +25,9 @@ MIN_TASK_STEPS = 200
 given: a small set gets as many epochs more as make these (120 rows at batch 8: 15 epochs, not
 5). Five epochs of a small set left prompts under-trained on generated tasks, their held-out
 loss still falling (docs/benchmarks/tasks.md, "How long a run trains")."""
+EXTEND_PATIENCE = 2
+"""Past its planned epochs a run trains on, epoch by epoch, while one of its last this many
+held-out evaluations was its best (up to ``max_epochs``)."""
 DEFAULT_MAX_LENGTH = 64
 """Text tokens per example when neither the user nor the data (through the model) says more."""
 INITS = ("vocab", "text", "labels", "random", "file")
@@ -79,6 +82,11 @@ class TrainConfig:
     epochs: int | None = None
     """None: ``DEFAULT_EPOCHS``, or on prompt/completion or chat data as many as make at least
     ``MIN_TASK_STEPS`` steps, when more."""
+    max_epochs: int | None = None
+    """Past ``epochs`` the run trains on, epoch by epoch, while one of its last
+    ``EXTEND_PATIENCE`` held-out evaluations was its best, up to this many epochs in all. None:
+    twice the epochs the data decides when ``epochs`` is not given on prompt/completion or chat
+    data; else ``epochs`` (no more)."""
     lr: float | None = None
     """None: 3e-2 for prompt tuning; for prefix tuning ``TASK_PREFIX_LR`` on prompt/completion
     or chat data, 1e-2 on plain text."""
@@ -131,6 +139,11 @@ class TrainConfig:
             raise UserError("--init file needs --init-from ADAPTER")
         if self.epochs is not None and self.epochs < 1:
             raise UserError("--epochs must be at least 1")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise UserError("--max-epochs must be at least 1")
+        epochs, cap = self.epochs, self.max_epochs
+        if epochs is not None and cap is not None and cap < epochs:
+            raise UserError(f"--max-epochs ({cap}) must be at least --epochs ({epochs})")
         if not 0 <= self.seed < 2**63:
             raise UserError(f"--seed must be from 0 to {2**63 - 1}")
         if self.lr is not None and not self.lr > 0:
@@ -204,9 +217,14 @@ class TrainConfig:
                 rows, per_step = rows_per_epoch
                 steps = max(1, -(-rows // max(1, per_step)))
                 epochs = max(DEFAULT_EPOCHS, -(-MIN_TASK_STEPS // steps))
+        max_epochs = self.max_epochs
+        if max_epochs is None:
+            max_epochs = 2 * epochs if task_data and self.epochs is None else epochs
+        epochs = min(epochs, max_epochs)  # a cap asked for below the epochs the data decides
         fields = asdict(self)
         fields.update(
             epochs=epochs,
+            max_epochs=max_epochs,
             method=method,
             reparam=self.reparam or (TASK_REPARAM if tuned_for_tasks else "none"),
             virtual_tokens=self.virtual_tokens if source_tokens is None else source_tokens,
@@ -235,6 +253,8 @@ class RunConfig(TrainConfig):
     runs on, what ``training_config.json`` records and what a resume must match."""
 
     epochs: int = DEFAULT_EPOCHS
+    max_epochs: int = 0
+    """0 (as a run recorded before the option): ``epochs``."""
     method: str = "prompt"
     init: str = "vocab"
     lr: float = 3e-2
@@ -250,6 +270,8 @@ class RunConfig(TrainConfig):
             same.pop(free)
         if same["keep"] == "best":
             same.pop("keep")  # as checkpoints written before the option had it
+        if same["max_epochs"] <= same["epochs"]:
+            same.pop("max_epochs")  # the same
         return same
 
 
@@ -279,6 +301,9 @@ class TrainResult:
     kept_by: str = "held-out loss"
     """What chose the rows kept: held-out loss, the last rows, or a task metric (``judge``)."""
     stopped_early: bool = False
+    epochs_trained: int = 0
+    """Epochs the run trained: its ``epochs``, fewer when it stopped early, more when its
+    held-out loss was still improving (``max_epochs``)."""
     resumed_from: int | None = None
     """Step the run was resumed from (None: it ran from the start)."""
     config: RunConfig | None = None

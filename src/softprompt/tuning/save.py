@@ -130,6 +130,7 @@ def _adapter_parts(
         "best_step": result.best_step,
         "kept_by": result.kept_by,
         "stopped_early": result.stopped_early,
+        "epochs_trained": result.epochs_trained,
         "resumed_from": result.resumed_from,
     }
     return weights, peft_config, loss_log

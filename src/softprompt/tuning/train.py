@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..insight.evaluate import evaluate
 from ..prompt import SoftPromptModel
 from ..rows import batch_loss, fitting_length, scored_tokens, training_rows
-from .config import RunConfig, Task, TrainConfig, TrainResult
+from .config import EXTEND_PATIENCE, RunConfig, Task, TrainConfig, TrainResult
 from .distributed import SINGLE, Group
 from .distributed import sum_ as dist_sum
 from .judge import Judge, task_judge
@@ -110,7 +110,8 @@ def train_tasks(
         dynamic_ncols=True,
     )
     stop = False
-    for epoch in range(first_epoch, config.epochs + 1):
+    epoch = first_epoch
+    while epoch <= run.epochs:
         if epoch != first_epoch or state is None:
             run.epoch_rng = run.order.getstate()
         else:
@@ -138,7 +139,18 @@ def train_tasks(
             for res in run.results:
                 res.stopped_early = True
             break
+        if epoch == run.epochs and run.improving():
+            run.extend()
+            bar.total = run.total_steps
+            bar.set_description(
+                f"training {'+'.join(t.name for t in tasks)} (held-out loss still improving: "
+                f"epoch {epoch + 1}, at most {config.max_epochs})"
+            )
+            bar.refresh()
         run.save_checkpoint(epoch + 1, 0, run.order.getstate())
+        epoch += 1
+    for res in run.results:
+        res.epochs_trained = min(epoch, run.epochs)
     bar.close()
     return run.finish()
 
@@ -262,10 +274,14 @@ class _Run:
             task_rows, res.texts_cut = training_rows(spm, t.texts, t.name, config.max_length)
             res.scored_tokens, res.text_tokens = scored_tokens(task_rows)
             self.rows += [(ids, n_virtual, scored, i) for ids, n_virtual, scored in task_rows]
-        steps_per_epoch = (len(self.rows) + self.global_batch - 1) // self.global_batch
-        self.total_steps = steps_per_epoch * config.epochs
+        self.steps_per_epoch = (len(self.rows) + self.global_batch - 1) // self.global_batch
+        self.epochs = config.epochs
+        """The epochs the run trains: ``config.epochs``, more while it extends (``extend``)."""
+        self.total_steps = self.steps_per_epoch * self.epochs
+        # the schedule spans the run's steps as they stand: an extended run's re-plans to its end
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(config.schedule, config.warmup, self.total_steps)
+            self.optimizer,
+            lambda step: lr_factor(config.schedule, config.warmup, self.total_steps)(step),
         )
         self.judges: list[Judge | None] = [
             task_judge(spm, t.texts, t.eval_texts) if config.keep == "metric" else None
@@ -386,6 +402,16 @@ class _Run:
                 self.best[i] = self.current_rows()[i].detach().clone()
                 res.best_step = self.step
 
+    def improving(self) -> bool:
+        """Whether the run, at the end of its epochs, trains one more: ``config.max_epochs`` not
+        reached and one of the last ``EXTEND_PATIENCE`` evaluations some task's best."""
+        return self.epochs < self.config.max_epochs and min(self.since_best) < EXTEND_PATIENCE
+
+    def extend(self) -> None:
+        """One epoch more (the learning-rate schedule re-planned to the new end)."""
+        self.epochs += 1
+        self.total_steps = self.steps_per_epoch * self.epochs
+
     def stalled(self) -> bool:
         """``config.patience`` evaluations without a better one, for every task."""
         return bool(self.config.patience) and min(self.since_best) >= self.config.patience
@@ -413,6 +439,7 @@ class _Run:
             self.checkpoints,
             {
                 "fingerprint": self.fingerprint,
+                "epochs": self.epochs,
                 **({"record": self.record} if self.record is not None else {}),
                 "rows": [p.detach().float().cpu() for p in self.params],
                 "reparams": [
@@ -455,6 +482,8 @@ class _Run:
         self.best_loss = [float(v) for v in state["best_loss"]]
         self.since_best = [int(v) for v in state["since_best"]]
         self.stepping = float(state["stepping"])
+        self.epochs = int(state.get("epochs", self.epochs))  # more, resumed in an extension
+        self.total_steps = self.steps_per_epoch * self.epochs
         for res, saved in zip(self.results, state["results"], strict=True):
             res.steps, res.evals = list(saved["steps"]), list(saved["evals"])
             res.seconds, res.samples = float(saved["seconds"]), int(saved["samples"])
