@@ -399,3 +399,10 @@ def test_a_run_stopped_in_its_extension_resumes_to_the_same_prompt(
     assert resumed.epochs_trained == 6 and resumed.best_step == whole.best_step
     assert [e["loss"] for e in resumed.evals] == [e["loss"] for e in whole.evals]
     assert torch.equal(spm.adapter_weights("tuned"), whole_rows)
+
+
+def test_a_fall_too_small_to_matter_does_not_extend_a_run(spm, monkeypatch):
+    # a loss already near zero, still falling by 0.0001 an epoch: the planned epochs only
+    _scripted(monkeypatch, [9.0, 0.0005, 0.0004, 0.0003, 0.0002, 0.0001])
+    _, result = _run(spm, epochs=3, max_epochs=10)
+    assert result.epochs_trained == 3 and result.loss_after == 0.0003

@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..insight.evaluate import evaluate
 from ..prompt import SoftPromptModel
 from ..rows import batch_loss, fitting_length, scored_tokens, training_rows
-from .config import EXTEND_PATIENCE, RunConfig, Task, TrainConfig, TrainResult
+from .config import EXTEND_MIN_GAIN, EXTEND_PATIENCE, RunConfig, Task, TrainConfig, TrainResult
 from .distributed import SINGLE, Group
 from .distributed import sum_ as dist_sum
 from .judge import Judge, task_judge
@@ -404,8 +404,16 @@ class _Run:
 
     def improving(self) -> bool:
         """Whether the run, at the end of its epochs, trains one more: ``config.max_epochs`` not
-        reached and one of the last ``EXTEND_PATIENCE`` evaluations some task's best."""
-        return self.epochs < self.config.max_epochs and min(self.since_best) < EXTEND_PATIENCE
+        reached, and for some task one of the last ``EXTEND_PATIENCE`` evaluations is better than
+        every one before them by at least ``EXTEND_MIN_GAIN``."""
+        if self.epochs >= self.config.max_epochs:
+            return False
+        for res in self.results:
+            losses = [e["loss"] for e in res.evals]
+            recent, before = losses[-EXTEND_PATIENCE:], losses[:-EXTEND_PATIENCE]
+            if before and min(recent) < min(before) - EXTEND_MIN_GAIN:
+                return True
+        return False
 
     def extend(self) -> None:
         """One epoch more (the learning-rate schedule re-planned to the new end)."""
