@@ -147,18 +147,13 @@ def add_train(sub: Commands) -> None:
         "--epochs",
         type=int,
         help="passes over the training data (default: 5; on prompt/completion and chat data, "
-        "more where a set is small, so that the run makes at least 200 steps, printed at the "
-        "start: five epochs of a small set left prompts under-trained)",
+        "enough for at least 200 steps where a set is small, printed at the start)",
     )
     train.add_argument(
-        "--max-epochs",
-        type=int,
-        metavar="N",
-        help="past --epochs, train on epoch by epoch while one of the last two held-out "
-        "evaluations was the best, up to N epochs in all (default: twice the epochs the data "
-        "decides when --epochs is not given on prompt/completion or chat data, where most runs "
-        "were still improving at their last epoch; else --epochs, no more)",
-    )
+        "--max-epochs", type=int, metavar="N",
+        help="past --epochs, train on while the held-out loss improves, up to N epochs in all "
+        "(default on task data without --epochs: twice the epochs decided; else --epochs)",
+    )  # fmt: skip
     train.add_argument(
         "--lr", type=float, help="learning rate (default: 0.03; 0.01 for a prefix on plain text)"
     )
