@@ -31,6 +31,7 @@ import json
 import random
 import re
 import string
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -488,6 +489,24 @@ def classification(name: str, vocab: Vocabulary, rng: random.Random) -> Task:
     rows = max(50, min(300, rng.randint(50, 300)))
     per_label = max(5, rows // count)
     held_per_label = max(6, 60 // count)
+    return labelled(
+        name, topics, labels, template, per_label, held_per_label,
+        lambda topic: _inputs(vocab, topic, rng), rng,
+    )  # fmt: skip
+
+
+def labelled(
+    name: str,
+    topics: list[str],
+    labels: list[str],
+    template: str,
+    per_label: int,
+    held_per_label: int,
+    inputs: Callable[[str], list[str]],
+    rng: random.Random,
+) -> Task:
+    """A classification task: each topic's shuffled inputs (``inputs``) split into held-out and
+    training rows under its label, both parts shuffled."""
     task = Task(
         name,
         "choice",
@@ -495,7 +514,7 @@ def classification(name: str, vocab: Vocabulary, rng: random.Random) -> Task:
         labels=labels,
     )
     for topic, label in zip(topics, labels, strict=True):
-        pool = _inputs(vocab, topic, rng)
+        pool = inputs(topic)
         held, train = pool[:held_per_label], pool[held_per_label : held_per_label + per_label]
         task.train += [
             {"prompt": template.format(input=x), "completion": f" {label}"} for x in train

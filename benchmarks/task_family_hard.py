@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 
-from task_families import Task, Vocabulary, chat
+from task_families import Task, Vocabulary, chat, labelled
 
 HARD = Vocabulary(
     topics={
@@ -244,24 +244,10 @@ def classification(name: str, rng: random.Random) -> Task:
     rows = rng.randint(30, 200)
     per_label = max(4, rows // count)
     held_per_label = max(6, 60 // count)
-    task = Task(
-        name,
-        "choice",
-        "Labels: " + ", ".join(f"{lab} {t}" for lab, t in zip(labels, topics, strict=True)) + ".",
-        labels=labels,
-    )
-    for topic, label in zip(topics, labels, strict=True):
-        pool = _inputs(topic, rng)
-        held, train = pool[:held_per_label], pool[held_per_label : held_per_label + per_label]
-        task.train += [
-            {"prompt": template.format(input=x), "completion": f" {label}"} for x in train
-        ]
-        task.heldout += [
-            {"prompt": template.format(input=x), "completion": f" {label}"} for x in held
-        ]
-    rng.shuffle(task.train)
-    rng.shuffle(task.heldout)
-    return task
+    return labelled(
+        name, topics, labels, template, per_label, held_per_label,
+        lambda topic: _inputs(topic, rng), rng,
+    )  # fmt: skip
 
 
 def generate(count: int = 12, seed: int = 0) -> list[Task]:
